@@ -1,0 +1,89 @@
+"""Handwritten digits (scikit-learn's copy of the UCI set, shipped inside the package, no download),
+upsampled to 28×28, and deterministic training of the digit classifiers with an on-disk cache."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SIDE = 28
+TRAINING_RECIPE = "adam-3e-3-batch32-v1"  # bump when the recipe below changes: it keys the cache
+
+
+@lru_cache(maxsize=1)
+def splits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_test, y_test); x as float32 [N, 1, 28, 28] in [0, 1], y as int64."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8)
+    images = F.interpolate(images, size=(SIDE, SIDE), mode="bilinear", align_corners=False).numpy()
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, digits.target.astype(np.int64), test_size=0.2, random_state=0, stratify=digits.target
+    )
+    return x_train, y_train, x_test, y_test
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TOOLKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "toolkit"
+    return Path(root) / "weights"
+
+
+def trained(module: nn.Module, key: str, *, epochs: int, flatten: bool) -> nn.Module:
+    """Loads cached weights for `key`, or trains `module` on the digits and caches them.
+
+    Training is single-threaded and seeded, so the weights depend only on the key, not on the
+    machine's thread count (that keeps parity checks against a rebuilt reference meaningful).
+    """
+    digest = hashlib.sha256(f"{key}|{TRAINING_RECIPE}|epochs={epochs}|torch={torch.__version__}".encode()).hexdigest()
+    path = cache_dir() / f"{key.split('|')[0]}-{digest[:16]}.pt"
+    if path.is_file():
+        module.load_state_dict(torch.load(path, weights_only=True))
+        return module.eval()
+    x_train, y_train, _, _ = splits()
+    x, y = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    if flatten:
+        x = x.flatten(1)
+    with _single_thread():
+        torch.manual_seed(0)
+        module.train()
+        optimizer = torch.optim.Adam(module.parameters(), lr=3e-3)
+        order = torch.Generator().manual_seed(0)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(x), generator=order).split(32):
+                optimizer.zero_grad()
+                F.cross_entropy(module(x[idx]), y[idx]).backward()
+                optimizer.step()
+    module.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save(module.state_dict(), tmp)
+    os.replace(tmp, path)  # atomic: concurrent trainers write identical files
+    return module
+
+
+def eval_data(input_name: str, *, flatten: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    _, _, x_test, y_test = splits()
+    return {input_name: x_test.reshape(len(x_test), -1) if flatten else x_test}, y_test
+
+
+@contextmanager
+def _single_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,15 @@
+"""toolkit: export PyTorch models to ONNX, optimize and quantize them, run them with onnxruntime,
+and serve them — every compiled variant with parity evidence against its PyTorch reference.
+
+Importing `toolkit` and using the runtime never imports torch.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from toolkit.errors import CheckFailed, ToolkitError
+from toolkit.runtime import Model, load
+from toolkit.spec import Dim, ModelSpec, TensorSpec
+
+__all__ = ["load", "Model", "ModelSpec", "TensorSpec", "Dim", "ToolkitError", "CheckFailed", "__version__"]

@@ -1,0 +1,191 @@
+"""The bundle: a directory with `manifest.json` and one ONNX file per variant.
+
+The manifest is the single source of truth. Every write is atomic (temp file + rename), so a crash
+or Ctrl-C never leaves a bundle that looks valid but is not; loading a variant verifies its sha256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toolkit.errors import ToolkitError
+from toolkit.spec import Dim, TensorSpec
+
+__all__ = ["Bundle", "Manifest", "Variant", "FORMAT_VERSION", "MANIFEST_NAME", "sha256_file", "staged_directory"]
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass
+class Variant:
+    """One compiled model in the bundle and how it came to be."""
+
+    file: str
+    sha256: str
+    bytes: int
+    recipe: dict[str, Any]  # {"stage": ..., "options": {...}, "parent": variant name or None}
+    precision: str = "fp32"  # selects the parity tolerance profile
+    external_data: list[dict[str, Any]] = field(default_factory=list)  # [{"file", "sha256", "bytes"}]
+    parity: dict[str, Any] | None = None
+
+
+@dataclass
+class Manifest:
+    name: str
+    source: dict[str, Any]  # {"kind": "zoo", "model", "preset"} or {"kind": "factory", "ref"}
+    task: str
+    opset: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    dims: list[Dim]
+    variants: dict[str, Variant]
+    reference: dict[str, Any] = field(default_factory=dict)  # e.g. {"weights_sha256": ...}
+    versions: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "name": self.name,
+            "description": self.description,
+            "source": self.source,
+            "task": self.task,
+            "opset": self.opset,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "dims": {d.name: d.to_json() for d in self.dims},
+            "reference": self.reference,
+            "variants": {name: asdict(v) for name, v in self.variants.items()},
+            "versions": self.versions,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        return cls(
+            name=data["name"],
+            description=data.get("description", ""),
+            source=data["source"],
+            task=data["task"],
+            opset=data["opset"],
+            inputs=[TensorSpec.from_json(t) for t in data["inputs"]],
+            outputs=[TensorSpec.from_json(t) for t in data["outputs"]],
+            dims=[Dim.from_json(name, d) for name, d in data["dims"].items()],
+            reference=data.get("reference", {}),
+            variants={name: Variant(**v) for name, v in data["variants"].items()},
+            versions=data.get("versions", {}),
+            format_version=data["format_version"],
+        )
+
+
+class Bundle:
+    """A bundle directory opened for reading and for adding or updating variants."""
+
+    def __init__(self, path: Path, manifest: Manifest):
+        self.path = path
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Bundle:
+        path = Path(path)
+        manifest_path = path / MANIFEST_NAME
+        if not manifest_path.is_file():
+            what = "does not exist" if not path.exists() else f"has no {MANIFEST_NAME}"
+            raise ToolkitError(f"{path} is not a bundle: it {what}. Create one with `toolkit export MODEL -o {path}`.")
+        try:
+            data = json.loads(manifest_path.read_text())
+            version = data.get("format_version")
+            if version != FORMAT_VERSION:
+                raise ToolkitError(
+                    f"{manifest_path} has bundle format version {version}; this toolkit reads version "
+                    f"{FORMAT_VERSION}. Re-export the model with this toolkit."
+                )
+            return cls(path, Manifest.from_json(data))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ToolkitError(f"{manifest_path} is not a valid manifest ({type(exc).__name__}: {exc}).") from exc
+
+    def variant(self, name: str) -> Variant:
+        try:
+            return self.manifest.variants[name]
+        except KeyError:
+            known = ", ".join(self.manifest.variants) or "none"
+            raise ToolkitError(f"bundle {self.path} has no variant {name!r}; its variants: {known}.") from None
+
+    def variant_path(self, name: str, *, verify: bool = True) -> Path:
+        """The ONNX file of a variant; with `verify`, refuses files whose sha256 does not match."""
+        variant = self.variant(name)
+        if verify:
+            for entry in [{"file": variant.file, "sha256": variant.sha256}, *variant.external_data]:
+                path = self.path / entry["file"]
+                if not path.is_file():
+                    raise ToolkitError(f"bundle {self.path}: variant {name!r} is missing its file {entry['file']}.")
+                actual = sha256_file(path)
+                if actual != entry["sha256"]:
+                    raise ToolkitError(
+                        f"bundle {self.path}: {entry['file']} (variant {name!r}) fails its sha256 check "
+                        f"(manifest {entry['sha256'][:12]}…, file {actual[:12]}…): it was modified or "
+                        "corrupted after it was written. Re-create the variant."
+                    )
+        return self.path / variant.file
+
+    def save(self) -> None:
+        write_atomic(self.path / MANIFEST_NAME, (json.dumps(self.manifest.to_json(), indent=2) + "\n").encode())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def staged_directory(target: Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yields an empty staging directory beside `target`; on success it replaces `target`.
+
+    On any failure, KeyboardInterrupt included, the staging directory is removed and `target` is
+    left exactly as it was.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise ToolkitError(f"{target} already exists; pass --force to replace it.")
+    if target.exists() and not (target / MANIFEST_NAME).is_file() and any(target.iterdir()):
+        raise ToolkitError(f"{target} exists and is not a bundle; refusing to replace it. Choose another -o.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
+    try:
+        yield staging
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            os.replace(target, retired / "bundle")
+            os.replace(staging, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,152 @@
+"""Stage `check`: parity of every variant of a bundle against its PyTorch reference.
+
+Each variant runs over several seeds at two sizes of every dynamic dim (a dim that was meant to be
+dynamic but got baked in fails), outputs are compared per the precision's tolerance profile, and
+classifiers with a labelled eval set also report accuracy. Results are stored in the manifest.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.bundle import Bundle
+from toolkit.errors import CheckFailed, ToolkitError
+from toolkit.runtime import Model
+from toolkit.samples import make_feeds
+from toolkit.source import resolve, weights_sha256
+from toolkit.spec import ModelSpec, shape_cases
+from toolkit.tolerances import profile
+
+__all__ = ["check", "SEEDS"]
+
+SEEDS = (0, 1, 2)
+_EVAL_CHUNK = 256
+
+
+def check(
+    path: str | Path,
+    *,
+    variants: Sequence[str] | None = None,
+    provider: str = "cpu",
+    seeds: Sequence[int] = SEEDS,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Checks `variants` (default: all) of the bundle at `path`; returns and stores their parity records."""
+    say = progress or (lambda _msg: None)
+    bundle = Bundle.open(path)
+    names = list(variants) if variants else list(bundle.manifest.variants)
+    for name in names:
+        bundle.variant(name)  # unknown names fail before any work
+    say(f"building the PyTorch reference ({_source_text(bundle.manifest.source)})")
+    spec = resolve(bundle.manifest.source)
+    expected = bundle.manifest.reference.get("weights_sha256")
+    if expected and weights_sha256(spec.module) != expected:
+        raise CheckFailed(
+            f"the PyTorch reference of {bundle.path} ({_source_text(bundle.manifest.source)}) no longer has the "
+            "weights it was exported with (its weights sha256 differs): the model code, its training cache or "
+            "its factory changed. Re-export with `toolkit export ... --force`."
+        )
+    cases = [(seed, sizes) for sizes in shape_cases(bundle.manifest.dims) for seed in seeds]
+    say(f"running the reference on {len(cases)} cases")
+    references = [_torch_run(spec, make_feeds(spec.inputs, sizes, seed)) for seed, sizes in cases]
+    evaluation = _torch_eval(spec) if spec.eval_data and spec.task == "classify" else None
+
+    records = {}
+    for name in names:
+        say(f"checking variant {name} on {provider}")
+        records[name] = _check_variant(bundle, name, provider, spec, cases, references, evaluation)
+        bundle.manifest.variants[name].parity = records[name]
+    bundle.save()
+    return records
+
+
+def _check_variant(bundle, name, provider, spec: ModelSpec, cases, references, evaluation) -> dict[str, Any]:
+    variant = bundle.variant(name)
+    tolerance = profile(variant.precision)
+    import onnxruntime
+    import torch
+
+    model = Model(bundle.path, variant=name, provider=provider)
+    outputs = {o: {"max_abs_err": 0.0, "max_rel_err": 0.0, "scale": 0.0, "passed": True} for o in spec.outputs}
+    errors = []
+    for (seed, sizes), expected in zip(cases, references):
+        feeds = make_feeds(spec.inputs, sizes, seed)
+        try:
+            got = model.run(feeds)
+        except Exception as exc:  # onnxruntime raises its own types; a baked-in dim ends up here
+            errors.append(f"seed {seed}, sizes {sizes}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:400]}")
+            continue
+        for out_name, want in expected.items():
+            stats = outputs[out_name]
+            have = got[out_name]
+            if have.shape != want.shape:
+                errors.append(f"seed {seed}, sizes {sizes}: output {out_name!r} has shape {have.shape}, the reference {want.shape}")
+                stats["passed"] = False
+                continue
+            err = float(np.max(np.abs(have.astype(np.float64) - want.astype(np.float64)), initial=0.0))
+            err = err if np.isfinite(err) else float("inf")  # NaN/Inf in the output fails
+            scale = float(np.max(np.abs(want), initial=0.0))
+            stats["max_abs_err"] = max(stats["max_abs_err"], err)
+            stats["max_rel_err"] = max(stats["max_rel_err"], err / scale if scale > 0 else (0.0 if err == 0 else float("inf")))
+            stats["scale"] = max(stats["scale"], scale)
+            stats["passed"] &= tolerance.allows(err, scale)
+    record: dict[str, Any] = {
+        "passed": False,
+        "precision": variant.precision,
+        "tolerance": tolerance.to_json(),
+        "runtime": f"onnxruntime {onnxruntime.__version__} {model.provider}",
+        "reference": f"torch {torch.__version__} eager cpu",
+        "cases": [{"seed": seed, "sizes": sizes} for seed, sizes in cases],
+        "outputs": outputs,
+        "errors": errors,
+        "checked_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    accuracy_ok = True
+    if evaluation is not None:
+        feeds, labels, reference_accuracy = evaluation
+        accuracy = _accuracy(lambda chunk: next(iter(model.run(chunk).values())), feeds, labels)
+        drop = reference_accuracy - accuracy
+        accuracy_ok = drop <= tolerance.max_accuracy_drop
+        record["accuracy"] = {
+            "dataset": f"held-out labelled set ({len(labels)} samples)",
+            "reference": reference_accuracy,
+            "variant": accuracy,
+            "drop": drop,
+            "passed": accuracy_ok,
+        }
+    record["passed"] = not errors and all(s["passed"] for s in outputs.values()) and accuracy_ok
+    return record
+
+
+def _torch_run(spec: ModelSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        result = spec.module(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs))
+    result = result if isinstance(result, (tuple, list)) else (result,)
+    if len(result) != len(spec.outputs):
+        raise ToolkitError(f"the reference returned {len(result)} outputs, the spec names {len(spec.outputs)}.")
+    return {name: value.numpy() for name, value in zip(spec.outputs, result)}
+
+
+def _torch_eval(spec: ModelSpec) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
+    feeds, labels = spec.eval_data()
+    accuracy = _accuracy(lambda chunk: next(iter(_torch_run(spec, chunk).values())), feeds, labels)
+    return feeds, labels, accuracy
+
+
+def _accuracy(predict: Callable[[dict[str, np.ndarray]], np.ndarray], feeds: dict[str, np.ndarray], labels: np.ndarray) -> float:
+    correct = 0
+    for start in range(0, len(labels), _EVAL_CHUNK):
+        chunk = {k: v[start : start + _EVAL_CHUNK] for k, v in feeds.items()}
+        correct += int((predict(chunk).argmax(axis=-1) == labels[start : start + _EVAL_CHUNK]).sum())
+    return correct / len(labels)
+
+
+def _source_text(source: dict[str, Any]) -> str:
+    return f"{source['model']} preset {source['preset']}" if source["kind"] == "zoo" else source["ref"]

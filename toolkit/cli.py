@@ -1,0 +1,292 @@
+"""The `toolkit` command line: a thin Typer layer over the library's stages."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from toolkit import __version__
+from toolkit.errors import EXIT_CHECK_FAILED, ToolkitError
+
+app = typer.Typer(
+    help="Export PyTorch models to ONNX bundles, check their parity, inspect and run them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+class Exporter(str, Enum):
+    auto = "auto"
+    dynamo = "dynamo"
+    torchscript = "torchscript"
+
+
+class Provider(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@dataclass
+class _State:
+    debug: bool = False
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"toolkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and the exporters' own output."),
+    version: bool | None = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    ctx.obj = _State(debug=debug)
+
+
+def _debug(ctx: typer.Context | None) -> bool:
+    return bool(ctx is not None and ctx.obj is not None and ctx.obj.debug)
+
+
+def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turns ToolkitError into `error: ...` on stderr and its exit code; --debug adds the traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ToolkitError as exc:
+            if _debug(kwargs.get("ctx")):
+                traceback.print_exc()
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted: nothing was written.")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _progress(message: str) -> None:
+    err.print(f"[dim]•[/] {message}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@_user_errors
+def models(ctx: typer.Context) -> None:
+    """List the reference models and their presets."""
+    import dataclasses
+
+    import models as zoo
+
+    table = Table("model", "task", "presets", "description")
+    for family in zoo.families():
+        presets = family.presets()
+        default = dataclasses.asdict(presets["default"])
+        lines = []
+        for name, config in presets.items():
+            changed = {k: v for k, v in dataclasses.asdict(config).items() if v != default[k]}
+            lines.append(name + (" (" + ", ".join(f"{k}={v}" for k, v in changed.items()) + ")" if changed else ""))
+        table.add_row(family.name, family.task, "\n".join(lines), family.summary)
+    out.print(table)
+    out.print("Your own model: toolkit export package.module:factory (see README, 'Your own model').")
+
+
+@app.command()
+@_user_errors
+def export(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="A reference model (see `toolkit models`) or package.module:factory."),
+    out_dir: Path = typer.Option(..., "-o", "--out", help="Bundle directory to create."),
+    preset: str | None = typer.Option(None, help="Preset of a reference model (default: 'default')."),
+    opset: int = typer.Option(18, help="ONNX opset to export to."),
+    exporter: Exporter = typer.Option(Exporter.auto, help="auto tries dynamo (torch.export) and falls back to torchscript, saying so."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+) -> None:
+    """Export a PyTorch model to a new bundle (manifest.json + the fp32 ONNX model), written atomically."""
+    from toolkit.export import export as export_model
+
+    bundle = export_model(
+        model, out_dir, preset=preset, opset=opset, exporter=exporter.value, force=force, progress=_progress, verbose=_debug(ctx)
+    )
+    out.print(f"exported {bundle.manifest.name} to {bundle.path}; next: toolkit check {bundle.path}")
+
+
+@app.command()
+@_user_errors
+def check(
+    ctx: typer.Context,
+    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle directory."),
+    variant: list[str] | None = typer.Option(None, "--variant", help="Variant to check (repeatable; default: all)."),
+    provider: Provider = typer.Option(Provider.cpu, help="Execution provider the variants run on."),
+    json_file: Path | None = typer.Option(None, "--json", help="Also write the report as JSON to this file ('-' for stdout)."),
+) -> None:
+    """Check every variant's parity against the PyTorch reference; exit 1 if any fails.
+
+    Several seeds, two sizes of every dynamic dim, per-output max abs and relative error against the
+    precision's tolerance profile, and accuracy for classifiers with a labelled eval set. The
+    results are stored in the manifest.
+    """
+    from toolkit.check import check as check_bundle
+
+    records = check_bundle(bundle_dir, variants=variant, provider=provider.value, progress=_progress)
+    passed = all(r["passed"] for r in records.values())
+    if json_file is not None:
+        report = json.dumps({"bundle": str(bundle_dir), "passed": passed, "variants": records}, indent=2)
+        if str(json_file) == "-":
+            print(report)
+        else:
+            json_file.write_text(report + "\n")
+    console = err if str(json_file) == "-" else out
+    table = Table("variant", "output", "max abs err", "max rel err", "allowed rel", "result", title=f"parity: {bundle_dir}")
+    for name, record in records.items():
+        rel = record["tolerance"]["rel"]
+        for output, stats in record["outputs"].items():
+            table.add_row(
+                name, output, f"{stats['max_abs_err']:.3g}", f"{stats['max_rel_err']:.3g}",
+                "task metrics" if rel is None else f"{rel:g}", _verdict(stats["passed"] and not record["errors"]),
+            )
+        if "accuracy" in record:
+            acc = record["accuracy"]
+            table.add_row(
+                name, "accuracy", f"ref {acc['reference']:.2%}", f"{acc['variant']:.2%}",
+                f"drop ≤ {record['tolerance']['max_accuracy_drop']:.1%}", _verdict(acc["passed"]),
+            )
+    console.print(table)
+    for name, record in records.items():
+        for problem in record["errors"]:
+            console.print(f"[red]{name}:[/] {problem}", highlight=False, soft_wrap=True)
+    cases = next(iter(records.values()))["cases"]
+    console.print(f"{len(cases)} cases per variant (seeds × sizes {sorted({json.dumps(c['sizes']) for c in cases})}); "
+                  f"runtime {next(iter(records.values()))['runtime']}", highlight=False)
+    if not passed:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+def _verdict(ok: bool) -> str:
+    return "[green]pass[/]" if ok else "[bold red]FAIL[/]"
+
+
+@app.command()
+@_user_errors
+def inspect(
+    ctx: typer.Context,
+    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the description as JSON."),
+) -> None:
+    """Show a bundle: manifest, inputs and outputs, variants with sizes, op histogram and parity."""
+    from toolkit.inspect import describe
+
+    info = describe(bundle_dir)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    source = info["source"]
+    out.print(f"[bold]{info['name']}[/] ({info['task']}): {info['description']}")
+    out.print(f"source: {json.dumps(source)}; opset {info['opset']}; exported with torch {info['versions'].get('torch')}", highlight=False)
+    io = Table("", "name", "dtype", "shape", title="inputs and outputs")
+    for kind in ("inputs", "outputs"):
+        for t in info[kind]:
+            io.add_row(kind[:-1], t["name"], t["dtype"], escape("[" + ", ".join(map(str, t["shape"])) + "]"))
+    out.print(io)
+    dims = ", ".join(f"{n} in [{d['min']}, {d['max'] if d['max'] is not None else '∞'}]" for n, d in info["dims"].items())
+    out.print(f"dynamic dims: {dims or 'none'}")
+    for name, v in info["variants"].items():
+        out.print(f"\n[bold]variant {name}[/]: {v['file']}, {v['bytes'] / 1e6:.2f} MB, {v['precision']}, "
+                  f"recipe {json.dumps(v['recipe'])}", highlight=False, soft_wrap=True)
+        out.print(f"  integrity: {v['integrity']}; parity: {v['parity']}", highlight=False)
+        if "ops" in v:
+            out.print(f"  {v['nodes']} nodes, {v['parameters']:,} parameters, IR {v['ir_version']}, opsets {v['opsets']}", highlight=False)
+            out.print("  ops: " + ", ".join(f"{op}×{n}" for op, n in v["ops"].items()), highlight=False, soft_wrap=True)
+    out.print("\nproviders: " + "; ".join(f"{k} {v}" for k, v in info["providers"].items()), highlight=False)
+
+
+@app.command()
+@_user_errors
+def run(
+    ctx: typer.Context,
+    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle directory."),
+    inputs: list[str] | None = typer.Option(None, "--input", "-i", help="NAME=FILE.npy (repeatable); a single-input model also takes FILE.npy."),
+    example: bool = typer.Option(False, "--example", help="Feed sample inputs drawn from the manifest instead of files."),
+    seed: int = typer.Option(0, help="Seed for --example."),
+    variant: str | None = typer.Option(None, help="Variant to run (default fp32)."),
+    provider: Provider = typer.Option(Provider.auto, help="Execution provider."),
+    save: Path | None = typer.Option(None, "--save", help="Write each output to DIR/NAME.npy instead of printing it."),
+) -> None:
+    """Run one inference and print the outputs (or save them as .npy)."""
+    from toolkit.runtime import load
+
+    model = load(bundle_dir, variant=variant, provider=provider.value)
+    err.print(f"running {model.name} variant {model.variant} on {model.provider}"
+              + (f" ({model.provider_note})" if model.provider_note else ""), highlight=False)
+    if example == bool(inputs):
+        raise ToolkitError("give the inputs with --input NAME=FILE.npy, or pass --example for sample inputs (one of the two).")
+    if example:
+        from toolkit.samples import make_feeds
+
+        feeds = make_feeds(model.inputs, {d.name: d.check[0] for d in model.bundle.manifest.dims}, seed)
+    else:
+        feeds = _read_inputs(inputs, [t.name for t in model.inputs])
+    results = model.run(feeds)
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+        for name, value in results.items():
+            np.save(save / f"{name}.npy", value)
+        out.print(f"saved {', '.join(f'{save / n}.npy' for n in results)}")
+        return
+    with np.printoptions(precision=4, suppress=True, threshold=64, edgeitems=3):
+        for name, value in feeds.items():
+            out.print(f"input {name}: {value.dtype} {list(value.shape)}", highlight=False)
+        for name, value in results.items():
+            out.print(f"output {name}: {value.dtype} {list(value.shape)}\n{value}", highlight=False)
+            if model.bundle.manifest.task == "classify":
+                out.print(f"predicted class per row: {value.argmax(axis=-1).tolist()}", highlight=False)
+
+
+def _read_inputs(pairs: list[str], names: list[str]) -> dict[str, np.ndarray]:
+    feeds = {}
+    for pair in pairs:
+        name, sep, file = pair.partition("=")
+        if not sep:
+            if len(names) != 1:
+                raise ToolkitError(f"--input {pair!r}: write NAME=FILE.npy; the model's inputs are {', '.join(names)}.")
+            name, file = names[0], pair
+        path = Path(file)
+        if not path.is_file():
+            raise ToolkitError(f"--input {name}: file {file} does not exist.")
+        try:
+            feeds[name] = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise ToolkitError(f"--input {name}: {file} is not a readable .npy file ({exc}).") from exc
+    return feeds
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit as exc:
+        # click reports usage errors with exit code 2; keep that contract visible here.
+        raise SystemExit(exc.code if exc.code is not None else 0) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Stage `export`: a PyTorch model (zoo name or `package.module:factory`) → a bundle with variant fp32."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import platform
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from toolkit import __version__
+from toolkit.bundle import Bundle, Manifest, Variant, sha256_file, staged_directory
+from toolkit.errors import ToolkitError
+from toolkit.samples import make_feeds
+from toolkit.source import resolve, source_of, weights_sha256
+from toolkit.spec import ModelSpec, TensorSpec, shape_cases
+
+__all__ = ["export", "EXPORTERS", "DEFAULT_OPSET"]
+
+EXPORTERS = ("auto", "dynamo", "torchscript")
+DEFAULT_OPSET = 18
+FP32_FILE = "model.fp32.onnx"
+
+Progress = Callable[[str], None]
+
+
+def export(
+    model: str,
+    out: str | Path,
+    *,
+    preset: str | None = None,
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "auto",
+    force: bool = False,
+    progress: Progress | None = None,
+    verbose: bool = False,
+) -> Bundle:
+    """Exports `model` to a new bundle at `out` (replaced only with `force`), written atomically.
+
+    `exporter="auto"` uses the dynamo exporter and falls back to TorchScript, saying so through
+    `progress` and in the variant's recipe. `verbose` lets the exporters' own output through.
+    """
+    if exporter not in EXPORTERS:
+        raise ToolkitError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}.")
+    if not 7 <= opset <= 23:
+        raise ToolkitError(f"--opset {opset} is out of range; the exporters support opsets 7 to 23 (default {DEFAULT_OPSET}).")
+    say = progress or (lambda _msg: None)
+    out = Path(out)
+    source = source_of(model, preset)
+    say(f"building the PyTorch reference for {model}")
+    spec = resolve(source)
+
+    import onnx
+
+    proto, used, fallback_reason = None, "dynamo", None
+    if exporter in ("auto", "dynamo"):
+        say("exporting with the dynamo exporter (torch.export)")
+        try:
+            proto = _export_dynamo(spec, opset, verbose)
+        except Exception as exc:  # the exporters raise many types; all end in a message
+            if exporter == "dynamo":
+                raise ToolkitError(_describe_failure(model, "dynamo", exc)) from exc
+            fallback_reason = _describe_failure(model, "dynamo", exc)
+            say(f"the dynamo exporter failed; falling back to the TorchScript exporter.\n{fallback_reason}")
+    if proto is None:
+        if exporter == "torchscript":
+            say("exporting with the TorchScript exporter")
+        used = "torchscript"
+        try:
+            proto = _export_torchscript(spec, opset, verbose)
+        except Exception as exc:
+            message = _describe_failure(model, "torchscript", exc)
+            raise ToolkitError(f"{fallback_reason}\n\n{message}" if fallback_reason else message) from exc
+
+    inputs, outputs = _graph_io(proto, spec)
+    say("validating the ONNX model (onnx.checker, full check)")
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        raise ToolkitError(f"the exported model of {model} fails onnx.checker: {exc}") from exc
+
+    from toolkit._onnx import save_model
+
+    with staged_directory(out, overwrite=force) as staging:
+        external = save_model(proto, staging / FP32_FILE)
+        options: dict[str, Any] = {"exporter": used, "opset": opset}
+        if fallback_reason:
+            options["fallback_reason"] = fallback_reason
+        manifest = Manifest(
+            name=source.get("model") or source["ref"].rpartition(":")[2],
+            description=spec.description,
+            source=source,
+            task=spec.task,
+            opset=opset,
+            inputs=inputs,
+            outputs=outputs,
+            dims=list(spec.dims),
+            reference={"weights_sha256": weights_sha256(spec.module)},
+            variants={"fp32": _variant(staging, FP32_FILE, external, {"stage": "export", "options": options, "parent": None})},
+            versions=_versions(),
+        )
+        bundle = Bundle(staging, manifest)
+        bundle.save()
+    say(f"wrote {out} (variant fp32, {manifest.variants['fp32'].bytes / 1e6:.2f} MB, exporter {used})")
+    return Bundle.open(out)
+
+
+def _variant(directory: Path, file: str, external: list[str], recipe: dict[str, Any]) -> Variant:
+    path = directory / file
+    return Variant(
+        file=file,
+        sha256=sha256_file(path),
+        bytes=path.stat().st_size + sum((directory / e).stat().st_size for e in external),
+        recipe=recipe,
+        external_data=[{"file": e, "sha256": sha256_file(directory / e), "bytes": (directory / e).stat().st_size} for e in external],
+    )
+
+
+def _example_args(spec: ModelSpec) -> tuple[Any, ...]:
+    import torch
+
+    feeds = make_feeds(spec.inputs, {d.name: d.export for d in spec.dims}, seed=0)
+    return tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
+
+
+def _export_dynamo(spec: ModelSpec, opset: int, verbose: bool):
+    import torch
+
+    dims = {d.name: torch.export.Dim(d.name, min=d.min, **({"max": d.max} if d.max is not None else {})) for d in spec.dims}
+    dynamic_shapes = tuple({axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} or None for t in spec.inputs)
+    with _quiet(verbose), torch.no_grad():
+        program = torch.onnx.export(
+            spec.module,
+            _example_args(spec),
+            dynamo=True,
+            input_names=[t.name for t in spec.inputs],
+            output_names=list(spec.outputs),
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            verbose=verbose,
+        )
+    return program.model_proto
+
+
+def _export_torchscript(spec: ModelSpec, opset: int, verbose: bool):
+    import onnx
+    import torch
+
+    buffer = io.BytesIO()
+    dynamic_axes = {t.name: {axis: d for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs}
+    with _quiet(verbose), torch.no_grad():
+        torch.onnx.export(
+            spec.module,
+            _example_args(spec),
+            buffer,
+            dynamo=False,
+            input_names=[t.name for t in spec.inputs],
+            output_names=list(spec.outputs),
+            dynamic_axes={k: v for k, v in dynamic_axes.items() if v},
+            opset_version=opset,
+            verbose=verbose,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _graph_io(proto: Any, spec: ModelSpec) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Checks the graph's inputs against the spec; returns (inputs, outputs) for the manifest."""
+    from toolkit._onnx import value_dtype, value_shape
+
+    graph_inputs = {v.name: v for v in proto.graph.input}
+    for t in spec.inputs:
+        if t.name not in graph_inputs:
+            raise ToolkitError(
+                f"the exported graph has no input {t.name!r} (it has {', '.join(graph_inputs) or 'none'}): "
+                "the exporter drops inputs the model's forward does not use. Remove it from the spec or use it."
+            )
+        value = graph_inputs[t.name]
+        shape, dtype = value_shape(value), value_dtype(value)
+        if dtype != t.dtype:
+            raise ToolkitError(f"input {t.name!r} was exported as {dtype}, the spec says {t.dtype}.")
+        if len(shape) != len(t.shape):
+            raise ToolkitError(f"input {t.name!r} was exported with rank {len(shape)}, the spec says {len(t.shape)}.")
+        for axis, (got, want) in enumerate(zip(shape, t.shape)):
+            if isinstance(want, str) and isinstance(got, int):
+                raise ToolkitError(
+                    f"input {t.name!r} axis {axis} was meant to be dynamic ({want}) but was exported as the "
+                    f"constant {got}: the model's code fixes that size."
+                )
+        # Name dynamic axes as the spec does, whatever symbol the exporter chose.
+        for axis, want in enumerate(t.shape):
+            if isinstance(want, str):
+                value.type.tensor_type.shape.dim[axis].dim_param = want
+    names = [v.name for v in proto.graph.output]
+    if names != list(spec.outputs):
+        raise ToolkitError(f"the exported graph has outputs {names}, the spec says {list(spec.outputs)}.")
+    return list(spec.inputs), _named_outputs(proto, spec)
+
+
+def _named_outputs(proto: Any, spec: ModelSpec) -> list[TensorSpec]:
+    """Output specs whose dynamic axes carry the spec's dim names.
+
+    Exporters name output axes after internal nodes (e.g. `MatMullogits_dim_1`); the reference run
+    at the two check sizes tells which dim each axis follows.
+    """
+    import torch
+
+    from toolkit._onnx import value_dtype, value_shape
+
+    cases = shape_cases(spec.dims)
+    shapes = []
+    for sizes in cases:
+        feeds = make_feeds(spec.inputs, sizes, seed=0)
+        with torch.no_grad():
+            result = spec.module(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs))
+        shapes.append([tuple(r.shape) for r in (result if isinstance(result, (tuple, list)) else (result,))])
+    outputs = []
+    for index, value in enumerate(proto.graph.output):
+        shape = list(value_shape(value))
+        for axis, dim in enumerate(shape):
+            if isinstance(dim, str):
+                seen = tuple(case[index][axis] for case in shapes)
+                shape[axis] = next((n for n in cases[0] if tuple(c[n] for c in cases) == seen), dim)
+                value.type.tensor_type.shape.dim[axis].dim_param = shape[axis]
+        outputs.append(TensorSpec(value.name, value_dtype(value), tuple(shape)))
+    return outputs
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {
+        "toolkit": __version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    """Keeps the exporters' progress lines and deprecation chatter off the user's terminal."""
+    if verbose:
+        yield
+        return
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+_OP_PATTERNS = (
+    re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'"),
+    re.compile(r"unrecognized namespace ([\w.]+::\w+)"),
+    re.compile(r"[Uu]nsupported (?:operator|ONNX opset version)[^']*'([^']+)'"),
+    re.compile(r"(?:Unsupported FX nodes|Unsupported operator)[^{]*\{'([^']+)'"),
+)
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\w+)')
+
+
+def _describe_failure(model: str, exporter: str, exc: BaseException) -> str:
+    """A few lines: what failed, the op or the user's code line it failed at, and what to try."""
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    text = "\n".join(f"{type(e).__name__}: {e}" for e in chain)
+    lines = [f"the {exporter} exporter could not export {model}."]
+    op = next((m.group(1) for p in _OP_PATTERNS for m in [p.search(text)] if m), None)
+    if op:
+        lines.append(f"  operator: {op.replace('.', '::', 1) if '::' not in op else op} has no ONNX translation")
+    specialised = [ln.strip() for ln in text.splitlines() if "specialized" in ln or "Not all values of" in ln]
+    lines += [f"  {ln}" for ln in dict.fromkeys(specialised)][:4]
+    frames = [m for m in _FRAME.finditer(text) if "site-packages" not in m.group(1) and "/torch/" not in m.group(1)]
+    if frames:
+        f = frames[-1]
+        lines.append(f"  at: {f.group(1)}:{f.group(2)} in {f.group(3)}")
+    if not op and not specialised:
+        summary = next((ln.strip() for e in chain for ln in str(e).splitlines() if ln.strip()), type(chain[0]).__name__)
+        lines.append(f"  {type(chain[-1]).__name__}: {summary[:300]}")
+    if op:
+        lines.append("  try: replace that op in the model, or register an ONNX translation for it (torch.onnx custom_translation_table).")
+    elif specialised:
+        lines.append("  try: remove the code that fixes that size, or declare the dim fixed in the spec.")
+    if exporter == "dynamo":
+        lines.append("  try: --exporter torchscript")
+    lines.append("  (--debug shows the full traceback)")
+    return "\n".join(lines)

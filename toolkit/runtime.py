@@ -1,0 +1,192 @@
+"""The runtime API apps embed: `toolkit.load(DIR, variant=..., provider=...)`.
+
+Never imports torch. Inputs are validated against the manifest before onnxruntime sees them, and
+the execution provider in use is read from the session itself: nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.bundle import Bundle
+from toolkit.errors import ToolkitError
+from toolkit.spec import TensorSpec
+
+__all__ = ["load", "Model", "PROVIDERS", "cuda_status"]
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def load(path: str | os.PathLike[str], *, variant: str | None = None, provider: str = "auto", threads: int | None = None) -> Model:
+    """Opens a bundle's variant (default fp32) on `provider`: "auto" (CUDA when it works), "cpu" or "cuda"."""
+    return Model(path, variant=variant, provider=provider, threads=threads)
+
+
+class Model:
+    """One variant of a bundle in an onnxruntime session. Safe to call from several threads."""
+
+    def __init__(self, path: str | os.PathLike[str], *, variant: str | None = None, provider: str = "auto", threads: int | None = None):
+        self.bundle = Bundle.open(path)
+        self.variant = variant or "fp32"
+        model_file = self.bundle.variant_path(self.variant)
+        manifest = self.bundle.manifest
+        self.inputs: tuple[TensorSpec, ...] = tuple(manifest.inputs)
+        self.outputs: tuple[TensorSpec, ...] = tuple(manifest.outputs)
+        self._dims = {d.name: d for d in manifest.dims}
+        self._session, self.provider, self.provider_note = _open_session(model_file, provider, threads)
+
+    @property
+    def name(self) -> str:
+        return self.bundle.manifest.name
+
+    def run(self, feeds: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Runs one inference; returns {output name: array} for `outputs` (default: all)."""
+        arrays = self.validate(feeds)
+        names = [o.name for o in self.outputs] if outputs is None else list(outputs)
+        unknown = [n for n in names if n not in {o.name for o in self.outputs}]
+        if unknown:
+            raise ToolkitError(f"unknown output {unknown[0]!r}; {self.name} has outputs {', '.join(o.name for o in self.outputs)}.")
+        return dict(zip(names, self._session.run(names, arrays)))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """`model(x)` for a single-input model, `model(name=value, ...)` otherwise; returns the
+        array for a single-output model, else a dict."""
+        if args:
+            if len(args) != 1 or kwargs or len(self.inputs) != 1:
+                raise ToolkitError(
+                    f"{self.name} takes inputs {_describe_all(self.inputs)}; pass them by name: "
+                    f"model({', '.join(t.name + '=...' for t in self.inputs)}) or model.run({{...}})."
+                )
+            kwargs = {self.inputs[0].name: args[0]}
+        result = self.run(kwargs)
+        return next(iter(result.values())) if len(result) == 1 else result
+
+    def validate(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The feeds as arrays onnxruntime accepts, or a ToolkitError naming the first problem."""
+        if not isinstance(feeds, Mapping):
+            raise ToolkitError(f"inputs must be a mapping of input name to array, got {type(feeds).__name__}.")
+        expected = {t.name: t for t in self.inputs}
+        for name in feeds:
+            if name not in expected:
+                raise ToolkitError(f"unknown input {name!r}; {self.name} takes {_describe_all(self.inputs)}.")
+        sizes: dict[str, tuple[int, str]] = {}
+        arrays = {}
+        for spec in self.inputs:
+            if spec.name not in feeds:
+                raise ToolkitError(f"missing input {spec.name!r} ({_describe(spec)}); {self.name} takes {_describe_all(self.inputs)}.")
+            arrays[spec.name] = self._check_array(spec, feeds[spec.name], sizes)
+        return arrays
+
+    def _check_array(self, spec: TensorSpec, value: Any, sizes: dict[str, tuple[int, str]]) -> np.ndarray:
+        if isinstance(value, (list, tuple, int, float)):
+            value = np.asarray(value, dtype=spec.dtype)  # plain Python data carries no dtype intent
+        elif not isinstance(value, np.ndarray):
+            value = np.asarray(value)
+        if value.dtype != np.dtype(spec.dtype):
+            raise ToolkitError(
+                f"input {spec.name!r}: expected dtype {spec.dtype}, got {value.dtype} "
+                f"(convert with .astype(np.{spec.dtype}))."
+            )
+        if value.ndim != len(spec.shape):
+            raise ToolkitError(
+                f"input {spec.name!r}: expected rank {len(spec.shape)} with shape {_shape(spec.shape)}, "
+                f"got rank {value.ndim} with shape {tuple(value.shape)}."
+            )
+        for axis, (want, got) in enumerate(zip(spec.shape, value.shape)):
+            if isinstance(want, int):
+                if got != want:
+                    raise ToolkitError(
+                        f"input {spec.name!r}: axis {axis} must be {want}, got {got} "
+                        f"(expected shape {_shape(spec.shape)}, got {tuple(value.shape)})."
+                    )
+                continue
+            dim = self._dims.get(want)
+            if dim is not None and (got < dim.min or (dim.max is not None and got > dim.max)):
+                bound = f"[{dim.min}, {dim.max}]" if dim.max is not None else f">= {dim.min}"
+                raise ToolkitError(f"input {spec.name!r}: axis {axis} ({want}) is {got}; {want} must be {bound}.")
+            seen = sizes.setdefault(want, (got, spec.name))
+            if seen[0] != got:
+                raise ToolkitError(
+                    f"input {spec.name!r}: axis {axis} ({want}) is {got}, but input {seen[1]!r} has {want} = {seen[0]}."
+                )
+        if spec.kind == "ids" and value.size:
+            low, high = int(value.min()), int(value.max())
+            if low < 0 or high >= spec.high:
+                raise ToolkitError(
+                    f"input {spec.name!r}: token ids must lie in [0, {spec.high}), got values in [{low}, {high}]."
+                )
+        return np.ascontiguousarray(value)
+
+    def close(self) -> None:
+        self._session = None
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Model({self.bundle.path}, variant={self.variant!r}, provider={self.provider!r})"
+
+
+def cuda_status() -> tuple[bool, str]:
+    """Whether a CUDA session can be attempted here, and if not, why (said in words)."""
+    import onnxruntime as ort
+
+    if PROVIDERS["cuda"] not in ort.get_available_providers():
+        return False, f"the installed onnxruntime {ort.__version__} has no CUDA provider (install onnxruntime-gpu)"
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False, "no NVIDIA driver found (libcuda.so.1 cannot be loaded): this machine has no usable GPU"
+    return True, ""
+
+
+def _open_session(path: Path, provider: str, threads: int | None) -> tuple[Any, str, str]:
+    import onnxruntime as ort
+
+    if provider not in ("auto", *PROVIDERS):
+        raise ToolkitError(f"unknown provider {provider!r}; choose auto, {', '.join(PROVIDERS)}.")
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+
+    def session(names: list[str]) -> Any:
+        try:
+            return ort.InferenceSession(str(path), sess_options=options, providers=names)
+        except Exception as exc:
+            raise ToolkitError(f"onnxruntime cannot load {path}: {exc}") from exc
+
+    if provider == "cpu":
+        return session([PROVIDERS["cpu"]]), "cpu", ""
+    usable, why = cuda_status()
+    if usable:
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # finds CUDA/cuDNN shipped in pip packages (e.g. PyTorch's)
+        sess = session([PROVIDERS["cuda"], PROVIDERS["cpu"]])
+        # onnxruntime keeps going on CPU when the CUDA provider fails to load: ask the session.
+        if PROVIDERS["cuda"] in sess.get_providers():
+            return sess, "cuda", ""
+        why = "the CUDA provider failed to load (onnxruntime's log above names the missing library)"
+    if provider == "cuda":
+        raise ToolkitError(f"provider 'cuda' is not available: {why}. Use provider 'cpu' (or 'auto' to pick).")
+    return session([PROVIDERS["cpu"]]), "cpu", f"CUDA not used: {why}"
+
+
+def _shape(shape: Sequence[int | str]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _describe(spec: TensorSpec) -> str:
+    return f"{spec.dtype} {_shape(spec.shape)}"
+
+
+def _describe_all(specs: Sequence[TensorSpec]) -> str:
+    return ", ".join(f"{t.name} ({_describe(t)})" for t in specs)

@@ -1,0 +1,42 @@
+"""Sample inputs drawn from tensor descriptions: for parity checks, `toolkit run --example` and
+benchmarks. numpy only, so torch-free runtimes can use it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from toolkit.spec import TensorSpec
+
+__all__ = ["make_feeds", "concrete_shape"]
+
+
+def concrete_shape(spec: TensorSpec, sizes: Mapping[str, int]) -> tuple[int, ...]:
+    return tuple(sizes[d] if isinstance(d, str) else d for d in spec.shape)
+
+
+def make_feeds(inputs: Sequence[TensorSpec], sizes: Mapping[str, int], seed: int) -> dict[str, np.ndarray]:
+    """One feed per input, shapes resolved with `sizes` (dim name → size), values from `seed`."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in inputs:
+        shape = concrete_shape(spec, sizes)
+        if spec.kind == "ids":
+            value = rng.integers(0, spec.high, size=shape)
+        elif spec.kind == "mask":
+            value = _padding_mask(rng, shape)
+        else:
+            value = rng.standard_normal(shape)
+        feeds[spec.name] = value.astype(spec.dtype)
+    return feeds
+
+
+def _padding_mask(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    # Right padding with a random valid length per row; row 0 stays full so the unpadded path is
+    # always exercised, and every row keeps at least one valid position (an all-masked row is NaN).
+    *rows, length = shape
+    lengths = rng.integers(1, length + 1, size=rows)
+    if lengths.size:
+        lengths.flat[0] = length
+    return (np.arange(length) < lengths[..., None]).astype(np.int64)

@@ -1,0 +1,87 @@
+"""Turns a MODEL reference into a `ModelSpec`: a zoo name (with a preset) or `package.module:factory`.
+
+The factory convention for user models: a callable taking no arguments that returns a
+`toolkit.ModelSpec` (module, inputs with dtypes and shapes naming their dynamic dims, output names,
+dims with export and check sizes, task). See README, "Your own model".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from typing import Any
+
+from toolkit.errors import ToolkitError
+from toolkit.spec import ModelSpec
+
+__all__ = ["resolve", "source_of", "weights_sha256"]
+
+
+def source_of(model: str, preset: str | None) -> dict[str, Any]:
+    """The manifest's record of where a model came from; `resolve` rebuilds it."""
+    if ":" in model:
+        if preset is not None:
+            raise ToolkitError(f"--preset applies to zoo models only; {model!r} is a factory reference.")
+        return {"kind": "factory", "ref": model}
+    return {"kind": "zoo", "model": model, "preset": preset or "default"}
+
+
+def resolve(source: dict[str, Any]) -> ModelSpec:
+    if source["kind"] == "zoo":
+        spec = _zoo(source["model"], source["preset"])
+    else:
+        spec = _factory(source["ref"])
+    spec.module.eval()
+    return spec
+
+
+def _zoo(name: str, preset: str) -> ModelSpec:
+    try:
+        import models
+    except ImportError as exc:
+        raise ToolkitError(f"the reference models package is not importable ({exc}); reinstall toolkit.") from exc
+    try:
+        return models.build(name, preset)
+    except KeyError as exc:
+        hint = " For your own model pass package.module:factory." if name not in models.FAMILIES else ""
+        raise ToolkitError(f"{exc.args[0]}.{hint}") from None
+
+
+def _factory(ref: str) -> ModelSpec:
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise ToolkitError(f"model reference {ref!r} must look like package.module:factory.")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ToolkitError(
+            f"cannot import {module_name!r} for model {ref!r}: {exc}. Is it installed or on PYTHONPATH?"
+        ) from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ToolkitError(f"{module_name} has no callable {attr!r} (from model reference {ref!r}).")
+    try:
+        spec = factory()
+    except ToolkitError:
+        raise
+    except Exception as exc:
+        raise ToolkitError(f"factory {ref} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(spec, ModelSpec):
+        raise ToolkitError(
+            f"factory {ref} returned {type(spec).__name__}; it must return a toolkit.ModelSpec "
+            "(module, inputs, outputs, dims, task)."
+        )
+    import torch
+
+    if not isinstance(spec.module, torch.nn.Module):
+        raise ToolkitError(f"factory {ref}: ModelSpec.module is {type(spec.module).__name__}, not a torch.nn.Module.")
+    return spec
+
+
+def weights_sha256(module: Any) -> str:
+    """A fingerprint of the module's parameters and buffers, to tell a changed reference apart."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,136 @@
+"""What the pipeline needs to know about a model, besides the module itself.
+
+A zoo model or a user's factory hands a `ModelSpec` to the exporter. Nothing here imports torch,
+so the same descriptions (`TensorSpec`, `Dim`) travel in the manifest to torch-free runtimes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Dim", "TensorSpec", "ModelSpec", "EvalData", "TASKS", "INPUT_KINDS", "shape_cases"]
+
+TASKS = ("classify", "regress", "embed", "generate")
+INPUT_KINDS = ("float", "ids", "mask")
+
+# (feeds, labels): a labelled held-out set on which a classifier's accuracy is measured.
+EvalData = tuple[dict[str, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Dim:
+    """A dynamic dimension such as `batch` or `seq`.
+
+    `export` is the size used in the example inputs given to the exporter (at least 2: exporters
+    specialise sizes 0 and 1); `check` holds the two distinct sizes at which parity is checked, so a
+    dimension that was meant to be dynamic but got baked in fails the check.
+    """
+
+    name: str
+    min: int = 1
+    max: int | None = None
+    export: int = 2
+    check: tuple[int, int] = (1, 3)
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"dim name {self.name!r} must be an identifier")
+        sizes = (self.export, *self.check)
+        if self.min < 1 or any(s < self.min or (self.max is not None and s > self.max) for s in sizes):
+            raise ValueError(f"dim {self.name!r}: sizes {sizes} must lie in [{self.min}, {self.max}]")
+        if self.export < 2:
+            raise ValueError(f"dim {self.name!r}: export size must be >= 2 (exporters specialise 0 and 1)")
+        if self.check[0] == self.check[1]:
+            raise ValueError(f"dim {self.name!r}: the two check sizes must differ")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"min": self.min, "max": self.max, "export": self.export, "check": list(self.check)}
+
+    @classmethod
+    def from_json(cls, name: str, data: Mapping[str, Any]) -> Dim:
+        return cls(name, data["min"], data["max"], data["export"], tuple(data["check"]))
+
+
+def shape_cases(dims: Sequence[Dim]) -> list[dict[str, int]]:
+    """The two size assignments parity is checked at: every dim at its first check size, then its second."""
+    return [{d.name: d.check[i] for d in dims} for i in (0, 1)]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An input or output: name, numpy dtype name, shape with ints (fixed) or dim names (dynamic).
+
+    `kind` says how sample values are drawn: `float` (standard normal), `ids` (integers in
+    [0, high)), `mask` (per row, ones then zeros, at least one one).
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+    kind: str = "float"
+    high: int | None = None
+
+    def __post_init__(self) -> None:
+        np.dtype(self.dtype)  # raises TypeError on a name numpy does not know
+        if self.kind not in INPUT_KINDS:
+            raise ValueError(f"tensor {self.name!r}: kind must be one of {INPUT_KINDS}, got {self.kind!r}")
+        if self.kind == "ids" and not self.high:
+            raise ValueError(f"tensor {self.name!r}: kind 'ids' needs high (the exclusive upper bound)")
+
+    @property
+    def dynamic_dims(self) -> list[str]:
+        return [d for d in self.shape if isinstance(d, str)]
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.kind != "float":
+            data["kind"] = self.kind
+        if self.high is not None:
+            data["high"] = self.high
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TensorSpec:
+        return cls(data["name"], data["dtype"], tuple(data["shape"]), data.get("kind", "float"), data.get("high"))
+
+
+@dataclass
+class ModelSpec:
+    """Everything the exporter needs: the module, its inputs, output names, dynamic dims, task.
+
+    `module` is a `torch.nn.Module` (typed loosely so this file stays torch-free). `eval_data`, when
+    given, returns a labelled held-out set used to report accuracy next to parity.
+    """
+
+    module: Any
+    inputs: Sequence[TensorSpec]
+    outputs: Sequence[str]
+    dims: Sequence[Dim] = ()
+    task: str = "classify"
+    description: str = ""
+    eval_data: Callable[[], EvalData] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.inputs = tuple(self.inputs)
+        self.outputs = tuple(self.outputs)
+        self.dims = tuple(self.dims)
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if not self.inputs or not self.outputs:
+            raise ValueError("a ModelSpec needs at least one input and one output")
+        names = [t.name for t in self.inputs] + list(self.outputs)
+        if len(set(names)) != len(names):
+            raise ValueError(f"input and output names must be unique, got {names}")
+        declared = {d.name for d in self.dims}
+        used = {d for t in self.inputs for d in t.dynamic_dims}
+        if used - declared:
+            raise ValueError(f"inputs use dims {sorted(used - declared)} that are not declared in dims")
+        if declared - used:
+            raise ValueError(f"dims {sorted(declared - used)} are declared but no input uses them")
+
+    def dim(self, name: str) -> Dim:
+        return next(d for d in self.dims if d.name == name)
