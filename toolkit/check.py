@@ -74,7 +74,7 @@ def _check_variant(bundle, name, provider, spec: ModelSpec, cases, references, e
     model = Model(bundle.path, variant=name, provider=provider)
     outputs = {o: {"max_abs_err": 0.0, "max_rel_err": 0.0, "scale": 0.0, "passed": True} for o in spec.outputs}
     errors = []
-    for (seed, sizes), expected in zip(cases, references):
+    for (seed, sizes), expected in zip(cases, references, strict=True):
         feeds = make_feeds(spec.inputs, sizes, seed)
         try:
             got = model.run(feeds)
@@ -131,7 +131,7 @@ def _torch_run(spec: ModelSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.nd
     result = result if isinstance(result, (tuple, list)) else (result,)
     if len(result) != len(spec.outputs):
         raise ToolkitError(f"the reference returned {len(result)} outputs, the spec names {len(spec.outputs)}.")
-    return {name: value.numpy() for name, value in zip(spec.outputs, result)}
+    return {name: value.numpy() for name, value in zip(spec.outputs, result, strict=True)}
 
 
 def _torch_eval(spec: ModelSpec) -> tuple[dict[str, np.ndarray], np.ndarray, float]:

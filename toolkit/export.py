@@ -184,7 +184,7 @@ def _graph_io(proto: Any, spec: ModelSpec) -> tuple[list[TensorSpec], list[Tenso
             raise ToolkitError(f"input {t.name!r} was exported as {dtype}, the spec says {t.dtype}.")
         if len(shape) != len(t.shape):
             raise ToolkitError(f"input {t.name!r} was exported with rank {len(shape)}, the spec says {len(t.shape)}.")
-        for axis, (got, want) in enumerate(zip(shape, t.shape)):
+        for axis, (got, want) in enumerate(zip(shape, t.shape, strict=True)):
             if isinstance(want, str) and isinstance(got, int):
                 raise ToolkitError(
                     f"input {t.name!r} axis {axis} was meant to be dynamic ({want}) but was exported as the "

@@ -52,7 +52,7 @@ class Model:
         unknown = [n for n in names if n not in {o.name for o in self.outputs}]
         if unknown:
             raise ToolkitError(f"unknown output {unknown[0]!r}; {self.name} has outputs {', '.join(o.name for o in self.outputs)}.")
-        return dict(zip(names, self._session.run(names, arrays)))
+        return dict(zip(names, self._session.run(names, arrays), strict=True))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """`model(x)` for a single-input model, `model(name=value, ...)` otherwise; returns the
@@ -98,7 +98,7 @@ class Model:
                 f"input {spec.name!r}: expected rank {len(spec.shape)} with shape {_shape(spec.shape)}, "
                 f"got rank {value.ndim} with shape {tuple(value.shape)}."
             )
-        for axis, (want, got) in enumerate(zip(spec.shape, value.shape)):
+        for axis, (want, got) in enumerate(zip(spec.shape, value.shape, strict=True)):
             if isinstance(want, int):
                 if got != want:
                     raise ToolkitError(
