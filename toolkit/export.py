@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import platform
 import re
+import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -63,9 +66,9 @@ def export(
             proto = _export_dynamo(spec, opset, verbose)
         except Exception as exc:  # the exporters raise many types; all end in a message
             if exporter == "dynamo":
-                raise ToolkitError(_describe_failure(model, "dynamo", exc)) from exc
-            fallback_reason = _describe_failure(model, "dynamo", exc)
-            say(f"the dynamo exporter failed; falling back to the TorchScript exporter.\n{fallback_reason}")
+                raise ToolkitError(_describe_failure(model, "dynamo", exc, suggest_torchscript=True)) from exc
+            fallback_reason = _describe_failure(model, "dynamo", exc, suggest_torchscript=False)
+            say(f"the dynamo exporter failed ({fallback_reason.splitlines()[1].strip()}); trying the TorchScript exporter")
     if proto is None:
         if exporter == "torchscript":
             say("exporting with the TorchScript exporter")
@@ -91,7 +94,7 @@ def export(
         if fallback_reason:
             options["fallback_reason"] = fallback_reason
         manifest = Manifest(
-            name=source.get("model") or source["ref"].rpartition(":")[2],
+            name=source.get("model") or source["ref"].rpartition(".")[2],
             description=spec.description,
             source=source,
             task=spec.task,
@@ -214,8 +217,14 @@ def _named_outputs(proto: Any, spec: ModelSpec) -> list[TensorSpec]:
     shapes = []
     for sizes in cases:
         feeds = make_feeds(spec.inputs, sizes, seed=0)
-        with torch.no_grad():
-            result = spec.module(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs))
+        try:
+            with torch.no_grad():
+                result = spec.module(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs))
+        except Exception as exc:
+            raise ToolkitError(
+                f"the PyTorch model itself fails at sizes {sizes} ({type(exc).__name__}: {exc}); "
+                "a dim declared dynamic must work at its check sizes. Fix the model or its spec's dims."
+            ) from exc
         shapes.append([tuple(r.shape) for r in (result if isinstance(result, (tuple, list)) else (result,))])
     outputs = []
     for index, value in enumerate(proto.graph.output):
@@ -247,18 +256,31 @@ def _versions() -> dict[str, str]:
 
 @contextlib.contextmanager
 def _quiet(verbose: bool) -> Iterator[None]:
-    """Keeps the exporters' progress lines and deprecation chatter off the user's terminal."""
+    """Keeps the exporters' progress lines, IR dumps and deprecation chatter off the user's terminal.
+
+    The TorchScript exporter prints from C++, so file descriptors 1 and 2 are redirected too.
+    """
     if verbose:
         yield
         return
     logger = logging.getLogger("torch.onnx")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with tempfile.TemporaryFile() as sink, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            yield
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                yield
     finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
         logger.setLevel(level)
 
 
@@ -271,7 +293,7 @@ _OP_PATTERNS = (
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\w+)')
 
 
-def _describe_failure(model: str, exporter: str, exc: BaseException) -> str:
+def _describe_failure(model: str, exporter: str, exc: BaseException, *, suggest_torchscript: bool = False) -> str:
     """A few lines: what failed, the op or the user's code line it failed at, and what to try."""
     chain, seen = [], set()
     while exc is not None and id(exc) not in seen:
@@ -296,7 +318,7 @@ def _describe_failure(model: str, exporter: str, exc: BaseException) -> str:
         lines.append("  try: replace that op in the model, or register an ONNX translation for it (torch.onnx custom_translation_table).")
     elif specialised:
         lines.append("  try: remove the code that fixes that size, or declare the dim fixed in the spec.")
-    if exporter == "dynamo":
+    if suggest_torchscript:
         lines.append("  try: --exporter torchscript")
     lines.append("  (--debug shows the full traceback)")
     return "\n".join(lines)

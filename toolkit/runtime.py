@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from toolkit.bundle import Bundle
 from toolkit.errors import ToolkitError
 from toolkit.spec import TensorSpec
 
-__all__ = ["load", "Model", "PROVIDERS", "cuda_status"]
+__all__ = ["PROVIDERS", "Model", "cuda_status", "load", "ort_message"]
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -52,7 +53,11 @@ class Model:
         unknown = [n for n in names if n not in {o.name for o in self.outputs}]
         if unknown:
             raise ToolkitError(f"unknown output {unknown[0]!r}; {self.name} has outputs {', '.join(o.name for o in self.outputs)}.")
-        return dict(zip(names, self._session.run(names, arrays), strict=True))
+        try:
+            values = self._session.run(names, arrays)
+        except Exception as exc:  # onnxruntime's own exception types are not importable portably
+            raise ToolkitError(f"onnxruntime failed running {self.name} ({self.variant}): {ort_message(exc)}") from exc
+        return dict(zip(names, values, strict=True))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """`model(x)` for a single-input model, `model(name=value, ...)` otherwise; returns the
@@ -136,6 +141,15 @@ class Model:
         return f"Model({self.bundle.path}, variant={self.variant!r}, provider={self.provider!r})"
 
 
+def ort_message(exc: BaseException) -> str:
+    """onnxruntime's error without its C++ source location: the node and what went wrong."""
+    text = " ".join(str(exc).split())
+    node = re.search(r"running (\S+) node\. Name:'([^']*)'", text)
+    detail = text.split("Status Message:", 1)[-1]
+    detail = detail.rsplit(" was false. ", 1)[-1].strip()
+    return f"{node.group(1)} node {node.group(2)!r}: {detail}" if node else detail
+
+
 def cuda_status() -> tuple[bool, str]:
     """Whether a CUDA session can be attempted here, and if not, why (said in words)."""
     import onnxruntime as ort
@@ -155,6 +169,7 @@ def _open_session(path: Path, provider: str, threads: int | None) -> tuple[Any, 
     if provider not in ("auto", *PROVIDERS):
         raise ToolkitError(f"unknown provider {provider!r}; choose auto, {', '.join(PROVIDERS)}.")
     options = ort.SessionOptions()
+    options.log_severity_level = 4  # failures surface as exceptions with the same text; no duplicate log
     if threads is not None:
         options.intra_op_num_threads = threads
 

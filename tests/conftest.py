@@ -1,0 +1,65 @@
+"""Shared fixtures: bundles exported once per session, the user package on the import path, and
+CLI invocation helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+ZOO = ["mlp", "cnn", "lstm", "encoder", "gpt"]
+
+# The user package (`userpkg.toy:FACTORY`) must import here and in subprocesses.
+sys.path.insert(0, str(TESTS))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """exported(model, preset="tiny", **options) → path of a bundle exported once per session."""
+    from toolkit.export import export
+
+    cache: dict[tuple, Path] = {}
+    root = tmp_path_factory.mktemp("bundles")
+
+    def get(model: str, preset: str | None = "tiny", **options) -> Path:
+        key = (model, preset, tuple(sorted(options.items())))
+        if key not in cache:
+            preset_arg = None if ":" in model else preset
+            out = root / f"{model.replace(':', '-').replace('.', '-')}-{preset}-{len(cache)}"
+            export(model, out, preset=preset_arg, **options)
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+    """copy_of(bundle) → a private copy a test may modify."""
+
+    def copy(path: Path) -> Path:
+        target = tmp_path / path.name
+        shutil.copytree(path, target)
+        return target
+
+    return copy
+
+
+@pytest.fixture
+def cli():
+    """cli(*args) → click Result of the toolkit CLI run in-process."""
+    from toolkit.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+
+    return invoke

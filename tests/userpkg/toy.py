@@ -1,0 +1,98 @@
+"""User models for the `package.module:factory` path, including ones that must fail."""
+
+import torch
+from torch import nn
+
+from toolkit import Dim, ModelSpec, TensorSpec
+
+
+class Scaler(nn.Module):
+    """Two inputs, two outputs, a dynamic batch and length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 4)
+
+    def forward(self, values: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = torch.tanh(self.proj(values))  # (B, T, 4)
+        return hidden * weights[..., None], hidden.sum(dim=1)
+
+
+def build() -> ModelSpec:
+    torch.manual_seed(0)
+    return ModelSpec(
+        module=Scaler(),
+        inputs=[TensorSpec("values", "float32", ("batch", "length", 6)), TensorSpec("weights", "float32", ("batch", "length"))],
+        outputs=["scaled", "pooled"],
+        dims=[Dim("batch", export=2, check=(1, 3)), Dim("length", export=5, check=(4, 9))],
+        task="embed",
+    )
+
+
+class FixedPositions(nn.Module):
+    """Declares `seq` dynamic, but its learned positions only fit sequences of exactly 16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, 16, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.pos
+
+
+def baked() -> ModelSpec:
+    torch.manual_seed(0)
+    return ModelSpec(
+        module=FixedPositions(),
+        inputs=[TensorSpec("x", "float32", ("batch", "seq", 8))],
+        outputs=["y"],
+        dims=[Dim("batch", export=2, check=(1, 3)), Dim("seq", export=16, check=(16, 9))],
+        task="embed",
+    )
+
+
+@torch.library.custom_op("userpkg::mystery", mutates_args=())
+def mystery(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+@mystery.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class Mysterious(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mystery(x) + 1
+
+
+def unexportable() -> ModelSpec:
+    return ModelSpec(
+        module=Mysterious(),
+        inputs=[TensorSpec("x", "float32", ("batch", 4))],
+        outputs=["y"],
+        dims=[Dim("batch")],
+        task="regress",
+    )
+
+
+def not_a_spec() -> nn.Module:
+    return Mysterious()
+
+
+class Flatten(nn.Module):
+    """Works at any length in PyTorch, but `int(...)` turns the length into a constant when traced."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        length = int(x.shape[1])
+        return x.reshape(x.shape[0], length * 8)
+
+
+def traced_constant() -> ModelSpec:
+    return ModelSpec(
+        module=Flatten(),
+        inputs=[TensorSpec("x", "float32", ("batch", "seq", 8))],
+        outputs=["y"],
+        dims=[Dim("batch", export=2, check=(1, 3)), Dim("seq", export=6, check=(6, 11))],
+        task="embed",
+    )
