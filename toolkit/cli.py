@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from toolkit import __version__
 from toolkit.errors import EXIT_CHECK_FAILED, ToolkitError
@@ -27,8 +27,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+# Markup off: messages carry shapes like [batch, 784] that rich would take for tags; styles are
+# applied with Text instead.
+out = Console(markup=False)
+err = Console(stderr=True, markup=False)
 
 
 class Exporter(str, Enum):
@@ -77,7 +79,7 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except ToolkitError as exc:
             if _debug(kwargs.get("ctx")):
                 traceback.print_exc()
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            err.print(Text("error: ", style="bold red") + Text(str(exc)))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted: nothing was written.")
@@ -87,7 +89,7 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _progress(message: str) -> None:
-    err.print(f"[dim]•[/] {message}", highlight=False, soft_wrap=True)
+    err.print(Text("• ", style="dim") + Text(message))
 
 
 @app.command()
@@ -174,16 +176,16 @@ def check(
     console.print(table)
     for name, record in records.items():
         for problem in record["errors"]:
-            console.print(f"[red]{name}:[/] {problem}", highlight=False, soft_wrap=True)
+            console.print(Text(f"{name}: ", style="red") + Text(problem))
     cases = next(iter(records.values()))["cases"]
     console.print(f"{len(cases)} cases per variant (seeds × sizes {sorted({json.dumps(c['sizes']) for c in cases})}); "
-                  f"runtime {next(iter(records.values()))['runtime']}", highlight=False)
+                  f"runtime {next(iter(records.values()))['runtime']}")
     if not passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
-def _verdict(ok: bool) -> str:
-    return "[green]pass[/]" if ok else "[bold red]FAIL[/]"
+def _verdict(ok: bool) -> Text:
+    return Text("pass", style="green") if ok else Text("FAIL", style="bold red")
 
 
 @app.command()
@@ -201,23 +203,23 @@ def inspect(
         print(json.dumps(info, indent=2))
         return
     source = info["source"]
-    out.print(f"[bold]{info['name']}[/] ({info['task']}): {info['description']}")
-    out.print(f"source: {json.dumps(source)}; opset {info['opset']}; exported with torch {info['versions'].get('torch')}", highlight=False)
+    out.print(Text(info["name"], style="bold") + Text(f" ({info['task']}): {info['description']}"))
+    out.print(f"source: {json.dumps(source)}; opset {info['opset']}; exported with torch {info['versions'].get('torch')}")
     io = Table("", "name", "dtype", "shape", title="inputs and outputs")
     for kind in ("inputs", "outputs"):
         for t in info[kind]:
-            io.add_row(kind[:-1], t["name"], t["dtype"], escape("[" + ", ".join(map(str, t["shape"])) + "]"))
+            io.add_row(kind[:-1], t["name"], t["dtype"], "[" + ", ".join(map(str, t["shape"])) + "]")
     out.print(io)
     dims = ", ".join(f"{n} in [{d['min']}, {d['max'] if d['max'] is not None else '∞'}]" for n, d in info["dims"].items())
     out.print(f"dynamic dims: {dims or 'none'}")
     for name, v in info["variants"].items():
-        out.print(f"\n[bold]variant {name}[/]: {v['file']}, {v['bytes'] / 1e6:.2f} MB, {v['precision']}, "
-                  f"recipe {json.dumps(v['recipe'])}", highlight=False, soft_wrap=True)
-        out.print(f"  integrity: {v['integrity']}; parity: {v['parity']}", highlight=False)
+        out.print(Text(f"\nvariant {name}", style="bold") + Text(
+            f": {v['file']}, {v['bytes'] / 1e6:.2f} MB, {v['precision']}, recipe {json.dumps(v['recipe'])}"))
+        out.print(f"  integrity: {v['integrity']}; parity: {v['parity']}")
         if "ops" in v:
-            out.print(f"  {v['nodes']} nodes, {v['parameters']:,} parameters, IR {v['ir_version']}, opsets {v['opsets']}", highlight=False)
-            out.print("  ops: " + ", ".join(f"{op}×{n}" for op, n in v["ops"].items()), highlight=False, soft_wrap=True)
-    out.print("\nproviders: " + "; ".join(f"{k} {v}" for k, v in info["providers"].items()), highlight=False)
+            out.print(f"  {v['nodes']} nodes, {v['parameters']:,} parameters, IR {v['ir_version']}, opsets {v['opsets']}")
+            out.print("  ops: " + ", ".join(f"{op}×{n}" for op, n in v["ops"].items()))
+    out.print("\nproviders: " + "; ".join(f"{k} {v}" for k, v in info["providers"].items()))
 
 
 @app.command()
@@ -237,7 +239,7 @@ def run(
 
     model = load(bundle_dir, variant=variant, provider=provider.value)
     err.print(f"running {model.name} variant {model.variant} on {model.provider}"
-              + (f" ({model.provider_note})" if model.provider_note else ""), highlight=False)
+              + (f" ({model.provider_note})" if model.provider_note else ""))
     if example == bool(inputs):
         raise ToolkitError("give the inputs with --input NAME=FILE.npy, or pass --example for sample inputs (one of the two).")
     if example:
@@ -255,11 +257,11 @@ def run(
         return
     with np.printoptions(precision=4, suppress=True, threshold=64, edgeitems=3):
         for name, value in feeds.items():
-            out.print(f"input {name}: {value.dtype} {list(value.shape)}", highlight=False)
+            out.print(f"input {name}: {value.dtype} {list(value.shape)}")
         for name, value in results.items():
-            out.print(f"output {name}: {value.dtype} {list(value.shape)}\n{value}", highlight=False)
+            out.print(f"output {name}: {value.dtype} {list(value.shape)}\n{value}")
             if model.bundle.manifest.task == "classify":
-                out.print(f"predicted class per row: {value.argmax(axis=-1).tolist()}", highlight=False)
+                out.print(f"predicted class per row: {value.argmax(axis=-1).tolist()}")
 
 
 def _read_inputs(pairs: list[str], names: list[str]) -> dict[str, np.ndarray]:
