@@ -29,8 +29,8 @@ app = typer.Typer(
 )
 # Markup off: messages carry shapes like [batch, 784] that rich would take for tags; styles are
 # applied with Text instead.
-out = Console(markup=False)
-err = Console(stderr=True, markup=False)
+out = Console(markup=False, highlight=False, soft_wrap=True)
+err = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
 
 
 class Exporter(str, Enum):
