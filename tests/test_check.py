@@ -14,9 +14,10 @@ from toolkit.errors import CheckFailed, ToolkitError
 from toolkit.tolerances import PROFILES, profile
 
 
+@pytest.mark.parametrize("preset", ["tiny", "default"])
 @pytest.mark.parametrize("name", ZOO)
-def test_every_zoo_model_passes_at_two_shapes(exported, copy_of, name):
-    path = copy_of(exported(name))
+def test_every_zoo_model_passes_at_two_shapes(exported, copy_of, name, preset):
+    path = copy_of(exported(name, preset))
     record = check(path)["fp32"]
     assert record["passed"], record
     sizes = {tuple(sorted(c["sizes"].items())) for c in record["cases"]}
@@ -29,9 +30,10 @@ def test_every_zoo_model_passes_at_two_shapes(exported, copy_of, name):
     assert Bundle.open(path).manifest.variants["fp32"].parity == record  # stored in the manifest
 
 
+@pytest.mark.parametrize("preset", ["tiny", "default"])
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
-def test_digit_classifiers_report_accuracy(exported, copy_of, name):
-    record = check(copy_of(exported(name)))["fp32"]
+def test_digit_classifiers_report_accuracy(exported, copy_of, name, preset):
+    record = check(copy_of(exported(name, preset)))["fp32"]
     accuracy = record["accuracy"]
     assert accuracy["variant"] >= 0.95 and accuracy["reference"] >= 0.95
     assert accuracy["drop"] <= PROFILES["fp32"].max_accuracy_drop and accuracy["passed"]

@@ -58,7 +58,7 @@ def test_auto_falls_back_to_torchscript_and_says_why(tmp_path, monkeypatch):
 
     monkeypatch.setattr(export_module, "_export_dynamo", broken)
     said = []
-    bundle = export("mlp", tmp_path / "b", preset="tiny", progress=said.append)
+    bundle = export("mlp", tmp_path / "b", preset="tiny", progress=said.append, isolate=False)
     options = bundle.manifest.variants["fp32"].recipe["options"]
     assert options["exporter"] == "torchscript"
     assert "aten::fancy has no ONNX translation" in options["fallback_reason"]
@@ -117,12 +117,12 @@ def test_interrupted_export_leaves_the_old_bundle_intact(tmp_path, monkeypatch):
     out = tmp_path / "b"
     export("mlp", out, preset="tiny")
     before = (out / MANIFEST_NAME).read_bytes()
-    from toolkit import _onnx
+    from toolkit import export as export_module
 
-    def interrupted(*_args, **_kwargs):
+    def interrupted(*_args, **_kwargs):  # after the model file is written, before the manifest
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_onnx, "save_model", interrupted)
+    monkeypatch.setattr(export_module, "_variant", interrupted)
     with pytest.raises(KeyboardInterrupt):
         export("mlp", out, preset="tiny", force=True)
     assert (out / MANIFEST_NAME).read_bytes() == before
@@ -153,3 +153,24 @@ def test_manifest_is_plain_json_with_the_documented_fields(exported):
     assert data["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"], "kind": "ids", "high": 512}
     assert data["dims"]["seq"] == {"min": 1, "max": 64, "export": 8, "check": [5, 17]}
     assert set(data["variants"]["fp32"]) >= {"file", "sha256", "bytes", "recipe", "precision", "parity"}
+
+
+def test_exports_do_not_depend_on_what_ran_before_in_the_process(tmp_path):
+    """torch 2.13 fixes the sequence length of a second LSTM export in one process; isolation avoids it."""
+    for name in ("first", "second"):
+        manifest = export("lstm", tmp_path / name, preset="tiny").manifest
+        assert manifest.inputs[0].shape == ("batch", "seq", 16)
+
+
+def test_in_process_export_works_for_factories_defined_here(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from userpkg import toy
+
+    module = types.ModuleType("defined_here")
+    module.build = toy.build
+    monkeypatch.setitem(sys.modules, "defined_here", module)
+    assert export("defined_here:build", tmp_path / "b", isolate=False).manifest.outputs[1].shape == ("batch", 4)
+    with pytest.raises(ToolkitError, match="cannot import 'defined_here'"):
+        export("defined_here:build", tmp_path / "c")

@@ -79,6 +79,8 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except ToolkitError as exc:
             if _debug(kwargs.get("ctx")):
                 traceback.print_exc()
+                if getattr(exc, "worker_traceback", None):
+                    err.print(f"in the export worker:\n{exc.worker_traceback}")
             err.print(Text("error: ", style="bold red") + Text(str(exc)))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import platform
 import re
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -17,12 +19,12 @@ from typing import Any
 
 from toolkit import __version__
 from toolkit.bundle import Bundle, Manifest, Variant, sha256_file, staged_directory
-from toolkit.errors import ToolkitError
+from toolkit.errors import CheckFailed, ToolkitError
 from toolkit.samples import make_feeds
 from toolkit.source import resolve, source_of, weights_sha256
-from toolkit.spec import ModelSpec, TensorSpec, shape_cases
+from toolkit.spec import Dim, ModelSpec, TensorSpec, shape_cases
 
-__all__ = ["export", "EXPORTERS", "DEFAULT_OPSET"]
+__all__ = ["DEFAULT_OPSET", "EXPORTERS", "export", "trace"]
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
 DEFAULT_OPSET = 18
@@ -41,11 +43,16 @@ def export(
     force: bool = False,
     progress: Progress | None = None,
     verbose: bool = False,
+    isolate: bool = True,
 ) -> Bundle:
     """Exports `model` to a new bundle at `out` (replaced only with `force`), written atomically.
 
     `exporter="auto"` uses the dynamo exporter and falls back to TorchScript, saying so through
     `progress` and in the variant's recipe. `verbose` lets the exporters' own output through.
+    With `isolate` (the default) the model is traced in a fresh Python process: torch's exporters
+    keep process-wide state, and a second LSTM export in one process silently gets its sequence
+    length fixed (torch 2.13), so an export must not depend on what ran before it. Pass
+    `isolate=False` for a factory that only exists in this process (e.g. defined in a notebook).
     """
     if exporter not in EXPORTERS:
         raise ToolkitError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}.")
@@ -54,8 +61,37 @@ def export(
     say = progress or (lambda _msg: None)
     out = Path(out)
     source = source_of(model, preset)
-    say(f"building the PyTorch reference for {model}")
+    with staged_directory(out, overwrite=force) as staging:
+        request = {"source": source, "opset": opset, "exporter": exporter, "directory": str(staging), "verbose": verbose}
+        info = _trace_isolated(request, say) if isolate else trace(**request, progress=say)
+        options: dict[str, Any] = {"exporter": info["exporter"], "opset": opset}
+        if info["fallback_reason"]:
+            options["fallback_reason"] = info["fallback_reason"]
+        manifest = Manifest(
+            name=source.get("model") or source["ref"].rpartition(".")[2],
+            description=info["description"],
+            source=source,
+            task=info["task"],
+            opset=opset,
+            inputs=[TensorSpec.from_json(t) for t in info["inputs"]],
+            outputs=[TensorSpec.from_json(t) for t in info["outputs"]],
+            dims=[Dim.from_json(name, d) for name, d in info["dims"].items()],
+            reference={"weights_sha256": info["weights_sha256"]},
+            variants={"fp32": _variant(staging, FP32_FILE, info["external"], {"stage": "export", "options": options, "parent": None})},
+            versions=info["versions"],
+        )
+        Bundle(staging, manifest).save()
+    say(f"wrote {out} (variant fp32, {manifest.variants['fp32'].bytes / 1e6:.2f} MB, exporter {info['exporter']})")
+    return Bundle.open(out)
+
+
+def trace(*, source: dict[str, Any], opset: int, exporter: str, directory: str, verbose: bool, progress: Progress) -> dict[str, Any]:
+    """In this process: builds the model, exports it to `directory`/model.fp32.onnx, validates it,
+    and returns what the manifest needs (JSON-serialisable, so a worker process can send it)."""
+    say = progress
+    say(f"building the PyTorch reference for {source.get('model') or source['ref']}")
     spec = resolve(source)
+    model = source.get("model") or source["ref"]
 
     import onnx
 
@@ -85,31 +121,58 @@ def export(
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:
         raise ToolkitError(f"the exported model of {model} fails onnx.checker: {exc}") from exc
-
     from toolkit._onnx import save_model
 
-    with staged_directory(out, overwrite=force) as staging:
-        external = save_model(proto, staging / FP32_FILE)
-        options: dict[str, Any] = {"exporter": used, "opset": opset}
-        if fallback_reason:
-            options["fallback_reason"] = fallback_reason
-        manifest = Manifest(
-            name=source.get("model") or source["ref"].rpartition(".")[2],
-            description=spec.description,
-            source=source,
-            task=spec.task,
-            opset=opset,
-            inputs=inputs,
-            outputs=outputs,
-            dims=list(spec.dims),
-            reference={"weights_sha256": weights_sha256(spec.module)},
-            variants={"fp32": _variant(staging, FP32_FILE, external, {"stage": "export", "options": options, "parent": None})},
-            versions=_versions(),
+    external = save_model(proto, Path(directory) / FP32_FILE)
+    return {
+        "exporter": used,
+        "fallback_reason": fallback_reason,
+        "task": spec.task,
+        "description": spec.description,
+        "inputs": [t.to_json() for t in inputs],
+        "outputs": [t.to_json() for t in outputs],
+        "dims": {d.name: d.to_json() for d in spec.dims},
+        "weights_sha256": weights_sha256(spec.module),
+        "external": external,
+        "versions": _versions(),
+    }
+
+
+_WORKER_TAG = "@@toolkit-export "
+
+
+def _trace_isolated(request: dict[str, Any], say: Progress) -> dict[str, Any]:
+    """Runs `trace` in a fresh interpreter (toolkit._export_worker) and relays its progress."""
+    env = dict(os.environ)
+    # The worker must import what this process can: the user's package may sit on sys.path only.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    with tempfile.TemporaryFile("w+") as stderr:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "toolkit._export_worker", json.dumps(request)],
+            stdout=subprocess.PIPE, stderr=None if request["verbose"] else stderr, text=True, env=env,
         )
-        bundle = Bundle(staging, manifest)
-        bundle.save()
-    say(f"wrote {out} (variant fp32, {manifest.variants['fp32'].bytes / 1e6:.2f} MB, exporter {used})")
-    return Bundle.open(out)
+        reply: dict[str, Any] = {}
+        try:
+            for line in worker.stdout:
+                if not line.startswith(_WORKER_TAG):
+                    if request["verbose"]:
+                        print(line, end="", file=sys.stderr)
+                    continue
+                message = json.loads(line[len(_WORKER_TAG):])
+                if "progress" in message:
+                    say(message["progress"])
+                else:
+                    reply = message
+        finally:
+            worker.wait()
+        if "result" in reply:
+            return reply["result"]
+        if "error" in reply:
+            error = (CheckFailed if reply["exit_code"] == CheckFailed.exit_code else ToolkitError)(reply["error"])
+            error.worker_traceback = reply["traceback"]
+            raise error
+        stderr.seek(0)
+        raise ToolkitError(f"the export worker died (exit code {worker.returncode}) without a result:\n{stderr.read()[-3000:]}")
 
 
 def _variant(directory: Path, file: str, external: list[str], recipe: dict[str, Any]) -> Variant:
