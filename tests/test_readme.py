@@ -1,0 +1,38 @@
+"""The README's commands are the product's front door: run them as written."""
+
+import re
+import subprocess
+
+from tests.conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+
+
+def _block_after(marker: str) -> str:
+    match = re.search(re.escape(marker) + r"\s*```\w*\n(.*?)```", README, re.S)
+    assert match, f"README has no code block after {marker}"
+    return match.group(1).strip()
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    printed = subprocess.run([ROOT / ".ci" / "run", "--print"], capture_output=True, text=True, check=True).stdout.strip()
+    assert printed == _block_after("<!-- test-command -->")
+    assert "pytest" in printed and "torch==2.13.0" in printed
+
+
+def test_main_command_runs_after_its_install_step(tmp_path):
+    steps = _block_after("<!-- main-command -->").split(" && ")
+    assert steps[:2] == ["python3 -m venv .venv", ". .venv/bin/activate"] and steps[2].startswith("pip install torch==2.13.0 -e ")
+    job = " && ".join(steps[3:])  # this test already runs inside an installed environment
+    result = subprocess.run(["bash", "-c", job], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "accuracy" in result.stdout and "pass" in result.stdout and "predicted class per row" in result.stdout
+
+
+def test_tour_commands_run(tmp_path):
+    tour = re.search(r"```console\n(.*?)```", README, re.S).group(1)
+    commands = [line[2:] for line in tour.splitlines() if line.startswith("$ ")]
+    assert len(commands) >= 4
+    for command in commands:
+        result = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True)
+        assert result.returncode == 0, f"{command}\n{result.stdout}{result.stderr}"
