@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import nn
 
 from models import digits
-from toolkit.spec import Dim, ModelSpec, TensorSpec
+from toolkit.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -42,13 +41,7 @@ class CNN(nn.Module):
 
 def build(cfg: CNNConfig) -> ModelSpec:
     torch.manual_seed(0)
-    model = digits.trained(CNN(cfg), f"cnn|{cfg}", epochs=cfg.epochs, flatten=False)
-    return ModelSpec(
-        module=model,
-        inputs=[TensorSpec("image", "float32", ("batch", 1, digits.SIDE, digits.SIDE))],
-        outputs=["logits"],
-        dims=[Dim("batch", export=2, check=(1, 5))],
-        task="classify",
+    return digits.classifier_spec(
+        CNN(cfg), cfg, input_name="image", input_shape=(1, digits.SIDE, digits.SIDE),
         description=f"CNN {cfg.channels} → {cfg.hidden} → {cfg.classes} on 28×28 digits",
-        eval_data=partial(digits.eval_data, "image", flatten=False),
     )

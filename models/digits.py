@@ -8,13 +8,16 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from toolkit.spec import Dim, ModelSpec, TensorSpec
 
 SIDE = 28
 TRAINING_RECIPE = "adam-3e-3-batch32-v1"  # bump when the recipe below changes: it keys the cache
@@ -72,6 +75,22 @@ def trained(module: nn.Module, key: str, *, epochs: int, flatten: bool) -> nn.Mo
     torch.save(module.state_dict(), tmp)
     os.replace(tmp, path)  # atomic: concurrent trainers write identical files
     return module
+
+
+def classifier_spec(module: nn.Module, config: Any, *, input_name: str, input_shape: tuple[int, ...], description: str) -> ModelSpec:
+    """The spec of a digits classifier: trained (or cached) weights, batch-dynamic input, test set."""
+    family = type(module).__name__.lower()
+    flatten = len(input_shape) == 1
+    trained(module, f"{family}|{config}", epochs=config.epochs, flatten=flatten)
+    return ModelSpec(
+        module=module,
+        inputs=[TensorSpec(input_name, "float32", ("batch", *input_shape))],
+        outputs=["logits"],
+        dims=[Dim("batch", export=2, check=(1, 5))],
+        task="classify",
+        description=description,
+        eval_data=partial(eval_data, input_name, flatten=flatten),
+    )
 
 
 def eval_data(input_name: str, *, flatten: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import nn
 
 from models import digits
-from toolkit.spec import Dim, ModelSpec, TensorSpec
+from toolkit.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -41,13 +40,7 @@ class MLP(nn.Module):
 
 def build(cfg: MLPConfig) -> ModelSpec:
     torch.manual_seed(0)
-    model = digits.trained(MLP(cfg), f"mlp|{cfg}", epochs=cfg.epochs, flatten=True)
-    return ModelSpec(
-        module=model,
-        inputs=[TensorSpec("x", "float32", ("batch", cfg.in_features))],
-        outputs=["logits"],
-        dims=[Dim("batch", export=2, check=(1, 5))],
-        task="classify",
+    return digits.classifier_spec(
+        MLP(cfg), cfg, input_name="x", input_shape=(cfg.in_features,),
         description=f"MLP {cfg.in_features}-{cfg.hidden}x{cfg.layers}-{cfg.classes} on 28×28 digits",
-        eval_data=partial(digits.eval_data, "x", flatten=True),
     )
