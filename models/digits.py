@@ -90,7 +90,13 @@ def classifier_spec(module: nn.Module, config: Any, *, input_name: str, input_sh
         task="classify",
         description=description,
         eval_data=partial(eval_data, input_name, flatten=flatten),
+        calibration_data=partial(calibration_data, input_name, flatten=flatten),
     )
+
+
+def calibration_data(input_name: str, count: int, *, flatten: bool) -> dict[str, np.ndarray]:
+    x_train = splits()[0][:count]  # from the training split: the test split stays held out
+    return {input_name: x_train.reshape(len(x_train), -1) if flatten else x_train}
 
 
 def eval_data(input_name: str, *, flatten: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:

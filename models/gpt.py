@@ -95,5 +95,6 @@ def build(cfg: GPTConfig) -> ModelSpec:
         outputs=["logits"],
         dims=[Dim("batch", export=2, check=(1, 3)), Dim("seq", max=cfg.context, export=8, check=(5, 23))],
         task="generate",
+        fusion={"model_type": "gpt2", "num_heads": cfg.heads, "hidden_size": cfg.d_model},
         description=f"GPT {cfg.layers}L d{cfg.d_model} h{cfg.heads} ctx{cfg.context} vocab {cfg.vocab}",
     )

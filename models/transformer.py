@@ -76,5 +76,6 @@ def build(cfg: EncoderConfig) -> ModelSpec:
         outputs=["logits"],
         dims=[Dim("batch", export=2, check=(1, 3)), Dim("seq", max=cfg.max_seq, export=8, check=(5, 17))],
         task="classify",
+        fusion={"model_type": "bert", "num_heads": cfg.heads, "hidden_size": cfg.d_model},
         description=f"encoder {cfg.layers}L d{cfg.d_model} h{cfg.heads} ffn{cfg.ffn} vocab {cfg.vocab}",
     )

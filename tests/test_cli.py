@@ -97,7 +97,7 @@ def test_failed_check_exits_1_and_names_the_variant(cli, exported, copy_of):
     result = cli("check", path)
     assert result.exit_code == 1
     rows = {tuple(c.strip() for c in ln.split("│")[1:3]): ln for ln in result.stdout.splitlines() if ln.startswith("│ ")}
-    assert "FAIL" in rows[("wrong", "logits")] and "pass" in rows[("fp32", "logits")]
+    assert "FAIL" in rows[("wrong", "output logits")] and "pass" in rows[("fp32", "output logits")]
     assert "pass" in rows[("wrong", "accuracy")]  # argmax survives this error: element parity catches it
 
 

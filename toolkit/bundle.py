@@ -52,6 +52,7 @@ class Manifest:
     reference: dict[str, Any] = field(default_factory=dict)  # e.g. {"weights_sha256": ...}
     versions: dict[str, str] = field(default_factory=dict)
     description: str = ""
+    fusion: dict[str, Any] | None = None  # transformer fusion hints, see ModelSpec.fusion
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -65,6 +66,7 @@ class Manifest:
             "inputs": [t.to_json() for t in self.inputs],
             "outputs": [t.to_json() for t in self.outputs],
             "dims": {d.name: d.to_json() for d in self.dims},
+            "fusion": self.fusion,
             "reference": self.reference,
             "variants": {name: asdict(v) for name, v in self.variants.items()},
             "versions": self.versions,
@@ -81,6 +83,7 @@ class Manifest:
             inputs=[TensorSpec.from_json(t) for t in data["inputs"]],
             outputs=[TensorSpec.from_json(t) for t in data["outputs"]],
             dims=[Dim.from_json(name, d) for name, d in data["dims"].items()],
+            fusion=data.get("fusion"),
             reference=data.get("reference", {}),
             variants={name: Variant(**v) for name, v in data["variants"].items()},
             versions=data.get("versions", {}),
@@ -137,6 +140,22 @@ class Bundle:
                         "corrupted after it was written. Re-create the variant."
                     )
         return self.path / variant.file
+
+    def add_variant(self, name: str, model_file: Path, *, recipe: dict[str, Any], precision: str) -> Variant:
+        """Moves `model_file` into the bundle as variant `name` (replacing one of that name) and
+        saves the manifest; the file lands under its final name only once complete."""
+        file = f"model.{name}.onnx"
+        staged = self.path / f".{file}.tmp-{os.getpid()}"
+        try:
+            shutil.copyfile(model_file, staged)
+            os.replace(staged, self.path / file)
+        finally:
+            staged.unlink(missing_ok=True)
+        path = self.path / file
+        variant = Variant(file=file, sha256=sha256_file(path), bytes=path.stat().st_size, recipe=recipe, precision=precision)
+        self.manifest.variants[name] = variant
+        self.save()
+        return variant
 
     def save(self) -> None:
         write_atomic(self.path / MANIFEST_NAME, (json.dumps(self.manifest.to_json(), indent=2) + "\n").encode())

@@ -55,17 +55,18 @@ def check(
     say(f"running the reference on {len(cases)} cases")
     references = [_torch_run(spec, make_feeds(spec.inputs, sizes, seed)) for seed, sizes in cases]
     evaluation = _torch_eval(spec) if spec.eval_data and spec.task == "classify" else None
+    heldout = _heldout(spec, bundle.manifest.dims)
 
     records = {}
     for name in names:
         say(f"checking variant {name} on {provider}")
-        records[name] = _check_variant(bundle, name, provider, spec, cases, references, evaluation)
+        records[name] = _check_variant(bundle, name, provider, spec, cases, references, evaluation, heldout)
         bundle.manifest.variants[name].parity = records[name]
     bundle.save()
     return records
 
 
-def _check_variant(bundle, name, provider, spec: ModelSpec, cases, references, evaluation) -> dict[str, Any]:
+def _check_variant(bundle, name, provider, spec: ModelSpec, cases, references, evaluation, heldout) -> dict[str, Any]:
     variant = bundle.variant(name)
     tolerance = profile(variant.precision)
     import onnxruntime
@@ -113,14 +114,70 @@ def _check_variant(bundle, name, provider, spec: ModelSpec, cases, references, e
         drop = reference_accuracy - accuracy
         accuracy_ok = drop <= tolerance.max_accuracy_drop
         record["accuracy"] = {
-            "dataset": f"held-out labelled set ({len(labels)} samples)",
+            "dataset": f"eval set, {len(labels)} rows",
             "reference": reference_accuracy,
             "variant": accuracy,
             "drop": drop,
             "passed": accuracy_ok,
         }
-    record["passed"] = not errors and all(s["passed"] for s in outputs.values()) and accuracy_ok
+    try:
+        record["task_metric"] = _task_metric(spec.task, tolerance, heldout, model)
+    except ToolkitError as exc:
+        errors.append(f"held-out inputs: {exc}")
+        record["task_metric"] = None
+    task_ok = record["task_metric"] is None or record["task_metric"]["passed"]
+    record["passed"] = not errors and all(s["passed"] for s in outputs.values()) and accuracy_ok and task_ok
     return record
+
+
+_HELDOUT_ROWS = 256
+_HELDOUT_SEED = 20_000  # far from the check seeds and from calibration seeds
+
+
+def _heldout(spec: ModelSpec, dims) -> tuple[str, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """(description, feed chunks, reference outputs per chunk): the eval set when the model has one,
+    otherwise sample inputs at the export sizes."""
+    if spec.eval_data is not None:
+        feeds, labels = spec.eval_data()
+        description = f"eval set, {len(labels)} rows"
+    else:
+        rows = _HELDOUT_ROWS if spec.task != "generate" else _HELDOUT_ROWS // 4
+        feeds = make_feeds(spec.inputs, {d.name: (rows if d.name == "batch" else d.export) for d in dims}, _HELDOUT_SEED)
+        description = f"{rows} sample rows"
+    total = len(next(iter(feeds.values())))
+    chunks = [{k: v[i : i + _EVAL_CHUNK] for k, v in feeds.items()} for i in range(0, total, _EVAL_CHUNK)]
+    return description, chunks, [_torch_run(spec, chunk) for chunk in chunks]
+
+
+def _task_metric(task: str, tolerance, heldout, model: Model) -> dict[str, Any]:
+    description, chunks, references = heldout
+    got = [model.run(chunk) for chunk in chunks]
+    pairs = [(g[name], r[name]) for g, r in zip(got, references, strict=True) for name in r]
+    if task in ("classify", "generate"):
+        agree = np.concatenate([(a.argmax(-1) == b.argmax(-1)).ravel() for a, b in pairs])
+        metric = "top1_agreement" if task == "classify" else "next_token_agreement"
+        value, threshold = float(agree.mean()), (tolerance.min_top1_agreement if task == "classify" else None)
+    elif task == "embed":
+        metric = "min_cosine"
+        value = min(float(_cosine(a.reshape(len(a), -1), b.reshape(len(b), -1)).min()) for a, b in pairs)
+        threshold = tolerance.min_cosine
+    else:
+        metric = "max_score_rel"
+        value = max(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)) for a, b in pairs)
+        threshold = tolerance.max_score_rel
+    if not np.isfinite(value):
+        passed = False
+    elif threshold is None:
+        passed = True
+    else:
+        passed = value <= threshold if metric == "max_score_rel" else value >= threshold
+    return {"metric": metric, "value": value, "threshold": threshold, "inputs": description, "passed": passed}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(norms > 0, (a * b).sum(axis=1) / np.where(norms > 0, norms, 1), 1.0)
 
 
 def _torch_run(spec: ModelSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -100,7 +100,9 @@ def models(ctx: typer.Context) -> None:
     """List the reference models and their presets."""
     import dataclasses
 
-    import models as zoo
+    from toolkit.source import reference_models
+
+    zoo = reference_models()
 
     table = Table("model", "task", "presets", "description")
     for family in zoo.families():
@@ -160,34 +162,108 @@ def check(
             print(report)
         else:
             json_file.write_text(report + "\n")
-    console = err if str(json_file) == "-" else out
-    table = Table("variant", "output", "max abs err", "max rel err", "allowed rel", "result", title=f"parity: {bundle_dir}")
-    for name, record in records.items():
-        rel = record["tolerance"]["rel"]
-        for output, stats in record["outputs"].items():
-            table.add_row(
-                name, output, f"{stats['max_abs_err']:.3g}", f"{stats['max_rel_err']:.3g}",
-                "task metrics" if rel is None else f"{rel:g}", _verdict(stats["passed"] and not record["errors"]),
-            )
-        if "accuracy" in record:
-            acc = record["accuracy"]
-            table.add_row(
-                name, "accuracy", f"ref {acc['reference']:.2%}", f"{acc['variant']:.2%}",
-                f"drop ≤ {record['tolerance']['max_accuracy_drop']:.1%}", _verdict(acc["passed"]),
-            )
-    console.print(table)
-    for name, record in records.items():
-        for problem in record["errors"]:
-            console.print(Text(f"{name}: ", style="red") + Text(problem))
-    cases = next(iter(records.values()))["cases"]
-    console.print(f"{len(cases)} cases per variant (seeds × sizes {sorted({json.dumps(c['sizes']) for c in cases})}); "
-                  f"runtime {next(iter(records.values()))['runtime']}")
+    _print_parity(err if str(json_file) == "-" else out, records, f"parity: {bundle_dir}")
     if not passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
+def _print_parity(console: Console, records: dict[str, Any], title: str) -> None:
+    table = Table("variant", "check", "measured", "", "allowed", "result", title=title)
+    for name, record in records.items():
+        rel = record["tolerance"]["rel"]
+        for output, stats in record["outputs"].items():
+            table.add_row(
+                name, f"output {output}", f"abs {stats['max_abs_err']:.3g}", f"rel {stats['max_rel_err']:.3g}",
+                "task metrics" if rel is None else f"rel {rel:g}", Text("info", style="dim") if rel is None else _verdict(stats["passed"]),
+            )
+        if "accuracy" in record:
+            acc = record["accuracy"]
+            table.add_row(
+                name, "accuracy", f"ref {acc['reference']:.2%}", f"got {acc['variant']:.2%}",
+                f"drop ≤ {record['tolerance']['max_accuracy_drop']:.1%}", _verdict(acc["passed"]),
+            )
+        metric = record.get("task_metric")
+        if metric:
+            bound = "reported" if metric["threshold"] is None else ("≤ " if metric["metric"] == "max_score_rel" else "≥ ") + f"{metric['threshold']:g}"
+            table.add_row(name, metric["metric"], f"{metric['value']:.4g}", metric["inputs"], bound, _verdict(metric["passed"]))
+        if record["errors"]:
+            table.add_row(name, "errors", str(len(record["errors"])), "", "0", _verdict(False))
+    console.print(table)
+    for name, record in records.items():
+        for problem in record["errors"]:
+            console.print(Text(f"{name}: ", style="red") + Text(problem))
+    first = next(iter(records.values()))
+    sizes = sorted({json.dumps(c["sizes"]) for c in first["cases"]})
+    console.print(f"{len(first['cases'])} cases per variant (seeds × sizes {', '.join(sizes)}); runtime {first['runtime']}")
+
+
 def _verdict(ok: bool) -> Text:
     return Text("pass", style="green") if ok else Text("FAIL", style="bold red")
+
+
+@app.command()
+@_user_errors
+def optimize(
+    ctx: typer.Context,
+    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle directory."),
+    check_parity: bool = typer.Option(True, "--check/--no-check", help="Check the new variant's parity right away."),
+) -> None:
+    """Add variant `opt`: transformer fusions (encoder, gpt, or hinted user models) and onnxruntime's
+    basic graph optimizations, saved offline. Exit 1 if its parity check fails."""
+    from toolkit.optimize import optimize as optimize_bundle
+
+    optimize_bundle(bundle_dir, progress=_progress)
+    _check_new(bundle_dir, "opt", check_parity)
+
+
+class Mode(str, Enum):
+    int8 = "int8"
+    int8_static = "int8-static"
+    fp16 = "fp16"
+
+
+class Method(str, Enum):
+    minmax = "minmax"
+    entropy = "entropy"
+    percentile = "percentile"
+
+
+@app.command()
+@_user_errors
+def quantize(
+    ctx: typer.Context,
+    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle directory."),
+    mode: Mode = typer.Option(..., help="int8: dynamic (weights int8, activations per call); int8-static: QDQ with calibration; fp16: half precision."),
+    calibration_samples: int = typer.Option(128, help="int8-static: samples from the model's calibration set (or sample inputs)."),
+    method: Method = typer.Option(Method.minmax, help="int8-static: calibration method."),
+    per_channel: bool = typer.Option(False, "--per-channel", help="int8-static: per-channel weight scales."),
+    keep_fp32: str | None = typer.Option(None, help="fp16: comma-separated op types kept in fp32 (default: LayerNormalization, Softmax, reductions, Pow, Exp); '' keeps none."),
+    check_parity: bool = typer.Option(True, "--check/--no-check", help="Check the new variant right away."),
+) -> None:
+    """Add variant int8, int8-static or fp16 from fp32, and judge it by its task's gates.
+
+    Exit 1 if the new variant fails its gates; it stays in the bundle, marked failed."""
+    from toolkit.quantize import FP16_KEEP_FP32
+    from toolkit.quantize import quantize as quantize_bundle
+
+    kept = FP16_KEEP_FP32 if keep_fp32 is None else tuple(op.strip() for op in keep_fp32.split(",") if op.strip())
+    quantize_bundle(
+        bundle_dir, mode=mode.value, calibration_samples=calibration_samples, method=method.value,
+        per_channel=per_channel, keep_fp32=kept, progress=_progress,
+    )
+    _check_new(bundle_dir, mode.value, check_parity)
+
+
+def _check_new(bundle_dir: Path, variant: str, check_parity: bool) -> None:
+    if not check_parity:
+        out.print(f"added variant {variant}; its parity is not checked yet (toolkit check {bundle_dir} --variant {variant})")
+        return
+    from toolkit.check import check as check_bundle
+
+    records = check_bundle(bundle_dir, variants=[variant], progress=_progress)
+    _print_parity(out, records, f"parity: {bundle_dir} variant {variant}")
+    if not records[variant]["passed"]:
+        raise typer.Exit(EXIT_CHECK_FAILED)
 
 
 @app.command()

@@ -76,6 +76,7 @@ def export(
             inputs=[TensorSpec.from_json(t) for t in info["inputs"]],
             outputs=[TensorSpec.from_json(t) for t in info["outputs"]],
             dims=[Dim.from_json(name, d) for name, d in info["dims"].items()],
+            fusion=info["fusion"],
             reference={"weights_sha256": info["weights_sha256"]},
             variants={"fp32": _variant(staging, FP32_FILE, info["external"], {"stage": "export", "options": options, "parent": None})},
             versions=info["versions"],
@@ -132,6 +133,7 @@ def trace(*, source: dict[str, Any], opset: int, exporter: str, directory: str, 
         "inputs": [t.to_json() for t in inputs],
         "outputs": [t.to_json() for t in outputs],
         "dims": {d.name: d.to_json() for d in spec.dims},
+        "fusion": spec.fusion,
         "weights_sha256": weights_sha256(spec.module),
         "external": external,
         "versions": _versions(),
@@ -146,6 +148,7 @@ def _trace_isolated(request: dict[str, Any], say: Progress) -> dict[str, Any]:
     env = dict(os.environ)
     # The worker must import what this process can: the user's package may sit on sys.path only.
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env["PYTHONSAFEPATH"] = "1"  # and not the working directory, which `-m` would put first
     with tempfile.TemporaryFile("w+") as stderr:
         worker = subprocess.Popen(
             [sys.executable, "-m", "toolkit._export_worker", json.dumps(request)],

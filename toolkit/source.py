@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from toolkit.errors import ToolkitError
 from toolkit.spec import ModelSpec
 
-__all__ = ["resolve", "source_of", "weights_sha256"]
+__all__ = ["reference_models", "resolve", "source_of", "weights_sha256"]
 
 
 def source_of(model: str, preset: str | None) -> dict[str, Any]:
@@ -36,10 +40,7 @@ def resolve(source: dict[str, Any]) -> ModelSpec:
 
 
 def _zoo(name: str, preset: str) -> ModelSpec:
-    try:
-        import models
-    except ImportError as exc:
-        raise ToolkitError(f"the reference models package is not importable ({exc}); reinstall toolkit.") from exc
+    models = reference_models()
     try:
         return models.build(name, preset)
     except KeyError as exc:
@@ -76,6 +77,31 @@ def _factory(ref: str) -> ModelSpec:
     if not isinstance(spec.module, torch.nn.Module):
         raise ToolkitError(f"factory {ref}: ModelSpec.module is {type(spec.module).__name__}, not a torch.nn.Module.")
     return spec
+
+
+def reference_models() -> ModuleType:
+    """The `models` package installed beside `toolkit`, whatever else `models` means on sys.path.
+
+    onnxruntime.transformers appends its own directory, which holds a `models` folder, to sys.path,
+    and many projects have a `models/` of their own; a plain `import models` can find either.
+    """
+    init = Path(__file__).resolve().parent.parent / "models" / "__init__.py"
+    loaded = sys.modules.get("models")
+    loaded_file = getattr(loaded, "__file__", None)
+    if loaded_file is not None and Path(loaded_file).resolve() == init:
+        return loaded
+    if loaded_file is not None:
+        raise ToolkitError(
+            f"another package named 'models' ({loaded_file}) is already imported and shadows toolkit's "
+            "reference models; import toolkit's zoo before it or rename yours."
+        )
+    if not init.is_file():
+        raise ToolkitError(f"toolkit's reference models are missing ({init} not found); reinstall toolkit.")
+    spec = importlib.util.spec_from_file_location("models", init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["models"] = module  # absent, or a namespace package that only looked like ours
+    spec.loader.exec_module(module)
+    return module
 
 
 def weights_sha256(module: Any) -> str:

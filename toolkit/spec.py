@@ -113,6 +113,10 @@ class ModelSpec:
     task: str = "classify"
     description: str = ""
     eval_data: Callable[[], EvalData] | None = field(default=None, repr=False)
+    # calibration_data(n) → feeds with n rows from the model's training distribution, for int8-static.
+    calibration_data: Callable[[int], dict[str, np.ndarray]] | None = field(default=None, repr=False)
+    # Hints for onnxruntime's transformer fusions: {"model_type": "bert"|"gpt2"|..., "num_heads", "hidden_size"}.
+    fusion: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.inputs = tuple(self.inputs)

@@ -1,0 +1,83 @@
+"""Stage `optimize`: variant fp32 → variant `opt`: onnxruntime's transformer fusions (for models whose
+manifest carries fusion hints) followed by onnxruntime's basic offline graph optimizations.
+
+Only the basic level is applied offline: extended and full-level rewrites are specific to the
+execution provider they were made for, and onnxruntime applies them anyway when a session loads
+the model. Parity of the result is checked like any variant's, which catches a fusion that changes
+the math.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from toolkit.bundle import Bundle
+from toolkit.errors import ToolkitError
+
+__all__ = ["optimize"]
+
+
+def optimize(path: str | Path, *, source: str = "fp32", name: str = "opt", progress: Callable[[str], None] | None = None) -> Bundle:
+    """Adds variant `name` optimized from variant `source`; returns the bundle (parity not yet checked)."""
+    import onnx
+    import onnxruntime as ort
+
+    say = progress or (lambda _msg: None)
+    bundle = Bundle.open(path)
+    model_file = bundle.variant_path(source)
+    options: dict[str, Any] = {"graph_optimization_level": "basic"}
+    with tempfile.TemporaryDirectory(prefix="toolkit-optimize-") as tmp:
+        current = model_file
+        hints = bundle.manifest.fusion
+        if hints:
+            say(f"fusing with onnxruntime's transformer optimizer (model type {hints['model_type']})")
+            current, fused = _fuse(current, hints, Path(tmp) / "fused.onnx")
+            options["fusion"] = {"model_type": hints["model_type"], "fused": fused}
+        else:
+            options["fusion"] = None
+            say(f"no transformer fusion hints for {bundle.manifest.name}: generic graph optimizations only")
+        say("applying onnxruntime's basic graph optimizations offline")
+        optimized = Path(tmp) / "optimized.onnx"
+        session_options = ort.SessionOptions()
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        session_options.optimized_model_filepath = str(optimized)
+        try:
+            ort.InferenceSession(str(current), sess_options=session_options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ToolkitError(f"onnxruntime cannot optimize {model_file}: {exc}") from exc
+        proto = onnx.load(str(optimized))
+        options["nodes"] = {"before": _count(onnx.load(str(model_file), load_external_data=False)), "after": _count(proto)}
+        from toolkit._onnx import save_model
+
+        save_model(proto, optimized)
+        bundle.add_variant(name, optimized, recipe={"stage": "optimize", "options": options, "parent": source}, precision=bundle.variant(source).precision)
+    say(f"added variant {name}: {options['nodes']['before']} → {options['nodes']['after']} nodes")
+    return bundle
+
+
+def _fuse(model_file: Path, hints: dict[str, Any], target: Path) -> tuple[Path, dict[str, int]]:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    logger = logging.getLogger("onnxruntime.transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        model = optimize_model(
+            str(model_file), model_type=hints["model_type"], num_heads=hints.get("num_heads", 0),
+            hidden_size=hints.get("hidden_size", 0), opt_level=0,
+        )
+    except Exception as exc:
+        raise ToolkitError(f"onnxruntime's transformer optimizer failed on {model_file} ({hints['model_type']}): {exc}") from exc
+    finally:
+        logger.setLevel(level)
+    model.save_model_to_file(str(target))
+    return target, {op: n for op, n in model.get_fused_operator_statistics().items() if n}
+
+
+def _count(proto: Any) -> int:
+    return sum(Counter(n.op_type for n in proto.graph.node).values())

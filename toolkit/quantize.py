@@ -1,0 +1,223 @@
+"""Stage `quantize`: variant fp32 → `int8` (dynamic), `int8-static` (QDQ, calibrated) or `fp16`.
+
+Every mode works on a pre-processed copy in a private temporary directory (onnxruntime's
+quantization tools leave temporary files in the working directory otherwise), and records in the
+variant's recipe what it did: for int8, how many ops of each type were quantized and how many kept
+float weights; for fp16, which op types were kept in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.bundle import Bundle
+from toolkit.errors import ToolkitError
+from toolkit.samples import make_feeds
+
+__all__ = ["CALIBRATION_METHODS", "FP16_KEEP_FP32", "MODES", "quantize"]
+
+MODES = ("int8", "int8-static", "fp16")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+# Overflow-prone in fp16: normalisations and reductions accumulate past 65504, softmax's exp too.
+FP16_KEEP_FP32 = ("LayerNormalization", "SkipLayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Exp")
+# Convolutions are left out of dynamic quantization: ConvInteger is 6-9x slower than fp32 Conv on the
+# CPUs we measured; int8-static (QDQ) is the path for them.
+_DYNAMIC_OPS = ("MatMul", "Gemm", "LSTM", "Attention")
+_WEIGHTED_OPS = ("MatMul", "Gemm", "LSTM", "Conv", "Attention")
+
+Progress = Callable[[str], None]
+
+
+def quantize(
+    path: str | Path,
+    *,
+    mode: str,
+    source: str = "fp32",
+    calibration_samples: int = 128,
+    method: str = "minmax",
+    per_channel: bool = False,
+    keep_fp32: Sequence[str] = FP16_KEEP_FP32,
+    progress: Progress | None = None,
+) -> Bundle:
+    """Adds variant `mode` quantized from variant `source`; returns the bundle (parity not yet checked)."""
+    if mode not in MODES:
+        raise ToolkitError(f"unknown quantization mode {mode!r}; choose one of {', '.join(MODES)}.")
+    if method not in CALIBRATION_METHODS:
+        raise ToolkitError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}.")
+    if calibration_samples < 1:
+        raise ToolkitError(f"--calibration-samples must be at least 1, got {calibration_samples}.")
+    say = progress or (lambda _msg: None)
+    bundle = Bundle.open(Path(path).resolve())  # absolute: the quantizer runs inside a temporary directory
+    if bundle.variant(source).precision != "fp32":
+        raise ToolkitError(f"variant {source!r} is {bundle.variant(source).precision}; quantize from an fp32 variant.")
+    model_file = bundle.variant_path(source).resolve()
+    with tempfile.TemporaryDirectory(prefix="toolkit-quantize-") as tmp, _inside(Path(tmp)), _quiet_onnxruntime():
+        out = Path(tmp) / "quantized.onnx"
+        if mode == "fp16":
+            say(f"converting to fp16, keeping inputs, outputs and {', '.join(keep_fp32)} in fp32")
+            options = _fp16(model_file, out, keep_fp32)
+            precision = "fp16"
+        else:
+            say("pre-processing (shape inference, constant folding) so every weight is visible to the quantizer")
+            pre, pre_options = _preprocess(model_file, Path(tmp) / "pre.onnx")
+            if mode == "int8":
+                say(f"quantizing weights of {', '.join(_DYNAMIC_OPS)} to int8 (dynamic activations)")
+                options = _dynamic(pre, out)
+            else:
+                say(f"calibrating on {calibration_samples} samples ({method}{', per channel' if per_channel else ''})")
+                options = _static(bundle, pre, out, calibration_samples, method, per_channel)
+            options.update(pre_options, ops=_op_report(pre, out))
+            precision = "int8"
+            say("weights quantized per op type: " + ", ".join(f"{op} {r['quantized']}/{r['with_weights']}" for op, r in options["ops"].items()))
+        import onnx
+
+        from toolkit._onnx import save_model
+
+        save_model(onnx.load(str(out)), out)
+        bundle.add_variant(mode, out, recipe={"stage": "quantize", "options": {"mode": mode, **options}, "parent": source}, precision=precision)
+    say(f"added variant {mode} ({bundle.manifest.variants[mode].bytes / 1e6:.2f} MB, from {bundle.variant(source).bytes / 1e6:.2f} MB)")
+    return bundle
+
+
+def _preprocess(model_file: Path, target: Path) -> tuple[Path, dict[str, Any]]:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(model_file), str(target))
+        return target, {"preprocess": "quant_pre_process"}
+    except Exception as exc:  # symbolic shape inference fails on some decoders: skip that part only
+        quant_pre_process(str(model_file), str(target), skip_symbolic_shape=True)
+        return target, {"preprocess": f"quant_pre_process without symbolic shape inference ({type(exc).__name__})"}
+
+
+def _dynamic(model_file: Path, target: Path) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(model_file), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=list(_DYNAMIC_OPS),
+        extra_options={"MatMulConstBOnly": True},
+    )
+    return {"weights": "int8 symmetric per tensor", "activations": "uint8, quantized per call", "op_types": list(_DYNAMIC_OPS)}
+
+
+def _static(bundle: Bundle, model_file: Path, target: Path, samples: int, method: str, per_channel: bool) -> dict[str, Any]:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    feeds, origin = _calibration_feeds(bundle, samples)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._items = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._items, None)
+
+    calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
+    quantize_static(
+        str(model_file), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+        calibrate_method=calibrate, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+    )
+    return {"format": "QDQ", "calibration": {"method": method, "samples": len(feeds), "data": origin}, "per_channel": per_channel}
+
+
+def _calibration_feeds(bundle: Bundle, samples: int) -> tuple[list[dict[str, np.ndarray]], str]:
+    """The model's own calibration data when it has some, else sample inputs at the export sizes."""
+    from toolkit.source import resolve
+
+    spec = resolve(bundle.manifest.source)
+    if spec.calibration_data is not None:
+        data = spec.calibration_data(samples)
+        count = len(next(iter(data.values())))
+        return [{k: v[i : i + 1] for k, v in data.items()} for i in range(count)], "the model's calibration set"
+    sizes = {d.name: d.export for d in bundle.manifest.dims}
+    sizes.update({"batch": 1} if "batch" in sizes else {})
+    return [make_feeds(bundle.manifest.inputs, sizes, seed=10_000 + i) for i in range(samples)], "sample inputs (no calibration set)"
+
+
+def _fp16(model_file: Path, target: Path, keep_fp32: Sequence[str]) -> dict[str, Any]:
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_fp32))
+    proto = _unshare_initializers(onnx.load(str(model_file)), set(block))
+    converted = convert_float_to_float16(proto, keep_io_types=True, op_block_list=block)
+    onnx.save(converted, str(target))
+    return {"keep_io_types": True, "kept_fp32": list(keep_fp32)}
+
+
+def _unshare_initializers(proto: Any, block: set[str]) -> Any:
+    """Gives each fp32-kept node its own copy of initializers it shares with other nodes.
+
+    The dynamo exporter merges equal constants (every LayerNorm weight of ones becomes one
+    initializer); the fp16 converter then inserts one identically named Cast per consumer, which
+    makes the graph invalid.
+    """
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    uses = Counter(name for node in graph.node for name in node.input)
+    for index, node in enumerate(graph.node):
+        if node.op_type not in block:
+            continue
+        for position, name in enumerate(node.input):
+            if name in initializers and uses[name] > 1:
+                twin = copy.deepcopy(initializers[name])
+                twin.name = f"{name}__{index}"
+                graph.initializer.append(twin)
+                node.input[position] = twin.name
+                uses[name] -= 1
+    still_used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in still_used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return proto
+
+
+def _op_report(before: Path, after: Path) -> dict[str, dict[str, int]]:
+    """Per op type that carries weights: how many nodes had constant weights, how many of those were
+    quantized, and how many still compute with float weights (read straight from an initializer)."""
+    import onnx
+
+    def float_weighted(model: Any) -> Counter[str]:
+        constants = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+        return Counter(n.op_type for n in model.graph.node if n.op_type in _WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in constants)
+
+    original, remaining = float_weighted(onnx.load(str(before))), float_weighted(onnx.load(str(after)))
+    return {op: {"with_weights": n, "quantized": n - remaining[op], "float": remaining[op]} for op, n in sorted(original.items())}
+
+
+@contextlib.contextmanager
+def _inside(directory: Path) -> Iterator[None]:
+    """onnxruntime's quantization writes temporary files into the working directory."""
+    previous = Path.cwd()
+    os.chdir(directory)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+@contextlib.contextmanager
+def _quiet_onnxruntime() -> Iterator[None]:
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # the quantizer logs every skipped node at INFO/WARNING
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
