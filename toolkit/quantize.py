@@ -145,8 +145,7 @@ def _calibration_feeds(bundle: Bundle, samples: int) -> tuple[list[dict[str, np.
         data = spec.calibration_data(samples)
         count = len(next(iter(data.values())))
         return [{k: v[i : i + 1] for k, v in data.items()} for i in range(count)], "the model's calibration set"
-    sizes = {d.name: d.export for d in bundle.manifest.dims}
-    sizes.update({"batch": 1} if "batch" in sizes else {})
+    sizes = {d.name: 1 if d.name == "batch" else d.export for d in bundle.manifest.dims}
     return [make_feeds(bundle.manifest.inputs, sizes, seed=10_000 + i) for i in range(samples)], "sample inputs (no calibration set)"
 
 
