@@ -53,6 +53,7 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     description: str = ""
     fusion: dict[str, Any] | None = None  # transformer fusion hints, see ModelSpec.fusion
+    best: dict[str, Any] | None = None  # the fastest passing variant and how it was measured (toolkit build)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -69,6 +70,7 @@ class Manifest:
             "fusion": self.fusion,
             "reference": self.reference,
             "variants": {name: asdict(v) for name, v in self.variants.items()},
+            "best": self.best,
             "versions": self.versions,
         }
 
@@ -86,6 +88,7 @@ class Manifest:
             fusion=data.get("fusion"),
             reference=data.get("reference", {}),
             variants={name: Variant(**v) for name, v in data["variants"].items()},
+            best=data.get("best"),
             versions=data.get("versions", {}),
             format_version=data["format_version"],
         )

@@ -266,6 +266,167 @@ def _check_new(bundle_dir: Path, variant: str, check_parity: bool) -> None:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
+class BuildMode(str, Enum):
+    int8 = "int8"
+    int8_static = "int8-static"
+    fp16 = "fp16"
+
+
+@app.command()
+@_user_errors
+def build(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="A reference model (see `toolkit models`) or package.module:factory."),
+    out_dir: Path = typer.Option(..., "-o", "--out", help="Bundle directory to create."),
+    preset: str | None = typer.Option(None, help="Preset of a reference model (default: 'default')."),
+    mode: list[BuildMode] | None = typer.Option(None, "--mode", help="Quantization mode (repeatable; default: int8, fp16, and int8-static for models with convolutions or a calibration set)."),
+    provider: Provider = typer.Option(Provider.cpu, help="Provider on which `best` is measured."),
+    select: bool = typer.Option(True, "--select/--no-select", help="Time the passing variants and record the fastest as `best`."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+) -> None:
+    """Export, optimize, quantize and check in one go, then record the fastest variant that passed
+    its gates as `best` (toolkit.load(DIR, variant="best")).
+
+    Exit 1 if fp32 fails its parity check; other variants that fail their gates stay in the bundle,
+    marked failed, and are never chosen as best."""
+    from toolkit.build import build as build_bundle
+
+    bundle = build_bundle(
+        model, out_dir, preset=preset, modes=[m.value for m in mode] if mode else None, provider=provider.value,
+        select=select, force=force, progress=_progress,
+    )
+    manifest = bundle.manifest
+    best = manifest.best or {}
+    shapes = sorted({s for t in best.get("p50_ms", {}).values() for s in t}, key=lambda s: [int(x) for x in s.replace(",", "").split()[1::2]])
+    table = Table("variant", "precision", "size", "gates", "status", *(f"p50 ms, {s}" for s in shapes), "", title=f"build: {bundle.path}")
+    for name, variant in manifest.variants.items():
+        record = variant.parity or {}
+        times = best.get("p50_ms", {}).get(name, {})
+        table.add_row(
+            name, variant.precision, f"{variant.bytes / 1e6:.2f} MB", _gate_summary(record), _verdict(bool(record.get("passed"))),
+            *(f"{times[s]:.3f}" if s in times else "-" for s in shapes),
+            Text("best", style="bold green") if best.get("variant") == name else "",
+        )
+    out.print(table)
+    if best:
+        out.print(f"best: {best['variant']} on {best['provider']} ({best['threads']} threads, {best['cpu']}); rule: {best['rule']}")
+    if not (manifest.variants["fp32"].parity or {}).get("passed"):
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+def _gate_summary(record: dict[str, Any]) -> str:
+    if not record:
+        return "not checked"
+    parts = []
+    if record["tolerance"]["rel"] is not None:
+        parts.append(f"rel err {max(s['max_rel_err'] for s in record['outputs'].values()):.1g}")
+    if "accuracy" in record:
+        parts.append(f"acc {record['accuracy']['variant']:.1%} (ref {record['accuracy']['reference']:.1%})")
+    metric = record.get("task_metric")
+    if metric:
+        short = {"top1_agreement": "top-1", "next_token_agreement": "next-token", "min_cosine": "cos", "max_score_rel": "score err"}
+        parts.append(f"{short.get(metric['metric'], metric['metric'])} {metric['value']:.4g}")
+    if record["errors"]:
+        parts.append(f"{len(record['errors'])} errors")
+    return ", ".join(parts)
+
+
+@app.command()
+@_user_errors
+def bench(
+    ctx: typer.Context,
+    target: str = typer.Argument(..., metavar="DIR|MODEL", help="A bundle directory, or a model to build into a temporary bundle first."),
+    providers: str | None = typer.Option(None, help="Comma-separated providers (default: every provider available here)."),
+    variants: str | None = typer.Option(None, help="Comma-separated variants (default: all in the bundle)."),
+    batch: str = typer.Option("1,32", help="Comma-separated batch sizes."),
+    seq: str | None = typer.Option(None, help="Comma-separated sequence lengths, for models with a seq dim (default 32)."),
+    preset: str | None = typer.Option(None, help="Preset, when MODEL is a reference model."),
+    torch_eager: bool = typer.Option(True, "--torch/--no-torch", help="Include the PyTorch reference in eager mode (the speed-up baseline)."),
+    torch_compile: bool = typer.Option(False, "--torch-compile", help="Also time torch.compile of the reference."),
+    max_time: float = typer.Option(1.0, help="Seconds spent measuring each cell (candidate × shape), warm-up excluded."),
+    rounds: int = typer.Option(5, help="Interleaved rounds the time of each cell is split into."),
+    warmup: int = typer.Option(5, help="Untimed runs of each candidate before measuring."),
+    threads: int | None = typer.Option(None, help="Threads for onnxruntime and torch alike (default: the CPUs this process may use)."),
+    json_file: Path | None = typer.Option(None, "--json", help="Write the rows and the machine as JSON to this file ('-' for stdout)."),
+    csv_file: Path | None = typer.Option(None, "--csv", help="Write the rows as CSV to this file."),
+    plot_file: Path | None = typer.Option(None, "--plot", help="Draw p50 latency per variant and batch to this PNG (torch eager as the reference line)."),
+) -> None:
+    """Time variants × providers × batch sizes side by side with PyTorch, in interleaved rounds.
+
+    Reports p50/p90/p99 latency, items/s, speed-up over torch eager, achieved GFLOP/s next to the
+    machine's GEMM peak measured in the same run, and memory. On CUDA, inputs and outputs are bound
+    on the device and nodes placed on the CPU are counted."""
+    import tempfile
+
+    from toolkit.bench import available_providers
+    from toolkit.bench import bench as run_bench
+    from toolkit.bundle import MANIFEST_NAME
+
+    chosen = _csv_list(providers, "--providers") if providers else available_providers()
+    with tempfile.TemporaryDirectory(prefix="toolkit-bench-") as tmp:
+        path = Path(target)
+        if not (path / MANIFEST_NAME).is_file():
+            if path.exists() or "/" in target:
+                raise ToolkitError(f"{target} is not a bundle directory (no {MANIFEST_NAME}); give a bundle or a model name.")
+            from toolkit.build import build as build_bundle
+
+            _progress(f"{target} is not a bundle: building one in a temporary directory")
+            path = build_bundle(target, Path(tmp) / "bundle", preset=preset, select=False, progress=_progress).path
+        report = run_bench(
+            path, providers=chosen, variants=_csv_list(variants, "--variants") if variants else None,
+            batches=_int_list(batch, "--batch"), seqs=_int_list(seq, "--seq") if seq else None,
+            torch_eager=torch_eager, torch_compile=torch_compile, max_time=max_time, rounds=rounds, warmup=warmup,
+            threads=threads, progress=_progress,
+        )
+    if json_file is not None:
+        text = json.dumps(report.to_json(), indent=2)
+        if str(json_file) == "-":
+            print(text)
+        else:
+            json_file.write_text(text + "\n")
+    if csv_file is not None:
+        csv_file.write_text(report.to_csv())
+    if plot_file is not None:
+        from toolkit.bench_plot import plot
+
+        plot(report, plot_file)
+    _print_bench(err if str(json_file) == "-" else out, report)
+
+
+def _print_bench(console: Console, report: Any) -> None:
+    cuda = any(r.provider == "cuda" for r in report.rows)
+    columns = ["provider", "variant", "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "items/s", "× torch", "GFLOP/s (% peak)", "mem MB", "parity"]
+    table = Table(*columns, *(["CPU nodes"] if cuda else []), title=f"bench: {report.rows[0].model if report.rows else ''}")
+    for r in report.rows:
+        flops = f"{r.gflops_per_s:.1f} ({r.gflops_per_s / r.gemm_peak_gflops_per_s:.0%})" if r.gflops_per_s and r.gemm_peak_gflops_per_s else "-"
+        table.add_row(
+            r.provider, r.variant, str(r.batch), "-" if r.seq is None else str(r.seq), f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}",
+            f"{r.p99_ms:.3f}", f"{r.items_per_s:,.0f}", "-" if r.speedup_vs_torch is None else f"{r.speedup_vs_torch:.2f}",
+            flops, "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.1f}",
+            _verdict(True) if r.parity == "pass" else (Text(r.parity, style="bold red") if r.parity == "FAIL" else Text(r.parity, style="dim")),
+            *([("-" if r.cpu_nodes is None else str(r.cpu_nodes))] if cuda else []),
+        )
+    console.print(table)
+    m, st = report.machine, report.settings
+    peaks = ", ".join(f"{p} {v:g}" for p, v in m["gemm_peak_gflops_per_s"].items())
+    console.print(f"{m['cpu']}{', ' + m['gpu'] if 'gpu' in m else ''}; {st['threads']} threads; GEMM peak GFLOP/s: {peaks}; "
+                  f"{st['rounds']} interleaved rounds, {st['max_time_s_per_cell']:g} s per cell, {st['warmup']} warm-up runs")
+
+
+def _csv_list(text: str, option: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise ToolkitError(f"{option} {text!r}: give a comma-separated list.")
+    return items
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in _csv_list(text, option)]
+    except ValueError:
+        raise ToolkitError(f"{option} {text!r}: expected comma-separated integers such as 1,32.") from None
+
+
 @app.command()
 @_user_errors
 def inspect(

@@ -24,7 +24,7 @@ from toolkit.bundle import Bundle
 from toolkit.errors import ToolkitError
 from toolkit.samples import make_feeds
 
-__all__ = ["CALIBRATION_METHODS", "FP16_KEEP_FP32", "MODES", "quantize"]
+__all__ = ["CALIBRATION_METHODS", "FP16_KEEP_FP32", "MODES", "quantize", "static_applies"]
 
 MODES = ("int8", "int8-static", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -87,6 +87,21 @@ def quantize(
         bundle.add_variant(mode, out, recipe={"stage": "quantize", "options": {"mode": mode, **options}, "parent": source}, precision=precision)
     say(f"added variant {mode} ({bundle.manifest.variants[mode].bytes / 1e6:.2f} MB, from {bundle.variant(source).bytes / 1e6:.2f} MB)")
     return bundle
+
+
+def static_applies(bundle: Bundle) -> str | None:
+    """Why int8-static is worth building for this bundle (convolutions, which dynamic int8 leaves
+    in fp32, or a real calibration set), or None."""
+    import onnx
+
+    proto = onnx.load(str(bundle.variant_path("fp32")), load_external_data=False)
+    if any(node.op_type == "Conv" for node in proto.graph.node):
+        return "the model has convolutions, which only static int8 quantizes"
+    from toolkit.source import resolve
+
+    if resolve(bundle.manifest.source).calibration_data is not None:
+        return "the model has a calibration set"
+    return None
 
 
 def _preprocess(model_file: Path, target: Path) -> tuple[Path, dict[str, Any]]:

@@ -25,7 +25,10 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def load(path: str | os.PathLike[str], *, variant: str | None = None, provider: str = "auto", threads: int | None = None) -> Model:
-    """Opens a bundle's variant (default fp32) on `provider`: "auto" (CUDA when it works), "cpu" or "cuda"."""
+    """Opens a bundle's variant on `provider`: "auto" (CUDA when it works), "cpu" or "cuda".
+
+    `variant` defaults to fp32; "best" is the fastest variant that passed its gates, as measured and
+    recorded by `toolkit build` (on the provider named in the manifest's `best`)."""
     return Model(path, variant=variant, provider=provider, threads=threads)
 
 
@@ -34,13 +37,18 @@ class Model:
 
     def __init__(self, path: str | os.PathLike[str], *, variant: str | None = None, provider: str = "auto", threads: int | None = None):
         self.bundle = Bundle.open(path)
-        self.variant = variant or "fp32"
+        self.variant = _resolve_variant(self.bundle, variant)
         model_file = self.bundle.variant_path(self.variant)
         manifest = self.bundle.manifest
         self.inputs: tuple[TensorSpec, ...] = tuple(manifest.inputs)
         self.outputs: tuple[TensorSpec, ...] = tuple(manifest.outputs)
         self._dims = {d.name: d for d in manifest.dims}
         self._session, self.provider, self.provider_note = _open_session(model_file, provider, threads)
+
+    @property
+    def session(self) -> Any:
+        """The underlying onnxruntime.InferenceSession, for what this class does not wrap (IO binding)."""
+        return self._session
 
     @property
     def name(self) -> str:
@@ -139,6 +147,26 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.bundle.path}, variant={self.variant!r}, provider={self.provider!r})"
+
+
+def _resolve_variant(bundle: Bundle, variant: str | None) -> str:
+    if variant != "best":
+        return variant or "fp32"
+    best = bundle.manifest.best
+    if not best:
+        raise ToolkitError(
+            f"bundle {bundle.path} has no 'best' variant recorded: `toolkit build` measures and records one. "
+            f"Pass a variant by name instead; its variants: {', '.join(bundle.manifest.variants)}."
+        )
+    name = best["variant"]
+    parity = bundle.variant(name).parity
+    if not parity or not parity["passed"]:
+        state = "has not been checked" if not parity else "fails its gates"
+        raise ToolkitError(
+            f"bundle {bundle.path}: 'best' is variant {name!r}, which {state} now; it cannot serve as best. "
+            f"Run `toolkit check {bundle.path}` and choose again with `toolkit build`, or pass a variant by name."
+        )
+    return name
 
 
 def ort_message(exc: BaseException) -> str:
