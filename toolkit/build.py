@@ -63,10 +63,39 @@ def build(
     for mode in modes:
         quantize(bundle.path, mode=mode, progress=say)
     say("checking every variant against the PyTorch reference")
-    check(bundle.path, progress=say)
+    records = check(bundle.path, progress=say)
+    if "int8" in records and not records["int8"]["passed"]:
+        _int8_fallback(bundle.path, records["int8"], say)
     if select:
         select_best(bundle.path, provider=provider, max_time=max_time, progress=say)
     return Bundle.open(bundle.path)
+
+
+def _int8_fallback(path: Path, record: dict[str, Any], say: Progress) -> None:
+    """Accuracy-aware int8: while the variant fails its gates, keep twice as many of the most
+    outlier-heavy MatMul/Gemm in fp32 (2, 4, 8, ...), up to half of them; every attempt is recorded."""
+    from toolkit.check import check
+    from toolkit.quantize import quantize
+
+    bundle = Bundle.open(path)
+    ops = bundle.variant("int8").recipe["options"]["ops"]
+    limit = sum(ops.get(op, {}).get("quantized", 0) for op in ("MatMul", "Gemm")) // 2
+    attempts = [_attempt(0, record)]
+    keep = 2
+    while keep <= limit and not record["passed"]:
+        say(f"int8 fails its gates ({attempts[-1]['gate']}); retrying with {keep} MatMul/Gemm kept in fp32")
+        quantize(path, mode="int8", keep_float=keep, progress=say)
+        record = check(path, variants=["int8"], progress=say)["int8"]
+        attempts.append(_attempt(keep, record))
+        keep *= 2
+    bundle = Bundle.open(path)
+    bundle.manifest.variants["int8"].recipe["options"]["attempts"] = attempts
+    bundle.save()
+
+
+def _attempt(keep: int, record: dict[str, Any]) -> dict[str, Any]:
+    metric = record.get("task_metric") or {}
+    return {"keep_float": keep, "passed": record["passed"], "gate": f"{metric.get('metric')} {metric.get('value', float('nan')):.4g}"}
 
 
 def select_best(path: str | Path, *, provider: str = "cpu", max_time: float = 0.3, progress: Progress | None = None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from toolkit.bundle import Bundle
 from toolkit.errors import CheckFailed, ToolkitError
 from toolkit.runtime import Model
 from toolkit.samples import make_feeds
-from toolkit.source import resolve, weights_sha256
+from toolkit.source import describe_source, resolve, weights_sha256
 from toolkit.spec import ModelSpec, shape_cases
 from toolkit.tolerances import profile
 
@@ -42,12 +42,12 @@ def check(
     names = list(variants) if variants else list(bundle.manifest.variants)
     for name in names:
         bundle.variant(name)  # unknown names fail before any work
-    say(f"building the PyTorch reference ({_source_text(bundle.manifest.source)})")
+    say(f"building the PyTorch reference ({describe_source(bundle.manifest.source)})")
     spec = resolve(bundle.manifest.source)
     expected = bundle.manifest.reference.get("weights_sha256")
     if expected and weights_sha256(spec.module) != expected:
         raise CheckFailed(
-            f"the PyTorch reference of {bundle.path} ({_source_text(bundle.manifest.source)}) no longer has the "
+            f"the PyTorch reference of {bundle.path} ({describe_source(bundle.manifest.source)}) no longer has the "
             "weights it was exported with (its weights sha256 differs): the model code, its training cache or "
             "its factory changed. Re-export with `toolkit export ... --force`."
         )
@@ -140,6 +140,9 @@ def _heldout(spec: ModelSpec, dims) -> tuple[str, list[dict[str, np.ndarray]], l
     if spec.eval_data is not None:
         feeds, labels = spec.eval_data()
         description = f"eval set, {len(labels)} rows"
+    elif spec.sample_data is not None:
+        feeds = spec.sample_data()
+        description = f"{len(next(iter(feeds.values())))} real inputs"
     else:
         rows = _HELDOUT_ROWS if spec.task != "generate" else _HELDOUT_ROWS // 4
         feeds = make_feeds(spec.inputs, {d.name: (rows if d.name == "batch" else d.export) for d in dims}, _HELDOUT_SEED)
@@ -205,5 +208,3 @@ def _accuracy(predict: Callable[[dict[str, np.ndarray]], np.ndarray], feeds: dic
     return correct / len(labels)
 
 
-def _source_text(source: dict[str, Any]) -> str:
-    return f"{source['model']} preset {source['preset']}" if source["kind"] == "zoo" else source["ref"]

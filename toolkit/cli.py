@@ -236,7 +236,8 @@ def quantize(
     mode: Mode = typer.Option(..., help="int8: dynamic (weights int8, activations per call); int8-static: QDQ with calibration; fp16: half precision."),
     calibration_samples: int = typer.Option(128, help="int8-static: samples from the model's calibration set (or sample inputs)."),
     method: Method = typer.Option(Method.minmax, help="int8-static: calibration method."),
-    per_channel: bool = typer.Option(False, "--per-channel", help="int8-static: per-channel weight scales."),
+    per_channel: bool | None = typer.Option(None, "--per-channel/--per-tensor", help="Weight scales per output channel or per tensor (default: per channel for int8, per tensor for int8-static)."),
+    keep_float: int = typer.Option(0, help="int8: keep this many MatMul/Gemm in fp32, those with the most outlier-heavy inputs on calibration data."),
     keep_fp32: str | None = typer.Option(None, help="fp16: comma-separated op types kept in fp32 (default: LayerNormalization, Softmax, reductions, Pow, Exp); '' keeps none."),
     check_parity: bool = typer.Option(True, "--check/--no-check", help="Check the new variant right away."),
 ) -> None:
@@ -249,7 +250,7 @@ def quantize(
     kept = FP16_KEEP_FP32 if keep_fp32 is None else tuple(op.strip() for op in keep_fp32.split(",") if op.strip())
     quantize_bundle(
         bundle_dir, mode=mode.value, calibration_samples=calibration_samples, method=method.value,
-        per_channel=per_channel, keep_fp32=kept, progress=_progress,
+        per_channel=per_channel, keep_float=keep_float, keep_fp32=kept, progress=_progress,
     )
     _check_new(bundle_dir, mode.value, check_parity)
 

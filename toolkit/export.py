@@ -21,7 +21,7 @@ from toolkit import __version__
 from toolkit.bundle import Bundle, Manifest, Variant, sha256_file, staged_directory
 from toolkit.errors import CheckFailed, ToolkitError
 from toolkit.samples import make_feeds
-from toolkit.source import resolve, source_of, weights_sha256
+from toolkit.source import describe_source, resolve, source_name, source_of, weights_sha256
 from toolkit.spec import Dim, ModelSpec, TensorSpec, shape_cases
 
 __all__ = ["DEFAULT_OPSET", "EXPORTERS", "export", "trace"]
@@ -68,7 +68,7 @@ def export(
         if info["fallback_reason"]:
             options["fallback_reason"] = info["fallback_reason"]
         manifest = Manifest(
-            name=source.get("model") or source["ref"].rpartition(".")[2],
+            name=source_name(source),
             description=info["description"],
             source=source,
             task=info["task"],
@@ -90,9 +90,9 @@ def trace(*, source: dict[str, Any], opset: int, exporter: str, directory: str, 
     """In this process: builds the model, exports it to `directory`/model.fp32.onnx, validates it,
     and returns what the manifest needs (JSON-serialisable, so a worker process can send it)."""
     say = progress
-    say(f"building the PyTorch reference for {source.get('model') or source['ref']}")
+    model = describe_source(source)
+    say(f"building the PyTorch reference for {model}")
     spec = resolve(source)
-    model = source.get("model") or source["ref"]
 
     import onnx
 

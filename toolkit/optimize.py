@@ -9,6 +9,8 @@ the math.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
 from collections import Counter
@@ -67,10 +69,11 @@ def _fuse(model_file: Path, hints: dict[str, Any], target: Path) -> tuple[Path, 
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        model = optimize_model(
-            str(model_file), model_type=hints["model_type"], num_heads=hints.get("num_heads", 0),
-            hidden_size=hints.get("hidden_size", 0), opt_level=0,
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints shape-inference failures
+            model = optimize_model(
+                str(model_file), model_type=hints["model_type"], num_heads=hints.get("num_heads", 0),
+                hidden_size=hints.get("hidden_size", 0), opt_level=0,
+            )
     except Exception as exc:
         raise ToolkitError(f"onnxruntime's transformer optimizer failed on {model_file} ({hints['model_type']}): {exc}") from exc
     finally:

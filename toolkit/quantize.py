@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import os
 import tempfile
@@ -45,17 +46,27 @@ def quantize(
     source: str = "fp32",
     calibration_samples: int = 128,
     method: str = "minmax",
-    per_channel: bool = False,
+    per_channel: bool | None = None,
+    keep_float: int = 0,
     keep_fp32: Sequence[str] = FP16_KEEP_FP32,
     progress: Progress | None = None,
 ) -> Bundle:
-    """Adds variant `mode` quantized from variant `source`; returns the bundle (parity not yet checked)."""
+    """Adds variant `mode` quantized from variant `source`; returns the bundle (parity not yet checked).
+
+    `per_channel` (weight scales per output channel) defaults to on for int8, off for int8-static.
+    `keep_float` (int8) keeps that many weighted MatMul/Gemm nodes in fp32: those whose input
+    activations are the most outlier-heavy (max|x| / rms(x) on calibration data), where uint8
+    activations lose the most resolution."""
     if mode not in MODES:
         raise ToolkitError(f"unknown quantization mode {mode!r}; choose one of {', '.join(MODES)}.")
     if method not in CALIBRATION_METHODS:
         raise ToolkitError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}.")
     if calibration_samples < 1:
         raise ToolkitError(f"--calibration-samples must be at least 1, got {calibration_samples}.")
+    if keep_float < 0 or (keep_float and mode != "int8"):
+        raise ToolkitError(f"--keep-float applies to --mode int8 and must be at least 0, got {keep_float} with mode {mode}.")
+    if per_channel is None:
+        per_channel = mode == "int8"
     say = progress or (lambda _msg: None)
     bundle = Bundle.open(Path(path).resolve())  # absolute: the quantizer runs inside a temporary directory
     if bundle.variant(source).precision != "fp32":
@@ -71,8 +82,11 @@ def quantize(
             say("pre-processing (shape inference, constant folding) so every weight is visible to the quantizer")
             pre, pre_options = _preprocess(model_file, Path(tmp) / "pre.onnx")
             if mode == "int8":
+                kept = _outlier_ranking(bundle, pre, calibration_samples)[:keep_float] if keep_float else []
+                if kept:
+                    say(f"keeping {len(kept)} MatMul/Gemm in fp32 (most outlier-heavy inputs): {', '.join(n for n, _ in kept)}")
                 say(f"quantizing weights of {', '.join(_DYNAMIC_OPS)} to int8 (dynamic activations)")
-                options = _dynamic(pre, out)
+                options = _dynamic(pre, out, per_channel, kept)
             else:
                 say(f"calibrating on {calibration_samples} samples ({method}{', per channel' if per_channel else ''})")
                 options = _static(bundle, pre, out, calibration_samples, method, per_channel)
@@ -107,22 +121,55 @@ def static_applies(bundle: Bundle) -> str | None:
 def _preprocess(model_file: Path, target: Path) -> tuple[Path, dict[str, Any]]:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    try:
-        quant_pre_process(str(model_file), str(target))
-        return target, {"preprocess": "quant_pre_process"}
-    except Exception as exc:  # symbolic shape inference fails on some decoders: skip that part only
-        quant_pre_process(str(model_file), str(target), skip_symbolic_shape=True)
-        return target, {"preprocess": f"quant_pre_process without symbolic shape inference ({type(exc).__name__})"}
+    # quant_pre_process prints its shape-inference failures to stdout; they are reported in the recipe.
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            quant_pre_process(str(model_file), str(target))
+            return target, {"preprocess": "quant_pre_process"}
+        except Exception as exc:  # symbolic shape inference fails on some decoders: skip that part only
+            quant_pre_process(str(model_file), str(target), skip_symbolic_shape=True)
+            return target, {"preprocess": f"quant_pre_process without symbolic shape inference ({type(exc).__name__})"}
 
 
-def _dynamic(model_file: Path, target: Path) -> dict[str, Any]:
+def _dynamic(model_file: Path, target: Path, per_channel: bool, kept: list[tuple[str, float]]) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
         str(model_file), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=list(_DYNAMIC_OPS),
-        extra_options={"MatMulConstBOnly": True},
+        per_channel=per_channel, nodes_to_exclude=[n for n, _ in kept], extra_options={"MatMulConstBOnly": True},
     )
-    return {"weights": "int8 symmetric per tensor", "activations": "uint8, quantized per call", "op_types": list(_DYNAMIC_OPS)}
+    return {
+        "weights": f"int8 symmetric per {'channel' if per_channel else 'tensor'}", "activations": "uint8, quantized per call",
+        "op_types": list(_DYNAMIC_OPS), "per_channel": per_channel,
+        "kept_float": [{"node": n, "outlier_score": round(score, 2)} for n, score in kept],
+    }
+
+
+def _outlier_ranking(bundle: Bundle, model_file: Path, samples: int) -> list[tuple[str, float]]:
+    """Weighted MatMul/Gemm nodes, most outlier-heavy input first: max|x| / rms(x) of the input
+    activation over calibration data. A high ratio means a per-tensor uint8 scale spends its range on
+    a few outliers and rounds everything else coarsely."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(model_file))
+    weights = {t.name for t in proto.graph.initializer}
+    nodes = [n for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in weights]
+    activations = list(dict.fromkeys(n.input[0] for n in nodes))
+    del proto.graph.output[:]
+    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in activations)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    peak = dict.fromkeys(activations, 0.0)
+    squares = dict.fromkeys(activations, 0.0)
+    count = dict.fromkeys(activations, 0)
+    for feeds in _calibration_feeds(bundle, samples)[0]:
+        for name, value in zip(activations, session.run(activations, feeds), strict=True):
+            value = value.astype(np.float64)
+            peak[name] = max(peak[name], float(np.abs(value).max(initial=0.0)))
+            squares[name] += float((value**2).sum())
+            count[name] += value.size
+    score = {name: peak[name] / max(np.sqrt(squares[name] / max(count[name], 1)), 1e-12) for name in activations}
+    return sorted(((n.name, score[n.input[0]]) for n in nodes), key=lambda item: -item[1])
 
 
 def _static(bundle: Bundle, model_file: Path, target: Path, samples: int, method: str, per_channel: bool) -> dict[str, Any]:

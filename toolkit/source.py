@@ -18,11 +18,23 @@ from typing import Any
 from toolkit.errors import ToolkitError
 from toolkit.spec import ModelSpec
 
-__all__ = ["reference_models", "resolve", "source_of", "weights_sha256"]
+__all__ = ["describe_source", "reference_models", "resolve", "source_name", "source_of", "weights_sha256"]
+
+_GENERIC_DIRS = {"model", "models", "weights", "checkpoint", "snapshot"}
 
 
 def source_of(model: str, preset: str | None) -> dict[str, Any]:
     """The manifest's record of where a model came from; `resolve` rebuilds it."""
+    from toolkit.hf import PREFIX
+
+    if model.startswith(PREFIX):
+        if preset is not None:
+            raise ToolkitError(f"--preset applies to zoo models only; {model!r} is a Hugging Face directory.")
+        path = Path(model[len(PREFIX):]).expanduser()
+        if not (path / "config.json").is_file():
+            what = "does not exist" if not path.exists() else "has no config.json"
+            raise ToolkitError(f"{model}: {path} {what}; give the directory of a saved transformers model (hf:PATH).")
+        return {"kind": "hf", "path": str(path.resolve())}
     if ":" in model:
         if preset is not None:
             raise ToolkitError(f"--preset applies to zoo models only; {model!r} is a factory reference.")
@@ -33,10 +45,30 @@ def source_of(model: str, preset: str | None) -> dict[str, Any]:
 def resolve(source: dict[str, Any]) -> ModelSpec:
     if source["kind"] == "zoo":
         spec = _zoo(source["model"], source["preset"])
+    elif source["kind"] == "hf":
+        from toolkit.hf import hf_spec
+
+        spec = hf_spec(source["path"])
     else:
         spec = _factory(source["ref"])
     spec.module.eval()
     return spec
+
+
+def describe_source(source: dict[str, Any]) -> str:
+    if source["kind"] == "zoo":
+        return f"{source['model']} preset {source['preset']}"
+    return f"hf:{source['path']}" if source["kind"] == "hf" else source["ref"]
+
+
+def source_name(source: dict[str, Any]) -> str:
+    """A short name for the manifest: the zoo name, the factory's name, or the model directory's."""
+    if source["kind"] == "zoo":
+        return source["model"]
+    if source["kind"] == "factory":
+        return source["ref"].rpartition(".")[2]
+    path = Path(source["path"])
+    return path.parent.name if path.name.lower() in _GENERIC_DIRS else path.name
 
 
 def _zoo(name: str, preset: str) -> ModelSpec:

@@ -113,6 +113,8 @@ class ModelSpec:
     task: str = "classify"
     description: str = ""
     eval_data: Callable[[], EvalData] | None = field(default=None, repr=False)
+    # sample_data() → real inputs (no labels) on which task gates are judged when there is no eval set.
+    sample_data: Callable[[], dict[str, np.ndarray]] | None = field(default=None, repr=False)
     # calibration_data(n) → feeds with n rows from the model's training distribution, for int8-static.
     calibration_data: Callable[[int], dict[str, np.ndarray]] | None = field(default=None, repr=False)
     # Hints for onnxruntime's transformer fusions: {"model_type": "bert"|"gpt2"|..., "num_heads", "hidden_size"}.
