@@ -26,7 +26,10 @@ def test_main_command_runs_after_its_install_step(tmp_path):
     job = " && ".join(steps[3:])  # this test already runs inside an installed environment
     result = subprocess.run(["bash", "-c", job], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "accuracy" in result.stdout and "pass" in result.stdout and "predicted class per row" in result.stdout
+    out = result.stdout
+    assert "acc 9" in out and "pass" in out and "best:" in out  # build: gates, verdicts, the choice
+    assert "predicted class per row" in out  # run --variant best
+    assert "× torch" in out and "torch-eager" in out  # bench
 
 
 def test_tour_commands_run(tmp_path):

@@ -1,0 +1,145 @@
+"""The benchmark suite: builds every reference model (all variants, checked, `best` chosen), benches
+each side by side with torch eager in one process, and writes benchmarks/RESULTS.md (machine,
+versions, the table, the targets, the plot) plus the raw rows as results.json.
+
+    python benchmarks/run.py                   # all reference models, every provider available here
+    python benchmarks/run.py --models encoder --max-time 2
+
+Bundles are built under benchmarks/.bundles (ignored by git) and rebuilt each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ZOO = ["mlp", "cnn", "lstm", "encoder", "gpt"]
+# Speed-up of the `best` variant over torch eager at batch 1 (issues 3 and 4).
+TARGETS = {"mlp": 4.0, "cnn": 5.0, "lstm": 3.0, "encoder": 4.0, "gpt": 8.0}
+LSTM_BATCH32_TARGET = 1.5
+ENCODER_GEMM_SHARE_TARGET = 0.75
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(ZOO), help="comma-separated reference models")
+    parser.add_argument("--batch", default="1,32")
+    parser.add_argument("--seq", default="32")
+    parser.add_argument("--max-time", type=float, default=1.0, help="seconds per cell")
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args(argv)
+
+    from toolkit.bench import available_providers, bench
+    from toolkit.bench_plot import plot
+    from toolkit.build import build
+
+    def say(message: str) -> None:
+        print(f"  {message}", file=sys.stderr)
+
+    reports, best = [], {}
+    for model in args.models.split(","):
+        print(f"[{model}] building", file=sys.stderr)
+        bundle = build(model, HERE / ".bundles" / model, force=True, progress=say)
+        best[model] = bundle.manifest.best["variant"]
+        print(f"[{model}] benchmarking (best: {best[model]})", file=sys.stderr)
+        reports.append(bench(
+            bundle.path, providers=available_providers(), batches=[int(b) for b in args.batch.split(",")],
+            seqs=[int(s) for s in args.seq.split(",")] if model in ("lstm", "encoder", "gpt") else None,
+            max_time=args.max_time, progress=say,
+        ))
+
+    rows = [row for report in reports for row in report.rows]
+    combined = reports[0]
+    combined.rows = rows
+    (HERE / "results.json").write_text(json.dumps({**combined.to_json(), "best": best}, indent=2) + "\n")
+    plots = []
+    for report in reports:
+        target = HERE / f"plot-{report.rows[0].model}.png"
+        plot(report, target)
+        plots.append(target.name)
+    args.out.write_text(_markdown(combined, best, plots, args))
+    print(f"wrote {args.out}, {HERE / 'results.json'} and {len(plots)} plots", file=sys.stderr)
+    return 0
+
+
+def _markdown(report, best: dict[str, str], plots: list[str], args) -> str:
+    rows = report.rows
+    m, v = report.machine, report.versions
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Written by `python benchmarks/run.py` on {datetime.date.today().isoformat()}: every reference model built "
+        "with `toolkit build` (variants checked, `best` chosen), then benched by `toolkit bench` with torch eager "
+        "in the same process, in interleaved rounds.",
+        "",
+        f"- machine: {m['cpu']}{', ' + m['gpu'] if 'gpu' in m else ''}; {m['cores']} cores, {m['threads']} threads "
+        f"for onnxruntime and torch alike",
+        f"- GEMM peak (onnxruntime fp32 MatMul, same run): "
+        + ", ".join(f"{p} {g:g} GFLOP/s" for p, g in m["gemm_peak_gflops_per_s"].items()),
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"- settings: {report.settings['rounds']} rounds, {args.max_time:g} s per cell, "
+        f"{report.settings['warmup']} warm-up runs; batch {args.batch}; seq {args.seq} for sequence models",
+        "",
+        "## Targets",
+        "",
+        "| model | best | × torch, batch 1 | target | × torch, batch 32 | best ÷ fp32 time, batch 1 | batch 32 | met |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(model: str, variant: str, batch: int, provider: str = "cpu"):
+        return next((r for r in rows if (r.model, r.variant, r.batch, r.provider) == (model, variant, batch, provider)), None)
+
+    for model, variant in best.items():
+        b1, b32 = cell(model, variant, 1), cell(model, variant, 32)
+        f1, f32 = cell(model, "fp32", 1), cell(model, "fp32", 32)
+        target = TARGETS.get(model)
+        speed1 = b1.speedup_vs_torch if b1 else None
+        speed32 = b32.speedup_vs_torch if b32 else None
+        rel1 = b1.p50_ms / f1.p50_ms if b1 and f1 else None
+        rel32 = b32.p50_ms / f32.p50_ms if b32 and f32 else None
+        met = speed1 is not None and target is not None and speed1 >= target and all(r is None or r <= 1.0 for r in (rel1, rel32))
+        lines.append(f"| {model} | {variant} | {_x(speed1)} | ≥ {target:g}× | {_x(speed32)} | {_n(rel1)} | {_n(rel32)} | {'yes' if met else '**no**'} |")
+    lstm = [r for r in rows if r.model == "lstm" and r.batch == 32 and r.provider == "cpu" and r.parity == "pass"]
+    if lstm:
+        top = max(lstm, key=lambda r: r.speedup_vs_torch or 0)
+        lines += ["", f"- LSTM at batch 32: fastest passing variant {top.variant} at {_x(top.speedup_vs_torch)} torch eager "
+                      f"(target ≥ {LSTM_BATCH32_TARGET:g}×)."]
+    encoder = cell("encoder", "fp32", 32)
+    if encoder and encoder.gflops_per_s and encoder.gemm_peak_gflops_per_s:
+        share = encoder.gflops_per_s / encoder.gemm_peak_gflops_per_s
+        lines.append(f"- encoder fp32 at batch 32: {encoder.gflops_per_s:.0f} GFLOP/s, {share:.0%} of the GEMM peak "
+                     f"(target ≥ {ENCODER_GEMM_SHARE_TARGET:.0%}).")
+    lines += [
+        "",
+        "## All rows",
+        "",
+        "p50/p90/p99 in ms; × torch is torch eager's p50 over the row's p50; parity is the variant's gate result.",
+        "",
+        "| model | provider | variant | batch | seq | p50 | p90 | p99 | items/s | × torch | GFLOP/s | % peak | mem MB | parity |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        share = f"{r.gflops_per_s / r.gemm_peak_gflops_per_s:.0%}" if r.gflops_per_s and r.gemm_peak_gflops_per_s else "-"
+        lines.append(
+            f"| {r.model} | {r.provider} | {r.variant}{' (best)' if best.get(r.model) == r.variant else ''} | {r.batch} | "
+            f"{r.seq if r.seq is not None else '-'} | {r.p50_ms:.3f} | {r.p90_ms:.3f} | {r.p99_ms:.3f} | {r.items_per_s:,.0f} | "
+            f"{_x(r.speedup_vs_torch)} | {_n(r.gflops_per_s, '.1f')} | {share} | {_n(r.peak_mem_mb, '.1f')} | {r.parity} |"
+        )
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}×"
+
+
+def _n(value: float | None, fmt: str = ".2f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
