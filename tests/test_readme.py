@@ -1,5 +1,6 @@
 """The README's commands are the product's front door: run them as written."""
 
+import os
 import re
 import subprocess
 
@@ -24,7 +25,8 @@ def test_main_command_runs_after_its_install_step(tmp_path):
     steps = _block_after("<!-- main-command -->").split(" && ")
     assert steps[:2] == ["python3 -m venv .venv", ". .venv/bin/activate"] and steps[2].startswith("pip install torch==2.13.0 -e ")
     job = " && ".join(steps[3:])  # this test already runs inside an installed environment
-    result = subprocess.run(["bash", "-c", job], cwd=tmp_path, capture_output=True, text=True)
+    env = {**os.environ, "COLUMNS": "200"}  # tables unwrapped, so cells can be matched
+    result = subprocess.run(["bash", "-c", job], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "acc 9" in out and "pass" in out and "best:" in out  # build: gates, verdicts, the choice
