@@ -44,11 +44,12 @@ def test_best_is_recorded_with_its_measurements_and_loads(built):
 def test_choose_best_takes_the_fastest_that_is_nowhere_slower_than_fp32():
     p50 = {
         "fp32": {"b1": 1.0, "b32": 10.0},
-        "int8": {"b1": 0.3, "b32": 11.0},  # fastest at batch 1 but slower than fp32 at 32: excluded
+        "int8": {"b1": 0.3, "b32": 11.0},  # fastest at batch 1 but 10% slower than fp32 at 32: excluded
         "opt": {"b1": 0.9, "b32": 9.0},
         "fp16": {"b1": 0.95, "b32": 9.5},
     }
     assert choose_best(p50) == "opt"
+    assert choose_best({**p50, "static": {"b1": 0.5, "b32": 10.4}}) == "static"  # 4% at batch 32 is noise
     assert choose_best({"fp32": {"b1": 1.0}}) == "fp32"
     assert choose_best({"int8": {"b1": 2.0}, "opt": {"b1": 1.0}}) == "opt"  # fp32 failed: fastest passing
 
