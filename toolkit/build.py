@@ -41,7 +41,7 @@ def build(
     modes: Sequence[str] | None = None,
     provider: str = "cpu",
     select: bool = True,
-    max_time: float = 0.3,
+    max_time: float = 1.0,
     force: bool = False,
     progress: Progress | None = None,
 ) -> Bundle:
@@ -102,7 +102,7 @@ def _attempt(keep: int, record: dict[str, Any]) -> dict[str, Any]:
     return {"keep_float": keep, "passed": record["passed"], "gate": f"{metric.get('metric')} {metric.get('value', float('nan')):.4g}"}
 
 
-def select_best(path: str | Path, *, provider: str = "cpu", max_time: float = 0.3, progress: Progress | None = None) -> dict[str, Any]:
+def select_best(path: str | Path, *, provider: str = "cpu", max_time: float = 1.0, progress: Progress | None = None) -> dict[str, Any]:
     """Measures the bundle's passing variants and records the choice as the manifest's `best`."""
     from toolkit.bench import bench
 
