@@ -121,7 +121,7 @@ def models(ctx: typer.Context) -> None:
 @_user_errors
 def export(
     ctx: typer.Context,
-    model: str = typer.Argument(..., help="A reference model (see `toolkit models`) or package.module:factory."),
+    model: str = typer.Argument(..., help="A reference model (see `toolkit models`), package.module:factory, or hf:PATH (a local transformers model)."),
     out_dir: Path = typer.Option(..., "-o", "--out", help="Bundle directory to create."),
     preset: str | None = typer.Option(None, help="Preset of a reference model (default: 'default')."),
     opset: int = typer.Option(18, help="ONNX opset to export to."),
@@ -267,20 +267,14 @@ def _check_new(bundle_dir: Path, variant: str, check_parity: bool) -> None:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
-class BuildMode(str, Enum):
-    int8 = "int8"
-    int8_static = "int8-static"
-    fp16 = "fp16"
-
-
 @app.command()
 @_user_errors
 def build(
     ctx: typer.Context,
-    model: str = typer.Argument(..., help="A reference model (see `toolkit models`) or package.module:factory."),
+    model: str = typer.Argument(..., help="A reference model (see `toolkit models`), package.module:factory, or hf:PATH (a local transformers model)."),
     out_dir: Path = typer.Option(..., "-o", "--out", help="Bundle directory to create."),
     preset: str | None = typer.Option(None, help="Preset of a reference model (default: 'default')."),
-    mode: list[BuildMode] | None = typer.Option(None, "--mode", help="Quantization mode (repeatable; default: int8, fp16, and int8-static for models with convolutions or a calibration set)."),
+    mode: list[Mode] | None = typer.Option(None, "--mode", help="Quantization mode (repeatable; default: int8, fp16, and int8-static for models with convolutions or a calibration set)."),
     provider: Provider = typer.Option(Provider.cpu, help="Provider on which `best` is measured."),
     select: bool = typer.Option(True, "--select/--no-select", help="Time the passing variants and record the fastest as `best`."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
