@@ -11,6 +11,7 @@ Bundles are built under benchmarks/.bundles (ignored by git) and rebuilt each ru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -56,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         ))
 
     rows = [row for report in reports for row in report.rows]
-    combined = reports[0]
-    combined.rows = rows
+    combined = dataclasses.replace(reports[0], rows=rows)
     (HERE / "results.json").write_text(json.dumps({**combined.to_json(), "best": best}, indent=2) + "\n")
     plots = []
     for report in reports:

@@ -22,12 +22,13 @@ import os
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from toolkit import __version__
 from toolkit.bundle import Bundle
 from toolkit.errors import ToolkitError
 from toolkit.runtime import PROVIDERS, Model, cuda_status
@@ -37,12 +38,6 @@ __all__ = ["BenchReport", "Row", "available_providers", "bench", "measure", "gem
 
 TORCH_EAGER = "torch-eager"
 TORCH_COMPILE = "torch-compile"
-ROW_FIELDS = (
-    "model", "provider", "variant", "batch", "seq", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "iterations",
-    "items_per_s", "speedup_vs_torch", "gflop", "gflops_per_s", "gemm_peak_gflops_per_s", "peak_mem_mb",
-    "cpu_nodes", "parity",
-)
-
 Progress = Callable[[str], None]
 Step = Callable[[], None]
 
@@ -69,6 +64,9 @@ class Row:
     peak_mem_mb: float | None
     cpu_nodes: int | None  # CUDA: nodes onnxruntime placed on the CPU provider
     parity: str  # pass, FAIL, unchecked, or "reference" for torch
+
+
+ROW_FIELDS = tuple(f.name for f in fields(Row))
 
 
 @dataclass
@@ -128,7 +126,6 @@ def bench(
 
     say(f"measuring the GEMM peak on {', '.join(providers)}")
     peaks = {p: gemm_peak(p, threads=threads) for p in providers}
-    flops = {_key(s): _flops(bundle, s) for s in shapes}
 
     candidates: list[_Candidate] = []
     if torch_eager or torch_compile:
@@ -157,13 +154,13 @@ def bench(
             steps = {c.label: c.prepare(feeds) for c in candidates}
             latencies, order = measure(steps, max_time=max_time * len(steps), rounds=rounds, warmup=warmup)
             schedule = schedule or order
-            rows.extend(_rows(manifest.name, candidates, latencies, sizes, flops[_key(sizes)], peaks))
+            rows.extend(_rows(manifest.name, candidates, latencies, sizes, _flops(bundle, sizes), peaks))
     finally:
         for candidate in candidates:
             candidate.close()
     import onnxruntime
 
-    versions = {"toolkit": _version(), "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+    versions = {"toolkit": __version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
     if torch_eager or torch_compile:
         import torch
 
@@ -444,10 +441,6 @@ def _delta_mb(before: float | None, after: float | None) -> float | None:
     return None if before is None or after is None else max(after - before, 0.0) / 1e6
 
 
-def _key(sizes: dict[str, int]) -> tuple[tuple[str, int], ...]:
-    return tuple(sorted(sizes.items()))
-
-
 def _describe(sizes: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sizes.items())
 
@@ -471,9 +464,3 @@ def _machine(threads: int, peaks: dict[str, float]) -> dict[str, Any]:
         except Exception:
             info["gpu"] = "unknown"
     return info
-
-
-def _version() -> str:
-    from toolkit import __version__
-
-    return __version__

@@ -130,8 +130,7 @@ def select_best(path: str | Path, *, provider: str = "cpu", max_time: float = 1.
         "cpu": report.machine["cpu"],
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    bundle = Bundle.open(path)
-    bundle.manifest.best = best
+    bundle.manifest.best = best  # bench only reads the bundle: this manifest is still current
     bundle.save()
     say(f"best on {provider}: {choice}")
     return best

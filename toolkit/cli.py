@@ -292,7 +292,7 @@ def build(
     )
     manifest = bundle.manifest
     best = manifest.best or {}
-    shapes = sorted({s for t in best.get("p50_ms", {}).values() for s in t}, key=lambda s: [int(x) for x in s.replace(",", "").split()[1::2]])
+    shapes = list(next(iter(best.get("p50_ms", {}).values()), {}))  # every variant is timed at the same shapes
     table = Table("variant", "precision", "size", "gates", "status", *(f"p50 ms, {s}" for s in shapes), "", title=f"build: {bundle.path}")
     for name, variant in manifest.variants.items():
         record = variant.parity or {}
