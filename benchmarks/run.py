@@ -4,8 +4,9 @@ versions, the table, the targets, the plot) plus the raw rows as results.json.
 
     python benchmarks/run.py                   # all reference models, every provider available here
     python benchmarks/run.py --models encoder --max-time 2
+    python benchmarks/run.py --providers cuda --out /tmp/gpu/RESULTS.md   # a GPU machine
 
-Bundles are built under benchmarks/.bundles (ignored by git) and rebuilt each run.
+The raw rows (results.json) and the plots (plot-<model>.png) are written next to the Markdown. Bundles are built under benchmarks/.bundles (ignored by git) and rebuilt each run.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", default="1,32")
     parser.add_argument("--seq", default="32")
     parser.add_argument("--max-time", type=float, default=1.0, help="seconds per cell")
+    parser.add_argument("--providers", default=None, help="comma-separated; default: every provider available here")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args(argv)
 
@@ -44,32 +46,37 @@ def main(argv: list[str] | None = None) -> int:
     def say(message: str) -> None:
         print(f"  {message}", file=sys.stderr)
 
+    providers = args.providers.split(",") if args.providers else available_providers()
+    out_dir = args.out.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "results.json"
     reports, best = [], {}
     for model in args.models.split(","):
         print(f"[{model}] building", file=sys.stderr)
-        bundle = build(model, HERE / ".bundles" / model, force=True, progress=say)
+        # `best` is chosen on the first provider asked for: the GPU on a GPU-only run.
+        bundle = build(model, HERE / ".bundles" / model, provider=providers[0], force=True, progress=say)
         best[model] = bundle.manifest.best["variant"]
         print(f"[{model}] benchmarking (best: {best[model]})", file=sys.stderr)
         reports.append(bench(
-            bundle.path, providers=available_providers(), batches=[int(b) for b in args.batch.split(",")],
+            bundle.path, providers=providers, batches=[int(b) for b in args.batch.split(",")],
             seqs=[int(s) for s in args.seq.split(",")] if model in ("lstm", "encoder", "gpt") else None,
             max_time=args.max_time, progress=say,
         ))
 
     rows = [row for report in reports for row in report.rows]
     combined = dataclasses.replace(reports[0], rows=rows)
-    (HERE / "results.json").write_text(json.dumps({**combined.to_json(), "best": best}, indent=2) + "\n")
+    json_path.write_text(json.dumps({**combined.to_json(), "best": best}, indent=2) + "\n")
     plots = []
     for report in reports:
-        target = HERE / f"plot-{report.rows[0].model}.png"
+        target = out_dir / f"plot-{report.rows[0].model}.png"
         plot(report, target)
         plots.append(target.name)
-    args.out.write_text(_markdown(combined, best, plots, args))
-    print(f"wrote {args.out}, {HERE / 'results.json'} and {len(plots)} plots", file=sys.stderr)
+    args.out.write_text(_markdown(combined, best, plots, providers[0], args))
+    print(f"wrote {args.out}, {json_path} and {len(plots)} plots", file=sys.stderr)
     return 0
 
 
-def _markdown(report, best: dict[str, str], plots: list[str], args) -> str:
+def _markdown(report, best: dict[str, str], plots: list[str], provider: str, args) -> str:
     rows = report.rows
     m, v = report.machine, report.versions
     lines = [
@@ -87,6 +94,36 @@ def _markdown(report, best: dict[str, str], plots: list[str], args) -> str:
         f"- settings: {report.settings['rounds']} rounds, {args.max_time:g} s per cell, "
         f"{report.settings['warmup']} warm-up runs; batch {args.batch}; seq {args.seq} for sequence models",
         "",
+    ]
+
+    def cell(model: str, variant: str, batch: int):
+        return next((r for r in rows if (r.model, r.variant, r.batch, r.provider) == (model, variant, batch, provider)), None)
+
+    lines += _targets(best, cell, rows) if provider == "cpu" else _device_summary(best, cell, provider)
+    lines += [
+        "",
+        "## All rows",
+        "",
+        "p50/p90/p99 in ms; × torch is torch eager's p50 (same provider) over the row's p50; parity is the variant's "
+        "gate result; CPU nodes counts the nodes onnxruntime placed on its CPU provider in a CUDA session.",
+        "",
+        "| model | provider | variant | batch | seq | p50 | p90 | p99 | items/s | × torch | GFLOP/s | % peak | mem MB | CPU nodes | parity |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        share = f"{r.gflops_per_s / r.gemm_peak_gflops_per_s:.0%}" if r.gflops_per_s and r.gemm_peak_gflops_per_s else "-"
+        lines.append(
+            f"| {r.model} | {r.provider} | {r.variant}{' (best)' if best.get(r.model) == r.variant else ''} | {r.batch} | "
+            f"{r.seq if r.seq is not None else '-'} | {r.p50_ms:.3f} | {r.p90_ms:.3f} | {r.p99_ms:.3f} | {r.items_per_s:,.0f} | "
+            f"{_x(r.speedup_vs_torch)} | {_n(r.gflops_per_s, '.1f')} | {share} | {_n(r.peak_mem_mb, '.1f')} | "
+            f"{r.cpu_nodes if r.cpu_nodes is not None else '-'} | {r.parity} |"
+        )
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def _targets(best: dict[str, str], cell, rows) -> list[str]:
+    lines = [
         "## Targets",
         "",
         f"Met: the speed-up target at batch 1, and `best` no slower than fp32 at batch 1 and 32 beyond the "
@@ -95,10 +132,6 @@ def _markdown(report, best: dict[str, str], plots: list[str], args) -> str:
         "| model | best | × torch, batch 1 | target | × torch, batch 32 | best ÷ fp32 time, batch 1 | batch 32 | met |",
         "|---|---|---|---|---|---|---|---|",
     ]
-
-    def cell(model: str, variant: str, batch: int, provider: str = "cpu"):
-        return next((r for r in rows if (r.model, r.variant, r.batch, r.provider) == (model, variant, batch, provider)), None)
-
     for model, variant in best.items():
         b1, b32 = cell(model, variant, 1), cell(model, variant, 32)
         f1, f32 = cell(model, "fp32", 1), cell(model, "fp32", 32)
@@ -119,24 +152,27 @@ def _markdown(report, best: dict[str, str], plots: list[str], args) -> str:
         share = encoder.gflops_per_s / encoder.gemm_peak_gflops_per_s
         lines.append(f"- encoder fp32 at batch 32: {encoder.gflops_per_s:.0f} GFLOP/s, {share:.0%} of the GEMM peak "
                      f"(target ≥ {ENCODER_GEMM_SHARE_TARGET:.0%}).")
-    lines += [
+    return lines
+
+
+def _device_summary(best: dict[str, str], cell, provider: str) -> list[str]:
+    """On a GPU: fp32 and fp16 against torch eager (fp32) on the same device; the CPU targets do not apply."""
+    lines = [
+        f"## {provider} against torch eager on the same device",
         "",
-        "## All rows",
+        "Torch eager runs the fp32 reference on the same device. CPU nodes: nodes onnxruntime placed on its CPU "
+        "provider (each one a device-host round trip).",
         "",
-        "p50/p90/p99 in ms; × torch is torch eager's p50 over the row's p50; parity is the variant's gate result.",
-        "",
-        "| model | provider | variant | batch | seq | p50 | p90 | p99 | items/s | × torch | GFLOP/s | % peak | mem MB | parity |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | best | fp32 × torch, batch 1 | batch 32 | fp16 × torch, batch 1 | batch 32 | CPU nodes fp32 / fp16 / best |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        share = f"{r.gflops_per_s / r.gemm_peak_gflops_per_s:.0%}" if r.gflops_per_s and r.gemm_peak_gflops_per_s else "-"
-        lines.append(
-            f"| {r.model} | {r.provider} | {r.variant}{' (best)' if best.get(r.model) == r.variant else ''} | {r.batch} | "
-            f"{r.seq if r.seq is not None else '-'} | {r.p50_ms:.3f} | {r.p90_ms:.3f} | {r.p99_ms:.3f} | {r.items_per_s:,.0f} | "
-            f"{_x(r.speedup_vs_torch)} | {_n(r.gflops_per_s, '.1f')} | {share} | {_n(r.peak_mem_mb, '.1f')} | {r.parity} |"
-        )
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
-    return "\n".join(lines)
+    for model, variant in best.items():
+        cells = {(v, b): cell(model, v, b) for v in ("fp32", "fp16", variant) for b in (1, 32)}
+        speed = {k: c.speedup_vs_torch if c else None for k, c in cells.items()}
+        nodes = " / ".join(str(c.cpu_nodes) if c and c.cpu_nodes is not None else "-" for c in (cells[("fp32", 1)], cells[("fp16", 1)], cells[(variant, 1)]))
+        lines.append(f"| {model} | {variant} | {_x(speed[('fp32', 1)])} | {_x(speed[('fp32', 32)])} | "
+                     f"{_x(speed[('fp16', 1)])} | {_x(speed[('fp16', 32)])} | {nodes} |")
+    return lines
 
 
 def _x(value: float | None) -> str:

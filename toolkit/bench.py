@@ -31,7 +31,7 @@ import numpy as np
 from toolkit import __version__
 from toolkit.bundle import Bundle
 from toolkit.errors import ToolkitError
-from toolkit.runtime import PROVIDERS, Model, cuda_status
+from toolkit.runtime import PROVIDERS, Model, cuda_status, preload_cuda
 from toolkit.samples import make_feeds
 
 __all__ = ["BenchReport", "Row", "available_providers", "bench", "measure", "gemm_peak", "TORCH_EAGER", "TORCH_COMPILE"]
@@ -208,10 +208,13 @@ def measure(
     return {label: np.asarray(s) for label, s in samples.items()}, order
 
 
-def gemm_peak(provider: str, *, threads: int, sizes: Sequence[int] = (256, 512, 1024), seconds: float = 0.3) -> float:
+GEMM_SIZES = {"cpu": (256, 512, 1024), "cuda": (1024, 2048, 4096)}  # a GPU needs larger products to fill
+
+
+def gemm_peak(provider: str, *, threads: int, sizes: Sequence[int] | None = None, seconds: float = 0.3) -> float:
     """GFLOP/s of onnxruntime's fp32 MatMul of square matrices on `provider`, the best over `sizes`:
     what this runtime achieves on this machine, the practical limit the model rows are compared with."""
-    return max(_gemm(provider, threads, size, seconds) for size in sizes)
+    return max(_gemm(provider, threads, size, seconds) for size in sizes or GEMM_SIZES[provider])
 
 
 def _gemm(provider: str, threads: int, size: int, seconds: float) -> float:
@@ -340,6 +343,8 @@ def _session(model: bytes | str, provider: str, threads: int, profile: bool = Fa
     options.intra_op_num_threads = threads
     options.log_severity_level = 4
     options.enable_profiling = profile
+    if provider == "cuda":
+        preload_cuda()
     names = [PROVIDERS[provider]] + ([PROVIDERS["cpu"]] if provider == "cuda" else [])
     return ort.InferenceSession(model, sess_options=options, providers=names)
 

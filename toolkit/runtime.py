@@ -191,6 +191,14 @@ def cuda_status() -> tuple[bool, str]:
     return True, ""
 
 
+def preload_cuda() -> None:
+    """Lets the CUDA provider find the CUDA/cuDNN libraries shipped in pip packages (e.g. PyTorch's)."""
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+
+
 def _open_session(path: Path, provider: str, threads: int | None) -> tuple[Any, str, str]:
     import onnxruntime as ort
 
@@ -211,8 +219,7 @@ def _open_session(path: Path, provider: str, threads: int | None) -> tuple[Any, 
         return session([PROVIDERS["cpu"]]), "cpu", ""
     usable, why = cuda_status()
     if usable:
-        if hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()  # finds CUDA/cuDNN shipped in pip packages (e.g. PyTorch's)
+        preload_cuda()
         sess = session([PROVIDERS["cuda"], PROVIDERS["cpu"]])
         # onnxruntime keeps going on CPU when the CUDA provider fails to load: ask the session.
         if PROVIDERS["cuda"] in sess.get_providers():
