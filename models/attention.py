@@ -18,13 +18,20 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """x (B, T, C); allowed: bool, broadcastable to (B, heads, T, T), True where a query may attend."""
+        q, k, v = self.project(x)
+        return self.attend(q, k, v, allowed)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, C) → q, k, v, each (B, heads, T, head_size)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
-        q = q.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, h, T, hs)
-        k = k.view(B, T, self.heads, C // self.heads).transpose(1, 2)
-        v = v.view(B, T, self.heads, C // self.heads).transpose(1, 2)
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, h, T, T)
+        return tuple(t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """q (B, h, T, hs) over keys/values (B, h, S, hs); allowed broadcastable to (B, h, T, S)."""
+        B, h, T, hs = q.shape
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, h, T, S)
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         y = scores.softmax(dim=-1) @ v  # (B, h, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, h * hs)
         return self.proj(y)

@@ -58,7 +58,7 @@ def trained(module: nn.Module, key: str, *, epochs: int, flatten: bool) -> nn.Mo
     x, y = torch.from_numpy(x_train), torch.from_numpy(y_train)
     if flatten:
         x = x.flatten(1)
-    with _single_thread():
+    with torch_threads(1):
         torch.manual_seed(0)
         module.train()
         optimizer = torch.optim.Adam(module.parameters(), lr=3e-3)
@@ -69,12 +69,16 @@ def trained(module: nn.Module, key: str, *, epochs: int, flatten: bool) -> nn.Mo
                 F.cross_entropy(module(x[idx]), y[idx]).backward()
                 optimizer.step()
     module.eval()
+    save_atomic(module.state_dict(), path)
+    return module
+
+
+def save_atomic(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
-    torch.save(module.state_dict(), tmp)
+    torch.save(obj, tmp)
     os.replace(tmp, path)  # atomic: concurrent trainers write identical files
-    return module
 
 
 def classifier_spec(module: nn.Module, config: Any, *, input_name: str, input_shape: tuple[int, ...], description: str) -> ModelSpec:
@@ -105,9 +109,9 @@ def eval_data(input_name: str, *, flatten: bool) -> tuple[dict[str, np.ndarray],
 
 
 @contextmanager
-def _single_thread() -> Iterator[None]:
+def torch_threads(count: int) -> Iterator[None]:
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:

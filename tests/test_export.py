@@ -76,6 +76,13 @@ def test_unexportable_op_is_named_and_nothing_is_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_auto_falls_back_to_torchscript_when_dynamo_fixes_a_dynamic_dim(tmp_path):
+    bundle = export("userpkg.toy:traced_constant", tmp_path / "b")
+    options = bundle.manifest.variants["fp32"].recipe["options"]
+    assert options["exporter"] == "torchscript"
+    assert "input 'x' axis 1 was meant to be dynamic (seq) but was exported as the constant 6" in options["fallback_reason"]
+
+
 def test_dim_fixed_by_the_code_is_refused_by_the_dynamo_exporter(tmp_path):
     with pytest.raises(ToolkitError, match=r"input 'x' axis 1 was meant to be dynamic \(seq\) but was exported as the constant 6"):
         export("userpkg.toy:traced_constant", tmp_path / "b", exporter="dynamo")

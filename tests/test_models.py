@@ -36,7 +36,9 @@ def test_unknown_model_and_preset_are_named():
 
 
 def test_gpt_ties_its_embeddings_and_uses_gpt2_init():
-    model = models.build("gpt", "default").module
+    from models.gpt import GPT, PRESETS
+
+    model = GPT(PRESETS["default"])  # untrained: the initialisation itself
     assert model.lm_head.weight is model.wte.weight
     assert abs(model.wte.weight.std().item() - 0.02) < 0.002
     assert model.blocks[0].attn.proj.weight.std().item() < 0.02 / 2  # scaled by 1/sqrt(2·layers)

@@ -54,6 +54,7 @@ class Manifest:
     description: str = ""
     fusion: dict[str, Any] | None = None  # transformer fusion hints, see ModelSpec.fusion
     best: dict[str, Any] | None = None  # the fastest passing variant and how it was measured (toolkit build)
+    generation: dict[str, Any] | None = None  # decoders: tokenizer, eos_token_id, context (ModelSpec.generation)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -68,6 +69,7 @@ class Manifest:
             "outputs": [t.to_json() for t in self.outputs],
             "dims": {d.name: d.to_json() for d in self.dims},
             "fusion": self.fusion,
+            "generation": self.generation,
             "reference": self.reference,
             "variants": {name: asdict(v) for name, v in self.variants.items()},
             "best": self.best,
@@ -86,6 +88,7 @@ class Manifest:
             outputs=[TensorSpec.from_json(t) for t in data["outputs"]],
             dims=[Dim.from_json(name, d) for name, d in data["dims"].items()],
             fusion=data.get("fusion"),
+            generation=data.get("generation"),
             reference=data.get("reference", {}),
             variants={name: Variant(**v) for name, v in data["variants"].items()},
             best=data.get("best"),

@@ -498,6 +498,50 @@ def run(
                 out.print(f"predicted class per row: {value.argmax(axis=-1).tolist()}")
 
 
+@app.command()
+@_user_errors
+def generate(
+    ctx: typer.Context,
+    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle of a decoder with a KV cache (e.g. `toolkit build gpt`)."),
+    prompts: list[str] = typer.Option(..., "--prompt", "-p", help="Text to continue; repeat for a left-padded batch."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate at most (bytes, for the reference gpt)."),
+    temperature: float = typer.Option(0.0, help="0 is greedy; above 0 samples from the scaled distribution."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Sample among the K most likely tokens (needs --temperature > 0)."),
+    top_p: float | None = typer.Option(None, "--top-p", help="Sample within the top-P probability mass (needs --temperature > 0)."),
+    seed: int | None = typer.Option(None, help="Seed for sampling: the same seed gives the same text."),
+    stop: list[str] | None = typer.Option(None, "--stop", help="Stop before this text (repeatable); it is not printed."),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they arrive (a single prompt)."),
+    variant: str | None = typer.Option(None, help="Variant to run (default fp32; 'best' after toolkit build)."),
+    provider: Provider = typer.Option(Provider.auto, help="Execution provider."),
+) -> None:
+    """Continue text with a decoder bundle: greedy or sampled, with stop strings, streamed as it comes."""
+    import time
+
+    from toolkit.generate import Generator, Sampling
+
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    generator = Generator(bundle_dir, variant=variant, provider=provider.value)
+    model = generator.model
+    err.print(f"generating with {model.name} variant {model.variant} on {model.provider}"
+              + (f" ({model.provider_note})" if model.provider_note else ""))
+    options = {"max_new_tokens": max_new_tokens, "stop": stop or (), "sampling": sampling}
+    start = time.perf_counter()
+    if stream and len(prompts) == 1:
+        out.print(prompts[0], end="")
+        texts = [""]
+        for piece in generator.stream(prompts[0], **options):
+            out.print(piece, end="")
+            out.file.flush()
+            texts[0] += piece
+        out.print()
+    else:
+        texts = generator.generate(prompts, **options)
+        for prompt, text in zip(prompts, texts, strict=True):
+            out.print(prompt + text + ("\n---" if len(prompts) > 1 else ""))
+    tokens = sum(len(generator.tokenizer.encode(t)) for t in texts)
+    err.print(f"{tokens} tokens in {time.perf_counter() - start:.2f} s")
+
+
 def _read_inputs(pairs: list[str], names: list[str]) -> dict[str, np.ndarray]:
     feeds = {}
     for pair in pairs:

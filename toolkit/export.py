@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import logging
@@ -77,6 +78,7 @@ def export(
             outputs=[TensorSpec.from_json(t) for t in info["outputs"]],
             dims=[Dim.from_json(name, d) for name, d in info["dims"].items()],
             fusion=info["fusion"],
+            generation=info["generation"],
             reference={"weights_sha256": info["weights_sha256"]},
             variants={"fp32": _variant(staging, FP32_FILE, info["external"], {"stage": "export", "options": options, "parent": None})},
             versions=info["versions"],
@@ -101,7 +103,11 @@ def trace(*, source: dict[str, Any], opset: int, exporter: str, directory: str, 
         say("exporting with the dynamo exporter (torch.export)")
         try:
             proto = _export_dynamo(spec, opset, verbose)
+            # Some torch versions specialise a dynamic dim without failing (the LSTM's seq on torch
+            # 2.11): that is a failed export too, and TorchScript may still keep the dim dynamic.
+            inputs, outputs = _graph_io(proto, spec)
         except Exception as exc:  # the exporters raise many types; all end in a message
+            proto = None
             if exporter == "dynamo":
                 raise ToolkitError(_describe_failure(model, "dynamo", exc, suggest_torchscript=True)) from exc
             fallback_reason = _describe_failure(model, "dynamo", exc, suggest_torchscript=False)
@@ -112,11 +118,11 @@ def trace(*, source: dict[str, Any], opset: int, exporter: str, directory: str, 
         used = "torchscript"
         try:
             proto = _export_torchscript(spec, opset, verbose)
+            inputs, outputs = _graph_io(proto, spec)
         except Exception as exc:
             message = _describe_failure(model, "torchscript", exc)
             raise ToolkitError(f"{fallback_reason}\n\n{message}" if fallback_reason else message) from exc
 
-    inputs, outputs = _graph_io(proto, spec)
     say("validating the ONNX model (onnx.checker, full check)")
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -134,6 +140,7 @@ def trace(*, source: dict[str, Any], opset: int, exporter: str, directory: str, 
         "outputs": [t.to_json() for t in outputs],
         "dims": {d.name: d.to_json() for d in spec.dims},
         "fusion": spec.fusion,
+        "generation": spec.generation,
         "weights_sha256": weights_sha256(spec.module),
         "external": external,
         "versions": _versions(),
@@ -200,7 +207,14 @@ def _export_dynamo(spec: ModelSpec, opset: int, verbose: bool):
     import torch
 
     dims = {d.name: torch.export.Dim(d.name, min=d.min, **({"max": d.max} if d.max is not None else {})) for d in spec.dims}
-    dynamic_shapes = tuple({axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} or None for t in spec.inputs)
+    # An axis that is a sum of dims ("past+seq") is left for torch.export to relate to the others.
+    dynamic_shapes = tuple({axis: dims.get(d, torch.export.Dim.DYNAMIC) for axis, d in enumerate(t.shape) if isinstance(d, str)} or None
+                           for t in spec.inputs)
+    # torch.export wants the shapes nested as the signature is: a forward(*args) takes one tuple.
+    params = inspect.signature(spec.module.forward).parameters.values()
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        named = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+        dynamic_shapes = (*dynamic_shapes[:named], dynamic_shapes[named:])
     with _quiet(verbose), torch.no_grad():
         program = torch.onnx.export(
             spec.module,
@@ -292,13 +306,15 @@ def _named_outputs(proto: Any, spec: ModelSpec) -> list[TensorSpec]:
                 "a dim declared dynamic must work at its check sizes. Fix the model or its spec's dims."
             ) from exc
         shapes.append([tuple(r.shape) for r in (result if isinstance(result, (tuple, list)) else (result,))])
+    # An output axis is named after the dim (or the inputs' sum of dims, "past+seq") that it follows.
+    names = [*cases[0], *dict.fromkeys(d for t in spec.inputs for d in t.shape if isinstance(d, str) and "+" in d)]
     outputs = []
     for index, value in enumerate(proto.graph.output):
         shape = list(value_shape(value))
         for axis, dim in enumerate(shape):
             if isinstance(dim, str):
                 seen = tuple(case[index][axis] for case in shapes)
-                shape[axis] = next((n for n in cases[0] if tuple(c[n] for c in cases) == seen), dim)
+                shape[axis] = next((n for n in names if tuple(sum(c[p] for p in n.split("+")) for c in cases) == seen), dim)
                 value.type.tensor_type.shape.dim[axis].dim_param = shape[axis]
         outputs.append(TensorSpec(value.name, value_dtype(value), tuple(shape)))
     return outputs

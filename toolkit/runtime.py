@@ -94,6 +94,11 @@ class Model:
             if spec.name not in feeds:
                 raise ToolkitError(f"missing input {spec.name!r} ({_describe(spec)}); {self.name} takes {_describe_all(self.inputs)}.")
             arrays[spec.name] = self._check_array(spec, feeds[spec.name], sizes)
+        for axis, (got, name) in sizes.items():  # an axis that is a sum of dims ("past+seq")
+            parts = axis.split("+")
+            if len(parts) > 1 and all(p in sizes for p in parts) and got != sum(sizes[p][0] for p in parts):
+                terms = " + ".join(f"{p} {sizes[p][0]}" for p in parts)
+                raise ToolkitError(f"input {name!r}: its {axis} axis is {got}, but {terms} = {sum(sizes[p][0] for p in parts)}.")
         return arrays
 
     def _check_array(self, spec: TensorSpec, value: Any, sizes: dict[str, tuple[int, str]]) -> np.ndarray:

@@ -13,7 +13,7 @@ __all__ = ["make_feeds", "concrete_shape"]
 
 
 def concrete_shape(spec: TensorSpec, sizes: Mapping[str, int]) -> tuple[int, ...]:
-    return tuple(sizes[d] if isinstance(d, str) else d for d in spec.shape)
+    return tuple(sum(sizes[name] for name in d.split("+")) if isinstance(d, str) else d for d in spec.shape)
 
 
 def make_feeds(inputs: Sequence[TensorSpec], sizes: Mapping[str, int], seed: int) -> dict[str, np.ndarray]:

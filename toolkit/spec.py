@@ -40,7 +40,7 @@ class Dim:
         if not self.name.isidentifier():
             raise ValueError(f"dim name {self.name!r} must be an identifier")
         sizes = (self.export, *self.check)
-        if self.min < 1 or any(s < self.min or (self.max is not None and s > self.max) for s in sizes):
+        if self.min < 0 or any(s < self.min or (self.max is not None and s > self.max) for s in sizes):
             raise ValueError(f"dim {self.name!r}: sizes {sizes} must lie in [{self.min}, {self.max}]")
         if self.export < 2:
             raise ValueError(f"dim {self.name!r}: export size must be >= 2 (exporters specialise 0 and 1)")
@@ -62,7 +62,8 @@ def shape_cases(dims: Sequence[Dim]) -> list[dict[str, int]]:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """An input or output: name, numpy dtype name, shape with ints (fixed) or dim names (dynamic).
+    """An input or output: name, numpy dtype name, shape with ints (fixed) or dim names (dynamic);
+    an axis may be the sum of dims ("past+seq": a decoder's attention mask covers cache and new tokens).
 
     `kind` says how sample values are drawn: `float` (standard normal), `ids` (integers in
     [0, high)), `mask` (per row, ones then zeros, at least one one).
@@ -83,7 +84,8 @@ class TensorSpec:
 
     @property
     def dynamic_dims(self) -> list[str]:
-        return [d for d in self.shape if isinstance(d, str)]
+        """Dim names this tensor's shape uses; an axis may be a sum such as "past+seq"."""
+        return [name for d in self.shape if isinstance(d, str) for name in d.split("+")]
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
@@ -119,6 +121,9 @@ class ModelSpec:
     calibration_data: Callable[[int], dict[str, np.ndarray]] | None = field(default=None, repr=False)
     # Hints for onnxruntime's transformer fusions: {"model_type": "bert"|"gpt2"|..., "num_heads", "hidden_size"}.
     fusion: dict[str, Any] | None = None
+    # Decoders: {"tokenizer": "bytes", "eos_token_id": int, "context": int}; the graph then takes
+    # input_ids, attention_mask, position_ids and past_key_i/past_value_i (see toolkit.generate).
+    generation: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.inputs = tuple(self.inputs)

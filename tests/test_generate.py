@@ -1,0 +1,147 @@
+"""Generation: the KV-cache decoder graph against its PyTorch reference, token for token; sampling,
+stop strings, streaming, left-padded batches, and the errors users hit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from toolkit import Generator, Sampling, ToolkitError
+from toolkit.generate import greedy_tokens, token_agreement
+from toolkit.runtime import Model
+from toolkit.samples import make_feeds
+
+PROMPTS = ["Return the value of", "If the", "Raise ValueError when the argument is not a"]
+NEW_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def gpt(exported):
+    return exported("gpt")
+
+
+@pytest.fixture(scope="module")
+def generators(gpt):
+    return Generator(gpt, provider="cpu"), Generator.reference(gpt)
+
+
+def _ids(generator, prompts):
+    return [generator.tokenizer.encode(p) for p in prompts]
+
+
+def test_greedy_tokens_match_torch_one_prompt_at_a_time(generators):
+    onnx, torch = generators
+    for prompt in _ids(onnx, PROMPTS):
+        np.testing.assert_array_equal(greedy_tokens(onnx, [prompt], NEW_TOKENS), greedy_tokens(torch, [prompt], NEW_TOKENS))
+
+
+def test_greedy_tokens_match_torch_in_a_left_padded_batch_and_alone(generators):
+    onnx, torch = generators
+    prompts = _ids(onnx, PROMPTS)
+    batch = greedy_tokens(onnx, prompts, NEW_TOKENS)
+    np.testing.assert_array_equal(batch, greedy_tokens(torch, prompts, NEW_TOKENS))
+    for row, prompt in zip(batch, prompts, strict=True):  # padding changes nothing for a row
+        np.testing.assert_array_equal(row, greedy_tokens(onnx, [prompt], NEW_TOKENS)[0])
+
+
+def test_check_reports_greedy_agreement_for_decoders(gpt, copy_of):
+    from toolkit.check import check
+
+    record = check(copy_of(gpt))["fp32"]
+    assert record["passed"]
+    assert record["greedy"]["token_agreement"] == 1.0 and record["greedy"]["identical_rows"] == record["greedy"]["prompts"]
+
+
+def test_token_agreement_counts_up_to_the_first_divergence():
+    want = np.array([[1, 2, 3, 4], [1, 2, 3, 4]])
+    got = np.array([[1, 2, 3, 4], [1, 9, 3, 4]])
+    assert token_agreement(got, want) == {"prompts": 2, "new_tokens": 4, "token_agreement": 5 / 8, "identical_rows": 1}
+
+
+def test_generate_text_is_the_decoded_greedy_tokens(generators):
+    onnx, _ = generators
+    text = onnx.generate(PROMPTS[0], max_new_tokens=32)
+    tokens = greedy_tokens(onnx, _ids(onnx, PROMPTS[:1]), 32)[0]
+    assert text == onnx.tokenizer.decode(tokens[: list(tokens).index(256)] if 256 in tokens else tokens)
+
+
+def test_stop_string_cuts_the_text_before_it(generators):
+    onnx, _ = generators
+    full = onnx.generate(PROMPTS[0], max_new_tokens=48)
+    stop = full[20:23]
+    assert onnx.generate(PROMPTS[0], max_new_tokens=48, stop=[stop]) == full[: full.index(stop)]
+
+
+@pytest.mark.parametrize("stop", [(), ("e",), ("the", "xyz-never")])
+def test_streamed_pieces_join_to_the_generated_text(generators, stop):
+    onnx, _ = generators
+    sampling = Sampling(temperature=0.9, top_k=40, seed=3)
+    pieces = list(onnx.stream(PROMPTS[1], max_new_tokens=40, stop=stop, sampling=sampling))
+    assert "".join(pieces) == onnx.generate(PROMPTS[1], max_new_tokens=40, stop=stop, sampling=sampling)
+    assert len(pieces) > 1 or len("".join(pieces)) <= 1
+
+
+def test_sampling_is_seeded_and_its_limits_reduce_to_greedy(generators):
+    onnx, _ = generators
+    greedy = onnx.generate(PROMPTS[0], max_new_tokens=24)
+    sampled = [onnx.generate(PROMPTS[0], max_new_tokens=24, sampling=Sampling(temperature=1.0, seed=s)) for s in (7, 7, 8)]
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
+    assert onnx.generate(PROMPTS[0], max_new_tokens=24, sampling=Sampling(temperature=1.0, top_k=1, seed=0)) == greedy
+    assert onnx.generate(PROMPTS[0], max_new_tokens=24, sampling=Sampling(temperature=1.0, top_p=1e-9, seed=0)) == greedy
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": -1.0}, "temperature must be a finite number >= 0"),
+        ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
+        ({"temperature": 1.0, "top_k": 0}, "top_k must be at least 1, got 0"),
+        ({"temperature": 1.0, "top_p": 1.5}, r"top_p must lie in \(0, 1\], got 1.5"),
+        ({"top_k": 5}, "set a temperature above 0 to sample"),
+    ],
+)
+def test_nonsense_sampling_values_are_refused(kwargs, message):
+    with pytest.raises(ToolkitError, match=message):
+        Sampling(**kwargs)
+
+
+def test_bad_prompts_are_refused_before_any_work(generators):
+    onnx, _ = generators
+    with pytest.raises(ToolkitError, match="the prompt is empty"):
+        onnx.stream("")
+    with pytest.raises(ToolkitError, match="prompt 2 of 2 is empty"):
+        onnx.generate(["ok", ""])
+    with pytest.raises(ToolkitError, match=r"the longest prompt is 200 tokens; with max_new_tokens 8 that is 208, beyond the model's context of 128"):
+        onnx.stream("x" * 200, max_new_tokens=8)
+    with pytest.raises(ToolkitError, match="max_new_tokens must be at least 1"):
+        onnx.generate("ok", max_new_tokens=0)
+    with pytest.raises(ToolkitError, match=r"token ids must lie in \[0, 257\), got 3..999"):
+        list(onnx.tokens([[3, 999]]))
+
+
+def test_a_model_without_a_kv_cache_cannot_generate(exported):
+    with pytest.raises(ToolkitError, match="mlp is not a decoder with a KV cache"):
+        Generator(exported("mlp"))
+
+
+def test_attention_mask_must_cover_past_and_new_tokens(gpt):
+    model = Model(gpt, provider="cpu")
+    feeds = make_feeds(model.inputs, {"batch": 1, "seq": 3, "past": 2}, seed=0)
+    feeds["attention_mask"] = np.ones((1, 4), dtype=np.int64)
+    with pytest.raises(ToolkitError, match=r"input 'attention_mask': its past\+seq axis is 4, but past 2 \+ seq 3 = 5"):
+        model.run(feeds)
+
+
+def test_cli_streams_a_continuation(cli, gpt):
+    result = cli("generate", gpt, "--prompt", PROMPTS[0], "-n", "16", "--provider", "cpu")
+    assert result.exit_code == 0, result.output
+    onnx = Generator(gpt, provider="cpu")
+    assert result.stdout == PROMPTS[0] + onnx.generate(PROMPTS[0], max_new_tokens=16) + "\n"
+    assert "tokens in" in result.stderr
+
+
+def test_cli_batch_and_bad_values(cli, gpt):
+    result = cli("generate", gpt, "-p", "If", "-p", "Return the", "-n", "8", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1")
+    assert result.exit_code == 0 and result.stdout.count("---") == 2 and result.stdout.startswith("If")
+    bad = cli("generate", gpt, "-p", "x", "--top-p", "2", "--temperature", "1")
+    assert bad.exit_code == 2 and "top_p must lie in (0, 1], got 2.0" in bad.stderr
