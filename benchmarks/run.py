@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         target = out_dir / f"plot-{report.rows[0].model}.png"
         plot(report, target)
         plots.append(target.name)
-    args.out.write_text(_markdown(combined, best, plots, providers[0], args) + _generation_markdown(generation))
+    previous = args.out.read_text() if args.out.exists() else ""
+    serving = previous[previous.find("## Serving"):] if "## Serving" in previous else ""  # serve_load.py's, kept
+    args.out.write_text(_markdown(combined, best, plots, providers[0], args) + _generation_markdown(generation)
+                        + ("\n" + serving if serving else ""))
     print(f"wrote {args.out}, {json_path} and {len(plots)} plots", file=sys.stderr)
     return 0
 

@@ -155,7 +155,7 @@ def build(cfg: GPTConfig) -> ModelSpec:
         inputs=[
             TensorSpec("input_ids", "int64", ("batch", "seq"), kind="ids", high=cfg.vocab),
             TensorSpec("attention_mask", "int64", ("batch", "past+seq"), kind="mask"),
-            TensorSpec("position_ids", "int64", ("batch", "seq"), kind="ids", high=cfg.context),
+            TensorSpec("position_ids", "int64", ("batch", "seq"), kind="positions", high=cfg.context),
             *(TensorSpec(name, "float32", cache) for name in cache_names(cfg.layers, "past")),
         ],
         outputs=["logits", *cache_names(cfg.layers, "present")],

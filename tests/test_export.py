@@ -33,8 +33,9 @@ def test_zoo_model_exports_to_a_valid_bundle(exported, name):
 
 def test_sequence_models_name_their_output_dims(exported):
     manifest = Bundle.open(exported("gpt")).manifest
-    assert manifest.outputs[0].shape == ("batch", "seq", 512)
-    assert [d.name for d in manifest.dims] == ["batch", "seq"] and manifest.dims[1].max == 64
+    assert manifest.outputs[0].shape == ("batch", "seq", 257)
+    assert manifest.outputs[1].shape == ("batch", 2, "past+seq", 32)  # present_key_0 grows by the step's tokens
+    assert [d.name for d in manifest.dims] == ["batch", "seq", "past"] and manifest.dims[1].max == 128
 
 
 def test_user_factory_exports(exported):

@@ -145,3 +145,27 @@ def test_cli_batch_and_bad_values(cli, gpt):
     assert result.exit_code == 0 and result.stdout.count("---") == 2 and result.stdout.startswith("If")
     bad = cli("generate", gpt, "-p", "x", "--top-p", "2", "--temperature", "1")
     assert bad.exit_code == 2 and "top_p must lie in (0, 1], got 2.0" in bad.stderr
+
+
+def test_sample_positions_follow_the_mask_and_out_of_range_positions_are_refused(gpt):
+    model = Model(gpt, provider="cpu")
+    feeds = make_feeds(model.inputs, {"batch": 3, "seq": 3, "past": 2}, seed=1)
+    want = np.maximum(np.cumsum(feeds["attention_mask"], axis=1) - 1, 0)[:, 2:]
+    np.testing.assert_array_equal(feeds["position_ids"], want)
+    feeds["position_ids"][0, 0] = 128
+    with pytest.raises(ToolkitError, match=r"input 'position_ids': positions must lie in \[0, 128\)"):
+        model.run(feeds)
+
+
+def test_check_feeds_a_decoder_step_the_references_own_cache(gpt):
+    from toolkit.bundle import Bundle
+    from toolkit.check import _case_feeds, _torch_run
+    from toolkit.source import resolve
+
+    spec = resolve(Bundle.open(gpt).manifest.source)
+    step = _case_feeds(spec, {"batch": 3, "seq": 5, "past": 7}, seed=2, decoder=True)
+    assert step["past_key_0"].shape == (3, 2, 7, 32) and step["attention_mask"].shape == (3, 12)
+    whole = _case_feeds(spec, {"batch": 3, "seq": 12, "past": 0}, seed=2, decoder=True)
+    # The step over a cached prefix computes what one pass over the whole sequence computes for its tail.
+    np.testing.assert_array_equal(step["input_ids"], whole["input_ids"][:, 7:])
+    np.testing.assert_allclose(_torch_run(spec, step)["logits"], _torch_run(spec, whole)["logits"][:, 7:], atol=1e-4)

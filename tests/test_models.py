@@ -24,6 +24,9 @@ def test_tiny_preset_builds_a_spec_that_runs(name):
     feeds = make_feeds(spec.inputs, {d.name: d.check[1] for d in spec.dims}, seed=0)
     with torch.no_grad():
         out = spec.module(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs))
+    outputs = out if isinstance(out, tuple) else (out,)
+    assert len(outputs) == len(spec.outputs)
+    out = outputs[0]
     assert torch.isfinite(out).all()
     assert out.shape[0] == next(d.check[1] for d in spec.dims if d.name == "batch")
 

@@ -8,7 +8,7 @@ from tests.conftest import ZOO
 from toolkit.bundle import Bundle
 from toolkit.check import check
 from toolkit.errors import ToolkitError
-from toolkit.quantize import quantize
+from toolkit.quantize import FP16_KEEP_FP32, quantize
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,15 @@ def test_fp16_keeps_fp32_io_and_overflow_prone_ops(quantized, name):
             assert not set(node.input) & fp16_initializers, node.name
     if name in ("encoder", "gpt"):
         assert fp16_initializers  # the matmuls did go to fp16
+
+
+def test_fp16_can_keep_residual_adds_in_fp32(exported, copy_of):
+    # Every residual sum feeds an Add and a LayerNorm, both kept: the converter casts it once per consumer.
+    path = copy_of(exported("gpt"))
+    quantize(path, mode="fp16", keep_fp32=(*FP16_KEEP_FP32, "Add"))
+    names = [n.name for n in onnx.load(path / "model.fp16.onnx").graph.node]
+    assert len(names) == len(set(names))
+    assert check(path, variants=["fp16"])["fp16"]["passed"]
 
 
 def test_no_temporary_files_land_anywhere(exported, copy_of, tmp_path, monkeypatch):

@@ -542,6 +542,56 @@ def generate(
     err.print(f"{tokens} tokens in {time.perf_counter() - start:.2f} s")
 
 
+@app.command()
+@_user_errors
+def serve(
+    bundle_dirs: list[Path] = typer.Argument(..., metavar="DIR...", help="Bundles to serve, each under its manifest name."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes the server beyond this machine."),
+    port: int = typer.Option(8000, help="TCP port."),
+    variant: str | None = typer.Option(None, help="Variant of every bundle (default fp32; 'best' after toolkit build)."),
+    provider: Provider = typer.Option(Provider.auto, help="Execution provider."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Rows per merged batch (1 turns dynamic batching off)."),
+    max_delay_ms: float = typer.Option(0.0, "--max-delay-ms", help="How long the oldest request may wait for more to join its batch (0: a batch is what queued while the last one ran)."),
+    max_queue: int = typer.Option(256, "--max-queue", help="Requests waiting per model before new ones get 503."),
+    timeout_ms: float | None = typer.Option(None, "--timeout-ms", help="Drop a request that waited this long in the queue (503)."),
+    token: str | None = typer.Option(None, envvar="TOOLKIT_TOKEN", show_envvar=True,
+                                     help="Bearer token required on every route but /v2/health."),
+    max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body accepted (413 beyond)."),
+) -> None:
+    """Serve bundles over the Open Inference Protocol (KServe v2 REST), with Triton's binary tensor and
+    generate extensions, dynamic batching and Prometheus /metrics. Ctrl-C drains requests in flight."""
+    from toolkit.runtime import load
+    from toolkit.server import ServeOptions
+    from toolkit.server import serve as run_server
+
+    options = ServeOptions(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, timeout_ms=timeout_ms,
+                           token=token, max_body_bytes=int(max_body_mb * (1 << 20)))
+    models = [load(d, variant=variant, provider=provider.value) for d in bundle_dirs]
+    for m in models:
+        err.print(f"serving {m.name} ({m.variant} on {m.provider}) at http://{host}:{port}/v2/models/{m.name}")
+    run_server(models, host=host, port=port, options=options)
+
+
+@app.command()
+@_user_errors
+def package(
+    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle to package."),
+    triton: Path = typer.Option(..., "--triton", metavar="REPO", help="Triton model repository to write <name>/ into."),
+    variant: str | None = typer.Option(None, help="Variant to package (default fp32; 'best' after toolkit build)."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Triton max_batch_size (0: no batching)."),
+    max_delay_ms: float = typer.Option(0.0, "--max-delay-ms", help="dynamic_batching max queue delay."),
+    instances: int = typer.Option(1, help="Model instances (instance_group count)."),
+    kind: str = typer.Option("KIND_AUTO", help="instance_group kind: KIND_AUTO, KIND_GPU or KIND_CPU."),
+    force: bool = typer.Option(False, "--force", help="Replace REPO/<name> if it exists."),
+) -> None:
+    """Write a Triton Inference Server model repository entry (config.pbtxt and 1/model.onnx)."""
+    from toolkit.triton import package_triton
+
+    target = package_triton(bundle_dir, triton, variant=variant, max_batch=max_batch, max_delay_ms=max_delay_ms,
+                            instances=instances, kind=kind, force=force)
+    out.print(f"wrote {target}: config.pbtxt and 1/model.onnx; serve with `tritonserver --model-repository {triton}`")
+
+
 def _read_inputs(pairs: list[str], names: list[str]) -> dict[str, np.ndarray]:
     feeds = {}
     for pair in pairs:

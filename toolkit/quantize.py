@@ -9,7 +9,6 @@ float weights; for fp16, which op types were kept in fp32.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import os
@@ -216,37 +215,28 @@ def _fp16(model_file: Path, target: Path, keep_fp32: Sequence[str]) -> dict[str,
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_fp32))
-    proto = _unshare_initializers(onnx.load(str(model_file)), set(block))
-    converted = convert_float_to_float16(proto, keep_io_types=True, op_block_list=block)
+    converted = convert_float_to_float16(onnx.load(str(model_file)), keep_io_types=True, op_block_list=block)
+    _drop_repeated_nodes(converted.graph)
     onnx.save(converted, str(target))
     return {"keep_io_types": True, "kept_fp32": list(keep_fp32)}
 
 
-def _unshare_initializers(proto: Any, block: set[str]) -> Any:
-    """Gives each fp32-kept node its own copy of initializers it shares with other nodes.
+def _drop_repeated_nodes(graph: Any) -> None:
+    """Removes exact repeats of a node (same name, inputs and outputs).
 
-    The dynamo exporter merges equal constants (every LayerNorm weight of ones becomes one
-    initializer); the fp16 converter then inserts one identically named Cast per consumer, which
-    makes the graph invalid.
+    The fp16 converter inserts one Cast per fp32-kept consumer of a tensor, all with one name and one
+    output (a LayerNorm weight of ones shared by every LayerNorm, a residual sum read by an Add and a
+    LayerNorm); the repeats make the graph invalid, and any one of them computes the same tensor.
     """
-    graph = proto.graph
-    initializers = {t.name: t for t in graph.initializer}
-    uses = Counter(name for node in graph.node for name in node.input)
-    for index, node in enumerate(graph.node):
-        if node.op_type not in block:
-            continue
-        for position, name in enumerate(node.input):
-            if name in initializers and uses[name] > 1:
-                twin = copy.deepcopy(initializers[name])
-                twin.name = f"{name}__{index}"
-                graph.initializer.append(twin)
-                node.input[position] = twin.name
-                uses[name] -= 1
-    still_used = {name for node in graph.node for name in node.input}
-    kept = [t for t in graph.initializer if t.name in still_used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    return proto
+    seen = set()
+    kept = []
+    for node in graph.node:
+        key = node.SerializeToString(deterministic=True)
+        if key not in seen:
+            seen.add(key)
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def _op_report(before: Path, after: Path) -> dict[str, dict[str, int]]:

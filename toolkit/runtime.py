@@ -133,11 +133,12 @@ class Model:
                 raise ToolkitError(
                     f"input {spec.name!r}: axis {axis} ({want}) is {got}, but input {seen[1]!r} has {want} = {seen[0]}."
                 )
-        if spec.kind == "ids" and value.size:
+        if spec.kind in ("ids", "positions") and value.size:
             low, high = int(value.min()), int(value.max())
             if low < 0 or high >= spec.high:
+                what = "token ids" if spec.kind == "ids" else "positions"
                 raise ToolkitError(
-                    f"input {spec.name!r}: token ids must lie in [0, {spec.high}), got values in [{low}, {high}]."
+                    f"input {spec.name!r}: {what} must lie in [0, {spec.high}), got values in [{low}, {high}]."
                 )
         return np.ascontiguousarray(value)
 

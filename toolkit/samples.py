@@ -26,10 +26,20 @@ def make_feeds(inputs: Sequence[TensorSpec], sizes: Mapping[str, int], seed: int
             value = rng.integers(0, spec.high, size=shape)
         elif spec.kind == "mask":
             value = _padding_mask(rng, shape)
+        elif spec.kind == "positions":
+            value = _positions(next((feeds[t.name] for t in inputs if t.kind == "mask" and t.name in feeds), None), shape)
         else:
             value = rng.standard_normal(shape)
         feeds[spec.name] = value.astype(spec.dtype)
     return feeds
+
+
+def _positions(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    # Positions that follow the mask, as a decoder sees them: random positions are inputs no
+    # generation produces, and they amplify rounding far past what a real step sees.
+    if mask is None:
+        return np.broadcast_to(np.arange(shape[-1]), shape)
+    return np.maximum(np.cumsum(mask, axis=-1) - 1, 0)[..., -shape[-1] :]
 
 
 def _padding_mask(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 __all__ = ["Dim", "TensorSpec", "ModelSpec", "EvalData", "TASKS", "INPUT_KINDS", "shape_cases"]
 
 TASKS = ("classify", "regress", "embed", "generate")
-INPUT_KINDS = ("float", "ids", "mask")
+INPUT_KINDS = ("float", "ids", "mask", "positions")
 
 # (feeds, labels): a labelled held-out set on which a classifier's accuracy is measured.
 EvalData = tuple[dict[str, np.ndarray], np.ndarray]
@@ -66,7 +66,8 @@ class TensorSpec:
     an axis may be the sum of dims ("past+seq": a decoder's attention mask covers cache and new tokens).
 
     `kind` says how sample values are drawn: `float` (standard normal), `ids` (integers in
-    [0, high)), `mask` (per row, ones then zeros, at least one one).
+    [0, high)), `mask` (per row, ones then zeros, at least one one), `positions` (each token's
+    index among the real tokens of the input of kind `mask`, the last axis's size of them; below high).
     """
 
     name: str
@@ -79,8 +80,8 @@ class TensorSpec:
         np.dtype(self.dtype)  # raises TypeError on a name numpy does not know
         if self.kind not in INPUT_KINDS:
             raise ValueError(f"tensor {self.name!r}: kind must be one of {INPUT_KINDS}, got {self.kind!r}")
-        if self.kind == "ids" and not self.high:
-            raise ValueError(f"tensor {self.name!r}: kind 'ids' needs high (the exclusive upper bound)")
+        if self.kind in ("ids", "positions") and not self.high:
+            raise ValueError(f"tensor {self.name!r}: kind {self.kind!r} needs high (the exclusive upper bound)")
 
     @property
     def dynamic_dims(self) -> list[str]:

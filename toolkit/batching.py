@@ -1,0 +1,154 @@
+"""Dynamic batching: concurrent requests for one model merge along the batch axis, run as one
+inference and split back, each caller getting exactly its own rows.
+
+Requests merge only with requests of the same shape past the batch axis (a sequence model's requests
+of other lengths wait for their own batch), up to `max_batch` rows, waiting at most `max_delay_s`
+after the oldest. The queue is bounded (a full one refuses at once), a request whose deadline passes
+while it waits is dropped unrun, and `close()` finishes everything already accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["DynamicBatcher", "Overloaded", "DeadlinePassed"]
+
+Feeds = Mapping[str, np.ndarray]
+Results = dict[str, np.ndarray]
+
+
+class Overloaded(Exception):
+    """The queue is full, or the batcher is shutting down: answered 503."""
+
+
+class DeadlinePassed(Exception):
+    """The request waited past its deadline and was dropped without running: answered 503."""
+
+
+@dataclass
+class _Waiting:
+    feeds: Feeds
+    rows: int
+    signature: tuple
+    deadline: float | None
+    arrived: float
+    future: asyncio.Future = field(repr=False)
+
+
+class DynamicBatcher:
+    """Runs `run(feeds) -> results` for one model on its own worker thread, one batch at a time.
+
+    `batch_axis`: every input and output has the batch on axis 0 (otherwise requests run one by one).
+    `on_batch(rows)` is told the size of each batch run (for metrics)."""
+
+    def __init__(self, run: Callable[[Feeds], Results], *, batch_axis: bool, max_batch: int = 32, max_delay_s: float = 0.002,
+                 max_queue: int = 256, on_batch: Callable[[int], None] | None = None):
+        if max_batch < 1 or max_queue < 1 or max_delay_s < 0:
+            raise ValueError(f"max_batch and max_queue must be >= 1 and max_delay_s >= 0, got {max_batch}, {max_queue}, {max_delay_s}")
+        self._run = run
+        self._batch_axis = batch_axis
+        self.max_batch = max_batch if batch_axis else 1
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self._on_batch = on_batch or (lambda rows: None)
+        self._waiting: list[_Waiting] = []
+        self._arrival = asyncio.Event()
+        self._closing = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="toolkit-batch")
+        self._task: asyncio.Task | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._waiting)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def close(self) -> None:
+        """Refuses new requests, runs those already queued, then stops."""
+        self._closing = True
+        self._arrival.set()
+        if self._task is not None:
+            await self._task
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, feeds: Feeds, *, deadline: float | None = None) -> Results:
+        """The results for `feeds` (already validated); `deadline` is a time.monotonic() value."""
+        if self._closing:
+            raise Overloaded("the server is shutting down")
+        if len(self._waiting) >= self.max_queue:
+            raise Overloaded(f"the queue is full ({self.max_queue} requests waiting); retry later")
+        rows = len(next(iter(feeds.values()))) if self._batch_axis and feeds else 1
+        if rows > self.max_batch:  # larger than any batch: runs alone
+            signature: tuple = ("alone", id(feeds))
+        else:
+            signature = tuple((name, value.shape[1:], value.dtype.str) for name, value in sorted(feeds.items()))
+        waiting = _Waiting(feeds, rows, signature, deadline, time.monotonic(), asyncio.get_running_loop().create_future())
+        self._waiting.append(waiting)
+        self._arrival.set()
+        return await waiting.future
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._waiting:
+                if self._closing:
+                    return
+                self._arrival.clear()
+                await self._arrival.wait()
+                continue
+            batch = await self._gather()
+            if not batch:
+                continue
+            feeds = batch[0].feeds if len(batch) == 1 else {
+                name: np.concatenate([w.feeds[name] for w in batch]) for name in batch[0].feeds
+            }
+            self._on_batch(sum(w.rows for w in batch))
+            try:
+                results = await loop.run_in_executor(self._executor, self._run, feeds)
+            except Exception as exc:  # every caller in the batch hears what went wrong
+                for w in batch:
+                    if not w.future.done():
+                        w.future.set_exception(exc)
+                continue
+            start = 0
+            for w in batch:
+                if not w.future.done():  # a caller that went away is skipped
+                    own = results if len(batch) == 1 else {k: v[start : start + w.rows] for k, v in results.items()}
+                    w.future.set_result(own)
+                start += w.rows
+
+    async def _gather(self) -> list[_Waiting]:
+        """Waits until the oldest request's delay is up or a full batch of its kind is there, then
+        takes that batch out of the queue (dropping requests past their deadline)."""
+        first = self._waiting[0]
+        while not self._closing:
+            rows = sum(w.rows for w in self._waiting if w.signature == first.signature)
+            left = first.arrived + self.max_delay_s - time.monotonic()
+            if rows >= self.max_batch or left <= 0:
+                break
+            self._arrival.clear()
+            try:
+                await asyncio.wait_for(self._arrival.wait(), left)
+            except TimeoutError:
+                break
+        now = time.monotonic()
+        batch, rows, rest = [], 0, []
+        for w in self._waiting:
+            if w.future.done():
+                continue
+            if w.deadline is not None and now > w.deadline:
+                w.future.set_exception(DeadlinePassed(f"the request waited {now - w.arrived:.3f} s, past its deadline; it was not run"))
+            elif w.signature == first.signature and rows + w.rows <= self.max_batch:
+                batch.append(w)
+                rows += w.rows
+            else:
+                rest.append(w)
+        self._waiting = rest
+        return batch
