@@ -32,6 +32,7 @@ FAMILIES = {
         Family("lstm", "lstm", "regress", "stacked LSTM over (batch, seq, features) → sigmoid score"),
         Family("encoder", "transformer", "classify", "BERT-like Transformer encoder classifier with padding mask"),
         Family("gpt", "gpt", "generate", "GPT-2-like causal decoder LM with tied embeddings"),
+        Family("seq2seq", "seq2seq", "generate", "Transformer encoder-decoder (sinusoidal positions), reverses strings"),
     )
 }
 

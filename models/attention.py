@@ -1,4 +1,4 @@
-"""Multi-head self-attention shared by the encoder and the decoder."""
+"""Multi-head attention shared by the reference Transformers."""
 
 from __future__ import annotations
 
@@ -23,15 +23,22 @@ class SelfAttention(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, C) → q, k, v, each (B, heads, T, head_size)."""
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        return tuple(t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        return tuple(split_heads(t, self.heads) for t in self.qkv(x).split(x.shape[-1], dim=2))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """q (B, h, T, hs) over keys/values (B, h, S, hs); allowed broadcastable to (B, h, T, S)."""
-        B, h, T, hs = q.shape
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, h, T, S)
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        y = scores.softmax(dim=-1) @ v  # (B, h, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, h * hs)
-        return self.proj(y)
+        return self.proj(attention(q, k, v, allowed))
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, T, C) → (B, heads, T, C // heads)."""
+    B, T, C = x.shape
+    return x.view(B, T, heads, C // heads).transpose(1, 2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """q (B, h, T, hs) over keys/values (B, h, S, hs); allowed broadcastable to (B, h, T, S) → (B, T, h·hs)."""
+    B, h, T, hs = q.shape
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, h, T, S)
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    y = scores.softmax(dim=-1) @ v  # (B, h, T, hs)
+    return y.transpose(1, 2).contiguous().view(B, T, h * hs)

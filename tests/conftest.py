@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
-ZOO = ["mlp", "cnn", "lstm", "encoder", "gpt"]
+ZOO = ["mlp", "cnn", "lstm", "encoder", "gpt", "seq2seq"]
 
 # The user package (`userpkg.toy:FACTORY`) must import here and in subprocesses.
 sys.path.insert(0, str(TESTS))

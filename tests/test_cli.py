@@ -12,7 +12,7 @@ from tests.test_check import _add_wrong_variant
 def test_models_lists_families_and_presets(cli):
     result = cli("models")
     assert result.exit_code == 0
-    for name in ("mlp", "cnn", "lstm", "encoder", "gpt", "tiny", "package.module:factory"):
+    for name in ("mlp", "cnn", "lstm", "encoder", "gpt", "seq2seq", "tiny", "package.module:factory"):
         assert name in result.stdout
 
 

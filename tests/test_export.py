@@ -97,7 +97,7 @@ def test_model_that_fails_at_its_own_check_sizes_is_explained(tmp_path):
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        ("resnet", "unknown model 'resnet'; known: mlp, cnn, lstm, encoder, gpt. For your own model pass package.module:factory."),
+        ("resnet", "unknown model 'resnet'; known: mlp, cnn, lstm, encoder, gpt, seq2seq. For your own model pass package.module:factory."),
         ("userpkg.nothere:build", "cannot import 'userpkg.nothere' for model 'userpkg.nothere:build'"),
         ("userpkg.toy:missing", "userpkg.toy has no callable 'missing'"),
         ("userpkg.toy:not_a_spec", "returned Mysterious; it must return a toolkit.ModelSpec"),

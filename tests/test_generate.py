@@ -169,3 +169,48 @@ def test_check_feeds_a_decoder_step_the_references_own_cache(gpt):
     # The step over a cached prefix computes what one pass over the whole sequence computes for its tail.
     np.testing.assert_array_equal(step["input_ids"], whole["input_ids"][:, 7:])
     np.testing.assert_allclose(_torch_run(spec, step)["logits"], _torch_run(spec, whole)["logits"][:, 7:], atol=1e-4)
+
+
+SOURCES = ["hello", "abc def", "reverse me please", "x"]
+
+
+@pytest.fixture(scope="module")
+def seq2seq(exported):
+    path = exported("seq2seq")
+    return path, Generator(path, provider="cpu"), Generator.reference(path)
+
+
+def test_seq2seq_greedy_tokens_match_torch_alone_and_in_a_padded_batch(seq2seq):
+    _, onnx, torch = seq2seq
+    sources = _ids(onnx, SOURCES)
+    batch = greedy_tokens(onnx, sources, NEW_TOKENS)
+    np.testing.assert_array_equal(batch, greedy_tokens(torch, sources, NEW_TOKENS))
+    for row, source in zip(batch, sources, strict=True):  # padding the source changes nothing for a row
+        alone = greedy_tokens(onnx, [source], NEW_TOKENS)[0]
+        np.testing.assert_array_equal(row[: len(alone)], alone)
+        np.testing.assert_array_equal(alone, greedy_tokens(torch, [source], NEW_TOKENS)[0])
+
+
+def test_seq2seq_reverses_short_strings_and_its_check_reports_greedy_agreement(seq2seq, copy_of):
+    from toolkit.check import check
+
+    path, onnx, _ = seq2seq
+    assert onnx.generate(["abc", "hello"]) == ["cba", "olleh"]
+    record = check(copy_of(path))["fp32"]
+    assert record["passed"] and record["greedy"]["token_agreement"] == 1.0
+    assert {"memory", "source", "past", "seq"} <= set(record["cases"][0]["sizes"])
+
+
+def test_seq2seq_refuses_a_source_beyond_its_context(seq2seq):
+    _, onnx, _ = seq2seq
+    with pytest.raises(ToolkitError, match="the longest prompt is 80 tokens, beyond the model's source context of 64"):
+        onnx.generate("a" * 80)
+    with pytest.raises(ToolkitError, match="max_new_tokens 65 is beyond what the model's decoder holds"):
+        onnx.generate("abc", max_new_tokens=65)
+
+
+def test_cli_prints_the_seq2seq_answer_without_the_prompt(cli, seq2seq):
+    path, onnx, _ = seq2seq
+    result = cli("generate", path, "-p", "abc", "--provider", "cpu")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == onnx.generate("abc") + "\n"

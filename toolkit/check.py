@@ -140,12 +140,16 @@ _GREEDY_PROMPTS, _GREEDY_PROMPT_TOKENS, _GREEDY_NEW_TOKENS = 4, 16, 32
 
 
 def _greedy_reference(bundle: Bundle, spec: ModelSpec, heldout) -> tuple[list[list[int]], np.ndarray]:
-    """Prompts cut from the held-out inputs (of different lengths, so the batch is left-padded) and
-    the PyTorch reference's greedy continuation of them."""
+    """Prompts from the held-out inputs (of different lengths, so the batch is padded) and the
+    PyTorch reference's greedy continuation of them."""
     from toolkit.generate import Generator, greedy_tokens
 
-    ids = heldout[1][0]["input_ids"]
-    prompts = [ids[i, : _GREEDY_PROMPT_TOKENS - 3 * i].tolist() for i in range(min(_GREEDY_PROMPTS, len(ids)))]
+    feeds = heldout[1][0]
+    rows = range(min(_GREEDY_PROMPTS, len(feeds["input_ids"])))
+    if "source_ids" in feeds:  # an encoder-decoder: its sources, as they are
+        prompts = [feeds["source_ids"][i][feeds["source_mask"][i] == 1].tolist() for i in rows]
+    else:
+        prompts = [feeds["input_ids"][i, : _GREEDY_PROMPT_TOKENS - 3 * i].tolist() for i in rows]
     return prompts, greedy_tokens(Generator.reference(bundle.path, spec.module), prompts, _GREEDY_NEW_TOKENS)
 
 
@@ -204,18 +208,25 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _case_feeds(spec: ModelSpec, sizes: dict[str, int], seed: int, *, decoder: bool) -> dict[str, np.ndarray]:
-    """Sample feeds for one case. A decoder step's past is the reference's own cache over the first
-    `past` tokens of a sample sequence: random caches are states no generation reaches, on which a
-    trained model amplifies rounding (fp16) far beyond what decoding sees."""
-    past = sizes.get("past", 0)
-    if not decoder or not past:
+    """Sample feeds for one case. A decoder step's caches are the reference's own, from a first step
+    over the cached part of a sample sequence: random caches are states no generation reaches, on
+    which a trained model amplifies rounding (fp16) far beyond what decoding sees.
+
+    Cached and new axes pair up in the mask axes ("past+seq", "memory+source"): the first step takes
+    the first `past` tokens (and `memory` source tokens), the checked step the rest."""
+    pairs = {tuple(d.split("+")) for t in spec.inputs for d in t.shape if isinstance(d, str) and "+" in d}
+    if not decoder or not any(sizes[cached] for cached, _ in pairs):
         return make_feeds(spec.inputs, sizes, seed)
-    whole = make_feeds(spec.inputs, {**sizes, "seq": past + sizes["seq"], "past": 0}, seed)
-    sequence = [t.name for t in spec.inputs if t.shape[1:2] == ("seq",)]
-    prompt = {**whole, **{name: whole[name][:, :past] for name in sequence}}
-    prompt |= {t.name: whole[t.name][:, :past] for t in spec.inputs if t.kind == "mask"}
-    cache = _torch_run(spec, prompt)
-    step = {**whole, **{name: whole[name][:, past:] for name in sequence}}
+    whole = make_feeds(spec.inputs, {**sizes, **{new: sizes[c] + sizes[new] for c, new in pairs}, **{c: 0 for c, _ in pairs}}, seed)
+    first, step = dict(whole), dict(whole)
+    for t in spec.inputs:
+        axis = t.shape[1] if len(t.shape) > 1 else None
+        for cached, new in pairs:
+            if axis == new:
+                first[t.name], step[t.name] = whole[t.name][:, : sizes[cached]], whole[t.name][:, sizes[cached] :]
+            elif axis == f"{cached}+{new}":
+                first[t.name] = whole[t.name][:, : sizes[cached]]
+    cache = _torch_run(spec, first)
     return step | {name: cache["present_" + name.removeprefix("past_")] for name in whole if name.startswith("past_")}
 
 

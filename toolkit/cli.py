@@ -502,7 +502,7 @@ def run(
 @_user_errors
 def generate(
     ctx: typer.Context,
-    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle of a decoder with a KV cache (e.g. `toolkit build gpt`)."),
+    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle of a decoder with a KV cache (`toolkit build gpt` or `seq2seq`)."),
     prompts: list[str] = typer.Option(..., "--prompt", "-p", help="Text to continue; repeat for a left-padded batch."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate at most (bytes, for the reference gpt)."),
     temperature: float = typer.Option(0.0, help="0 is greedy; above 0 samples from the scaled distribution."),
@@ -514,7 +514,8 @@ def generate(
     variant: str | None = typer.Option(None, help="Variant to run (default fp32; 'best' after toolkit build)."),
     provider: Provider = typer.Option(Provider.auto, help="Execution provider."),
 ) -> None:
-    """Continue text with a decoder bundle: greedy or sampled, with stop strings, streamed as it comes."""
+    """Continue text with a decoder bundle (or answer it, with an encoder-decoder): greedy or sampled,
+    with stop strings, streamed as it comes."""
     import time
 
     from toolkit.generate import Generator, Sampling
@@ -526,8 +527,9 @@ def generate(
               + (f" ({model.provider_note})" if model.provider_note else ""))
     options = {"max_new_tokens": max_new_tokens, "stop": stop or (), "sampling": sampling}
     start = time.perf_counter()
+    echo = generator.layout.source_context is None  # a decoder continues its prompt; an encoder-decoder answers it
     if stream and len(prompts) == 1:
-        out.print(prompts[0], end="")
+        out.print(prompts[0] if echo else "", end="")
         texts = [""]
         for piece in generator.stream(prompts[0], **options):
             out.print(piece, end="")
@@ -537,7 +539,7 @@ def generate(
     else:
         texts = generator.generate(prompts, **options)
         for prompt, text in zip(prompts, texts, strict=True):
-            out.print(prompt + text + ("\n---" if len(prompts) > 1 else ""))
+            out.print((prompt if echo else "") + text + ("\n---" if len(prompts) > 1 else ""))
     tokens = sum(len(generator.tokenizer.encode(t)) for t in texts)
     err.print(f"{tokens} tokens in {time.perf_counter() - start:.2f} s")
 

@@ -78,7 +78,6 @@ class Sampling:
 class _Layout:
     """What the loop needs to know about the graph, read from the manifest."""
 
-    layers: int
     heads: int
     head_size: int
     past_dtype: str
@@ -86,6 +85,8 @@ class _Layout:
     context: int
     logits: str
     vocab: int
+    caches: tuple[str, ...]  # every past_* input; its present_* output feeds it on the next step
+    source_context: int | None  # an encoder-decoder: prompts are its source (source_ids, source_mask)
 
     @classmethod
     def of(cls, name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], generation: Mapping[str, Any] | None) -> _Layout:
@@ -96,11 +97,14 @@ class _Layout:
             raise ToolkitError(
                 f"{name} is not a decoder with a KV cache: generation needs a graph taking input_ids, attention_mask, "
                 f"position_ids and past_key_i/past_value_i (its inputs: {', '.join(sorted(names))}). "
-                "The reference gpt (`toolkit export gpt`) is one."
+                "The reference gpt and seq2seq (`toolkit export gpt`) are."
             )
         _, heads, _, head_size = past[0].shape
         vocab = next(t.high for t in inputs if t.name == "input_ids")
-        return cls(len(past), heads, head_size, past[0].dtype, generation["eos_token_id"], generation["context"], outputs[0].name, vocab)
+        caches = tuple(t.name for t in inputs if t.name.startswith("past_"))
+        source_context = generation.get("source_context") if "source_ids" in names else None
+        return cls(heads, head_size, past[0].dtype, generation["eos_token_id"], generation["context"], outputs[0].name, vocab,
+                   caches, source_context)
 
 
 class Generator:
@@ -191,7 +195,14 @@ class Generator:
             if min(ids) < 0 or max(ids) >= layout.vocab:
                 raise ToolkitError(f"prompt {i + 1} of {len(prompts)}: token ids must lie in [0, {layout.vocab}), got {min(ids)}..{max(ids)}.")
         longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > layout.context:
+        if layout.source_context is not None:
+            if longest > layout.source_context:
+                raise ToolkitError(f"the longest prompt is {longest} tokens, beyond the model's source context of "
+                                   f"{layout.source_context} tokens. Shorten it.")
+            if 1 + max_new_tokens > layout.context:
+                raise ToolkitError(f"max_new_tokens {max_new_tokens} is beyond what the model's decoder holds "
+                                   f"({layout.context - 1} tokens after its start token); lower it.")
+        elif longest + max_new_tokens > layout.context:
             raise ToolkitError(
                 f"the longest prompt is {longest} tokens; with max_new_tokens {max_new_tokens} that is "
                 f"{longest + max_new_tokens}, beyond the model's context of {layout.context} tokens. "
@@ -201,16 +212,8 @@ class Generator:
     def _loop(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, choose: Callable[[np.ndarray], np.ndarray],
               done: Callable[[], Sequence[bool]] | None) -> Iterator[np.ndarray]:
         layout = self.layout
-        longest = max(len(p) for p in prompts)
         batch = len(prompts)
-        mask = np.array([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], dtype=np.int64)
-        feeds = {
-            "input_ids": np.array([[layout.eos_token_id] * (longest - len(p)) + list(p) for p in prompts], dtype=np.int64),
-            "attention_mask": mask,
-            "position_ids": np.maximum(mask.cumsum(-1) - 1, 0),
-        }
-        empty = np.zeros((batch, layout.heads, 0, layout.head_size), dtype=layout.past_dtype)
-        feeds.update({f"past_{kind}_{i}": empty for i in range(layout.layers) for kind in ("key", "value")})
+        feeds = self._first_feeds(prompts)
         finished = np.zeros(batch, dtype=bool)
         for _ in range(max_new_tokens):
             outputs = self._step(feeds)
@@ -220,11 +223,32 @@ class Generator:
             if finished.all() or (done is not None and all(done())):
                 return
             feeds = {
+                **feeds,  # an encoder-decoder's source_mask stays: it covers the memory cache
                 "input_ids": token[:, None].astype(np.int64),
                 "attention_mask": np.concatenate([feeds["attention_mask"], np.ones((batch, 1), dtype=np.int64)], axis=1),
                 "position_ids": feeds["position_ids"][:, -1:] + 1,
-                **{f"past_{kind}_{i}": outputs[f"present_{kind}_{i}"] for i in range(layout.layers) for kind in ("key", "value")},
+                **{name: outputs["present_" + name.removeprefix("past_")] for name in layout.caches},
             }
+            if layout.source_context is not None:
+                feeds["source_ids"] = feeds["source_ids"][:, :0]  # encoded once, now in the memory cache
+
+    def _first_feeds(self, prompts: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+        """Decoder prompts left-padded; an encoder-decoder's prompts are its right-padded source, and
+        its decoder starts from the end-of-text token."""
+        layout, batch = self.layout, len(prompts)
+        empty = np.zeros((batch, layout.heads, 0, layout.head_size), dtype=layout.past_dtype)
+        feeds = {name: empty for name in layout.caches}
+        if layout.source_context is not None:
+            longest = max(len(p) for p in prompts)
+            feeds["source_ids"] = np.array([list(p) + [layout.eos_token_id] * (longest - len(p)) for p in prompts], dtype=np.int64)
+            feeds["source_mask"] = np.array([[1] * len(p) + [0] * (longest - len(p)) for p in prompts], dtype=np.int64)
+            prompts = [[layout.eos_token_id]] * batch
+        longest = max(len(p) for p in prompts)
+        mask = np.array([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], dtype=np.int64)
+        feeds["input_ids"] = np.array([[layout.eos_token_id] * (longest - len(p)) + list(p) for p in prompts], dtype=np.int64)
+        feeds["attention_mask"] = mask
+        feeds["position_ids"] = np.maximum(mask.cumsum(-1) - 1, 0)
+        return feeds
 
     def _encode(self, prompt: Any, index: int, count: int) -> list[int]:
         where = f"prompt {index + 1} of {count}" if count > 1 else "the prompt"

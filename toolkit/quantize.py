@@ -190,11 +190,40 @@ def _static(bundle: Bundle, model_file: Path, target: Path, samples: int, method
             return next(self._items, None)
 
     calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
+    empty = _may_run_empty(model_file, bundle.manifest)
     quantize_static(
         str(model_file), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-        calibrate_method=calibrate, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        calibrate_method=calibrate, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=empty,
     )
-    return {"format": "QDQ", "calibration": {"method": method, "samples": len(feeds), "data": origin}, "per_channel": per_channel}
+    options = {"format": "QDQ", "calibration": {"method": method, "samples": len(feeds), "data": origin}, "per_channel": per_channel}
+    if empty:
+        options["kept_fp32_may_run_empty"] = len(empty)
+    return options
+
+
+def _may_run_empty(model_file: Path, manifest: Any) -> list[str]:
+    """Nodes whose output is empty on a step where a new-token dim of minimum 0 is 0 (an
+    encoder-decoder's encoder, once its source is in the memory cache), found by running the graph
+    so. onnxruntime 1.31's QLinearMul and QLinearSoftmax crash the process on empty tensors: these
+    nodes stay in fp32."""
+    import onnx
+    import onnxruntime as ort
+
+    dims = {d.name: d for d in manifest.dims}
+    pairs = [d.split("+") for t in manifest.inputs for d in t.shape if isinstance(d, str) and "+" in d]
+    zero = {new for _, new in pairs if dims[new].min == 0}
+    if not zero:
+        return []
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_file)))
+    typed = {v.name: v for v in model.graph.value_info}
+    probes = [o for n in model.graph.node for o in n.output if o in typed]
+    model.graph.output.extend(typed[o] for o in probes)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # node outputs as written
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = make_feeds(manifest.inputs, {name: 0 if name in zero else d.export for name, d in dims.items()}, seed=0)
+    empty = {name for name, value in zip(probes, session.run(probes, feeds), strict=True) if value.size == 0}
+    return [n.name for n in model.graph.node if empty & set(n.output)]
 
 
 def _calibration_feeds(bundle: Bundle, samples: int) -> tuple[list[dict[str, np.ndarray]], str]:

@@ -27,11 +27,18 @@ def make_feeds(inputs: Sequence[TensorSpec], sizes: Mapping[str, int], seed: int
         elif spec.kind == "mask":
             value = _padding_mask(rng, shape)
         elif spec.kind == "positions":
-            value = _positions(next((feeds[t.name] for t in inputs if t.kind == "mask" and t.name in feeds), None), shape)
+            value = _positions(_mask_of(spec, inputs, feeds), shape)
         else:
             value = rng.standard_normal(shape)
         feeds[spec.name] = value.astype(spec.dtype)
     return feeds
+
+
+def _mask_of(positions: TensorSpec, inputs: Sequence[TensorSpec], feeds: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The mask whose last axis ends with the positions' axis ("past+seq" for "seq")."""
+    axis = positions.shape[-1]
+    return next((feeds[t.name] for t in inputs if t.kind == "mask" and t.name in feeds
+                 and str(t.shape[-1]).split("+")[-1] == axis), None)
 
 
 def _positions(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
