@@ -160,3 +160,11 @@ def test_the_runtime_never_imports_torch(exported):
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cuda_sessions_compute_fp32_in_fp32_not_tf32():
+    # onnxruntime's CUDA default (TF32 MatMul) put fp32 logits 1.5e-4..6e-4 off on an H100: past the fp32 gate.
+    from toolkit.runtime import session_providers
+
+    assert session_providers("cuda") == [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    assert session_providers("cpu") == ["CPUExecutionProvider"]

@@ -31,7 +31,7 @@ import numpy as np
 from toolkit import __version__
 from toolkit.bundle import Bundle
 from toolkit.errors import ToolkitError
-from toolkit.runtime import PROVIDERS, Model, cuda_status, preload_cuda
+from toolkit.runtime import PROVIDERS, Model, cuda_status, preload_cuda, session_providers
 from toolkit.samples import make_feeds
 
 __all__ = ["BenchReport", "Row", "available_providers", "bench", "measure", "gemm_peak", "TORCH_EAGER", "TORCH_COMPILE"]
@@ -345,8 +345,7 @@ def _session(model: bytes | str, provider: str, threads: int, profile: bool = Fa
     options.enable_profiling = profile
     if provider == "cuda":
         preload_cuda()
-    names = [PROVIDERS[provider]] + ([PROVIDERS["cpu"]] if provider == "cuda" else [])
-    return ort.InferenceSession(model, sess_options=options, providers=names)
+    return ort.InferenceSession(model, sess_options=options, providers=session_providers(provider))
 
 
 def _nodes_by_provider(model_file: Path, provider: str, feeds: dict[str, np.ndarray], threads: int) -> dict[str, int]:

@@ -19,7 +19,7 @@ from toolkit.bundle import Bundle
 from toolkit.errors import ToolkitError
 from toolkit.spec import TensorSpec
 
-__all__ = ["PROVIDERS", "Model", "cuda_status", "load", "ort_message"]
+__all__ = ["PROVIDERS", "Model", "cuda_status", "load", "ort_message", "session_providers"]
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -205,6 +205,15 @@ def preload_cuda() -> None:
         ort.preload_dlls()
 
 
+def session_providers(provider: str) -> list[Any]:
+    """onnxruntime's providers argument for `provider` ("cpu" or "cuda", with CPU for what CUDA lacks).
+    onnxruntime's CUDA provider computes fp32 MatMul and Conv in TF32 by default (a 10-bit mantissa:
+    1e-4 to 1e-3 relative error on an H100); here the fp32 variant means fp32."""
+    if provider == "cpu":
+        return [PROVIDERS["cpu"]]
+    return [(PROVIDERS["cuda"], {"use_tf32": "0"}), PROVIDERS["cpu"]]
+
+
 def _open_session(path: Path, provider: str, threads: int | None) -> tuple[Any, str, str]:
     import onnxruntime as ort
 
@@ -215,25 +224,25 @@ def _open_session(path: Path, provider: str, threads: int | None) -> tuple[Any, 
     if threads is not None:
         options.intra_op_num_threads = threads
 
-    def session(names: list[str]) -> Any:
+    def session(names: list[Any]) -> Any:
         try:
             return ort.InferenceSession(str(path), sess_options=options, providers=names)
         except Exception as exc:
             raise ToolkitError(f"onnxruntime cannot load {path}: {exc}") from exc
 
     if provider == "cpu":
-        return session([PROVIDERS["cpu"]]), "cpu", ""
+        return session(session_providers("cpu")), "cpu", ""
     usable, why = cuda_status()
     if usable:
         preload_cuda()
-        sess = session([PROVIDERS["cuda"], PROVIDERS["cpu"]])
+        sess = session(session_providers("cuda"))
         # onnxruntime keeps going on CPU when the CUDA provider fails to load: ask the session.
         if PROVIDERS["cuda"] in sess.get_providers():
             return sess, "cuda", ""
         why = "the CUDA provider failed to load (onnxruntime's log above names the missing library)"
     if provider == "cuda":
         raise ToolkitError(f"provider 'cuda' is not available: {why}. Use provider 'cpu' (or 'auto' to pick).")
-    return session([PROVIDERS["cpu"]]), "cpu", f"CUDA not used: {why}"
+    return session(session_providers("cpu")), "cpu", f"CUDA not used: {why}"
 
 
 def _shape(shape: Sequence[int | str]) -> str:
