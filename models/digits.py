@@ -4,6 +4,7 @@ upsampled to 28×28, and deterministic training of the digit classifiers with an
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -71,6 +72,27 @@ def trained(module: nn.Module, key: str, *, epochs: int, flatten: bool) -> nn.Mo
     module.eval()
     save_atomic(module.state_dict(), path)
     return module
+
+
+def cached_training(family: str, key: str) -> Path:
+    """Where the weights trained under `key` (config, recipe, data, torch version) are cached."""
+    return cache_dir() / f"{family}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+
+def load_trained(model: nn.Module, path: Path) -> dict[str, float] | None:
+    """Loads `{"state", "metrics"}` saved at `path` into `model` (eval mode); its metrics, or None if absent."""
+    if not path.is_file():
+        return None
+    saved = torch.load(path, weights_only=True)
+    model.load_state_dict(saved["state"])
+    model.eval()
+    return saved["metrics"]
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `steps`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
 
 
 def save_atomic(obj: Any, path: Path) -> None:

@@ -133,6 +133,15 @@ def cache_names(layers: int, prefix: str) -> list[str]:
     return [f"{prefix}_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
 
 
+def decoder_inputs(vocab: int, context: int) -> list[TensorSpec]:
+    """A decoder step's token inputs: new ids, the mask over cached and new tokens, their positions."""
+    return [
+        TensorSpec("input_ids", "int64", ("batch", "seq"), kind="ids", high=vocab),
+        TensorSpec("attention_mask", "int64", ("batch", "past+seq"), kind="mask"),
+        TensorSpec("position_ids", "int64", ("batch", "seq"), kind="positions", high=context),
+    ]
+
+
 def _real_text(cfg: GPTConfig, rows: int = 64, length: int = 32) -> dict[str, np.ndarray]:
     """Prompt-step inputs (empty cache) over held-out text: the inputs task gates are judged on."""
     from models.text import validation_windows
@@ -153,9 +162,7 @@ def build(cfg: GPTConfig) -> ModelSpec:
     return ModelSpec(
         module=CachedDecoder(gpt).eval(),
         inputs=[
-            TensorSpec("input_ids", "int64", ("batch", "seq"), kind="ids", high=cfg.vocab),
-            TensorSpec("attention_mask", "int64", ("batch", "past+seq"), kind="mask"),
-            TensorSpec("position_ids", "int64", ("batch", "seq"), kind="positions", high=cfg.context),
+            *decoder_inputs(cfg.vocab, cfg.context),
             *(TensorSpec(name, "float32", cache) for name in cache_names(cfg.layers, "past")),
         ],
         outputs=["logits", *cache_names(cfg.layers, "present")],

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.attention import SelfAttention, attention, split_heads
+from models.gpt import cache_names, decoder_inputs
 from toolkit.spec import Dim, ModelSpec, TensorSpec
 from toolkit.tokenizer import ByteTokenizer
 
@@ -162,10 +163,6 @@ class CachedSeq2Seq(nn.Module):
         return (logits, *(t for kv in present for t in kv), *(t for kv in grown for t in kv))
 
 
-def cache_names(layers: int, prefix: str) -> list[str]:
-    return [f"{prefix}_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
-
-
 def reversal_pairs(count: int, max_length: int, seed: int) -> list[tuple[str, str]]:
     """(source, target) pairs: random strings over lowercase letters and space, and their reverse."""
     rng = np.random.default_rng(seed)
@@ -193,23 +190,16 @@ def _batch(pairs: list[tuple[str, str]], eos: int) -> tuple[torch.Tensor, torch.
 def train_reversal(model: Seq2Seq, cfg: Seq2SeqConfig) -> tuple[Seq2Seq, dict[str, float]]:
     """Loads cached weights for `cfg`, or trains `model` to reverse strings and caches them.
     Returns the model (eval mode) and {"val_loss", "val_exact"} on held-out strings."""
-    import hashlib
+    from models.digits import cached_training, load_trained, save_atomic, torch_threads, warmup_cosine
 
-    from models.digits import cache_dir, save_atomic, torch_threads
-
-    key = f"{cfg}|{TRAINING_RECIPE}|torch={torch.__version__}"
-    path = cache_dir() / f"seq2seq-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
-    if path.is_file():
-        saved = torch.load(path, weights_only=True)
-        model.load_state_dict(saved["state"])
-        return model.eval(), saved["metrics"]
+    path = cached_training("seq2seq", f"{cfg}|{TRAINING_RECIPE}|torch={torch.__version__}")
+    if (metrics := load_trained(model, path)) is not None:
+        return model, metrics
     eos = ByteTokenizer.eos_id
     with torch_threads(2):  # a fixed thread count: the weights depend on the key alone
         torch.manual_seed(0)
         optimizer = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.9, 0.98))
-        warmup = max(cfg.train_steps // 10, 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / cfg.train_steps, 1.0)))))
+        schedule = warmup_cosine(optimizer, cfg.train_steps, warmup=max(cfg.train_steps // 10, 1))
         model.train()
         for step in range(cfg.train_steps):
             source, mask, target_in, target_out = _batch(reversal_pairs(64, cfg.max_train_length, seed=step), eos)
@@ -253,9 +243,7 @@ def build(cfg: Seq2SeqConfig) -> ModelSpec:
         inputs=[
             TensorSpec("source_ids", "int64", ("batch", "source"), kind="ids", high=cfg.vocab),
             TensorSpec("source_mask", "int64", ("batch", "memory+source"), kind="mask"),
-            TensorSpec("input_ids", "int64", ("batch", "seq"), kind="ids", high=cfg.vocab),
-            TensorSpec("attention_mask", "int64", ("batch", "past+seq"), kind="mask"),
-            TensorSpec("position_ids", "int64", ("batch", "seq"), kind="positions", high=cfg.context + 1),
+            *decoder_inputs(cfg.vocab, cfg.context + 1),
             *(TensorSpec(name, "float32", ("batch", cfg.heads, "past", head)) for name in cache_names(cfg.layers, "past")),
             *(TensorSpec(name, "float32", ("batch", cfg.heads, "memory", head)) for name in cache_names(cfg.layers, "past_memory")),
         ],

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import math
 import sysconfig
 from functools import lru_cache
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.digits import cache_dir, save_atomic, torch_threads
+from models.digits import cached_training, load_trained, save_atomic, torch_threads, warmup_cosine
 from toolkit.tokenizer import ByteTokenizer
 
 TRAINING_RECIPE = "adamw-6e-3-cosine-batch32-window128-prose-v2"  # bump when the recipe changes: it keys the cache
@@ -59,12 +58,9 @@ def train_gpt(model: nn.Module, cfg: Any) -> tuple[nn.Module, dict[str, float]]:
     Returns the model (eval mode) and {"val_loss", "train_loss"} in nats per byte."""
     train_text, val_text = corpus()
     text_digest = hashlib.sha256((train_text + val_text).encode()).hexdigest()
-    key = f"{cfg}|{TRAINING_RECIPE}|{text_digest}|torch={torch.__version__}"
-    path = cache_dir() / f"gpt-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
-    if path.is_file():
-        saved = torch.load(path, weights_only=True)
-        model.load_state_dict(saved["state"])
-        return model.eval(), saved["metrics"]
+    path = cached_training("gpt", f"{cfg}|{TRAINING_RECIPE}|{text_digest}|torch={torch.__version__}")
+    if (metrics := load_trained(model, path)) is not None:
+        return model, metrics
     tokens = ByteTokenizer()
     train = torch.tensor(tokens.encode(train_text), dtype=torch.long)
     val = torch.tensor(tokens.encode(val_text), dtype=torch.long)
@@ -74,9 +70,7 @@ def train_gpt(model: nn.Module, cfg: Any) -> tuple[nn.Module, dict[str, float]]:
         torch.manual_seed(0)
         order = torch.Generator().manual_seed(0)
         optimizer = torch.optim.AdamW(model.parameters(), lr=6e-3, betas=(0.9, 0.95), weight_decay=0.1)
-        warmup = max(cfg.train_steps // 20, 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / cfg.train_steps, 1.0)))))
+        schedule = warmup_cosine(optimizer, cfg.train_steps, warmup=max(cfg.train_steps // 20, 1))
         model.train()
         losses = []
         for _ in range(cfg.train_steps):
