@@ -24,13 +24,17 @@ from toolkit.server import ServeOptions, create_app
 TOKEN = "s3cret"
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @contextmanager
 def running(models, options):
     import uvicorn
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(models, options), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -292,9 +296,7 @@ def test_cli_serves_and_drains_a_request_in_flight_on_sigterm(exported):
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     # A long batching delay keeps the request queued while the server is told to stop.
     server = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", str(exported("mlp")), "--port", str(port),
                                "--provider", "cpu", "--max-delay-ms", "1500"], stderr=subprocess.PIPE, text=True)

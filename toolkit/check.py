@@ -19,7 +19,7 @@ from toolkit.errors import CheckFailed, ToolkitError
 from toolkit.runtime import Model
 from toolkit.samples import make_feeds
 from toolkit.source import describe_source, resolve, weights_sha256
-from toolkit.spec import ModelSpec, shape_cases
+from toolkit.spec import ModelSpec, cache_axes, shape_cases
 from toolkit.tolerances import profile
 
 __all__ = ["check", "SEEDS"]
@@ -217,7 +217,7 @@ def _case_feeds(spec: ModelSpec, sizes: dict[str, int], seed: int, *, decoder: b
 
     Cached and new axes pair up in the mask axes ("past+seq", "memory+source"): the first step takes
     the first `past` tokens (and `memory` source tokens), the checked step the rest."""
-    pairs = {tuple(d.split("+")) for t in spec.inputs for d in t.shape if isinstance(d, str) and "+" in d}
+    pairs = cache_axes(spec.inputs)
     if not decoder or not any(sizes[cached] for cached, _ in pairs):
         return make_feeds(spec.inputs, sizes, seed)
     whole = make_feeds(spec.inputs, {**sizes, **{new: sizes[c] + sizes[new] for c, new in pairs}, **{c: 0 for c, _ in pairs}}, seed)

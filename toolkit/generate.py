@@ -18,13 +18,11 @@ from typing import Any
 import numpy as np
 
 from toolkit.errors import ToolkitError
-from toolkit.runtime import Model, ort_message
+from toolkit.runtime import Model
 from toolkit.spec import TensorSpec
 from toolkit.tokenizer import tokenizer_for
 
 __all__ = ["Generator", "Sampling", "greedy_tokens", "token_agreement"]
-
-Step = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -118,7 +116,7 @@ class Generator:
         self.model = model
         self.layout = _Layout.of(model.name, model.inputs, model.outputs, manifest.generation)
         self.tokenizer = tokenizer_for(manifest.generation)
-        self._step = _ort_step(model)
+        self._step = model.run_validated  # the loop builds every feed to the spec itself
 
     @classmethod
     def reference(cls, path: str | os.PathLike[str], module: Any = None) -> Generator:
@@ -271,20 +269,6 @@ def token_agreement(got: np.ndarray, want: np.ndarray) -> dict[str, Any]:
     same = np.cumprod(got[:, :width] == want[:, :width], axis=1)
     return {"prompts": int(got.shape[0]), "new_tokens": int(width), "token_agreement": float(same.mean()),
             "identical_rows": int(same.all(axis=1).sum())}
-
-
-def _ort_step(model: Model) -> Step:
-    session = model.session
-
-    def step(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # The loop builds every feed itself (shapes and dtypes by construction): no per-step validation.
-        try:
-            values = session.run(None, feeds)
-        except Exception as exc:
-            raise ToolkitError(f"onnxruntime failed running {model.name} ({model.variant}): {ort_message(exc)}") from exc
-        return dict(zip((o.name for o in model.outputs), values, strict=True))
-
-    return step
 
 
 class _TextStream:

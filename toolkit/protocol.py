@@ -27,7 +27,6 @@ __all__ = [
     "dims",
     "decode_request",
     "encode_response",
-    "numpy_dtype",
 ]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -36,7 +35,6 @@ _DATATYPES = {
     "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
     "float16": "FP16", "float32": "FP32", "float64": "FP64",
 }
-_NUMPY = {v: k for k, v in _DATATYPES.items()}
 
 
 class ProtocolError(ValueError):
@@ -46,12 +44,6 @@ class ProtocolError(ValueError):
 def datatype(dtype: str) -> str:
     """The protocol's datatype name for a numpy dtype name ("float32" → "FP32")."""
     return _DATATYPES[np.dtype(dtype).name]
-
-
-def numpy_dtype(name: str) -> str:
-    if name not in _NUMPY:
-        raise ProtocolError(f"datatype {name!r} is not supported; use one of {', '.join(sorted(_NUMPY))}.")
-    return _NUMPY[name]
 
 
 def dims(shape: Sequence[int | str]) -> list[int]:
@@ -103,7 +95,7 @@ def decode_request(body: bytes, header_length: str | None, inputs: Sequence[Tens
         shape = tensor.get("shape")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise ProtocolError(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}.")
-        dtype = np.dtype(numpy_dtype(want))
+        dtype = np.dtype(expected[name].dtype)
         count = int(np.prod(shape, dtype=np.int64))
         size = (tensor.get("parameters") or {}).get("binary_data_size")
         if size is not None:

@@ -23,6 +23,7 @@ import numpy as np
 from toolkit.bundle import Bundle
 from toolkit.errors import ToolkitError
 from toolkit.samples import make_feeds
+from toolkit.spec import cache_axes
 
 __all__ = ["CALIBRATION_METHODS", "FP16_KEEP_FP32", "MODES", "quantize", "static_applies"]
 
@@ -210,8 +211,7 @@ def _may_run_empty(model_file: Path, manifest: Any) -> list[str]:
     import onnxruntime as ort
 
     dims = {d.name: d for d in manifest.dims}
-    pairs = [d.split("+") for t in manifest.inputs for d in t.shape if isinstance(d, str) and "+" in d]
-    zero = {new for _, new in pairs if dims[new].min == 0}
+    zero = {new for _, new in cache_axes(manifest.inputs) if dims[new].min == 0}
     if not zero:
         return []
     model = onnx.shape_inference.infer_shapes(onnx.load(str(model_file)))

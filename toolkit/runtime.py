@@ -61,6 +61,12 @@ class Model:
         unknown = [n for n in names if n not in {o.name for o in self.outputs}]
         if unknown:
             raise ToolkitError(f"unknown output {unknown[0]!r}; {self.name} has outputs {', '.join(o.name for o in self.outputs)}.")
+        return self.run_validated(arrays, names)
+
+    def run_validated(self, arrays: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """`run` without the checks, for feeds that `validate` returned or that the caller built to the
+        spec itself (a decoding loop, a batch merged from validated requests)."""
+        names = [o.name for o in self.outputs] if outputs is None else list(outputs)
         try:
             values = self._session.run(names, arrays)
         except Exception as exc:  # onnxruntime's own exception types are not importable portably

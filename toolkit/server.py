@@ -21,6 +21,7 @@ from toolkit.batching import DeadlinePassed, DynamicBatcher, Overloaded
 from toolkit.errors import ToolkitError
 from toolkit.protocol import HEADER_LENGTH, ProtocolError, datatype, decode_request, dims, encode_response
 from toolkit.runtime import Model
+from toolkit.triton import batch_first, model_config
 
 __all__ = ["ServeOptions", "create_app", "serve", "EXTENSIONS"]
 
@@ -57,10 +58,8 @@ class _Served:
     def __init__(self, model: Model, options: ServeOptions, metrics: _Metrics):
         self.model = model
         self.name = model.name
-        tensors = [*model.inputs, *model.outputs]
-        self.batch_axis = all(t.shape[:1] == ("batch",) for t in tensors)
         self.batcher = DynamicBatcher(
-            model.run, batch_axis=self.batch_axis, max_batch=options.max_batch, max_delay_s=options.max_delay_ms / 1000,
+            model.run_validated, batch_axis=batch_first(model), max_batch=options.max_batch, max_delay_s=options.max_delay_ms / 1000,
             max_queue=options.max_queue, on_batch=metrics.batch_size.labels(self.name).observe,
         )
         self.generator = None
@@ -80,10 +79,7 @@ class _Served:
 
     def config(self, options: ServeOptions) -> dict[str, Any]:
         """The model's configuration in Triton's JSON form (protobuf JSON: int64 dims as strings)."""
-        from toolkit.triton import model_config
-
-        return model_config(self.model, max_batch=options.max_batch if self.batch_axis else 0,
-                            max_delay_ms=options.max_delay_ms, instances=1)
+        return model_config(self.model, max_batch=options.max_batch, max_delay_ms=options.max_delay_ms, instances=1)
 
 
 class _Metrics:
@@ -173,7 +169,7 @@ def create_app(models: Sequence[Model], options: ServeOptions | None = None) -> 
         find(request)
         return JSONResponse({"name": request.path_params["model"], "ready": state["ready"]}, status_code=200 if state["ready"] else 503)
 
-    async def model_config(request: Request) -> Response:
+    async def configuration(request: Request) -> Response:
         return JSONResponse(find(request).config(options))
 
     async def infer(request: Request) -> Response:
@@ -266,7 +262,7 @@ def create_app(models: Sequence[Model], options: ServeOptions | None = None) -> 
     ]
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         routes += [
-            Route(prefix, model_metadata), Route(prefix + "/ready", model_ready), Route(prefix + "/config", model_config),
+            Route(prefix, model_metadata), Route(prefix + "/ready", model_ready), Route(prefix + "/config", configuration),
             Route(prefix + "/infer", infer, methods=["POST"]), Route(prefix + "/generate", generate, methods=["POST"]),
             Route(prefix + "/generate_stream", generate_stream, methods=["POST"]),
         ]

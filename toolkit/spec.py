@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Dim", "TensorSpec", "ModelSpec", "EvalData", "TASKS", "INPUT_KINDS", "shape_cases"]
+__all__ = ["Dim", "TensorSpec", "ModelSpec", "EvalData", "TASKS", "INPUT_KINDS", "cache_axes", "shape_cases"]
 
 TASKS = ("classify", "regress", "embed", "generate")
 INPUT_KINDS = ("float", "ids", "mask", "positions")
@@ -53,6 +53,11 @@ class Dim:
     @classmethod
     def from_json(cls, name: str, data: Mapping[str, Any]) -> Dim:
         return cls(name, data["min"], data["max"], data["export"], tuple(data["check"]))
+
+
+def cache_axes(inputs: Sequence[TensorSpec]) -> set[tuple[str, str]]:
+    """(cached, new) dim pairs, from the axes that are their sum ("past+seq" → ("past", "seq"))."""
+    return {tuple(d.split("+")) for t in inputs for d in t.shape if isinstance(d, str) and "+" in d}
 
 
 def shape_cases(dims: Sequence[Dim]) -> list[dict[str, int]]:

@@ -18,13 +18,18 @@ from toolkit.protocol import datatype
 from toolkit.runtime import Model
 from toolkit.spec import TensorSpec
 
-__all__ = ["model_config", "to_pbtxt", "package_triton"]
+__all__ = ["batch_first", "model_config", "to_pbtxt", "package_triton"]
+
+
+def batch_first(model: Model) -> bool:
+    """Whether every input and output has the batch on axis 0: requests can merge along it."""
+    return all(t.shape[:1] == ("batch",) for t in (*model.inputs, *model.outputs))
 
 
 def model_config(model: Model, *, max_batch: int, max_delay_ms: float, instances: int, kind: str = "KIND_AUTO") -> dict[str, Any]:
     """The model's configuration as Triton writes it in JSON (protobuf JSON: int64 dims are strings).
     With max_batch > 0 the batch axis is implicit, as Triton requires, and left out of the dims."""
-    batched = max_batch > 0 and all(t.shape[:1] == ("batch",) for t in (*model.inputs, *model.outputs))
+    batched = max_batch > 0 and batch_first(model)
 
     def tensor(t: TensorSpec) -> dict[str, Any]:
         shape = t.shape[1:] if batched else t.shape
