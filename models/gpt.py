@@ -61,8 +61,8 @@ class Block(nn.Module):
                 past_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, C), past (B, h, P, hs) → x, and keys/values (B, h, P+T, hs) for the cache."""
         q, k, v = self.attn.project(self.ln1(x))
-        if past_k is not None:
-            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        if past_k is not None:  # axis -2, not 2: onnxscript's fusion of attention with its cache matches it literally
+            k, v = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
         x = x + self.attn.attend(q, k, v, allowed)
         return x + self.mlp(self.ln2(x)), k, v
 

@@ -95,7 +95,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, allowed, past_k, past_v, memory_k, memory_v, memory_allowed):
         q, k, v = self.attn.project(x)
-        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        k, v = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
         x = self.ln1(x + self.attn.attend(q, k, v, allowed))
         x = self.ln2(x + self.cross(x, memory_k, memory_v, memory_allowed))
         return self.ln3(x + self.ffn(x)), k, v
@@ -132,7 +132,7 @@ class Seq2Seq(nn.Module):
         present, grown = [], []
         for layer, (pk, pv), (mk, mv) in zip(self.decoder, past, memory, strict=True):
             new_k, new_v = layer.cross.project_memory(x)
-            mk, mv = torch.cat([mk, new_k], dim=2), torch.cat([mv, new_v], dim=2)
+            mk, mv = torch.cat([mk, new_k], dim=-2), torch.cat([mv, new_v], dim=-2)
             y, k, v = layer(y, allowed, pk, pv, mk, mv, memory_allowed)
             present.append((k, v))
             grown.append((mk, mv))

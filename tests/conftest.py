@@ -40,6 +40,30 @@ def exported(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def with_variants(exported, tmp_path_factory):
+    """with_variants(model, ("opt", "int8", ...)) → a copy of the tiny bundle with those variants
+    added (`opt` by optimize, the others by quantize), built once per session; parity not checked."""
+    from toolkit.optimize import optimize
+    from toolkit.quantize import quantize
+
+    cache: dict[tuple, Path] = {}
+
+    def get(model: str, variants: tuple[str, ...]) -> Path:
+        if (model, variants) not in cache:
+            path = tmp_path_factory.mktemp("variants") / model
+            shutil.copytree(exported(model), path)
+            for variant in variants:
+                if variant == "opt":
+                    optimize(path)
+                else:
+                    quantize(path, mode=variant, calibration_samples=32)
+            cache[model, variants] = path
+        return cache[model, variants]
+
+    return get
+
+
 @pytest.fixture
 def copy_of(tmp_path):
     """copy_of(bundle) → a private copy a test may modify."""

@@ -37,7 +37,7 @@ def test_fp32_and_opt_match_transformers(minilm):
         assert variants[name].parity["passed"], variants[name].parity
         assert variants[name].parity["task_metric"]["inputs"] == "256 real inputs"
     fused = variants["opt"].recipe["options"]["fusion"]
-    assert fused["model_type"] == "bert" and fused["fused"]["LayerNormalization"] > 0
+    assert fused["engine"] == "onnxscript" and fused["fused"]["Attention"] == 6  # one per BERT layer
 
 
 def test_embeddings_equal_sentence_transformers(minilm):

@@ -12,18 +12,13 @@ from toolkit.quantize import FP16_KEEP_FP32, quantize
 
 
 @pytest.fixture(scope="module")
-def quantized(exported, tmp_path_factory):
-    """quantized(model) → a bundle of the tiny model with every quantized variant, checked."""
-    import shutil
-
+def quantized(with_variants):
+    """quantized(model) → a bundle of the tiny model with every quantized variant, and its check."""
     cache = {}
 
     def get(name):
         if name not in cache:
-            path = tmp_path_factory.mktemp("quantized") / name
-            shutil.copytree(exported(name), path)
-            for mode in ("int8", "int8-static", "fp16"):
-                quantize(path, mode=mode, calibration_samples=32)
+            path = with_variants(name, ("int8", "int8-static", "fp16"))
             cache[name] = (path, check(path))
         return cache[name]
 

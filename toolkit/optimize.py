@@ -1,5 +1,11 @@
-"""Stage `optimize`: variant fp32 → variant `opt`: onnxruntime's transformer fusions (for models whose
-manifest carries fusion hints) followed by onnxruntime's basic offline graph optimizations.
+"""Stage `optimize`: variant fp32 → variant `opt`: transformer fusions, then onnxruntime's basic
+offline graph optimizations.
+
+The fusions come from the tool that knows the graph's form: onnxscript's onnxruntime rewrites
+(`optimize_for_ort`) for graphs from the dynamo exporter, which find attention (softmax of
+q·kᵀ·scale plus an additive mask, times v, with or without a KV cache concatenated on axis -2)
+without hints; onnxruntime's transformer optimizer for TorchScript exports whose manifest carries
+fusion hints (it matches that exporter's patterns and needs the model type, heads and hidden size).
 
 Only the basic level is applied offline: extended and full-level rewrites are specific to the
 execution provider they were made for, and onnxruntime applies them anyway when a session loads
@@ -36,13 +42,18 @@ def optimize(path: str | Path, *, source: str = "fp32", name: str = "opt", progr
     with tempfile.TemporaryDirectory(prefix="toolkit-optimize-") as tmp:
         current = model_file
         hints = bundle.manifest.fusion
-        if hints:
+        options["fusion"] = None
+        if _exporter(bundle, source) == "dynamo" and _has_onnxscript():
+            say("fusing with onnxscript's onnxruntime rewrites (attention, layer norms, GELU)")
+            current, fused = _fuse_dynamo(current, Path(tmp) / "fused.onnx")
+            if fused:
+                options["fusion"] = {"engine": "onnxscript", "fused": fused}
+        elif hints:
             say(f"fusing with onnxruntime's transformer optimizer (model type {hints['model_type']})")
             current, fused = _fuse(current, hints, Path(tmp) / "fused.onnx")
-            options["fusion"] = {"model_type": hints["model_type"], "fused": fused}
-        else:
-            options["fusion"] = None
-            say(f"no transformer fusion hints for {bundle.manifest.name}: generic graph optimizations only")
+            options["fusion"] = {"engine": "onnxruntime.transformers", "model_type": hints["model_type"], "fused": fused}
+        if options["fusion"] is None:
+            say(f"no transformer fusion applies to {bundle.manifest.name}: generic graph optimizations only")
         say("applying onnxruntime's basic graph optimizations offline")
         optimized = Path(tmp) / "optimized.onnx"
         session_options = ort.SessionOptions()
@@ -60,6 +71,35 @@ def optimize(path: str | Path, *, source: str = "fp32", name: str = "opt", progr
         bundle.add_variant(name, optimized, recipe={"stage": "optimize", "options": options, "parent": source}, precision=bundle.variant(source).precision)
     say(f"added variant {name}: {options['nodes']['before']} → {options['nodes']['after']} nodes")
     return bundle
+
+
+def _exporter(bundle: Bundle, variant: str) -> str | None:
+    """The exporter that wrote the graph `variant` descends from."""
+    while True:
+        recipe = bundle.variant(variant).recipe
+        if recipe.get("stage") == "export" or not recipe.get("parent"):
+            return recipe.get("options", {}).get("exporter")
+        variant = recipe["parent"]
+
+
+def _has_onnxscript() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxscript") is not None
+
+
+def _fuse_dynamo(model_file: Path, target: Path) -> tuple[Path, dict[str, int]]:
+    """onnxscript's rewrites; returns the file and the count of each onnxruntime op they introduced."""
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    try:
+        model, _ = optimize_for_ort(ir.load(model_file))
+    except Exception as exc:
+        raise ToolkitError(f"onnxscript's onnxruntime fusions failed on {model_file}: {type(exc).__name__}: {exc}") from exc
+    ir.save(model, target)
+    fused = Counter(node.op_type for node in model.graph.all_nodes() if node.domain == "com.microsoft")
+    return target, dict(sorted(fused.items()))
 
 
 def _fuse(model_file: Path, hints: dict[str, Any], target: Path) -> tuple[Path, dict[str, int]]:
