@@ -29,6 +29,9 @@ def test_build_makes_and_checks_every_variant(built):
     for name, variant in manifest.variants.items():
         assert variant.parity is not None, name
         assert "accuracy" in variant.parity and variant.parity["task_metric"]["metric"] == "top1_agreement"
+    # dynamic int8 starts from the optimized graph once that holds parity; the others from the export
+    parents = {name: v.recipe["parent"] for name, v in manifest.variants.items() if v.recipe["stage"] == "quantize"}
+    assert parents == {"int8": "opt", "int8-static": "fp32", "fp16": "fp32"}
 
 
 def test_best_is_recorded_with_its_measurements_and_loads(built):

@@ -58,6 +58,7 @@ def test_int8_keeps_cosine_above_099_on_real_sentences(minilm):
     assert metric["metric"] == "min_cosine" and metric["value"] >= 0.99 and variant.parity["passed"]
     options = variant.recipe["options"]
     assert options["per_channel"] and options["ops"]["MatMul"]["quantized"] >= 30
+    assert variant.recipe["parent"] == "fp32"  # the fused graph's Attention keeps its QKV weights from the quantizer
     # the accuracy-aware fallback is recorded: every attempt, the last one passing
     assert options["attempts"][-1]["passed"] and not options["attempts"][0]["passed"]
     assert len(options["kept_float"]) == options["attempts"][-1]["keep_float"]

@@ -25,7 +25,7 @@ from toolkit.errors import ToolkitError
 from toolkit.samples import make_feeds
 from toolkit.spec import cache_axes
 
-__all__ = ["CALIBRATION_METHODS", "FP16_KEEP_FP32", "MODES", "quantize", "static_applies"]
+__all__ = ["CALIBRATION_METHODS", "DYNAMIC_OPS", "FP16_KEEP_FP32", "MODES", "quantize", "static_applies"]
 
 MODES = ("int8", "int8-static", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -33,7 +33,7 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 FP16_KEEP_FP32 = ("LayerNormalization", "SkipLayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Exp")
 # Convolutions are left out of dynamic quantization: ConvInteger is 6-9x slower than fp32 Conv on the
 # CPUs we measured; int8-static (QDQ) is the path for them.
-_DYNAMIC_OPS = ("MatMul", "Gemm", "LSTM", "Attention")
+DYNAMIC_OPS = ("MatMul", "Gemm", "LSTM", "Attention")
 _WEIGHTED_OPS = ("MatMul", "Gemm", "LSTM", "Conv", "Attention")
 
 Progress = Callable[[str], None]
@@ -85,7 +85,7 @@ def quantize(
                 kept = _outlier_ranking(bundle, pre, calibration_samples)[:keep_float] if keep_float else []
                 if kept:
                     say(f"keeping {len(kept)} MatMul/Gemm in fp32 (most outlier-heavy inputs): {', '.join(n for n, _ in kept)}")
-                say(f"quantizing weights of {', '.join(_DYNAMIC_OPS)} to int8 (dynamic activations)")
+                say(f"quantizing weights of {', '.join(DYNAMIC_OPS)} to int8 (dynamic activations)")
                 options = _dynamic(pre, out, per_channel, kept)
             else:
                 say(f"calibrating on {calibration_samples} samples ({method}{', per channel' if per_channel else ''})")
@@ -135,12 +135,12 @@ def _dynamic(model_file: Path, target: Path, per_channel: bool, kept: list[tuple
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
-        str(model_file), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=list(_DYNAMIC_OPS),
+        str(model_file), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=list(DYNAMIC_OPS),
         per_channel=per_channel, nodes_to_exclude=[n for n, _ in kept], extra_options={"MatMulConstBOnly": True},
     )
     return {
         "weights": f"int8 symmetric per {'channel' if per_channel else 'tensor'}", "activations": "uint8, quantized per call",
-        "op_types": list(_DYNAMIC_OPS), "per_channel": per_channel,
+        "op_types": list(DYNAMIC_OPS), "per_channel": per_channel,
         "kept_float": [{"node": n, "outlier_score": round(score, 2)} for n, score in kept],
     }
 
