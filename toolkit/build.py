@@ -71,7 +71,7 @@ def build(
             _int8(bundle.path, say)
         else:
             quantize(bundle.path, mode=mode, progress=say)
-    say("checking every quantized variant against the PyTorch reference")
+    say("checking fp32 and the quantized variants against the PyTorch reference")
     records = check(bundle.path, variants=[v for v in Bundle.open(bundle.path).manifest.variants if v != "opt"], progress=say)
     if "int8" in records and not records["int8"]["passed"]:
         _int8_fallback(bundle.path, records["int8"], say)
