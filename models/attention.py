@@ -39,9 +39,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.
     """q (B, h, T, hs) over keys/values (B, h, S, hs); allowed broadcastable to (B, h, T, S) → (B, T, h·hs)."""
     B, h, T, hs = q.shape
     # Written out rather than F.scaled_dot_product_attention: torch.onnx's decomposition of that op
-    # cannot run on a zero-length sequence (the seq2seq step's empty source), while this form
-    # exports cleanly and is still what onnxscript's attention fusion recognises (an additive mask).
-    bias = torch.zeros((), dtype=q.dtype).masked_fill(~allowed, torch.finfo(q.dtype).min)
+    # reshapes with allowzero=0 and fails on zero-length sequences, while this form exports cleanly
+    # and is what onnxscript's attention fusion recognises (an additive mask).
+    bias = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~allowed, torch.finfo(q.dtype).min)
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs)) + bias  # (B, h, T, S)
     y = scores.softmax(dim=-1) @ v  # (B, h, T, hs)
     return y.transpose(1, 2).contiguous().view(B, T, h * hs)

@@ -2,12 +2,14 @@
 encoding, post-LN encoder and decoder blocks (self-attention, cross-attention, ReLU feed-forward),
 tied embeddings; trained briefly and deterministically to reverse short strings ("hello" → "olleh").
 
-The exported graph is one decoding step with two caches and no control flow. Its inputs:
-`source_ids` (new source tokens, right-padded) and `source_mask` (memory + source), the decoder's
-`input_ids`, `attention_mask` (past + seq) and `position_ids`, and per layer the self-attention
-cache `past_key_i`/`past_value_i` and the cross-attention cache `past_memory_key_i`/`..._value_i`
-(the encoder output, projected). The first step feeds the whole source and empty caches; every
-later step feeds an empty source and the caches it returned, so the encoder runs once.
+Exported as two graphs, neither with control flow. The bundle's own graph is the decoder with its
+KV cache: `input_ids`, `attention_mask` (past + seq), `position_ids`, `source_mask`, per layer the
+self-attention cache `past_key_i`/`past_value_i` and the encoder's `memory_key_i`/`memory_value_i`
+in; logits and `present_key_i`/`present_value_i` out. Its part `encoder` maps `source_ids` and
+`source_mask` to those memory tensors (the encoder output projected to each layer's cross-attention
+keys and values), once per prompt. Two graphs rather than one step graph: a single graph would run
+the encoder on an empty source at every decode step, and onnxruntime's CUDA kernels fail on
+zero-length attention.
 """
 
 from __future__ import annotations
@@ -115,52 +117,60 @@ class Seq2Seq(nn.Module):
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.embed(ids) * math.sqrt(self.cfg.d_model) + sinusoid(positions, self.cfg.d_model)
 
-    def step(self, source_ids, source_mask, input_ids, attention_mask, position_ids, past, memory):
-        """One step. source_ids (B, S) new source tokens; source_mask (B, M+S); input_ids, position_ids
-        (B, T); attention_mask (B, P+T); past, memory: per layer (keys, values), (B, h, P|M, hs).
-        → logits (B, T, vocab), the grown self-attention cache, the grown memory cache."""
-        S, M = source_ids.shape[1], memory[0][0].shape[2]
-        new_mask = source_mask[:, M:].bool()  # [:, -S:] would be everything when S is 0
-        x = self._embed(source_ids, torch.arange(S, device=source_ids.device).expand_as(source_ids))
+    def encode(self, source_ids: torch.Tensor, source_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """source_ids, source_mask (B, S) → per decoder layer its cross-attention (keys, values), (B, h, S, hs)."""
+        x = self._embed(source_ids, torch.arange(source_ids.shape[1], device=source_ids.device).expand_as(source_ids))
         for layer in self.encoder:
-            x = layer(x, new_mask[:, None, None, :])
+            x = layer(x, source_mask[:, None, None, :].bool())
+        return [layer.cross.project_memory(x) for layer in self.decoder]
+
+    def decode(self, input_ids, attention_mask, position_ids, source_mask, past, memory):
+        """One decoder step. input_ids, position_ids (B, T); attention_mask (B, P+T); source_mask (B, S);
+        past: per layer (keys, values) (B, h, P, hs); memory: `encode`'s. → logits (B, T, vocab), the grown cache."""
         T, K = input_ids.shape[1], attention_mask.shape[1]
         causal = torch.arange(K, device=input_ids.device)[None, :] <= (torch.arange(T, device=input_ids.device) + (K - T))[:, None]
         allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
         memory_allowed = source_mask[:, None, None, :].bool()
         y = self._embed(input_ids, position_ids)
-        present, grown = [], []
+        present = []
         for layer, (pk, pv), (mk, mv) in zip(self.decoder, past, memory, strict=True):
-            new_k, new_v = layer.cross.project_memory(x)
-            mk, mv = torch.cat([mk, new_k], dim=-2), torch.cat([mv, new_v], dim=-2)
             y, k, v = layer(y, allowed, pk, pv, mk, mv, memory_allowed)
             present.append((k, v))
-            grown.append((mk, mv))
-        return self.head(y), present, grown
+        return self.head(y), present
 
     def forward(self, source_ids: torch.Tensor, source_mask: torch.Tensor, target_in: torch.Tensor) -> torch.Tensor:
-        """Training (teacher forcing): the whole target at once, empty caches → logits (B, T, vocab)."""
+        """Training (teacher forcing): the whole target at once, empty cache → logits (B, T, vocab)."""
         B, T = target_in.shape
         empty = source_ids.new_zeros((B, self.cfg.heads, 0, self.cfg.d_model // self.cfg.heads), dtype=torch.float32)
-        caches = [(empty, empty)] * self.cfg.layers
         positions = torch.arange(T).expand(B, T)
-        logits, _, _ = self.step(source_ids, source_mask, target_in, torch.ones_like(target_in), positions, caches, caches)
+        logits, _ = self.decode(target_in, torch.ones_like(target_in), positions, source_mask, [(empty, empty)] * self.cfg.layers,
+                                self.encode(source_ids, source_mask))
         return logits
 
 
-class CachedSeq2Seq(nn.Module):
-    """Seq2Seq.step with flat tensors in and out, the form the ONNX graph takes."""
+class Seq2SeqEncoder(nn.Module):
+    """Seq2Seq.encode with flat outputs (memory_key_0, memory_value_0, ...), the encoder graph's form."""
 
     def __init__(self, model: Seq2Seq):
         super().__init__()
         self.model = model
 
-    def forward(self, source_ids, source_mask, input_ids, attention_mask, position_ids, *caches):
+    def forward(self, source_ids, source_mask):
+        return tuple(t for kv in self.model.encode(source_ids, source_mask) for t in kv)
+
+
+class Seq2SeqDecoder(nn.Module):
+    """Seq2Seq.decode with flat tensors in and out, the decoder graph's form."""
+
+    def __init__(self, model: Seq2Seq):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, source_mask, *caches):
         layers = self.model.cfg.layers
         pairs = list(zip(caches[0::2], caches[1::2], strict=True))
-        logits, present, grown = self.model.step(source_ids, source_mask, input_ids, attention_mask, position_ids,
-                                                 pairs[:layers], pairs[layers:])
-        return (logits, *(t for kv in present for t in kv), *(t for kv in grown for t in kv))
+        logits, present = self.model.decode(input_ids, attention_mask, position_ids, source_mask, pairs[:layers], pairs[layers:])
+        return (logits, *(t for kv in present for t in kv))
 
 
 def reversal_pairs(count: int, max_length: int, seed: int) -> list[tuple[str, str]]:
@@ -224,42 +234,68 @@ def _validation(model: Seq2Seq, cfg: Seq2SeqConfig, eos: int) -> dict[str, float
     return {"val_loss": float(loss), "val_exact": float(right.all(dim=1).float().mean())}
 
 
-def _real_steps(cfg: Seq2SeqConfig, rows: int = 64) -> dict[str, np.ndarray]:
-    """First-step inputs over held-out strings (teacher-forced targets, empty caches): what the task gate judges."""
+def _heldout_sources(cfg: Seq2SeqConfig, rows: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     source, mask, target_in, _ = _batch(reversal_pairs(rows, cfg.max_train_length, seed=10**6 + 1), ByteTokenizer.eos_id)
+    return source, mask, target_in
+
+
+def _real_sources(cfg: Seq2SeqConfig) -> dict[str, np.ndarray]:
+    """Encoder inputs over held-out strings: what the encoder's task gate judges."""
+    source, mask, _ = _heldout_sources(cfg)
+    return {"source_ids": source.numpy(), "source_mask": mask.numpy()}
+
+
+@torch.no_grad()
+def _real_steps(model: Seq2Seq, cfg: Seq2SeqConfig) -> dict[str, np.ndarray]:
+    """First decoder steps over held-out strings (teacher-forced targets, empty cache, the reference
+    encoder's memory): what the decoder's task gate judges."""
+    source, mask, target_in = _heldout_sources(cfg)
+    rows, T = target_in.shape
     empty = np.zeros((rows, cfg.heads, 0, cfg.d_model // cfg.heads), dtype=np.float32)
-    T = target_in.shape[1]
-    return {"source_ids": source.numpy(), "source_mask": mask.numpy(), "input_ids": target_in.numpy(),
-            "attention_mask": np.ones((rows, T), dtype=np.int64), "position_ids": np.broadcast_to(np.arange(T), (rows, T)).copy(),
-            **{name: empty for name in cache_names(cfg.layers, "past") + cache_names(cfg.layers, "past_memory")}}
+    memory = [t.numpy() for kv in model.encode(source, mask) for t in kv]
+    return {"input_ids": target_in.numpy(), "attention_mask": np.ones((rows, T), dtype=np.int64),
+            "position_ids": np.broadcast_to(np.arange(T), (rows, T)).copy(), "source_mask": mask.numpy(),
+            **{name: empty for name in cache_names(cfg.layers, "past")},
+            **dict(zip(cache_names(cfg.layers, "memory"), memory, strict=True))}
 
 
 def build(cfg: Seq2SeqConfig) -> ModelSpec:
     torch.manual_seed(0)
     model, metrics = train_reversal(Seq2Seq(cfg), cfg)
+    model.eval()
     head = cfg.d_model // cfg.heads
+    source = Dim("source", max=cfg.context, export=6, check=(9, 4))
+    encoder = ModelSpec(
+        module=Seq2SeqEncoder(model).eval(),
+        inputs=[TensorSpec("source_ids", "int64", ("batch", "source"), kind="ids", high=cfg.vocab),
+                TensorSpec("source_mask", "int64", ("batch", "source"), kind="mask")],
+        outputs=cache_names(cfg.layers, "memory"),
+        dims=[Dim("batch", export=2, check=(1, 3)), source],
+        task="embed",
+        sample_data=partial(_real_sources, cfg),
+        description="encoder of the seq2seq decoder: source bytes → each decoder layer's cross-attention keys and values",
+    )
     return ModelSpec(
-        module=CachedSeq2Seq(model).eval(),
+        module=Seq2SeqDecoder(model).eval(),
         inputs=[
-            TensorSpec("source_ids", "int64", ("batch", "source"), kind="ids", high=cfg.vocab),
-            TensorSpec("source_mask", "int64", ("batch", "memory+source"), kind="mask"),
             *decoder_inputs(cfg.vocab, cfg.context + 1),
+            TensorSpec("source_mask", "int64", ("batch", "source"), kind="mask"),
             *(TensorSpec(name, "float32", ("batch", cfg.heads, "past", head)) for name in cache_names(cfg.layers, "past")),
-            *(TensorSpec(name, "float32", ("batch", cfg.heads, "memory", head)) for name in cache_names(cfg.layers, "past_memory")),
+            *(TensorSpec(name, "float32", ("batch", cfg.heads, "source", head)) for name in cache_names(cfg.layers, "memory")),
         ],
-        outputs=["logits", *cache_names(cfg.layers, "present"), *cache_names(cfg.layers, "present_memory")],
+        outputs=["logits", *cache_names(cfg.layers, "present")],
         dims=[
             Dim("batch", export=2, check=(1, 3)),
-            Dim("source", min=0, max=cfg.context, export=6, check=(9, 0)),
-            Dim("memory", min=0, max=cfg.context, export=5, check=(0, 9)),
             Dim("seq", max=cfg.context + 1, export=4, check=(5, 3)),
             Dim("past", min=0, max=cfg.context + 1, export=3, check=(0, 7)),
+            source,
         ],
         task="generate",
-        sample_data=partial(_real_steps, cfg),
+        sample_data=partial(_real_steps, model, cfg),
         generation={"tokenizer": ByteTokenizer.kind, "eos_token_id": ByteTokenizer.eos_id, "context": cfg.context + 1,
-                    "source_context": cfg.context},
+                    "source_context": cfg.context, "encoder": "encoder"},
+        parts={"encoder": encoder},
         description=f"Transformer encoder-decoder {cfg.layers}+{cfg.layers}L d{cfg.d_model} h{cfg.heads}, bytes, sinusoidal "
-                    f"positions, KV and memory caches; reverses strings (held out: {metrics['val_exact']:.0%} exact, "
-                    f"loss {metrics['val_loss']:.3f})",
+                    f"positions, KV cache, encoder as part 'encoder'; reverses strings (held out: {metrics['val_exact']:.0%} "
+                    f"exact, loss {metrics['val_loss']:.3f})",
     )

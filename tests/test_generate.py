@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from toolkit import Generator, Sampling, ToolkitError
+from toolkit.bundle import Bundle
 from toolkit.generate import greedy_tokens, token_agreement
 from toolkit.runtime import Model
 from toolkit.samples import make_feeds
@@ -157,18 +158,26 @@ def test_sample_positions_follow_the_mask_and_out_of_range_positions_are_refused
         model.run(feeds)
 
 
-def test_check_feeds_a_decoder_step_the_references_own_cache(gpt):
+@pytest.mark.parametrize("name", ["gpt", "seq2seq"])
+def test_check_feeds_a_decoder_step_the_references_own_cache(exported, name):
     from toolkit.bundle import Bundle
     from toolkit.check import _case_feeds, _torch_run
     from toolkit.source import resolve
 
-    spec = resolve(Bundle.open(gpt).manifest.source)
-    step = _case_feeds(spec, {"batch": 3, "seq": 5, "past": 7}, seed=2, decoder=True)
+    manifest = Bundle.open(exported(name)).manifest
+    spec = resolve(manifest.source)
+    sizes = {"batch": 3, "source": 4} if name == "seq2seq" else {"batch": 3}
+    step = _case_feeds(spec, {**sizes, "seq": 5, "past": 7}, seed=2, generation=manifest.generation)
     assert step["past_key_0"].shape == (3, 2, 7, 32) and step["attention_mask"].shape == (3, 12)
-    whole = _case_feeds(spec, {"batch": 3, "seq": 12, "past": 0}, seed=2, decoder=True)
+    whole = _case_feeds(spec, {**sizes, "seq": 12, "past": 0}, seed=2, generation=manifest.generation)
     # The step over a cached prefix computes what one pass over the whole sequence computes for its tail.
     np.testing.assert_array_equal(step["input_ids"], whole["input_ids"][:, 7:])
     np.testing.assert_allclose(_torch_run(spec, step)["logits"], _torch_run(spec, whole)["logits"][:, 7:], atol=1e-4)
+    if name == "seq2seq":  # its memory is the reference encoder's output over a sample source
+        encoder = spec.parts["encoder"]
+        sources = make_feeds(encoder.inputs, sizes, seed=2)
+        np.testing.assert_array_equal(step["source_mask"], sources["source_mask"])
+        np.testing.assert_array_equal(step["memory_value_1"], _torch_run(encoder, sources)["memory_value_1"])
 
 
 SOURCES = ["hello", "abc def", "reverse me please", "x"]
@@ -196,9 +205,14 @@ def test_seq2seq_reverses_short_strings_and_its_check_reports_greedy_agreement(s
 
     path, onnx, _ = seq2seq
     assert onnx.generate(["abc", "hello"]) == ["cba", "olleh"]
-    record = check(copy_of(path))["fp32"]
+    checked = copy_of(path)
+    record = check(checked)["fp32"]
     assert record["passed"] and record["greedy"]["token_agreement"] == 1.0
-    assert {"memory", "source", "past", "seq"} <= set(record["cases"][0]["sizes"])
+    assert {"source", "past", "seq"} <= set(record["cases"][0]["sizes"])
+    assert record["parts"] == {"encoder": {"passed": True}}
+    encoder = Bundle.open(checked / "encoder").manifest
+    assert encoder.variants["fp32"].parity["passed"] and encoder.task == "embed"
+    assert [t.name for t in encoder.outputs] == [t.name for t in Bundle.open(path).manifest.inputs if t.name.startswith("memory_")]
 
 
 def test_seq2seq_refuses_a_source_beyond_its_context(seq2seq):
@@ -214,3 +228,18 @@ def test_cli_prints_the_seq2seq_answer_without_the_prompt(cli, seq2seq):
     result = cli("generate", path, "-p", "abc", "--provider", "cpu")
     assert result.exit_code == 0, result.output
     assert result.stdout == onnx.generate("abc") + "\n"
+
+
+def test_generation_benchmark_reports_every_candidate_against_torch(gpt):
+    from toolkit.bench_generate import bench_generation
+
+    rows = bench_generation(gpt, variants=["fp32"], batches=(1, 2), prompt_tokens=4, new_tokens=3, rounds=1)
+    assert [(r.variant, r.batch) for r in rows] == [("torch-eager", 1), ("fp32", 1), ("torch-eager", 2), ("fp32", 2)]
+    for torch_row, row in (rows[0:2], rows[2:4]):
+        assert torch_row.parity == "reference" and torch_row.decode_speedup_vs_torch == pytest.approx(1.0)
+        assert row.decode_speedup_vs_torch == pytest.approx(torch_row.decode_ms_per_token / row.decode_ms_per_token)
+    for row in rows:
+        assert (row.provider, row.model, row.prompt_tokens, row.new_tokens) == ("cpu", "gpt", 4, 3)
+        assert row.prefill_ms > 0 and row.decode_p90_ms >= row.decode_ms_per_token > 0 and row.tokens_per_s > 0
+    with pytest.raises(ToolkitError, match="exceed the model's context"):
+        bench_generation(gpt, variants=["fp32"], batches=(1,), prompt_tokens=4, new_tokens=10_000, rounds=1, torch_eager=False)

@@ -291,6 +291,15 @@ def test_package_writes_a_triton_repository_triton_can_parse(cli, exported, tmp_
     assert again.exit_code == 2 and "already exists; pass --force" in again.stderr
 
 
+def test_package_writes_an_encoder_decoder_as_two_models(cli, exported, tmp_path):
+    bundle = exported("seq2seq")
+    result = cli("package", bundle, "--triton", tmp_path / "repo")
+    assert result.exit_code == 0, result.output
+    for name, graph in (("seq2seq", bundle / "model.fp32.onnx"), ("seq2seq-encoder", bundle / "encoder/model.fp32.onnx")):
+        assert f'name: "{name}"' in (tmp_path / "repo" / name / "config.pbtxt").read_text()
+        assert (tmp_path / "repo" / name / "1/model.onnx").read_bytes() == graph.read_bytes()
+
+
 def test_cli_serves_and_drains_a_request_in_flight_on_sigterm(exported):
     import signal
     import subprocess

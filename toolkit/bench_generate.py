@@ -43,8 +43,11 @@ class GenerationRow:
 
 def bench_generation(path: str | Path, *, variants: Sequence[str] | None = None, batches: Sequence[int] = (1, 8),
                      prompt_tokens: int = 32, new_tokens: int = 64, rounds: int = 5, threads: int | None = None,
-                     torch_eager: bool = True, progress: Callable[[str], None] | None = None) -> list[GenerationRow]:
-    """Greedy generation of `new_tokens` after a `prompt_tokens` prompt, for each batch size, on CPU."""
+                     torch_eager: bool = True, provider: str = "cpu",
+                     progress: Callable[[str], None] | None = None) -> list[GenerationRow]:
+    """Greedy generation of `new_tokens` after a `prompt_tokens` prompt, for each batch size, on
+    `provider` ("cpu" or "cuda"; torch eager runs on the same device). Each step's feeds and results
+    travel through the host, as `Generator` does."""
     say = progress or (lambda _m: None)
     bundle = Bundle.open(path)
     manifest = bundle.manifest
@@ -58,9 +61,9 @@ def bench_generation(path: str | Path, *, variants: Sequence[str] | None = None,
 
         torch.set_num_threads(threads)
         say("building the PyTorch reference")
-        candidates[TORCH_EAGER] = Generator.reference(bundle.path)
+        candidates[TORCH_EAGER] = Generator.reference(bundle.path, device="cuda" if provider == "cuda" else "cpu")
     for name in names:
-        candidates[name] = Generator(bundle.path, variant=name, provider="cpu", threads=threads)
+        candidates[name] = Generator(bundle.path, variant=name, provider=provider, threads=threads)
     context = candidates[names[0] if names else TORCH_EAGER].layout.context
     if prompt_tokens + new_tokens > context:
         raise ToolkitError(f"prompt_tokens {prompt_tokens} + new_tokens {new_tokens} exceed the model's context of {context}.")
@@ -86,7 +89,7 @@ def bench_generation(path: str | Path, *, variants: Sequence[str] | None = None,
             produced = sum(n for n, _ in total[label]) * batch
             parity = manifest.variants[label].parity if label in manifest.variants else None
             rows.append(GenerationRow(
-                model=manifest.name, provider="cpu", variant=label, batch=batch, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                model=manifest.name, provider=provider, variant=label, batch=batch, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                 prefill_ms=float(np.median(prefill[label])) * 1e3, decode_ms_per_token=per_token * 1e3,
                 decode_p90_ms=float(np.percentile(decode[label], 90)) * 1e3,
                 tokens_per_s=produced / sum(t for _, t in total[label]),

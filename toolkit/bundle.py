@@ -1,4 +1,5 @@
-"""The bundle: a directory with `manifest.json` and one ONNX file per variant.
+"""The bundle: a directory with `manifest.json` and one ONNX file per variant; a model of several
+graphs (an encoder-decoder) keeps each further graph as a bundle of its own in a subdirectory (a part).
 
 The manifest is the single source of truth. Every write is atomic (temp file + rename), so a crash
 or Ctrl-C never leaves a bundle that looks valid but is not; loading a variant verifies its sha256.
@@ -55,6 +56,7 @@ class Manifest:
     fusion: dict[str, Any] | None = None  # transformer fusion hints, see ModelSpec.fusion
     best: dict[str, Any] | None = None  # the fastest passing variant and how it was measured (toolkit build)
     generation: dict[str, Any] | None = None  # decoders: tokenizer, eos_token_id, context (ModelSpec.generation)
+    parts: list[str] = field(default_factory=list)  # subdirectories that are bundles of this model's other graphs
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -70,6 +72,7 @@ class Manifest:
             "dims": {d.name: d.to_json() for d in self.dims},
             "fusion": self.fusion,
             "generation": self.generation,
+            "parts": self.parts,
             "reference": self.reference,
             "variants": {name: asdict(v) for name, v in self.variants.items()},
             "best": self.best,
@@ -89,6 +92,7 @@ class Manifest:
             dims=[Dim.from_json(name, d) for name, d in data["dims"].items()],
             fusion=data.get("fusion"),
             generation=data.get("generation"),
+            parts=data.get("parts", []),
             reference=data.get("reference", {}),
             variants={name: Variant(**v) for name, v in data["variants"].items()},
             best=data.get("best"),
@@ -122,6 +126,10 @@ class Bundle:
             return cls(path, Manifest.from_json(data))
         except (ValueError, KeyError, TypeError) as exc:
             raise ToolkitError(f"{manifest_path} is not a valid manifest ({type(exc).__name__}: {exc}).") from exc
+
+    def parts(self) -> list[Bundle]:
+        """The bundles of this model's other graphs (see `ModelSpec.parts`)."""
+        return [Bundle.open(self.path / part) for part in self.manifest.parts]
 
     def variant(self, name: str) -> Variant:
         try:

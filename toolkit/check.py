@@ -2,7 +2,9 @@
 
 Each variant runs over several seeds at two sizes of every dynamic dim (a dim that was meant to be
 dynamic but got baked in fails), outputs are compared per the precision's tolerance profile, and
-classifiers with a labelled eval set also report accuracy. Results are stored in the manifest.
+classifiers with a labelled eval set also report accuracy. Results are stored in the manifest. A
+bundle's parts are checked first, as bundles of their own; a variant passes only if it passes in
+every part too.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ def check(
     names = list(variants) if variants else list(bundle.manifest.variants)
     for name in names:
         bundle.variant(name)  # unknown names fail before any work
+    parts = {}
+    for part in bundle.parts():
+        say(f"checking part {part.path.name}")
+        parts[part.path.name] = check(part.path, variants=names, provider=provider, seeds=seeds, progress=progress)
     say(f"building the PyTorch reference ({describe_source(bundle.manifest.source)})")
     spec = resolve(bundle.manifest.source)
     expected = bundle.manifest.reference.get("weights_sha256")
@@ -53,7 +59,7 @@ def check(
         )
     cases = [(seed, sizes) for sizes in shape_cases(bundle.manifest.dims) for seed in seeds]
     say(f"running the reference on {len(cases)} cases")
-    feeds = [_case_feeds(spec, sizes, seed, decoder=bool(bundle.manifest.generation)) for seed, sizes in cases]
+    feeds = [_case_feeds(spec, sizes, seed, generation=bundle.manifest.generation) for seed, sizes in cases]
     references = [_torch_run(spec, case) for case in feeds]
     evaluation = _torch_eval(spec) if spec.eval_data and spec.task == "classify" else None
     heldout = _heldout(spec, bundle.manifest.dims)
@@ -63,6 +69,9 @@ def check(
     for name in names:
         say(f"checking variant {name} on {provider}")
         records[name] = _check_variant(bundle, name, provider, spec, cases, feeds, references, evaluation, heldout, greedy)
+        if parts:
+            records[name]["parts"] = {part: {"passed": part_records[name]["passed"]} for part, part_records in parts.items()}
+            records[name]["passed"] &= all(p["passed"] for p in records[name]["parts"].values())
         bundle.manifest.variants[name].parity = records[name]
     bundle.save()
     return records
@@ -149,11 +158,12 @@ def _greedy_reference(bundle: Bundle, spec: ModelSpec, heldout) -> tuple[list[li
 
     feeds = heldout[1][0]
     rows = range(min(_GREEDY_PROMPTS, len(feeds["input_ids"])))
-    if "source_ids" in feeds:  # an encoder-decoder: its sources, as they are
-        prompts = [feeds["source_ids"][i][feeds["source_mask"][i] == 1].tolist() for i in rows]
+    if "encoder" in bundle.manifest.generation:  # an encoder-decoder: its held-out sources, as they are
+        sources = spec.parts[bundle.manifest.generation["encoder"]].sample_data()
+        prompts = [sources["source_ids"][i][sources["source_mask"][i] == 1].tolist() for i in rows]
     else:
         prompts = [feeds["input_ids"][i, : _GREEDY_PROMPT_TOKENS - 3 * i].tolist() for i in rows]
-    return prompts, greedy_tokens(Generator.reference(bundle.path, spec.module), prompts, _GREEDY_NEW_TOKENS)
+    return prompts, greedy_tokens(Generator.reference(bundle.path, spec), prompts, _GREEDY_NEW_TOKENS)
 
 
 _HELDOUT_ROWS = 256
@@ -210,17 +220,24 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(norms > 0, (a * b).sum(axis=1) / np.where(norms > 0, norms, 1), 1.0)
 
 
-def _case_feeds(spec: ModelSpec, sizes: dict[str, int], seed: int, *, decoder: bool) -> dict[str, np.ndarray]:
+def _case_feeds(spec: ModelSpec, sizes: dict[str, int], seed: int, *, generation: dict[str, Any] | None) -> dict[str, np.ndarray]:
     """Sample feeds for one case. A decoder step's caches are the reference's own, from a first step
-    over the cached part of a sample sequence: random caches are states no generation reaches, on
-    which a trained model amplifies rounding (fp16) far beyond what decoding sees.
+    over the cached part of a sample sequence, and an encoder-decoder's memory is its reference
+    encoder's output on a sample source: random caches are states no generation reaches, on which a
+    trained model amplifies rounding (fp16) far beyond what decoding sees.
 
-    Cached and new axes pair up in the mask axes ("past+seq", "memory+source"): the first step takes
-    the first `past` tokens (and `memory` source tokens), the checked step the rest."""
+    Cached and new axes pair up in the mask axis ("past+seq"): the first step takes the first `past`
+    tokens, the checked step the rest."""
     pairs = cache_axes(spec.inputs)
-    if not decoder or not any(sizes[cached] for cached, _ in pairs):
-        return make_feeds(spec.inputs, sizes, seed)
-    whole = make_feeds(spec.inputs, {**sizes, **{new: sizes[c] + sizes[new] for c, new in pairs}, **{c: 0 for c, _ in pairs}}, seed)
+    fixed = {}
+    if generation and "encoder" in generation:
+        encoder = spec.parts[generation["encoder"]]
+        sources = make_feeds(encoder.inputs, sizes, seed)
+        names = {t.name for t in spec.inputs}
+        fixed = {name: value for name, value in (sources | _torch_run(encoder, sources)).items() if name in names}
+    if not generation or not any(sizes[cached] for cached, _ in pairs):
+        return make_feeds(spec.inputs, sizes, seed) | fixed
+    whole = make_feeds(spec.inputs, {**sizes, **{new: sizes[c] + sizes[new] for c, new in pairs}, **{c: 0 for c, _ in pairs}}, seed) | fixed
     first, step = dict(whole), dict(whole)
     for t in spec.inputs:
         axis = t.shape[1] if len(t.shape) > 1 else None

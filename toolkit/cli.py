@@ -446,6 +446,8 @@ def inspect(
     out.print(io)
     dims = ", ".join(f"{n} in [{d['min']}, {d['max'] if d['max'] is not None else '∞'}]" for n, d in info["dims"].items())
     out.print(f"dynamic dims: {dims or 'none'}")
+    for part, where in info["parts"].items():
+        out.print(f"part {part}: a bundle of its own at {where} (`toolkit inspect {where}`)")
     for name, v in info["variants"].items():
         out.print(Text(f"\nvariant {name}", style="bold") + Text(
             f": {v['file']}, {v['bytes'] / 1e6:.2f} MB, {v['precision']}, recipe {json.dumps(v['recipe'])}"))
@@ -578,7 +580,7 @@ def serve(
 @_user_errors
 def package(
     bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle to package."),
-    triton: Path = typer.Option(..., "--triton", metavar="REPO", help="Triton model repository to write <name>/ into."),
+    triton: Path = typer.Option(..., "--triton", metavar="REPO", help="Triton model repository to write <name>/ into (and <name>-<part>/ for each part of the bundle, e.g. an encoder)."),
     variant: str | None = typer.Option(None, help="Variant to package (default fp32; 'best' after toolkit build)."),
     max_batch: int = typer.Option(32, "--max-batch", help="Triton max_batch_size (0: no batching)."),
     max_delay_ms: float = typer.Option(0.0, "--max-delay-ms", help="dynamic_batching max queue delay."),

@@ -63,29 +63,42 @@ def export(
     out = Path(out)
     source = source_of(model, preset)
     with staged_directory(out, overwrite=force) as staging:
-        request = {"source": source, "opset": opset, "exporter": exporter, "directory": str(staging), "verbose": verbose}
-        info = _trace_isolated(request, say) if isolate else trace(**request, progress=say)
-        options: dict[str, Any] = {"exporter": info["exporter"], "opset": opset}
-        if info["fallback_reason"]:
-            options["fallback_reason"] = info["fallback_reason"]
-        manifest = Manifest(
-            name=source_name(source),
-            description=info["description"],
-            source=source,
-            task=info["task"],
-            opset=opset,
-            inputs=[TensorSpec.from_json(t) for t in info["inputs"]],
-            outputs=[TensorSpec.from_json(t) for t in info["outputs"]],
-            dims=[Dim.from_json(name, d) for name, d in info["dims"].items()],
-            fusion=info["fusion"],
-            generation=info["generation"],
-            reference={"weights_sha256": info["weights_sha256"]},
-            variants={"fp32": _variant(staging, FP32_FILE, info["external"], {"stage": "export", "options": options, "parent": None})},
-            versions=info["versions"],
-        )
-        Bundle(staging, manifest).save()
-    say(f"wrote {out} (variant fp32, {manifest.variants['fp32'].bytes / 1e6:.2f} MB, exporter {info['exporter']})")
+        manifest = _export_into(staging, source, opset=opset, exporter=exporter, verbose=verbose, isolate=isolate, say=say)
+    say(f"wrote {out} (variant fp32, {manifest.variants['fp32'].bytes / 1e6:.2f} MB, exporter "
+        f"{manifest.variants['fp32'].recipe['options']['exporter']}{', parts ' + ', '.join(manifest.parts) if manifest.parts else ''})")
     return Bundle.open(out)
+
+
+def _export_into(directory: Path, source: dict[str, Any], *, opset: int, exporter: str, verbose: bool, isolate: bool,
+                 say: Progress) -> Manifest:
+    """Writes the bundle of `source` into the empty `directory`, and its parts' bundles into subdirectories."""
+    request = {"source": source, "opset": opset, "exporter": exporter, "directory": str(directory), "verbose": verbose}
+    info = _trace_isolated(request, say) if isolate else trace(**request, progress=say)
+    options: dict[str, Any] = {"exporter": info["exporter"], "opset": opset}
+    if info["fallback_reason"]:
+        options["fallback_reason"] = info["fallback_reason"]
+    manifest = Manifest(
+        name=source_name(source),
+        description=info["description"],
+        source=source,
+        task=info["task"],
+        opset=opset,
+        inputs=[TensorSpec.from_json(t) for t in info["inputs"]],
+        outputs=[TensorSpec.from_json(t) for t in info["outputs"]],
+        dims=[Dim.from_json(name, d) for name, d in info["dims"].items()],
+        fusion=info["fusion"],
+        generation=info["generation"],
+        parts=info["parts"],
+        reference={"weights_sha256": info["weights_sha256"]},
+        variants={"fp32": _variant(directory, FP32_FILE, info["external"], {"stage": "export", "options": options, "parent": None})},
+        versions=info["versions"],
+    )
+    for part in manifest.parts:
+        say(f"exporting part {part}")
+        (directory / part).mkdir()
+        _export_into(directory / part, {**source, "part": part}, opset=opset, exporter=exporter, verbose=verbose, isolate=isolate, say=say)
+    Bundle(directory, manifest).save()
+    return manifest
 
 
 def trace(*, source: dict[str, Any], opset: int, exporter: str, directory: str, verbose: bool, progress: Progress) -> dict[str, Any]:
@@ -141,6 +154,7 @@ def trace(*, source: dict[str, Any], opset: int, exporter: str, directory: str, 
         "dims": {d.name: d.to_json() for d in spec.dims},
         "fusion": spec.fusion,
         "generation": spec.generation,
+        "parts": list(spec.parts),
         "weights_sha256": weights_sha256(spec.module),
         "external": external,
         "versions": _versions(),

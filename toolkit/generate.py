@@ -3,8 +3,10 @@
 The graph (see `ModelSpec.generation`) takes input_ids, attention_mask, position_ids and
 past_key_i/past_value_i, and returns logits and present_key_i/present_value_i. The first step
 feeds the whole (left-padded) prompt batch with an empty cache; every later step feeds one token per
-row and the cache the previous step returned. Sampling happens here, in numpy, so the ONNX graph
-and the PyTorch reference (`Generator.reference`) run the exact same loop.
+row and the cache the previous step returned. An encoder-decoder's prompts are its source: its
+encoder part runs once on them, and every decoder step reads the encoder's output (`memory_*`) and
+`source_mask`. Sampling happens here, in numpy, so the ONNX graphs and the PyTorch reference
+(`Generator.reference`) run the exact same loop.
 """
 
 from __future__ import annotations
@@ -84,7 +86,9 @@ class _Layout:
     logits: str
     vocab: int
     caches: tuple[str, ...]  # every past_* input; its present_* output feeds it on the next step
-    source_context: int | None  # an encoder-decoder: prompts are its source (source_ids, source_mask)
+    inputs: frozenset[str]
+    encoder: str | None  # an encoder-decoder's encoder part: prompts are its source (source_ids, source_mask)
+    source_context: int | None
 
     @classmethod
     def of(cls, name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], generation: Mapping[str, Any] | None) -> _Layout:
@@ -100,9 +104,8 @@ class _Layout:
         _, heads, _, head_size = past[0].shape
         vocab = next(t.high for t in inputs if t.name == "input_ids")
         caches = tuple(t.name for t in inputs if t.name.startswith("past_"))
-        source_context = generation.get("source_context") if "source_ids" in names else None
         return cls(heads, head_size, past[0].dtype, generation["eos_token_id"], generation["context"], outputs[0].name, vocab,
-                   caches, source_context)
+                   caches, frozenset(names), generation.get("encoder"), generation.get("source_context"))
 
 
 class Generator:
@@ -117,26 +120,22 @@ class Generator:
         self.layout = _Layout.of(model.name, model.inputs, model.outputs, manifest.generation)
         self.tokenizer = tokenizer_for(manifest.generation)
         self._step = model.run_validated  # the loop builds every feed to the spec itself
+        self._encoder_step = None
+        if self.layout.encoder:
+            encoder = Model(model.bundle.path / self.layout.encoder, variant=model.variant, provider=model.provider, threads=threads)
+            self._encoder_step = encoder.run_validated
 
     @classmethod
-    def reference(cls, path: str | os.PathLike[str], module: Any = None) -> Generator:
-        """The same loop over the bundle's PyTorch reference (eager, CPU), for parity and benchmarks;
-        `module` saves rebuilding it when the caller has it already."""
-        import torch
-
+    def reference(cls, path: str | os.PathLike[str], spec: Any = None, device: str = "cpu") -> Generator:
+        """The same loop over the bundle's PyTorch reference (eager, on torch `device`), for parity and
+        benchmarks; `spec` (its `ModelSpec`) saves rebuilding it when the caller has it already."""
         from toolkit.source import resolve
 
         generator = cls(Model(path, provider="cpu"))
-        model = generator.model
-        module = module if module is not None else resolve(model.bundle.manifest.source).module
-        order, names = [t.name for t in model.inputs], [o.name for o in model.outputs]
-
-        def step(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            with torch.inference_mode():
-                result = module(*(torch.from_numpy(feeds[n]) for n in order))
-            return {n: r.numpy() for n, r in zip(names, result, strict=True)}
-
-        generator._step = step
+        spec = spec if spec is not None else resolve(generator.model.bundle.manifest.source)
+        generator._step = _torch_step(spec, device)
+        if generator.layout.encoder:
+            generator._encoder_step = _torch_step(spec.parts[generator.layout.encoder], device)
         return generator
 
     def generate(self, prompt: str | Sequence[str], *, max_new_tokens: int = 64, stop: Sequence[str] = (),
@@ -221,25 +220,24 @@ class Generator:
             if finished.all() or (done is not None and all(done())):
                 return
             feeds = {
-                **feeds,  # an encoder-decoder's source_mask stays: it covers the memory cache
+                **feeds,  # an encoder-decoder's source_mask and memory stay
                 "input_ids": token[:, None].astype(np.int64),
                 "attention_mask": np.concatenate([feeds["attention_mask"], np.ones((batch, 1), dtype=np.int64)], axis=1),
                 "position_ids": feeds["position_ids"][:, -1:] + 1,
                 **{name: outputs["present_" + name.removeprefix("past_")] for name in layout.caches},
             }
-            if layout.source_context is not None:
-                feeds["source_ids"] = feeds["source_ids"][:, :0]  # encoded once, now in the memory cache
 
     def _first_feeds(self, prompts: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
-        """Decoder prompts left-padded; an encoder-decoder's prompts are its right-padded source, and
-        its decoder starts from the end-of-text token."""
+        """Decoder prompts left-padded; an encoder-decoder's prompts are its right-padded source, which
+        its encoder reads once, and its decoder starts from the end-of-text token."""
         layout, batch = self.layout, len(prompts)
         empty = np.zeros((batch, layout.heads, 0, layout.head_size), dtype=layout.past_dtype)
         feeds = {name: empty for name in layout.caches}
-        if layout.source_context is not None:
+        if self._encoder_step is not None:
             longest = max(len(p) for p in prompts)
-            feeds["source_ids"] = np.array([list(p) + [layout.eos_token_id] * (longest - len(p)) for p in prompts], dtype=np.int64)
-            feeds["source_mask"] = np.array([[1] * len(p) + [0] * (longest - len(p)) for p in prompts], dtype=np.int64)
+            source = {"source_ids": np.array([list(p) + [layout.eos_token_id] * (longest - len(p)) for p in prompts], dtype=np.int64),
+                      "source_mask": np.array([[1] * len(p) + [0] * (longest - len(p)) for p in prompts], dtype=np.int64)}
+            feeds.update({name: value for name, value in (source | self._encoder_step(source)).items() if name in layout.inputs})
             prompts = [[layout.eos_token_id]] * batch
         longest = max(len(p) for p in prompts)
         mask = np.array([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], dtype=np.int64)
@@ -255,6 +253,21 @@ class Generator:
         if not prompt:
             raise ToolkitError(f"{where} is empty; give at least one character to continue.")
         return self.tokenizer.encode(prompt)
+
+
+def _torch_step(spec: Any, device: str) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """A graph's step run by its PyTorch reference module on torch `device`, numpy in and out."""
+    import torch
+
+    module = spec.module.to(device)
+    order, names = [t.name for t in spec.inputs], list(spec.outputs)
+
+    def step(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            result = module(*(torch.from_numpy(feeds[n]).to(device) for n in order))
+        return {n: r.cpu().numpy() for n, r in zip(names, result, strict=True)}
+
+    return step
 
 
 def greedy_tokens(generator: Generator, prompts: Sequence[Sequence[int]], new_tokens: int) -> np.ndarray:

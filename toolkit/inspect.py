@@ -38,6 +38,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     return {
         **{k: manifest[k] for k in ("name", "description", "task", "source", "opset", "inputs", "outputs", "dims", "versions")},
         "path": str(bundle.path),
+        "parts": {part: str(bundle.path / part) for part in bundle.manifest.parts},
         "variants": variants,
         "providers": {"cpu": "available", "cuda": "available" if cuda_ok else f"unavailable: {why}"},
     }

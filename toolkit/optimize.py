@@ -70,6 +70,9 @@ def optimize(path: str | Path, *, source: str = "fp32", name: str = "opt", progr
         save_model(proto, optimized)
         bundle.add_variant(name, optimized, recipe={"stage": "optimize", "options": options, "parent": source}, precision=bundle.variant(source).precision)
     say(f"added variant {name}: {options['nodes']['before']} → {options['nodes']['after']} nodes")
+    for part in bundle.parts():
+        say(f"optimizing part {part.path.name}")
+        optimize(part.path, source=source, name=name, progress=progress)
     return bundle
 
 

@@ -23,7 +23,6 @@ import numpy as np
 from toolkit.bundle import Bundle
 from toolkit.errors import ToolkitError
 from toolkit.samples import make_feeds
-from toolkit.spec import cache_axes
 
 __all__ = ["CALIBRATION_METHODS", "DYNAMIC_OPS", "FP16_KEEP_FP32", "MODES", "quantize", "static_applies"]
 
@@ -100,6 +99,10 @@ def quantize(
         save_model(onnx.load(str(out)), out)
         bundle.add_variant(mode, out, recipe={"stage": "quantize", "options": {"mode": mode, **options}, "parent": source}, precision=precision)
     say(f"added variant {mode} ({bundle.manifest.variants[mode].bytes / 1e6:.2f} MB, from {bundle.variant(source).bytes / 1e6:.2f} MB)")
+    for part in bundle.parts():
+        say(f"quantizing part {part.path.name}")
+        quantize(part.path, mode=mode, source=source, calibration_samples=calibration_samples, method=method, per_channel=per_channel,
+                 keep_float=keep_float, keep_fp32=keep_fp32, progress=progress)
     return bundle
 
 
@@ -191,39 +194,11 @@ def _static(bundle: Bundle, model_file: Path, target: Path, samples: int, method
             return next(self._items, None)
 
     calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
-    empty = _may_run_empty(model_file, bundle.manifest)
     quantize_static(
         str(model_file), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-        calibrate_method=calibrate, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=empty,
+        calibrate_method=calibrate, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
     )
-    options = {"format": "QDQ", "calibration": {"method": method, "samples": len(feeds), "data": origin}, "per_channel": per_channel}
-    if empty:
-        options["kept_fp32_may_run_empty"] = len(empty)
-    return options
-
-
-def _may_run_empty(model_file: Path, manifest: Any) -> list[str]:
-    """Nodes whose output is empty on a step where a new-token dim of minimum 0 is 0 (an
-    encoder-decoder's encoder, once its source is in the memory cache), found by running the graph
-    so. onnxruntime 1.31's QLinearMul and QLinearSoftmax crash the process on empty tensors: these
-    nodes stay in fp32."""
-    import onnx
-    import onnxruntime as ort
-
-    dims = {d.name: d for d in manifest.dims}
-    zero = {new for _, new in cache_axes(manifest.inputs) if dims[new].min == 0}
-    if not zero:
-        return []
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_file)))
-    typed = {v.name: v for v in model.graph.value_info}
-    probes = [o for n in model.graph.node for o in n.output if o in typed]
-    model.graph.output.extend(typed[o] for o in probes)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # node outputs as written
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feeds = make_feeds(manifest.inputs, {name: 0 if name in zero else d.export for name, d in dims.items()}, seed=0)
-    empty = {name for name, value in zip(probes, session.run(probes, feeds), strict=True) if value.size == 0}
-    return [n.name for n in model.graph.node if empty & set(n.output)]
+    return {"format": "QDQ", "calibration": {"method": method, "samples": len(feeds), "data": origin}, "per_channel": per_channel}
 
 
 def _calibration_feeds(bundle: Bundle, samples: int) -> tuple[list[dict[str, np.ndarray]], str]:

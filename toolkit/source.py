@@ -51,24 +51,33 @@ def resolve(source: dict[str, Any]) -> ModelSpec:
         spec = hf_spec(source["path"])
     else:
         spec = _factory(source["ref"])
+    if "part" in source:
+        if source["part"] not in spec.parts:
+            raise ToolkitError(f"{describe_source({k: v for k, v in source.items() if k != 'part'})} has no part "
+                               f"{source['part']!r}; its parts: {', '.join(spec.parts) or 'none'}.")
+        spec = spec.parts[source["part"]]
     spec.module.eval()
     return spec
 
 
 def describe_source(source: dict[str, Any]) -> str:
     if source["kind"] == "zoo":
-        return f"{source['model']} preset {source['preset']}"
-    return f"hf:{source['path']}" if source["kind"] == "hf" else source["ref"]
+        text = f"{source['model']} preset {source['preset']}"
+    else:
+        text = f"hf:{source['path']}" if source["kind"] == "hf" else source["ref"]
+    return f"{text}, part {source['part']}" if "part" in source else text
 
 
 def source_name(source: dict[str, Any]) -> str:
     """A short name for the manifest: the zoo name, the factory's name, or the model directory's."""
     if source["kind"] == "zoo":
-        return source["model"]
-    if source["kind"] == "factory":
-        return source["ref"].rpartition(".")[2]
-    path = Path(source["path"])
-    return path.parent.name if path.name.lower() in _GENERIC_DIRS else path.name
+        name = source["model"]
+    elif source["kind"] == "factory":
+        name = source["ref"].rpartition(".")[2]
+    else:
+        path = Path(source["path"])
+        name = path.parent.name if path.name.lower() in _GENERIC_DIRS else path.name
+    return f"{name}-{source['part']}" if "part" in source else name
 
 
 def _zoo(name: str, preset: str) -> ModelSpec:

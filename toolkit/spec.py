@@ -129,7 +129,11 @@ class ModelSpec:
     fusion: dict[str, Any] | None = None
     # Decoders: {"tokenizer": "bytes", "eos_token_id": int, "context": int}; the graph then takes
     # input_ids, attention_mask, position_ids and past_key_i/past_value_i (see toolkit.generate).
+    # An encoder-decoder adds "source_context" and "encoder": the name of its encoder part.
     generation: dict[str, Any] | None = None
+    # Further graphs of the same model, each exported, optimized, quantized and checked as a bundle
+    # of its own in a subdirectory of this one named after the part (an encoder-decoder's encoder).
+    parts: Mapping[str, ModelSpec] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.inputs = tuple(self.inputs)
@@ -148,6 +152,9 @@ class ModelSpec:
             raise ValueError(f"inputs use dims {sorted(used - declared)} that are not declared in dims")
         if declared - used:
             raise ValueError(f"dims {sorted(declared - used)} are declared but no input uses them")
+        for part in self.parts:
+            if not part.isidentifier():
+                raise ValueError(f"part name {part!r} must be an identifier (it names a subdirectory of the bundle)")
 
     def dim(self, name: str) -> Dim:
         return next(d for d in self.dims if d.name == name)

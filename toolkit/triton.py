@@ -3,6 +3,8 @@ of a bundle, for when one machine is not enough:
 
     REPO/<name>/config.pbtxt     max_batch_size, inputs/outputs, dynamic_batching, instance_group
     REPO/<name>/1/model.onnx     the variant, as Triton's onnxruntime backend expects it
+
+A bundle's parts (an encoder-decoder's encoder) become models of their own beside it, REPO/<name>-<part>/.
 """
 
 from __future__ import annotations
@@ -79,8 +81,8 @@ def to_pbtxt(config: dict[str, Any]) -> str:
 
 def package_triton(path: str | os.PathLike[str], repo: str | os.PathLike[str], *, variant: str | None = None, max_batch: int = 32,
                    max_delay_ms: float = 0.0, instances: int = 1, kind: str = "KIND_AUTO", force: bool = False) -> Path:
-    """Writes REPO/<name>/ for `variant` of the bundle at `path` (atomically; an existing one only
-    with `force`); returns that directory."""
+    """Writes REPO/<name>/ for `variant` of the bundle at `path`, and one model per part of it
+    (atomically; an existing one only with `force`); returns the bundle's own directory."""
     if max_batch < 0 or instances < 1:
         raise ToolkitError(f"max_batch must be >= 0 and instances >= 1, got {max_batch} and {instances}.")
     if kind not in ("KIND_AUTO", "KIND_GPU", "KIND_CPU"):
@@ -103,4 +105,7 @@ def package_triton(path: str | os.PathLike[str], repo: str | os.PathLike[str], *
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    for part in model.bundle.parts():
+        package_triton(part.path, repo, variant=model.variant, max_batch=max_batch, max_delay_ms=max_delay_ms,
+                       instances=instances, kind=kind, force=force)
     return target
