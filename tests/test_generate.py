@@ -243,3 +243,25 @@ def test_generation_benchmark_reports_every_candidate_against_torch(gpt):
         assert row.prefill_ms > 0 and row.decode_p90_ms >= row.decode_ms_per_token > 0 and row.tokens_per_s > 0
     with pytest.raises(ToolkitError, match="exceed the model's context"):
         bench_generation(gpt, variants=["fp32"], batches=(1,), prompt_tokens=4, new_tokens=10_000, rounds=1, torch_eager=False)
+
+
+@pytest.mark.parametrize("name", ["gpt", "seq2seq"])
+def test_bound_steps_keep_the_cache_out_of_numpy_and_change_no_token(exported, name):
+    """The CUDA path (IO binding; the cache and memory stay where the session computed them, fed
+    back as OrtValues), run here on the CPU provider: the same greedy tokens as numpy feeds."""
+    import onnxruntime as ort
+
+    from toolkit.generate import bound_step
+
+    path = exported(name)
+    plain, bound = Generator(path, provider="cpu"), Generator(path, provider="cpu")
+    kept = {"present_" + n.removeprefix("past_") for n in bound.layout.caches}
+    step, returned = bound_step(bound.model, kept), []
+    bound._step = lambda feeds: returned.append(step(feeds)) or returned[-1]
+    if bound.layout.encoder:
+        encoder = Model(path / "encoder", provider="cpu")
+        bound._encoder_step = bound_step(encoder, {o.name for o in encoder.outputs})
+    prompts = _ids(plain, SOURCES if name == "seq2seq" else PROMPTS)
+    np.testing.assert_array_equal(greedy_tokens(bound, prompts, 8), greedy_tokens(plain, prompts, 8))
+    assert all(isinstance(out[k], ort.OrtValue) for out in returned for k in kept)
+    assert all(isinstance(out["logits"], np.ndarray) for out in returned)

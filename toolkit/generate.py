@@ -124,6 +124,10 @@ class Generator:
         if self.layout.encoder:
             encoder = Model(model.bundle.path / self.layout.encoder, variant=model.variant, provider=model.provider, threads=threads)
             self._encoder_step = encoder.run_validated
+        if model.provider == "cuda":  # the cache and the encoder's memory stay on the GPU between steps
+            self._step = bound_step(model, {"present_" + name.removeprefix("past_") for name in self.layout.caches})
+            if self.layout.encoder:
+                self._encoder_step = bound_step(encoder, {o.name for o in encoder.outputs})
 
     @classmethod
     def reference(cls, path: str | os.PathLike[str], spec: Any = None, device: str = "cpu") -> Generator:
@@ -253,6 +257,30 @@ class Generator:
         if not prompt:
             raise ToolkitError(f"{where} is empty; give at least one character to continue.")
         return self.tokenizer.encode(prompt)
+
+
+def bound_step(model: Model, kept: set[str]) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """`model`'s step through IO binding: outputs named in `kept` stay where the session computed
+    them (on the GPU for a CUDA session), as OrtValues that later steps take as inputs without a
+    round trip through the host; the other outputs come back as numpy arrays."""
+    import onnxruntime as ort
+
+    session, names = model.session, [o.name for o in model.outputs]
+    device = "cuda" if model.provider == "cuda" else "cpu"
+
+    def step(feeds: Mapping[str, Any]) -> dict[str, Any]:
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in names:
+            binding.bind_output(name, device if name in kept else "cpu")
+        session.run_with_iobinding(binding)
+        return {n: v if n in kept else v.numpy() for n, v in zip(names, binding.get_outputs(), strict=True)}
+
+    return step
 
 
 def _torch_step(spec: Any, device: str) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
