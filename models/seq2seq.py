@@ -262,7 +262,6 @@ def _real_steps(model: Seq2Seq, cfg: Seq2SeqConfig) -> dict[str, np.ndarray]:
 def build(cfg: Seq2SeqConfig) -> ModelSpec:
     torch.manual_seed(0)
     model, metrics = train_reversal(Seq2Seq(cfg), cfg)
-    model.eval()
     head = cfg.d_model // cfg.heads
     source = Dim("source", max=cfg.context, export=6, check=(9, 4))
     encoder = ModelSpec(
