@@ -119,15 +119,11 @@ class Generator:
         self.model = model
         self.layout = _Layout.of(model.name, model.inputs, model.outputs, manifest.generation)
         self.tokenizer = tokenizer_for(manifest.generation)
-        self._step = model.run_validated  # the loop builds every feed to the spec itself
+        self._step = _step(model, {"present_" + name.removeprefix("past_") for name in self.layout.caches})
         self._encoder_step = None
         if self.layout.encoder:
             encoder = Model(model.bundle.path / self.layout.encoder, variant=model.variant, provider=model.provider, threads=threads)
-            self._encoder_step = encoder.run_validated
-        if model.provider == "cuda":  # the cache and the encoder's memory stay on the GPU between steps
-            self._step = bound_step(model, {"present_" + name.removeprefix("past_") for name in self.layout.caches})
-            if self.layout.encoder:
-                self._encoder_step = bound_step(encoder, {o.name for o in encoder.outputs})
+            self._encoder_step = _step(encoder, {o.name for o in encoder.outputs})
 
     @classmethod
     def reference(cls, path: str | os.PathLike[str], spec: Any = None, device: str = "cpu") -> Generator:
@@ -257,6 +253,13 @@ class Generator:
         if not prompt:
             raise ToolkitError(f"{where} is empty; give at least one character to continue.")
         return self.tokenizer.encode(prompt)
+
+
+def _step(model: Model, carried: set[str]) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """The loop's step over `model`: on CUDA, the outputs `carried` to the next step (the cache, the
+    encoder's memory) stay on the GPU; elsewhere, numpy in and out (the loop builds every feed to
+    the spec itself, so no validation)."""
+    return bound_step(model, carried) if model.provider == "cuda" else model.run_validated
 
 
 def bound_step(model: Model, kept: set[str]) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
