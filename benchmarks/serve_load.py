@@ -200,8 +200,9 @@ def markdown(rows: list[LoadRow], direct: dict[str, float]) -> str:
 
 
 def replace_section(document: str, section: str) -> str:
-    """`document` with its "## Serving" section (to the next "## " or the end) replaced by `section`."""
-    start = document.find("## Serving")
+    """`document` with the section `section` heads (its first line, to the next "## " or the end)
+    replaced by `section`, or with `section` appended."""
+    start = document.find(section.split("\n", 1)[0])
     if start < 0:
         return document.rstrip("\n") + "\n\n" + section
     end = document.find("\n## ", start + 1)

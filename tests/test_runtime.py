@@ -168,3 +168,25 @@ def test_cuda_sessions_compute_fp32_in_fp32_not_tf32():
 
     assert session_providers("cuda") == [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
     assert session_providers("cpu") == ["CPUExecutionProvider"]
+
+
+def test_cpu_sessions_keep_add_and_layer_norm_apart(exported, tmp_path):
+    """onnxruntime would fuse the encoder's residual Add + LayerNormalization into SkipLayerNormalization
+    when a session loads it; its CPU kernel for that is the slower one, so CPU sessions must not."""
+    import onnx
+    import onnxruntime as ort
+
+    from toolkit.runtime import new_session
+
+    model_file = str(Bundle.open(exported("encoder")).variant_path("fp32"))
+    loaded = {}
+    for provider in ("cpu", None):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{provider}.onnx")
+        if provider:
+            new_session(model_file, provider, options)
+        else:  # onnxruntime's own default, for contrast
+            ort.InferenceSession(model_file, options, providers=["CPUExecutionProvider"])
+        loaded[provider] = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+    assert "SkipLayerNormalization" in loaded[None]
+    assert "SkipLayerNormalization" not in loaded["cpu"] and "LayerNormalization" in loaded["cpu"]

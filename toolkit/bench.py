@@ -31,7 +31,7 @@ import numpy as np
 from toolkit import __version__
 from toolkit.bundle import Bundle
 from toolkit.errors import ToolkitError
-from toolkit.runtime import PROVIDERS, Model, cuda_status, preload_cuda, session_providers
+from toolkit.runtime import PROVIDERS, Model, cuda_status, new_session, preload_cuda
 from toolkit.samples import make_feeds
 
 __all__ = ["BenchReport", "Row", "available_providers", "bench", "measure", "gemm_peak", "TORCH_EAGER", "TORCH_COMPILE"]
@@ -345,7 +345,7 @@ def _session(model: bytes | str, provider: str, threads: int, profile: bool = Fa
     options.enable_profiling = profile
     if provider == "cuda":
         preload_cuda()
-    return ort.InferenceSession(model, sess_options=options, providers=session_providers(provider))
+    return new_session(model, provider, options)
 
 
 def _nodes_by_provider(model_file: Path, provider: str, feeds: dict[str, np.ndarray], threads: int) -> dict[str, int]:

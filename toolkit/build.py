@@ -63,7 +63,7 @@ def build(
         reason = static_applies(bundle)
         modes = ("int8", "int8-static", "fp16") if reason else ("int8", "fp16")
         say("int8-static: " + (reason or "skipped (no convolutions and no calibration set: dynamic int8 is the int8 path)"))
-    optimize(bundle.path, progress=say)
+    optimize(bundle.path, provider=provider, progress=say)
     say("checking the optimized variant against the PyTorch reference")
     opt_passed = check(bundle.path, variants=["opt"], progress=say)["opt"]["passed"]
     for mode in modes:

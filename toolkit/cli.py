@@ -206,13 +206,19 @@ def _verdict(ok: bool) -> Text:
 def optimize(
     ctx: typer.Context,
     bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle directory."),
+    provider: Provider = typer.Option(Provider.cpu, help="Execution provider the variant is made for (auto: CUDA where available). "
+                                      "For the CPU, SkipLayerNormalization is split into Add + LayerNormalization, which run faster there."),
     check_parity: bool = typer.Option(True, "--check/--no-check", help="Check the new variant's parity right away."),
 ) -> None:
     """Add variant `opt`: transformer fusions (encoder, gpt, or hinted user models) and onnxruntime's
     basic graph optimizations, saved offline. Exit 1 if its parity check fails."""
+    from toolkit.bench import available_providers
     from toolkit.optimize import optimize as optimize_bundle
 
-    optimize_bundle(bundle_dir, progress=_progress)
+    target = provider.value
+    if target == "auto":
+        target = "cuda" if "cuda" in available_providers() else "cpu"
+    optimize_bundle(bundle_dir, provider=target, progress=_progress)
     _check_new(bundle_dir, "opt", check_parity)
 
 

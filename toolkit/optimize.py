@@ -11,6 +11,10 @@ Only the basic level is applied offline: extended and full-level rewrites are sp
 execution provider they were made for, and onnxruntime applies them anyway when a session loads
 the model. Parity of the result is checked like any variant's, which catches a fusion that changes
 the math.
+
+The variant is made for one provider. For the CPU, SkipLayerNormalization is split back into Add +
+LayerNormalization: onnxruntime's CPU kernel for it is slower than the two (benchmarks/layernorm.py),
+while CUDA's fused kernel is the faster one.
 """
 
 from __future__ import annotations
@@ -30,15 +34,21 @@ from toolkit.errors import ToolkitError
 __all__ = ["optimize"]
 
 
-def optimize(path: str | Path, *, source: str = "fp32", name: str = "opt", progress: Callable[[str], None] | None = None) -> Bundle:
-    """Adds variant `name` optimized from variant `source`; returns the bundle (parity not yet checked)."""
+def optimize(path: str | Path, *, source: str = "fp32", name: str = "opt", provider: str = "cpu",
+             progress: Callable[[str], None] | None = None) -> Bundle:
+    """Adds variant `name` optimized from variant `source` for `provider` ("cpu" or "cuda"); returns
+    the bundle (parity not yet checked)."""
     import onnx
     import onnxruntime as ort
 
+    from toolkit.runtime import PROVIDERS
+
+    if provider not in PROVIDERS:
+        raise ToolkitError(f"unknown provider {provider!r} to optimize for; choose {', '.join(PROVIDERS)}.")
     say = progress or (lambda _msg: None)
     bundle = Bundle.open(path)
     model_file = bundle.variant_path(source)
-    options: dict[str, Any] = {"graph_optimization_level": "basic"}
+    options: dict[str, Any] = {"provider": provider, "graph_optimization_level": "basic"}
     with tempfile.TemporaryDirectory(prefix="toolkit-optimize-") as tmp:
         current = model_file
         hints = bundle.manifest.fusion
@@ -64,6 +74,10 @@ def optimize(path: str | Path, *, source: str = "fp32", name: str = "opt", progr
         except Exception as exc:
             raise ToolkitError(f"onnxruntime cannot optimize {model_file}: {exc}") from exc
         proto = onnx.load(str(optimized))
+        if provider == "cpu":
+            options["split"] = {"SkipLayerNormalization": split_skip_layer_norm(proto)}
+            if options["split"]["SkipLayerNormalization"]:
+                say(f"split {options['split']['SkipLayerNormalization']} SkipLayerNormalization into Add + LayerNormalization for the CPU")
         options["nodes"] = {"before": _count(onnx.load(str(model_file), load_external_data=False)), "after": _count(proto)}
         from toolkit._onnx import save_model
 
@@ -72,8 +86,40 @@ def optimize(path: str | Path, *, source: str = "fp32", name: str = "opt", progr
     say(f"added variant {name}: {options['nodes']['before']} → {options['nodes']['after']} nodes")
     for part in bundle.parts():
         say(f"optimizing part {part.path.name}")
-        optimize(part.path, source=source, name=name, progress=progress)
+        optimize(part.path, source=source, name=name, provider=provider, progress=progress)
     return bundle
+
+
+def split_skip_layer_norm(proto: Any) -> int:
+    """Replaces each SkipLayerNormalization whose mean and inverse-deviation outputs are unused by
+    Add(input, skip) [+ bias] and LayerNormalization over the last axis, in place; returns how many.
+    The sum output, where the graph reads it, keeps its name."""
+    from onnx import helper
+
+    if next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0) < 17:
+        return 0  # LayerNormalization is an ONNX op from opset 17
+    graph = proto.graph
+    read = ({name for node in graph.node for name in node.input} | {o.name for o in graph.output}) - {""}
+    nodes, split = [], 0
+    for node in graph.node:
+        outputs = [*node.output, "", "", ""][:4]
+        if node.op_type != "SkipLayerNormalization" or node.domain != "com.microsoft" or read & set(outputs[1:3]):
+            nodes.append(node)
+            continue
+        x, skip, gamma, beta, bias = [*node.input, "", "", ""][:5]
+        epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-12)  # the contrib op's default
+        stem = node.name or outputs[0]
+        total = outputs[3] if outputs[3] in read else f"{stem}_sum"
+        partial = f"{stem}_skip_sum" if bias else total
+        nodes.append(helper.make_node("Add", [x, skip], [partial], name=f"{stem}_add"))
+        if bias:
+            nodes.append(helper.make_node("Add", [partial, bias], [total], name=f"{stem}_add_bias"))
+        nodes.append(helper.make_node("LayerNormalization", [total, gamma, *([beta] if beta else [])], [outputs[0]],
+                                      name=f"{stem}_layer_norm", axis=-1, epsilon=epsilon))
+        split += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return split
 
 
 def _exporter(bundle: Bundle, variant: str) -> str | None:

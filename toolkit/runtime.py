@@ -19,9 +19,13 @@ from toolkit.bundle import Bundle
 from toolkit.errors import ToolkitError
 from toolkit.spec import TensorSpec
 
-__all__ = ["PROVIDERS", "Model", "cuda_status", "load", "ort_message", "session_providers"]
+__all__ = ["PROVIDERS", "Model", "cuda_status", "load", "new_session", "ort_message", "session_providers"]
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# onnxruntime's CPU SkipLayerNormalization kernel is a scalar loop: 1.5 to 6 times slower than the
+# Add + LayerNormalization it would replace (benchmarks/RESULTS.md, "Kernel choices"), so CPU sessions keep
+# them apart. CUDA's fused kernel is the faster one there.
+CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
 def load(path: str | os.PathLike[str], *, variant: str | None = None, provider: str = "auto", threads: int | None = None) -> Model:
@@ -220,6 +224,15 @@ def session_providers(provider: str) -> list[Any]:
     return [(PROVIDERS["cuda"], {"use_tf32": "0"}), PROVIDERS["cpu"]]
 
 
+def new_session(model: str | bytes, provider: str, options: Any = None) -> Any:
+    """An onnxruntime session of `model` (a path or the serialized model) on `provider` ("cpu" or
+    "cuda"), with this toolkit's settings for that provider."""
+    import onnxruntime as ort
+
+    disabled = list(CPU_DISABLED_OPTIMIZERS) if provider == "cpu" else None
+    return ort.InferenceSession(model, sess_options=options, providers=session_providers(provider), disabled_optimizers=disabled)
+
+
 def _open_session(path: Path, provider: str, threads: int | None) -> tuple[Any, str, str]:
     import onnxruntime as ort
 
@@ -230,25 +243,25 @@ def _open_session(path: Path, provider: str, threads: int | None) -> tuple[Any, 
     if threads is not None:
         options.intra_op_num_threads = threads
 
-    def session(names: list[Any]) -> Any:
+    def session(name: str) -> Any:
         try:
-            return ort.InferenceSession(str(path), sess_options=options, providers=names)
+            return new_session(str(path), name, options)
         except Exception as exc:
             raise ToolkitError(f"onnxruntime cannot load {path}: {exc}") from exc
 
     if provider == "cpu":
-        return session(session_providers("cpu")), "cpu", ""
+        return session("cpu"), "cpu", ""
     usable, why = cuda_status()
     if usable:
         preload_cuda()
-        sess = session(session_providers("cuda"))
+        sess = session("cuda")
         # onnxruntime keeps going on CPU when the CUDA provider fails to load: ask the session.
         if PROVIDERS["cuda"] in sess.get_providers():
             return sess, "cuda", ""
         why = "the CUDA provider failed to load (onnxruntime's log above names the missing library)"
     if provider == "cuda":
         raise ToolkitError(f"provider 'cuda' is not available: {why}. Use provider 'cpu' (or 'auto' to pick).")
-    return session(session_providers("cpu")), "cpu", f"CUDA not used: {why}"
+    return session("cpu"), "cpu", f"CUDA not used: {why}"
 
 
 def _shape(shape: Sequence[int | str]) -> str:
