@@ -121,8 +121,12 @@ def test_models_without_hints_get_generic_optimizations(exported, copy_of):
     assert check(path, variants=["opt"])["opt"]["passed"]
 
 
-@pytest.mark.parametrize(("args", "provider"), [((), "cpu"), (("--provider", "cuda"), "cuda")])
+@pytest.mark.parametrize(("args", "provider"), [((), "cpu"), (("--provider", "cuda"), "cuda"), (("--provider", "auto"), "auto")])
 def test_cli_optimize_checks_the_new_variant(cli, exported, copy_of, args, provider):
+    if provider == "auto":
+        from toolkit.bench import available_providers
+
+        provider = "cuda" if "cuda" in available_providers() else "cpu"
     path = copy_of(exported("encoder"))
     result = cli("optimize", path, *args)
     assert result.exit_code == 0, result.output

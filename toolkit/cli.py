@@ -212,14 +212,19 @@ def optimize(
 ) -> None:
     """Add variant `opt`: transformer fusions (encoder, gpt, or hinted user models) and onnxruntime's
     basic graph optimizations, saved offline. Exit 1 if its parity check fails."""
-    from toolkit.bench import available_providers
     from toolkit.optimize import optimize as optimize_bundle
 
-    target = provider.value
-    if target == "auto":
-        target = "cuda" if "cuda" in available_providers() else "cpu"
-    optimize_bundle(bundle_dir, provider=target, progress=_progress)
+    optimize_bundle(bundle_dir, provider=_made_for(provider), progress=_progress)
     _check_new(bundle_dir, "opt", check_parity)
+
+
+def _made_for(provider: Provider) -> str:
+    """The provider a variant is made for: auto is CUDA where it is available here."""
+    if provider != Provider.auto:
+        return provider.value
+    from toolkit.bench import available_providers
+
+    return "cuda" if "cuda" in available_providers() else "cpu"
 
 
 class Mode(str, Enum):
@@ -281,7 +286,7 @@ def build(
     out_dir: Path = typer.Option(..., "-o", "--out", help="Bundle directory to create."),
     preset: str | None = typer.Option(None, help="Preset of a reference model (default: 'default')."),
     mode: list[Mode] | None = typer.Option(None, "--mode", help="Quantization mode (repeatable; default: int8, fp16, and int8-static for models with convolutions or a calibration set)."),
-    provider: Provider = typer.Option(Provider.cpu, help="Provider on which `best` is measured."),
+    provider: Provider = typer.Option(Provider.cpu, help="Provider `opt` is made for and on which `best` is measured (auto: CUDA where available)."),
     select: bool = typer.Option(True, "--select/--no-select", help="Time the passing variants and record the fastest as `best`."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
 ) -> None:
@@ -293,7 +298,7 @@ def build(
     from toolkit.build import build as build_bundle
 
     bundle = build_bundle(
-        model, out_dir, preset=preset, modes=[m.value for m in mode] if mode else None, provider=provider.value,
+        model, out_dir, preset=preset, modes=[m.value for m in mode] if mode else None, provider=_made_for(provider),
         select=select, force=force, progress=_progress,
     )
     manifest = bundle.manifest
