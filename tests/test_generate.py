@@ -161,8 +161,8 @@ def test_sample_positions_follow_the_mask_and_out_of_range_positions_are_refused
 @pytest.mark.parametrize("name", ["gpt", "seq2seq"])
 def test_check_feeds_a_decoder_step_the_references_own_cache(exported, name):
     from toolkit.bundle import Bundle
-    from toolkit.check import _case_feeds, _torch_run
-    from toolkit.source import resolve
+    from toolkit.check import _case_feeds
+    from toolkit.source import resolve, run_reference
 
     manifest = Bundle.open(exported(name)).manifest
     spec = resolve(manifest.source)
@@ -172,12 +172,12 @@ def test_check_feeds_a_decoder_step_the_references_own_cache(exported, name):
     whole = _case_feeds(spec, {**sizes, "seq": 12, "past": 0}, seed=2, generation=manifest.generation)
     # The step over a cached prefix computes what one pass over the whole sequence computes for its tail.
     np.testing.assert_array_equal(step["input_ids"], whole["input_ids"][:, 7:])
-    np.testing.assert_allclose(_torch_run(spec, step)["logits"], _torch_run(spec, whole)["logits"][:, 7:], atol=1e-4)
+    np.testing.assert_allclose(run_reference(spec, step)["logits"], run_reference(spec, whole)["logits"][:, 7:], atol=1e-4)
     if name == "seq2seq":  # its memory is the reference encoder's output over a sample source
         encoder = spec.parts["encoder"]
         sources = make_feeds(encoder.inputs, sizes, seed=2)
         np.testing.assert_array_equal(step["source_mask"], sources["source_mask"])
-        np.testing.assert_array_equal(step["memory_value_1"], _torch_run(encoder, sources)["memory_value_1"])
+        np.testing.assert_array_equal(step["memory_value_1"], run_reference(encoder, sources)["memory_value_1"])
 
 
 SOURCES = ["hello", "abc def", "reverse me please", "x"]

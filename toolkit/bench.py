@@ -31,7 +31,7 @@ import numpy as np
 from toolkit import __version__
 from toolkit.bundle import Bundle
 from toolkit.errors import ToolkitError
-from toolkit.runtime import PROVIDERS, Model, cuda_status, new_session, preload_cuda
+from toolkit.runtime import PROVIDERS, Model, cuda_status, new_session
 from toolkit.samples import make_feeds
 
 __all__ = ["BenchReport", "Row", "available_providers", "bench", "measure", "gemm_peak", "TORCH_EAGER", "TORCH_COMPILE"]
@@ -343,8 +343,6 @@ def _session(model: bytes | str, provider: str, threads: int, profile: bool = Fa
     options.intra_op_num_threads = threads
     options.log_severity_level = 4
     options.enable_profiling = profile
-    if provider == "cuda":
-        preload_cuda()
     return new_session(model, provider, options)
 
 

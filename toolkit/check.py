@@ -20,7 +20,7 @@ from toolkit.bundle import Bundle
 from toolkit.errors import CheckFailed, ToolkitError
 from toolkit.runtime import Model
 from toolkit.samples import make_feeds
-from toolkit.source import describe_source, resolve, weights_sha256
+from toolkit.source import describe_source, resolve, run_reference, weights_sha256
 from toolkit.spec import ModelSpec, cache_axes, shape_cases
 from toolkit.tolerances import profile
 
@@ -60,7 +60,7 @@ def check(
     cases = [(seed, sizes) for sizes in shape_cases(bundle.manifest.dims) for seed in seeds]
     say(f"running the reference on {len(cases)} cases")
     feeds = [_case_feeds(spec, sizes, seed, generation=bundle.manifest.generation) for seed, sizes in cases]
-    references = [_torch_run(spec, case) for case in feeds]
+    references = [run_reference(spec, case) for case in feeds]
     evaluation = _torch_eval(spec) if spec.eval_data and spec.task == "classify" else None
     heldout = _heldout(spec, bundle.manifest.dims)
     greedy = _greedy_reference(bundle, spec, heldout) if bundle.manifest.generation else None
@@ -185,7 +185,7 @@ def _heldout(spec: ModelSpec, dims) -> tuple[str, list[dict[str, np.ndarray]], l
         description = f"{rows} sample rows"
     total = len(next(iter(feeds.values())))
     chunks = [{k: v[i : i + _EVAL_CHUNK] for k, v in feeds.items()} for i in range(0, total, _EVAL_CHUNK)]
-    return description, chunks, [_torch_run(spec, chunk) for chunk in chunks]
+    return description, chunks, [run_reference(spec, chunk) for chunk in chunks]
 
 
 def _task_metric(task: str, tolerance, heldout, model: Model) -> dict[str, Any]:
@@ -234,7 +234,7 @@ def _case_feeds(spec: ModelSpec, sizes: dict[str, int], seed: int, *, generation
         encoder = spec.parts[generation["encoder"]]
         sources = make_feeds(encoder.inputs, sizes, seed)
         names = {t.name for t in spec.inputs}
-        fixed = {name: value for name, value in (sources | _torch_run(encoder, sources)).items() if name in names}
+        fixed = {name: value for name, value in (sources | run_reference(encoder, sources)).items() if name in names}
     if not generation or not any(sizes[cached] for cached, _ in pairs):
         return make_feeds(spec.inputs, sizes, seed) | fixed
     whole = make_feeds(spec.inputs, {**sizes, **{new: sizes[c] + sizes[new] for c, new in pairs}, **{c: 0 for c, _ in pairs}}, seed) | fixed
@@ -246,24 +246,14 @@ def _case_feeds(spec: ModelSpec, sizes: dict[str, int], seed: int, *, generation
                 first[t.name], step[t.name] = whole[t.name][:, : sizes[cached]], whole[t.name][:, sizes[cached] :]
             elif axis == f"{cached}+{new}":
                 first[t.name] = whole[t.name][:, : sizes[cached]]
-    cache = _torch_run(spec, first)
+    cache = run_reference(spec, first)
     return step | {name: cache["present_" + name.removeprefix("past_")] for name in whole if name.startswith("past_")}
 
-
-def _torch_run(spec: ModelSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    import torch
-
-    with torch.no_grad():
-        result = spec.module(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs))
-    result = result if isinstance(result, (tuple, list)) else (result,)
-    if len(result) != len(spec.outputs):
-        raise ToolkitError(f"the reference returned {len(result)} outputs, the spec names {len(spec.outputs)}.")
-    return {name: value.numpy() for name, value in zip(spec.outputs, result, strict=True)}
 
 
 def _torch_eval(spec: ModelSpec) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
     feeds, labels = spec.eval_data()
-    accuracy = _accuracy(lambda chunk: next(iter(_torch_run(spec, chunk).values())), feeds, labels)
+    accuracy = _accuracy(lambda chunk: next(iter(run_reference(spec, chunk).values())), feeds, labels)
     return feeds, labels, accuracy
 
 

@@ -11,6 +11,7 @@ encoder part runs once on them, and every decoder step reads the encoder's outpu
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -288,17 +289,10 @@ def bound_step(model: Model, kept: set[str]) -> Callable[[Mapping[str, Any]], di
 
 def _torch_step(spec: Any, device: str) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """A graph's step run by its PyTorch reference module on torch `device`, numpy in and out."""
-    import torch
+    from toolkit.source import run_reference
 
-    module = spec.module.to(device)
-    order, names = [t.name for t in spec.inputs], list(spec.outputs)
-
-    def step(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with torch.inference_mode():
-            result = module(*(torch.from_numpy(feeds[n]).to(device) for n in order))
-        return {n: r.cpu().numpy() for n, r in zip(names, result, strict=True)}
-
-    return step
+    spec.module.to(device)
+    return functools.partial(run_reference, spec, device=device)
 
 
 def greedy_tokens(generator: Generator, prompts: Sequence[Sequence[int]], new_tokens: int) -> np.ndarray:

@@ -229,6 +229,8 @@ def new_session(model: str | bytes, provider: str, options: Any = None) -> Any:
     "cuda"), with this toolkit's settings for that provider."""
     import onnxruntime as ort
 
+    if provider == "cuda":
+        preload_cuda()
     disabled = list(CPU_DISABLED_OPTIMIZERS) if provider == "cpu" else None
     return ort.InferenceSession(model, sess_options=options, providers=session_providers(provider), disabled_optimizers=disabled)
 
@@ -253,7 +255,6 @@ def _open_session(path: Path, provider: str, threads: int | None) -> tuple[Any, 
         return session("cpu"), "cpu", ""
     usable, why = cuda_status()
     if usable:
-        preload_cuda()
         sess = session("cuda")
         # onnxruntime keeps going on CPU when the CUDA provider fails to load: ask the session.
         if PROVIDERS["cuda"] in sess.get_providers():

@@ -11,9 +11,12 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+import numpy as np
 
 from toolkit.errors import ToolkitError
 from toolkit.spec import ModelSpec
@@ -58,6 +61,19 @@ def resolve(source: dict[str, Any]) -> ModelSpec:
         spec = spec.parts[source["part"]]
     spec.module.eval()
     return spec
+
+
+def run_reference(spec: ModelSpec, feeds: Mapping[str, np.ndarray], device: str = "cpu") -> dict[str, np.ndarray]:
+    """`spec`'s PyTorch module on numpy `feeds` (its inputs, by name), on torch `device` (where the
+    module already is) → its outputs by name, as numpy."""
+    import torch
+
+    with torch.inference_mode():
+        result = spec.module(*(torch.from_numpy(feeds[t.name]).to(device) for t in spec.inputs))
+    result = result if isinstance(result, (tuple, list)) else (result,)
+    if len(result) != len(spec.outputs):
+        raise ToolkitError(f"the reference returned {len(result)} outputs, the spec names {len(spec.outputs)}.")
+    return {name: value.cpu().numpy() for name, value in zip(spec.outputs, result, strict=True)}
 
 
 def describe_source(source: dict[str, Any]) -> str:
