@@ -121,6 +121,18 @@ def test_models_without_hints_get_generic_optimizations(exported, copy_of):
     assert check(path, variants=["opt"])["opt"]["passed"]
 
 
+def test_lstm_loses_the_exporters_shape_glue(exported, copy_of):
+    """Zero initial states and the Transpose + computed Reshape between layers go: the LSTMs are left
+    with one Squeeze between them, which int8 (quantized from opt) inherits."""
+    path = copy_of(exported("lstm"))  # tiny: 2 layers
+    optimize(path)
+    options = Bundle.open(path).manifest.variants["opt"].recipe["options"]
+    assert options["simplified"] == {"zero initial states": 4, "Reshape to Squeeze": 2}
+    ops = [n.op_type for n in onnx.load(path / "model.opt.onnx").graph.node]
+    assert ops[:4] == ["Transpose", "LSTM", "Squeeze", "LSTM"] and not {"Shape", "Expand", "Reshape"} & set(ops)
+    assert check(path, variants=["opt"])["opt"]["passed"]
+
+
 @pytest.mark.parametrize(("args", "provider"), [((), "cpu"), (("--provider", "cuda"), "cuda"), (("--provider", "auto"), "auto")])
 def test_cli_optimize_checks_the_new_variant(cli, exported, copy_of, args, provider):
     if provider == "auto":

@@ -12,6 +12,9 @@ execution provider they were made for, and onnxruntime applies them anyway when 
 the model. Parity of the result is checked like any variant's, which catches a fusion that changes
 the math.
 
+Shape glue the exporter writes around recurrent layers, which onnxruntime keeps because its dims
+are dynamic, is removed where it provably does nothing (toolkit.simplify).
+
 The variant is made for one provider. For the CPU, SkipLayerNormalization is split back into Add +
 LayerNormalization: onnxruntime's CPU kernel for it is slower than the two (benchmarks/layernorm.py),
 while CUDA's fused kernel is the faster one.
@@ -30,6 +33,7 @@ from typing import Any
 
 from toolkit.bundle import Bundle
 from toolkit.errors import ToolkitError
+from toolkit.simplify import simplify
 
 __all__ = ["optimize"]
 
@@ -74,6 +78,9 @@ def optimize(path: str | Path, *, source: str = "fp32", name: str = "opt", provi
         except Exception as exc:
             raise ToolkitError(f"onnxruntime cannot optimize {model_file}: {exc}") from exc
         proto = onnx.load(str(optimized))
+        options["simplified"] = simplify(proto)
+        if any(options["simplified"].values()):
+            say("removed shape glue: " + ", ".join(f"{n} {what}" for what, n in options["simplified"].items() if n))
         if provider == "cpu":
             options["split"] = {"SkipLayerNormalization": split_skip_layer_norm(proto)}
             if options["split"]["SkipLayerNormalization"]:
