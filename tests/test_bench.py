@@ -3,6 +3,7 @@ Timings themselves are never asserted (machines are shared and noisy)."""
 
 import json
 import math
+import os
 
 import numpy as np
 import onnx
@@ -61,7 +62,52 @@ def test_report_has_a_row_per_candidate_and_shape_with_torch_as_reference(report
         assert row.gflops_per_s == pytest.approx(row.gflop * 1e3 / row.p50_ms)
         assert row.gemm_peak_gflops_per_s > 0 and row.peak_mem_mb >= 0
     assert report.schedule == [["cpu/torch-eager", "cpu/fp32"], ["cpu/fp32", "cpu/torch-eager"]]
-    assert report.machine["threads"] == report.settings["threads"] >= 1
+    cpus = len(os.sched_getaffinity(0))  # the default thread count
+    assert report.settings["threads"] == [cpus] and {r.threads for r in report.rows} == {cpus}
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two thread counts need two CPUs to be measured")
+def test_thread_counts_are_an_axis_with_torch_at_each(exported):
+    import torch
+
+    threads_before = torch.get_num_threads()
+    report = bench(exported("lstm"), batches=(1,), seqs=(4,), threads=(2, 1), **QUICK)
+    assert report.settings["threads"] == [1, 2]
+    assert {(r.variant, r.threads) for r in report.rows} == {(v, n) for v in (TORCH_EAGER, "fp32") for n in (1, 2)}
+    for row in report.rows:  # each row against torch eager at its own thread count
+        torch_row = next(r for r in report.rows if r.variant == TORCH_EAGER and r.threads == row.threads)
+        assert row.speedup_vs_torch == pytest.approx(torch_row.p50_ms / row.p50_ms)
+    assert set(report.schedule[0]) == {f"cpu/{v}@{n}t" for v in (TORCH_EAGER, "fp32") for n in (1, 2)}
+    assert torch.get_num_threads() == threads_before  # process-wide in torch: put back
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two thread counts need two CPUs to be measured")
+def test_the_table_has_a_threads_column_when_several_are_measured(cli, exported):
+    result = cli("bench", exported("mlp"), "--batch", "1", "--threads", "1,2", "--max-time", "0.02", "--rounds", "2", "--json", "-")
+    assert result.exit_code == 0, result.output
+    assert {row["threads"] for row in json.loads(result.stdout)["rows"]} == {1, 2}
+    header = next(line for line in result.stderr.splitlines() if "variant" in line)
+    assert "threads" in header and "1, 2 threads" in result.stderr
+
+
+def test_turns_are_entered_and_cooled_down_untimed():
+    """torch's thread count is set by a step's `enter` before each of its turns; after each turn the
+    threads it leaves spinning get `cooldown` seconds to stop. Neither is in the timing."""
+    events = []
+    now = [0.0]
+
+    def step():
+        events.append("run")
+        now[0] += 1.0
+
+    def sleep(seconds):
+        events.append(f"sleep {seconds}")
+        now[0] += 100.0  # would show in the latencies if it were timed
+
+    step.enter = lambda: events.append("enter")
+    latencies, _ = measure({"a": step}, max_time=2.0, rounds=2, warmup=1, cooldown=0.5, clock=lambda: now[0], sleep=sleep)
+    assert events == ["enter", "run", "enter", "run", "sleep 0.5", "enter", "run", "sleep 0.5"]
+    assert latencies["a"].tolist() == [1.0, 1.0]
 
 
 def test_work_counted_from_the_graph_matches_the_architecture(exported):
@@ -101,6 +147,8 @@ def test_the_table_shows_speedup_and_parity(cli, exported):
         (["--batch", "1,x"], "--batch '1,x': expected comma-separated integers"),
         (["--batch", "0"], "batch sizes and sequence lengths must be at least 1"),
         (["--seq", "8"], "--seq applies to models with a 'seq' dim"),
+        (["--threads", "0"], "thread counts [0]: this process may use"),
+        (["--threads", "1,x"], "--threads '1,x': expected comma-separated integers"),
         (["--plot", "out.svg"], "give a .png file name"),
     ],
 )

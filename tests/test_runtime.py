@@ -57,6 +57,8 @@ def test_unknown_provider_and_variant(exported):
         toolkit.load(exported("mlp"), provider="tpu")
     with pytest.raises(toolkit.ToolkitError, match="has no variant 'int4'; its variants: fp32"):
         toolkit.load(exported("mlp"), variant="int4")
+    with pytest.raises(toolkit.ToolkitError, match="threads 0: give at least 1"):
+        toolkit.load(exported("mlp"), threads=0)
 
 
 def test_call_single_input_returns_the_array(exported):

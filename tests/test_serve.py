@@ -308,7 +308,7 @@ def test_cli_serves_and_drains_a_request_in_flight_on_sigterm(exported):
     port = _free_port()
     # A long batching delay keeps the request queued while the server is told to stop.
     server = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", str(exported("mlp")), "--port", str(port),
-                               "--provider", "cpu", "--max-delay-ms", "1500"], stderr=subprocess.PIPE, text=True)
+                               "--provider", "cpu", "--threads", "1", "--max-delay-ms", "1500"], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -329,3 +329,4 @@ def test_cli_serves_and_drains_a_request_in_flight_on_sigterm(exported):
     log = server.stderr.read()
     access = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert {"method": "POST", "path": "/v2/models/mlp/infer", "status": 200}.items() <= access[-1].items()
+    assert "serving mlp (fp32 on cpu, 1 threads)" in log

@@ -3,9 +3,12 @@ the PyTorch reference, measured in one process.
 
 How the numbers are made honest:
 - every candidate (torch eager, each provider × variant) is warmed up, then all candidates run in
-  interleaved rounds (the order rotates every round) so that machine drift hits them alike;
+  interleaved rounds (the order rotates every round) so that machine drift hits them alike, with a
+  pause between turns so that threads one candidate leaves spinning do not slow the next;
 - each iteration is timed on its own, so percentiles (p50/p90/p99) are real, not averages;
-- torch and onnxruntime use the same number of threads;
+- torch and onnxruntime use the same number of threads in every row, and each row's speed-up is
+  against torch eager at that thread count; several counts (`threads=(1, 2)`) are measured side by
+  side, since the fastest count differs by model and batch;
 - on CUDA, inputs and outputs stay on the device (IO binding), every iteration ends synchronized,
   and the nodes that landed on the CPU provider are counted;
 - a matrix product measured in the same run gives the machine's GEMM peak, next to each row's
@@ -37,6 +40,10 @@ from toolkit.samples import make_feeds
 __all__ = ["BenchReport", "Row", "available_providers", "bench", "measure", "gemm_peak", "TORCH_EAGER", "TORCH_COMPILE"]
 
 TORCH_EAGER = "torch-eager"
+# Idle time between two candidates' turns. After a run, onnxruntime's pool threads spin for tens of
+# milliseconds waiting for more work (torch's OpenMP threads for a few): without a pause they keep a
+# core from the next candidate, which doubled 2-thread latencies on 2 cores.
+COOLDOWN_S = 0.1
 TORCH_COMPILE = "torch-compile"
 Progress = Callable[[str], None]
 Step = Callable[[], None]
@@ -51,6 +58,7 @@ class Row:
     variant: str
     batch: int
     seq: int | None
+    threads: int  # intra-op threads of onnxruntime, or torch's
     p50_ms: float
     p90_ms: float
     p99_ms: float
@@ -105,11 +113,12 @@ def bench(
     max_time: float = 1.0,
     rounds: int = 5,
     warmup: int = 5,
-    threads: int | None = None,
+    threads: int | Sequence[int] | None = None,
     progress: Progress | None = None,
 ) -> BenchReport:
     """Benchmarks `variants` (default: all) of the bundle at `path` on `providers` at every batch
-    (× seq for models with a `seq` dim), spending about `max_time` seconds per cell."""
+    (× seq for models with a `seq` dim) and thread count (default: the CPUs this process may use),
+    spending about `max_time` seconds per cell."""
     say = progress or (lambda _msg: None)
     bundle = Bundle.open(path)
     manifest = bundle.manifest
@@ -121,26 +130,34 @@ def bench(
         raise ToolkitError("--max-time must be positive, --rounds at least 1 and --warmup at least 0.")
     if any(b < 1 for b in batches) or (seqs and any(s < 1 for s in seqs)):
         raise ToolkitError("batch sizes and sequence lengths must be at least 1.")
-    threads = threads or len(os.sched_getaffinity(0))
+    counts = _thread_counts(threads)
     shapes = _shapes(manifest.dims, batches, seqs)
 
     say(f"measuring the GEMM peak on {', '.join(providers)}")
-    peaks = {p: gemm_peak(p, threads=threads) for p in providers}
+    peaks = {p: gemm_peak(p, threads=max(counts)) for p in providers}
 
     candidates: list[_Candidate] = []
+    torch_threads = None
     if torch_eager or torch_compile:
         say("building the PyTorch reference")
+        import torch
+
         from toolkit.source import resolve
 
+        torch_threads = torch.get_num_threads()
         spec = resolve(manifest.source)
         for provider in providers:
-            if torch_eager:
-                candidates.append(_TorchCandidate(spec.module, provider, TORCH_EAGER, threads))
-            if torch_compile:
-                candidates.append(_TorchCandidate(spec.module, provider, TORCH_COMPILE, threads))
+            for n in counts:
+                if torch_eager:
+                    candidates.append(_TorchCandidate(spec.module, provider, TORCH_EAGER, n))
+                if torch_compile:
+                    candidates.append(_TorchCandidate(spec.module, provider, TORCH_COMPILE, n))
     for provider in providers:
-        for name in names:
-            candidates.append(_OrtCandidate(bundle, name, provider, threads))
+        for n in counts:
+            candidates.extend(_OrtCandidate(bundle, name, provider, n) for name in names)
+    if len(counts) > 1:
+        for candidate in candidates:
+            candidate.label += f"@{candidate.threads}t"
 
     rows: list[Row] = []
     schedule: list[list[str]] = []
@@ -152,23 +169,24 @@ def bench(
             say(f"measuring {len(candidates)} candidates at {_describe(sizes)}")
             feeds = make_feeds(manifest.inputs, sizes, seed=0)
             steps = {c.label: c.prepare(feeds) for c in candidates}
-            latencies, order = measure(steps, max_time=max_time * len(steps), rounds=rounds, warmup=warmup)
+            latencies, order = measure(steps, max_time=max_time * len(steps), rounds=rounds, warmup=warmup,
+                                       cooldown=COOLDOWN_S if len(steps) > 1 else 0.0)
             schedule = schedule or order
             rows.extend(_rows(manifest.name, candidates, latencies, sizes, _flops(bundle, sizes), peaks))
     finally:
         for candidate in candidates:
             candidate.close()
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)  # the torch candidates set it for the whole process
     import onnxruntime
 
     versions = {"toolkit": __version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
-    if torch_eager or torch_compile:
-        import torch
-
+    if torch_threads is not None:
         versions["torch"] = torch.__version__
     return BenchReport(
         rows=rows,
-        machine=_machine(threads, peaks),
-        settings={"max_time_s_per_cell": max_time, "rounds": rounds, "warmup": warmup, "threads": threads,
+        machine=_machine(peaks),
+        settings={"max_time_s_per_cell": max_time, "rounds": rounds, "warmup": warmup, "threads": counts,
                   "bundle": str(bundle.path)},
         versions=versions,
         schedule=schedule,
@@ -176,17 +194,20 @@ def bench(
 
 
 def measure(
-    steps: Mapping[str, Step], *, max_time: float, rounds: int, warmup: int, clock: Callable[[], float] = time.perf_counter
+    steps: Mapping[str, Step], *, max_time: float, rounds: int, warmup: int, cooldown: float = 0.0,
+    clock: Callable[[], float] = time.perf_counter, sleep: Callable[[float], None] = time.sleep,
 ) -> tuple[dict[str, np.ndarray], list[list[str]]]:
     """Times every step in interleaved rounds; returns (latencies in seconds per step, the order the
     steps ran in per round).
 
     Each step is warmed up `warmup` times, then each round gives each step about
     max_time / (rounds × steps) seconds (at least one iteration), starting with a different step
-    every round.
+    every round. A step's `enter` attribute, where it has one, is called untimed before each of its
+    turns, and `cooldown` seconds pass idle after each turn.
     """
     labels = list(steps)
     for label in labels:
+        _enter(steps[label])
         for _ in range(warmup):
             steps[label]()
     budget = max_time / (rounds * len(labels))
@@ -197,6 +218,7 @@ def measure(
         order.append(this_round)
         for label in this_round:
             step = steps[label]
+            _enter(step)
             deadline = clock() + budget
             while True:
                 start = clock()
@@ -205,7 +227,14 @@ def measure(
                 samples[label].append(end - start)
                 if end >= deadline:
                     break
+            sleep(cooldown)
     return {label: np.asarray(s) for label, s in samples.items()}, order
+
+
+def _enter(step: Step) -> None:
+    enter = getattr(step, "enter", None)
+    if enter is not None:
+        enter()
 
 
 GEMM_SIZES = {"cpu": (256, 512, 1024), "cuda": (1024, 2048, 4096)}  # a GPU needs larger products to fill
@@ -241,6 +270,7 @@ class _Candidate:
     label: str
     provider: str
     variant: str
+    threads: int
     parity: str
     peak_mem_mb: float | None = None
     cpu_nodes: int | None = None
@@ -303,7 +333,7 @@ class _TorchCandidate(_Candidate):
         import torch
 
         args = [torch.from_numpy(v).to(self.device) for v in feeds.values()]
-        run = self.run
+        run, threads = self.run, self.threads
         synchronize = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
 
         def step() -> None:
@@ -311,6 +341,7 @@ class _TorchCandidate(_Candidate):
                 run(*args)
             synchronize()
 
+        step.enter = lambda: torch.set_num_threads(threads)  # global in torch: set as each candidate's turn begins
         return step
 
     def close(self) -> None:
@@ -369,14 +400,14 @@ def _nodes_by_provider(model_file: Path, provider: str, feeds: dict[str, np.ndar
 def _rows(model: str, candidates: list[_Candidate], latencies: dict[str, np.ndarray], sizes: dict[str, int],
           flop: float | None, peaks: dict[str, float]) -> list[Row]:
     batch = sizes.get("batch", 1)
-    torch_p50 = {c.provider: float(np.median(latencies[c.label])) for c in candidates if c.variant == TORCH_EAGER}
+    torch_p50 = {(c.provider, c.threads): float(np.median(latencies[c.label])) for c in candidates if c.variant == TORCH_EAGER}
     rows = []
     for c in candidates:
         seconds = latencies[c.label]
         p50, p90, p99 = (float(np.percentile(seconds, q)) for q in (50, 90, 99))
-        reference = torch_p50.get(c.provider)
+        reference = torch_p50.get((c.provider, c.threads))
         rows.append(Row(
-            model=model, provider=c.provider, variant=c.variant, batch=batch, seq=sizes.get("seq"),
+            model=model, provider=c.provider, variant=c.variant, batch=batch, seq=sizes.get("seq"), threads=c.threads,
             p50_ms=p50 * 1e3, p90_ms=p90 * 1e3, p99_ms=p99 * 1e3, mean_ms=float(seconds.mean()) * 1e3,
             iterations=len(seconds), items_per_s=batch / float(seconds.mean()),
             speedup_vs_torch=reference / p50 if reference else None,
@@ -396,6 +427,16 @@ def _check_providers(providers: Sequence[str]) -> None:
             raise ToolkitError(f"unknown provider {provider!r}; available here: {', '.join(available)}.")
         if provider not in available:
             raise ToolkitError(f"provider {provider!r} is not available here ({cuda_status()[1]}); available: {', '.join(available)}.")
+
+
+def _thread_counts(threads: int | Sequence[int] | None) -> list[int]:
+    cpus = len(os.sched_getaffinity(0))
+    if threads is None:
+        return [cpus]
+    counts = sorted(set([threads] if isinstance(threads, int) else threads))
+    if not counts or not all(1 <= n <= cpus for n in counts):
+        raise ToolkitError(f"thread counts {counts}: this process may use {cpus} CPUs; give counts from 1 to {cpus}.")
+    return counts
 
 
 def _shapes(dims: Sequence[Any], batches: Sequence[int], seqs: Sequence[int] | None) -> list[dict[str, int]]:
@@ -447,7 +488,7 @@ def _describe(sizes: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sizes.items())
 
 
-def _machine(threads: int, peaks: dict[str, float]) -> dict[str, Any]:
+def _machine(peaks: dict[str, float]) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -456,7 +497,7 @@ def _machine(threads: int, peaks: dict[str, float]) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)), "python": platform.python_version(),
                             "gemm_peak_gflops_per_s": {p: round(v, 1) for p, v in peaks.items()}}
     if "cuda" in peaks:
         try:

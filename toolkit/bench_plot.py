@@ -1,5 +1,5 @@
-"""`toolkit bench --plot`: p50 latency per variant and shape, one panel per provider, with torch
-eager drawn as the reference line of each shape."""
+"""`toolkit bench --plot`: p50 latency per variant (and thread count) and shape, one panel per
+provider, with torch eager (its fastest thread count) drawn as the reference line of each shape."""
 
 from __future__ import annotations
 
@@ -27,16 +27,19 @@ def plot(report: BenchReport, path: str | Path) -> Path:
     for ax, provider in zip(axes[0], providers, strict=True):
         rows = [r for r in report.rows if r.provider == provider]
         shapes = list(dict.fromkeys((r.batch, r.seq) for r in rows))
-        variants = list(dict.fromkeys(r.variant for r in rows if r.variant != TORCH_EAGER))
-        width = 0.8 / max(len(variants), 1)
-        p50 = {(r.variant, r.batch, r.seq): r.p50_ms for r in rows}
-        for i, variant in enumerate(variants):
-            xs = [s + (i - (len(variants) - 1) / 2) * width for s in range(len(shapes))]
-            ax.bar(xs, [p50.get((variant, *shape), 0) for shape in shapes], width, label=variant)
+        several = len({r.threads for r in rows}) > 1
+        series = list(dict.fromkeys((r.variant, r.threads) for r in rows if r.variant != TORCH_EAGER))
+        width = 0.8 / max(len(series), 1)
+        p50 = {(r.variant, r.threads, r.batch, r.seq): r.p50_ms for r in rows}
+        for i, (variant, threads) in enumerate(series):
+            xs = [s + (i - (len(series) - 1) / 2) * width for s in range(len(shapes))]
+            ax.bar(xs, [p50.get((variant, threads, *shape), 0) for shape in shapes], width,
+                   label=f"{variant}, {threads} threads" if several else variant)
+        torch_label = f"{TORCH_EAGER}, fastest thread count" if several else TORCH_EAGER
         for s, shape in enumerate(shapes):
-            if (TORCH_EAGER, *shape) in p50:
-                ax.hlines(p50[(TORCH_EAGER, *shape)], s - 0.45, s + 0.45, colors="black", linewidth=2,
-                          label=TORCH_EAGER if s == 0 else None)
+            torch_p50 = [r.p50_ms for r in rows if r.variant == TORCH_EAGER and (r.batch, r.seq) == shape]
+            if torch_p50:
+                ax.hlines(min(torch_p50), s - 0.45, s + 0.45, colors="black", linewidth=2, label=torch_label if s == 0 else None)
         ax.set_xticks(range(len(shapes)), [f"batch {b}" + (f"\nseq {q}" if q is not None else "") for b, q in shapes])
         ax.set_yscale("log")
         ax.set_ylabel("p50 latency (ms, log scale)")

@@ -146,7 +146,7 @@ def select_best(path: str | Path, *, provider: str = "cpu", max_time: float = 1.
         "provider": provider,
         "rule": BEST_RULE,
         "p50_ms": measured,
-        "threads": report.settings["threads"],
+        "threads": report.settings["threads"][0],
         "cpu": report.machine["cpu"],
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -352,16 +352,16 @@ def bench(
     max_time: float = typer.Option(1.0, help="Seconds spent measuring each cell (candidate × shape), warm-up excluded."),
     rounds: int = typer.Option(5, help="Interleaved rounds the time of each cell is split into."),
     warmup: int = typer.Option(5, help="Untimed runs of each candidate before measuring."),
-    threads: int | None = typer.Option(None, help="Threads for onnxruntime and torch alike (default: the CPUs this process may use)."),
+    threads: str | None = typer.Option(None, help="Comma-separated intra-op thread counts, each measured for onnxruntime and torch alike (default: the CPUs this process may use)."),
     json_file: Path | None = typer.Option(None, "--json", help="Write the rows and the machine as JSON to this file ('-' for stdout)."),
     csv_file: Path | None = typer.Option(None, "--csv", help="Write the rows as CSV to this file."),
     plot_file: Path | None = typer.Option(None, "--plot", help="Draw p50 latency per variant and batch to this PNG (torch eager as the reference line)."),
 ) -> None:
-    """Time variants × providers × batch sizes side by side with PyTorch, in interleaved rounds.
+    """Time variants × providers × batch sizes (× thread counts) side by side with PyTorch, in interleaved rounds.
 
-    Reports p50/p90/p99 latency, items/s, speed-up over torch eager, achieved GFLOP/s next to the
-    machine's GEMM peak measured in the same run, and memory. On CUDA, inputs and outputs are bound
-    on the device and nodes placed on the CPU are counted."""
+    Reports p50/p90/p99 latency, items/s, speed-up over torch eager at the same thread count,
+    achieved GFLOP/s next to the machine's GEMM peak measured in the same run, and memory. On CUDA,
+    inputs and outputs are bound on the device and nodes placed on the CPU are counted."""
     import tempfile
 
     from toolkit.bench import available_providers
@@ -382,7 +382,7 @@ def bench(
             path, providers=chosen, variants=_csv_list(variants, "--variants") if variants else None,
             batches=_int_list(batch, "--batch"), seqs=_int_list(seq, "--seq") if seq else None,
             torch_eager=torch_eager, torch_compile=torch_compile, max_time=max_time, rounds=rounds, warmup=warmup,
-            threads=threads, progress=_progress,
+            threads=_int_list(threads, "--threads") if threads else None, progress=_progress,
         )
     if json_file is not None:
         text = json.dumps(report.to_json(), indent=2)
@@ -401,12 +401,13 @@ def bench(
 
 def _print_bench(console: Console, report: Any) -> None:
     cuda = any(r.provider == "cuda" for r in report.rows)
-    columns = ["provider", "variant", "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "items/s", "× torch", "GFLOP/s (% peak)", "mem MB", "parity"]
+    several = len(report.settings["threads"]) > 1
+    columns = ["provider", "variant", *(["threads"] if several else []), "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "items/s", "× torch", "GFLOP/s (% peak)", "mem MB", "parity"]
     table = Table(*columns, *(["CPU nodes"] if cuda else []), title=f"bench: {report.rows[0].model if report.rows else ''}")
     for r in report.rows:
         flops = f"{r.gflops_per_s:.1f} ({r.gflops_per_s / r.gemm_peak_gflops_per_s:.0%})" if r.gflops_per_s and r.gemm_peak_gflops_per_s else "-"
         table.add_row(
-            r.provider, r.variant, str(r.batch), "-" if r.seq is None else str(r.seq), f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}",
+            r.provider, r.variant, *([str(r.threads)] if several else []), str(r.batch), "-" if r.seq is None else str(r.seq), f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}",
             f"{r.p99_ms:.3f}", f"{r.items_per_s:,.0f}", "-" if r.speedup_vs_torch is None else f"{r.speedup_vs_torch:.2f}",
             flops, "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.1f}",
             _verdict(True) if r.parity == "pass" else (Text(r.parity, style="bold red") if r.parity == "FAIL" else Text(r.parity, style="dim")),
@@ -415,7 +416,7 @@ def _print_bench(console: Console, report: Any) -> None:
     console.print(table)
     m, st = report.machine, report.settings
     peaks = ", ".join(f"{p} {v:g}" for p, v in m["gemm_peak_gflops_per_s"].items())
-    console.print(f"{m['cpu']}{', ' + m['gpu'] if 'gpu' in m else ''}; {st['threads']} threads; GEMM peak GFLOP/s: {peaks}; "
+    console.print(f"{m['cpu']}{', ' + m['gpu'] if 'gpu' in m else ''}; {', '.join(map(str, st['threads']))} threads; GEMM peak GFLOP/s: {peaks}; "
                   f"{st['rounds']} interleaved rounds, {st['max_time_s_per_cell']:g} s per cell, {st['warmup']} warm-up runs")
 
 
@@ -572,6 +573,7 @@ def serve(
     token: str | None = typer.Option(None, envvar="TOOLKIT_TOKEN", show_envvar=True,
                                      help="Bearer token required on every route but /v2/health."),
     max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body accepted (413 beyond)."),
+    threads: int | None = typer.Option(None, help="onnxruntime intra-op threads per model (default: the CPUs this process may use; `toolkit bench --threads 1,2` shows which count is fastest)."),
 ) -> None:
     """Serve bundles over the Open Inference Protocol (KServe v2 REST), with Triton's binary tensor and
     generate extensions, dynamic batching and Prometheus /metrics. Ctrl-C drains requests in flight."""
@@ -581,9 +583,9 @@ def serve(
 
     options = ServeOptions(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, timeout_ms=timeout_ms,
                            token=token, max_body_bytes=int(max_body_mb * (1 << 20)))
-    models = [load(d, variant=variant, provider=provider.value) for d in bundle_dirs]
+    models = [load(d, variant=variant, provider=provider.value, threads=threads) for d in bundle_dirs]
     for m in models:
-        err.print(f"serving {m.name} ({m.variant} on {m.provider}) at http://{host}:{port}/v2/models/{m.name}")
+        err.print(f"serving {m.name} ({m.variant} on {m.provider}{f', {threads} threads' if threads else ''}) at http://{host}:{port}/v2/models/{m.name}")
     run_server(models, host=host, port=port, options=options)
 
 

@@ -243,6 +243,8 @@ def _open_session(path: Path, provider: str, threads: int | None) -> tuple[Any, 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures surface as exceptions with the same text; no duplicate log
     if threads is not None:
+        if threads < 1:
+            raise ToolkitError(f"threads {threads}: give at least 1, or leave it unset for onnxruntime's default (one per core).")
         options.intra_op_num_threads = threads
 
     def session(name: str) -> Any:
