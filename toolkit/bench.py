@@ -40,9 +40,10 @@ from toolkit.samples import make_feeds
 __all__ = ["BenchReport", "Row", "available_providers", "bench", "measure", "gemm_peak", "TORCH_EAGER", "TORCH_COMPILE"]
 
 TORCH_EAGER = "torch-eager"
-# Idle time between two candidates' turns. After a run, onnxruntime's pool threads spin for tens of
-# milliseconds waiting for more work (torch's OpenMP threads for a few): without a pause they keep a
-# core from the next candidate, which doubled 2-thread latencies on 2 cores.
+# Idle time between two candidates' turns (at most one turn's length, so that quick runs stay quick).
+# After a run, onnxruntime's pool threads spin for tens of milliseconds waiting for more work (torch's
+# OpenMP threads for a few): without a pause they keep a core from the next candidate, which doubled
+# 2-thread latencies on 2 cores.
 COOLDOWN_S = 0.1
 TORCH_COMPILE = "torch-compile"
 Progress = Callable[[str], None]
@@ -170,7 +171,7 @@ def bench(
             feeds = make_feeds(manifest.inputs, sizes, seed=0)
             steps = {c.label: c.prepare(feeds) for c in candidates}
             latencies, order = measure(steps, max_time=max_time * len(steps), rounds=rounds, warmup=warmup,
-                                       cooldown=COOLDOWN_S if len(steps) > 1 else 0.0)
+                                       cooldown=min(COOLDOWN_S, max_time / rounds) if len(steps) > 1 else 0.0)
             schedule = schedule or order
             rows.extend(_rows(manifest.name, candidates, latencies, sizes, _flops(bundle, sizes), peaks))
     finally:
