@@ -133,7 +133,8 @@ def test_a_reshape_it_cannot_prove_a_squeeze_stays(case, target_nodes, x_shape):
     assert model.graph.node[-1].op_type == "Reshape" and len(model.graph.node) == len(before.graph.node)
 
 
-def test_a_reshape_dropping_unit_dims_becomes_a_squeeze_in_place_when_the_transpose_reorders():
+@pytest.mark.parametrize("opset", [12, 18])  # Squeeze takes its axes as an attribute before opset 13
+def test_a_reshape_dropping_unit_dims_becomes_a_squeeze_in_place_when_the_transpose_reorders(opset):
     """Transpose (a, b, 1, c) → (b, a, 1, c), then Reshape to (b, a, c): the Transpose must stay."""
     nodes = [
         helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2, 3]),
@@ -143,7 +144,7 @@ def test_a_reshape_dropping_unit_dims_becomes_a_squeeze_in_place_when_the_transp
         helper.make_node("Concat", ["ba", "c"], ["target"], axis=0),
         helper.make_node("Reshape", ["t", "target"], ["y"]),
     ]
-    before = _model(nodes, [_ints(n, [v]) for n, v in (("zero", 0), ("two", 2), ("three", 3), ("four", 4))], ["a", "b", 1, 6])
+    before = _model(nodes, [_ints(n, [v]) for n, v in (("zero", 0), ("two", 2), ("three", 3), ("four", 4))], ["a", "b", 1, 6], opset)
     after = onnx.ModelProto.FromString(before.SerializeToString())
     assert simplify(after) == {"zero initial states": 0, "Reshape to Squeeze": 1}
     assert [(n.op_type, n.input[0]) for n in after.graph.node] == [("Transpose", "x"), ("Squeeze", "t")]

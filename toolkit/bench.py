@@ -40,12 +40,12 @@ from toolkit.samples import make_feeds
 __all__ = ["BenchReport", "Row", "available_providers", "bench", "measure", "gemm_peak", "TORCH_EAGER", "TORCH_COMPILE"]
 
 TORCH_EAGER = "torch-eager"
+TORCH_COMPILE = "torch-compile"
 # Idle time between two candidates' turns (at most one turn's length, so that quick runs stay quick).
 # After a run, onnxruntime's pool threads spin for tens of milliseconds waiting for more work (torch's
 # OpenMP threads for a few): without a pause they keep a core from the next candidate, which doubled
 # 2-thread latencies on 2 cores.
 COOLDOWN_S = 0.1
-TORCH_COMPILE = "torch-compile"
 Progress = Callable[[str], None]
 Step = Callable[[], None]
 
