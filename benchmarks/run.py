@@ -171,11 +171,14 @@ def _targets(best: dict[str, str], cell, rows, most: int) -> list[str]:
         top = min(lstm, key=lambda r: r.p50_ms)
         lines += ["", f"- LSTM at batch 32: fastest passing variant {top.variant} ({top.threads} threads) at "
                       f"{_x(_ratio(cell('lstm', TORCH_EAGER, 32, None), top))} torch eager at its fastest (target ≥ {LSTM_BATCH32_TARGET:g}×)."]
-    encoder = cell("encoder", "fp32", 32)
-    if encoder and encoder.gflops_per_s and encoder.gemm_peak_gflops_per_s:
-        share = encoder.gflops_per_s / encoder.gemm_peak_gflops_per_s
-        lines.append(f"- encoder fp32 at batch 32, {most} threads: {encoder.gflops_per_s:.0f} GFLOP/s, {share:.0%} of the GEMM peak "
-                     f"(target ≥ {ENCODER_GEMM_SHARE_TARGET:.0%}).")
+    # The encoder in fp32 precision: the export's graph and the optimized one, which is how it is deployed.
+    encoder = [r for r in (cell("encoder", v, 32) for v in ("fp32", "opt")) if r and r.gflops_per_s and r.gemm_peak_gflops_per_s]
+    if encoder:
+        shares = {r.variant: r.gflops_per_s / r.gemm_peak_gflops_per_s for r in encoder}
+        met = max(shares.values()) >= ENCODER_GEMM_SHARE_TARGET
+        lines.append(f"- encoder in fp32 at batch 32, {most} threads: "
+                     + ", ".join(f"{r.variant} {r.gflops_per_s:.0f} GFLOP/s, {shares[r.variant]:.0%} of the GEMM peak" for r in encoder)
+                     + f" (target ≥ {ENCODER_GEMM_SHARE_TARGET:.0%}: {'met' if met else 'not met'}).")
     return lines
 
 

@@ -329,4 +329,4 @@ def test_cli_serves_and_drains_a_request_in_flight_on_sigterm(exported):
     log = server.stderr.read()
     access = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert {"method": "POST", "path": "/v2/models/mlp/infer", "status": 200}.items() <= access[-1].items()
-    assert "serving mlp (fp32 on cpu, 1 threads)" in log
+    assert "serving mlp (fp32 on cpu, 1 thread)" in log

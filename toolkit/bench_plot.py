@@ -34,7 +34,7 @@ def plot(report: BenchReport, path: str | Path) -> Path:
         for i, (variant, threads) in enumerate(series):
             xs = [s + (i - (len(series) - 1) / 2) * width for s in range(len(shapes))]
             ax.bar(xs, [p50.get((variant, threads, *shape), 0) for shape in shapes], width,
-                   label=f"{variant}, {threads} threads" if several else variant)
+                   label=f"{variant}, {threads} thread{'s' * (threads > 1)}" if several else variant)
         torch_label = f"{TORCH_EAGER}, fastest thread count" if several else TORCH_EAGER
         for s, shape in enumerate(shapes):
             torch_p50 = [r.p50_ms for r in rows if r.variant == TORCH_EAGER and (r.batch, r.seq) == shape]

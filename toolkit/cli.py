@@ -585,7 +585,7 @@ def serve(
                            token=token, max_body_bytes=int(max_body_mb * (1 << 20)))
     models = [load(d, variant=variant, provider=provider.value, threads=threads) for d in bundle_dirs]
     for m in models:
-        err.print(f"serving {m.name} ({m.variant} on {m.provider}{f', {threads} threads' if threads else ''}) at http://{host}:{port}/v2/models/{m.name}")
+        err.print(f"serving {m.name} ({m.variant} on {m.provider}{f', {threads} thread' + 's' * (threads > 1) if threads else ''}) at http://{host}:{port}/v2/models/{m.name}")
     run_server(models, host=host, port=port, options=options)
 
 
