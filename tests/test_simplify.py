@@ -94,9 +94,13 @@ def test_a_nonzero_initial_state_is_kept():
     _same_outputs(before, after, [(4, 2, 5)])
 
 
-def test_an_initial_state_fed_by_the_caller_is_kept():
+@pytest.mark.parametrize("default", [None, "zeros"])  # an initializer that is also an input is only a default
+def test_an_initial_state_fed_by_the_caller_is_kept(default):
+    initializers = _lstm_weights("l0", 5)
+    if default:
+        initializers.append(numpy_helper.from_array(np.zeros((1, 2, H), dtype=np.float32), "h"))
     model = _model([helper.make_node("LSTM", ["x", "l0_W", "l0_R", "l0_B", "", "h", "h"], ["y"], hidden_size=H)],
-                   _lstm_weights("l0", 5), [3, 2, 5])
+                   initializers, [3, 2, 5])
     model.graph.input.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 2, H]))
     assert simplify(model) == {"zero initial states": 0, "Reshape to Squeeze": 0}
     assert list(model.graph.node[0].input)[5:7] == ["h", "h"]

@@ -25,8 +25,8 @@ import numpy as np
 
 __all__ = ["simplify"]
 
-# Initial-state inputs, by operator: LSTM's initial_h and initial_c, GRU's and RNN's initial_h.
-_STATE_INPUTS = {"LSTM": (5, 6), "DynamicQuantizeLSTM": (5, 6), "GRU": (5,), "RNN": (5,)}
+# Initial-state inputs, by (domain, operator): LSTM's initial_h and initial_c, GRU's and RNN's initial_h.
+_STATE_INPUTS = {("", "LSTM"): (5, 6), ("com.microsoft", "DynamicQuantizeLSTM"): (5, 6), ("", "GRU"): (5,), ("", "RNN"): (5,)}
 # Operators that pass their first input's values through, rearranged or repeated: zeros stay zeros.
 _VALUE_PRESERVING = {"Expand", "Slice", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Transpose", "Cast", "Tile"}
 
@@ -52,9 +52,11 @@ def simplify(proto: Any) -> dict[str, int]:
 
 
 def _constants(graph: Any) -> dict[str, np.ndarray]:
+    """Initializers and Constant outputs, less the initializers a caller may override (graph inputs too)."""
     from onnx import numpy_helper
 
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    inputs = {i.name for i in graph.input}
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name not in inputs}
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             value = next((a.t for a in node.attribute if a.name == "value"), None)
@@ -91,7 +93,7 @@ def _drop_zero_states(graph: Any, constants: dict[str, np.ndarray]) -> int:
 
     dropped = 0
     for node in graph.node:
-        for index in _STATE_INPUTS.get(node.op_type, ()):
+        for index in _STATE_INPUTS.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type), ()):
             if index < len(node.input) and node.input[index] and is_zero(node.input[index]):
                 node.input[index] = ""
                 dropped += 1
