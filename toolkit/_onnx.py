@@ -23,6 +23,11 @@ def save_model(proto: onnx.ModelProto, path: Path) -> list[str]:
     return [data_file] if external else []
 
 
+def default_opset(proto: onnx.ModelProto) -> int:
+    """The model's version of the default ONNX domain (0 if it imports none)."""
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def value_shape(value: onnx.ValueInfoProto) -> tuple[int | str, ...]:
     dims = value.type.tensor_type.shape.dim
     return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims)

@@ -250,7 +250,6 @@ def _case_feeds(spec: ModelSpec, sizes: dict[str, int], seed: int, *, generation
     return step | {name: cache["present_" + name.removeprefix("past_")] for name in whole if name.startswith("past_")}
 
 
-
 def _torch_eval(spec: ModelSpec) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
     feeds, labels = spec.eval_data()
     accuracy = _accuracy(lambda chunk: next(iter(run_reference(spec, chunk).values())), feeds, labels)

@@ -103,7 +103,9 @@ def split_skip_layer_norm(proto: Any) -> int:
     The sum output, where the graph reads it, keeps its name."""
     from onnx import helper
 
-    if next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0) < 17:
+    from toolkit._onnx import default_opset
+
+    if default_opset(proto) < 17:
         return 0  # LayerNormalization is an ONNX op from opset 17
     graph = proto.graph
     read = ({name for node in graph.node for name in node.input} | {o.name for o in graph.output}) - {""}

@@ -104,6 +104,8 @@ def _reshapes_to_squeezes(proto: Any, constants: dict[str, np.ndarray], ranks: d
                           static: dict[tuple[str, int], int]) -> int:
     from onnx import helper, numpy_helper
 
+    from toolkit._onnx import default_opset
+
     graph = proto.graph
     producer = {out: node for node in graph.node for out in node.output}
     readers: dict[str, int] = {}
@@ -118,7 +120,7 @@ def _reshapes_to_squeezes(proto: Any, constants: dict[str, np.ndarray], ranks: d
         return static.get((name, axis), (name, axis))
 
     values = _shape_values(graph, constants, ranks, dim)
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = default_opset(proto)
     rewritten = 0
     nodes = []
     for node in graph.node:
