@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnxruntime as ort
 
-    from toolkit.bench import _ort_step, measure
-    from toolkit.runtime import new_session
+    from toolkit.bench.compare import _ort_step, measure
+    from toolkit.runtime.session import new_session
 
     threads = len(os.sched_getaffinity(0))
     options = ort.SessionOptions()

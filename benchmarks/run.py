@@ -21,8 +21,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
-from toolkit.bench import TORCH_EAGER  # noqa: E402
-from toolkit.build import NOISE_MARGIN  # noqa: E402
+from toolkit.bench.compare import TORCH_EAGER  # noqa: E402
+from toolkit.compile.pipeline import NOISE_MARGIN  # noqa: E402
 
 ZOO = ["mlp", "cnn", "lstm", "encoder", "gpt"]
 # Speed-up of the `best` variant over torch eager at batch 1 (issues 3 and 4).
@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args(argv)
 
-    from toolkit.bench import available_providers, bench
-    from toolkit.bench_generate import bench_generation
-    from toolkit.bench_plot import plot
-    from toolkit.build import build
+    from toolkit.bench.compare import available_providers, bench
+    from toolkit.bench.generation import bench_generation
+    from toolkit.bench.plot import plot
+    from toolkit.compile.pipeline import build
 
     def say(message: str) -> None:
         print(f"  {message}", file=sys.stderr)

@@ -43,8 +43,8 @@ class LoadRow:
 
 
 def _request(model, seed: int = 0) -> tuple[bytes, dict[str, str], dict]:
-    from toolkit.protocol import HEADER_LENGTH, datatype
-    from toolkit.samples import make_feeds
+    from toolkit.runtime.samples import make_feeds
+    from toolkit.serve.protocol import HEADER_LENGTH, datatype
 
     feeds = make_feeds(model.inputs, {"batch": 1, "seq": 32}, seed)
     header = {"inputs": [{"name": k, "shape": list(v.shape), "datatype": datatype(v.dtype.name),
@@ -134,8 +134,8 @@ def _direct_ms(model, feeds, seconds: float) -> float:
 
 def serve_load(bundles: dict[str, Path], *, seconds: float = 3.0, concurrency=CONCURRENCY) -> tuple[list[LoadRow], dict[str, float]]:
     """(rows, direct runtime numbers: mlp p50 ms at batch 1, encoder rows/s at batch 1 and 32)."""
-    from toolkit.runtime import Model
-    from toolkit.samples import make_feeds
+    from toolkit.runtime.model import Model
+    from toolkit.runtime.samples import make_feeds
 
     models = {name: Model(path, provider="cpu") for name, path in bundles.items()}
     requests = {name: _request(model) for name, model in models.items()}

@@ -7,8 +7,6 @@ import hashlib
 import math
 import os
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolkit._scoped import torch_threads
 from toolkit.spec import Dim, ModelSpec, TensorSpec
 
 SIDE = 28
@@ -130,11 +129,3 @@ def eval_data(input_name: str, *, flatten: bool) -> tuple[dict[str, np.ndarray],
     return {input_name: x_test.reshape(len(x_test), -1) if flatten else x_test}, y_test
 
 
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

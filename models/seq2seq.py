@@ -25,8 +25,8 @@ from torch import nn
 
 from models.attention import SelfAttention, attention, split_heads
 from models.gpt import cache_names, decoder_inputs
+from toolkit.runtime.tokenizer import ByteTokenizer
 from toolkit.spec import Dim, ModelSpec, TensorSpec
-from toolkit.tokenizer import ByteTokenizer
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz "
 TRAINING_RECIPE = "adam-2e-3-cosine-batch64-reverse-v2"  # bump when the recipe changes: it keys the cache
@@ -200,7 +200,8 @@ def _batch(pairs: list[tuple[str, str]], eos: int) -> tuple[torch.Tensor, torch.
 def train_reversal(model: Seq2Seq, cfg: Seq2SeqConfig) -> tuple[Seq2Seq, dict[str, float]]:
     """Loads cached weights for `cfg`, or trains `model` to reverse strings and caches them.
     Returns the model (eval mode) and {"val_loss", "val_exact"} on held-out strings."""
-    from models.digits import cached_training, load_trained, save_atomic, torch_threads, warmup_cosine
+    from models.digits import cached_training, load_trained, save_atomic, warmup_cosine
+    from toolkit._scoped import torch_threads
 
     path = cached_training("seq2seq", f"{cfg}|{TRAINING_RECIPE}|torch={torch.__version__}")
     if (metrics := load_trained(model, path)) is not None:

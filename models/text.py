@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.digits import cached_training, load_trained, save_atomic, torch_threads, warmup_cosine
-from toolkit.tokenizer import ByteTokenizer
+from models.digits import cached_training, load_trained, save_atomic, warmup_cosine
+from toolkit._scoped import torch_threads
+from toolkit.runtime.tokenizer import ByteTokenizer
 
 TRAINING_RECIPE = "adamw-6e-3-cosine-batch32-window128-prose-v2"  # bump when the recipe changes: it keys the cache
 _SKIP = {"test", "tests", "idlelib", "turtledemo", "tkinter", "lib2to3", "ensurepip", "pydoc_data", "site-packages"}

@@ -27,6 +27,8 @@ class EncoderConfig:
 PRESETS = {
     "default": EncoderConfig(),
     "tiny": EncoderConfig(vocab=512, d_model=64, heads=2, layers=2, ffn=128, max_seq=64),
+    # BERT-base's shape (110M parameters), seeded initialisation: for benchmarks at real size.
+    "bert-base": EncoderConfig(vocab=30522, d_model=768, heads=12, layers=12, ffn=3072, max_seq=512),
 }
 
 

@@ -23,7 +23,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), os.environ.
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
     """exported(model, preset="tiny", **options) → path of a bundle exported once per session."""
-    from toolkit.export import export
+    from toolkit.compile.exporter import export
 
     cache: dict[tuple, Path] = {}
     root = tmp_path_factory.mktemp("bundles")
@@ -44,8 +44,8 @@ def exported(tmp_path_factory):
 def with_variants(exported, tmp_path_factory):
     """with_variants(model, ("opt", "int8", ...)) → a copy of the tiny bundle with those variants
     added (`opt` by optimize, the others by quantize), built once per session; parity not checked."""
-    from toolkit.optimize import optimize
-    from toolkit.quantize import quantize
+    from toolkit.compile.optimizer import optimize
+    from toolkit.compile.quantization import quantize
 
     cache: dict[tuple, Path] = {}
 
@@ -57,7 +57,7 @@ def with_variants(exported, tmp_path_factory):
                 if variant == "opt":
                     optimize(path)
                 else:
-                    quantize(path, mode=variant, calibration_samples=32)
+                    quantize(path, mode=variant, **({} if variant == "fp16" else {"calibration_samples": 32}))
             cache[model, variants] = path
         return cache[model, variants]
 
@@ -79,7 +79,7 @@ def copy_of(tmp_path):
 @pytest.fixture
 def cli():
     """cli(*args) → click Result of the toolkit CLI run in-process."""
-    from toolkit.cli import app
+    from toolkit.cli.commands import app
 
     runner = CliRunner()
 

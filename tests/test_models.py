@@ -19,7 +19,7 @@ def test_registry_lists_the_five_families():
 def test_tiny_preset_builds_a_spec_that_runs(name):
     spec = models.build(name, "tiny")
     assert isinstance(spec, ModelSpec) and spec.task == models.FAMILIES[name].task
-    from toolkit.samples import make_feeds
+    from toolkit.runtime.samples import make_feeds
 
     feeds = make_feeds(spec.inputs, {d.name: d.check[1] for d in spec.dims}, seed=0)
     with torch.no_grad():
@@ -49,16 +49,14 @@ def test_gpt_ties_its_embeddings_and_uses_gpt2_init():
 
 def test_digits_training_is_deterministic_across_thread_counts(tmp_path, monkeypatch):
     """Check rebuilds the reference and compares weight hashes, so training must not depend on threads."""
-    from toolkit.source import weights_sha256
+    from toolkit._scoped import torch_threads
+    from toolkit.reference.source import weights_sha256
 
-    hashes, threads_before = [], torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path / f"cache{threads}"))
-            torch.set_num_threads(threads)
+    hashes = []
+    for threads in (1, 2):
+        monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path / f"cache{threads}"))
+        with torch_threads(threads):
             hashes.append(weights_sha256(models.build("mlp", "tiny").module))
-    finally:
-        torch.set_num_threads(threads_before)
     assert hashes[0] == hashes[1]
 
 

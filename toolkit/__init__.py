@@ -9,8 +9,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from toolkit.errors import CheckFailed, ToolkitError
-from toolkit.generate import Generator, Sampling
-from toolkit.runtime import Model, load
+from toolkit.runtime.generate import Generator, Sampling
+from toolkit.runtime.model import Model, load
 from toolkit.spec import Dim, ModelSpec, TensorSpec
 
 __all__ = ["load", "Model", "Generator", "Sampling", "ModelSpec", "TensorSpec", "Dim", "ToolkitError", "CheckFailed", "__version__"]

@@ -125,11 +125,16 @@ class ModelSpec:
     sample_data: Callable[[], dict[str, np.ndarray]] | None = field(default=None, repr=False)
     # calibration_data(n) → feeds with n rows from the model's training distribution, for int8-static.
     calibration_data: Callable[[int], dict[str, np.ndarray]] | None = field(default=None, repr=False)
+    # case_feeds(sizes, seed) → the inputs of one parity case at those dim sizes, for graphs whose
+    # inputs hold state that random values would misrepresent (a preallocated KV cache filled by the
+    # model itself); it may use dims that no input's shape names. Default: drawn from the input kinds.
+    case_feeds: Callable[[Mapping[str, int], int], dict[str, np.ndarray]] | None = field(default=None, repr=False)
     # Hints for onnxruntime's transformer fusions: {"model_type": "bert"|"gpt2"|..., "num_heads", "hidden_size"}.
     fusion: dict[str, Any] | None = None
     # Decoders: {"tokenizer": "bytes", "eos_token_id": int, "context": int}; the graph then takes
-    # input_ids, attention_mask, position_ids and past_key_i/past_value_i (see toolkit.generate).
-    # An encoder-decoder adds "source_context" and "encoder": the name of its encoder part.
+    # input_ids, attention_mask, position_ids and past_key_i/past_value_i (see toolkit.runtime.generate).
+    # An encoder-decoder adds "source_context" and "encoder": the name of its encoder part; "static"
+    # names a part that is the same decoder over a cache preallocated to the context (CUDA graphs).
     generation: dict[str, Any] | None = None
     # Further graphs of the same model, each exported, optimized, quantized and checked as a bundle
     # of its own in a subdirectory of this one named after the part (an encoder-decoder's encoder).
@@ -150,7 +155,7 @@ class ModelSpec:
         used = {d for t in self.inputs for d in t.dynamic_dims}
         if used - declared:
             raise ValueError(f"inputs use dims {sorted(used - declared)} that are not declared in dims")
-        if declared - used:
+        if declared - used and self.case_feeds is None:
             raise ValueError(f"dims {sorted(declared - used)} are declared but no input uses them")
         for part in self.parts:
             if not part.isidentifier():

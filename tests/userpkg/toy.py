@@ -96,3 +96,31 @@ def traced_constant() -> ModelSpec:
         dims=[Dim("batch", export=2, check=(1, 3)), Dim("seq", export=6, check=(6, 11))],
         task="embed",
     )
+
+
+class OutlierClassifier(nn.Module):
+    """Decides on four small features that sit beside one feature a thousand times larger. An int8
+    activation with one scale per tensor rounds the small features away, so the model's int8
+    variants fail their top-1 gate by construction, whatever the quantizer's version; kept in fp32,
+    the one MatMul is exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor([1000.0, 1.0, 1.0, 1.0, 1.0]))
+        self.head = nn.Linear(5, 4)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.cat([torch.zeros(4, 1), torch.eye(4)], dim=1))
+            self.head.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x * self.scale)
+
+
+def outliers() -> ModelSpec:
+    return ModelSpec(
+        module=OutlierClassifier(),
+        inputs=[TensorSpec("x", "float32", ("batch", 5))],
+        outputs=["logits"],
+        dims=[Dim("batch", export=2, check=(1, 3))],
+        task="classify",
+    )

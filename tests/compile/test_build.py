@@ -1,0 +1,100 @@
+"""toolkit build: every variant built and judged in one go; `best` is measured, recorded, and never
+a variant that failed its gates."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import toolkit
+from toolkit.bundle import Bundle
+from toolkit.compile.parity import check
+from toolkit.compile.pipeline import choose_best, select_best
+from toolkit.errors import ToolkitError
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    from toolkit.compile.pipeline import build
+
+    return build("cnn", tmp_path_factory.mktemp("build") / "cnn", preset="tiny", max_time=0.05).path
+
+
+def test_build_makes_and_checks_every_variant(built):
+    manifest = Bundle.open(built).manifest
+    # a CNN gets int8-static: dynamic int8 leaves convolutions in fp32
+    assert set(manifest.variants) == {"fp32", "opt", "int8", "int8-static", "fp16"}
+    for name, variant in manifest.variants.items():
+        assert variant.parity is not None, name
+        assert "accuracy" in variant.parity and variant.parity["task_metric"]["metric"] == "top1_agreement"
+    # dynamic int8 starts from the optimized graph once that holds parity; the others from the export
+    parents = {name: v.recipe["parent"] for name, v in manifest.variants.items() if v.recipe["stage"] == "quantize"}
+    assert parents == {"int8": "opt", "int8-static": "fp32", "fp16": "fp32"}
+
+
+def test_best_is_recorded_with_its_measurements_and_loads(built):
+    best = Bundle.open(built).manifest.best
+    assert best["provider"] == "cpu" and best["rule"]
+    passing = {n for n, v in Bundle.open(built).manifest.variants.items() if v.parity["passed"]}
+    assert set(best["p50_ms"]) == passing and best["variant"] in passing
+    assert set(best["p50_ms"]["fp32"]) == {"batch 1", "batch 32"}
+    model = toolkit.load(built, variant="best", provider="cpu")
+    assert model.variant == best["variant"]
+
+
+def test_choose_best_takes_the_fastest_that_is_nowhere_slower_than_fp32():
+    p50 = {
+        "fp32": {"b1": 1.0, "b32": 10.0},
+        "int8": {"b1": 0.3, "b32": 11.0},  # fastest at batch 1 but 10% slower than fp32 at 32: excluded
+        "opt": {"b1": 0.9, "b32": 9.0},
+        "fp16": {"b1": 0.95, "b32": 9.5},
+    }
+    assert choose_best(p50) == "opt"
+    assert choose_best({**p50, "static": {"b1": 0.5, "b32": 10.4}}) == "static"  # 4% at batch 32 is noise
+    assert choose_best({"fp32": {"b1": 1.0}}) == "fp32"
+    assert choose_best({"int8": {"b1": 2.0}, "opt": {"b1": 1.0}}) == "opt"  # fp32 failed: fastest passing
+
+
+def test_a_variant_forced_to_be_wrong_is_never_best(built, copy_of, tmp_path):
+    path = copy_of(built)
+    bundle = Bundle.open(path)
+    proto = onnx.load(str(bundle.variant_path("fp32")))
+    weight = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * -1.0, weight.name))
+    onnx.save(proto, str(tmp_path / "broken.onnx"))
+    bundle.add_variant("broken", tmp_path / "broken.onnx", recipe={"stage": "test", "options": {}, "parent": "fp32"}, precision="fp32")
+    assert not check(path, variants=["broken"])["broken"]["passed"]
+
+    best = select_best(path, max_time=0.05)
+    assert "broken" not in best["p50_ms"] and best["variant"] != "broken"
+
+    # a manifest whose best points at a failing variant is refused at load time
+    data = json.loads((path / "manifest.json").read_text())
+    data["best"]["variant"] = "broken"
+    (path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ToolkitError, match="'best' is variant 'broken', which fails its gates"):
+        toolkit.load(path, variant="best")
+
+
+def test_best_without_a_build_says_how_to_get_one(exported):
+    with pytest.raises(ToolkitError, match="has no 'best' variant recorded: `toolkit build`"):
+        toolkit.load(exported("mlp"), variant="best")
+
+
+def test_build_cli_ends_in_a_table_naming_best(cli, tmp_path):
+    result = cli("build", "mlp", "--preset", "tiny", "-o", tmp_path / "mlp", "--mode", "int8")
+    assert result.exit_code == 0, result.output
+    assert "build:" in result.stdout and "best:" in result.stdout
+    for name in ("fp32", "opt", "int8"):
+        assert name in result.stdout
+    assert "fp16" not in Bundle.open(tmp_path / "mlp").manifest.variants
+
+
+def test_build_refuses_an_unknown_mode(tmp_path):
+    from toolkit.compile.pipeline import build
+
+    with pytest.raises(ToolkitError, match="unknown quantization mode 'int4'"):
+        build("mlp", tmp_path / "x", preset="tiny", modes=["int4"])
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,178 @@
+"""Graph rewrite rules, one test or more per rule. Shape-glue removal (zero initial states, unit
+reshapes): what it proves away goes, what it cannot prove stays, and outputs do not change
+at any input size."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from toolkit.compile.passes import run_passes
+from toolkit.runtime.session import new_session
+
+H = 8  # hidden size of the synthetic LSTMs
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return new_session(model.SerializeToString(), "cpu").run(None, feeds)
+
+
+def _same_outputs(before: onnx.ModelProto, after: onnx.ModelProto, shapes: list[tuple[int, ...]]) -> None:
+    rng = np.random.default_rng(0)
+    for shape in shapes:
+        feeds = {"x": rng.standard_normal(shape).astype(np.float32)}
+        for expected, got in zip(_run(before, feeds), _run(after, feeds), strict=True):
+            np.testing.assert_array_equal(got, expected)
+
+
+def _model(nodes, initializers, x_shape, opset=18) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def _ints(name: str, values) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
+
+
+def _lstm_weights(prefix: str, features: int) -> list[onnx.TensorProto]:
+    rng = np.random.default_rng(len(prefix) + features)
+    return [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, f"{prefix}_{n}")
+            for n, shape in (("W", (1, 4 * H, features)), ("R", (1, 4 * H, H)), ("B", (1, 8 * H)))]
+
+
+def _stacked_lstm(state: str = "zero") -> onnx.ModelProto:
+    """Two LSTM layers over x (seq, batch, 5), glued the way torch's exporter glues them: one initial
+    state expanded to the batch and sliced per layer, and between the layers Transpose + a Reshape to
+    a target computed from Shape (seq, 1, batch, H) → (seq, batch, H)."""
+    fill = {"zero": 0.0, "half": 0.5}[state]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["x_shape"], start=1, end=2),
+        helper.make_node("Concat", ["two", "x_shape", "hidden"], ["state_shape"], axis=0),
+        helper.make_node("Expand", ["fill", "state_shape"], ["states"]),
+        helper.make_node("Slice", ["states", "zero", "one", "zero"], ["h0"]),
+        helper.make_node("Slice", ["states", "one", "two", "zero"], ["h1"]),
+        helper.make_node("LSTM", ["x", "l0_W", "l0_R", "l0_B", "", "h0", "h0"], ["y0"], hidden_size=H),
+        helper.make_node("Transpose", ["y0"], ["y0_t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Shape", ["y0"], ["y0_shape"]),
+        helper.make_node("Gather", ["y0_shape", "perm"], ["y0_t_shape"], axis=0),
+        helper.make_node("Slice", ["y0_t_shape", "zero", "one"], ["d0"]),
+        helper.make_node("Slice", ["y0_t_shape", "one", "two"], ["d1"]),
+        helper.make_node("Slice", ["y0_t_shape", "two", "three"], ["d2"]),
+        helper.make_node("Slice", ["y0_t_shape", "three", "four"], ["d3"]),
+        helper.make_node("Mul", ["d2", "d3"], ["d23"]),
+        helper.make_node("Reshape", ["d23", "minus_one"], ["d23_vector"]),
+        helper.make_node("Concat", ["d0", "d1", "d23_vector"], ["target"], axis=0),
+        helper.make_node("Reshape", ["y0_t", "target"], ["x1"]),
+        helper.make_node("LSTM", ["x1", "l1_W", "l1_R", "l1_B", "", "h1", "h1"], ["y"], hidden_size=H),
+    ]
+    constants = [_ints(n, [v]) for n, v in (("zero", 0), ("one", 1), ("two", 2), ("three", 3), ("four", 4),
+                                            ("hidden", H), ("minus_one", -1))]
+    constants += [_ints("perm", [0, 2, 1, 3]), numpy_helper.from_array(np.array(fill, dtype=np.float32), "fill")]
+    return _model(nodes, constants + _lstm_weights("l0", 5) + _lstm_weights("l1", H), ["seq", "batch", 5])
+
+
+def test_exporter_glue_around_stacked_lstms_goes_and_outputs_stay():
+    before = _stacked_lstm()
+    after = onnx.ModelProto.FromString(before.SerializeToString())
+    assert run_passes(after, "cuda") == {"zero initial states dropped": 4, "Reshape to Squeeze": 1}
+    assert [n.op_type for n in after.graph.node] == ["LSTM", "Squeeze", "LSTM"]
+    squeeze = after.graph.node[1]
+    assert squeeze.input[0] == "y0"  # the Transpose folded in: (seq, 1, batch, H) squeezed at axis 1
+    axes = {t.name: numpy_helper.to_array(t) for t in after.graph.initializer}[squeeze.input[1]]
+    assert axes.tolist() == [1]
+    assert {t.name for t in after.graph.initializer} == {*(f"l{i}_{w}" for i in (0, 1) for w in "WRB"), squeeze.input[1]}
+    _same_outputs(before, after, [(1, 1, 5), (7, 3, 5), (2, 9, 5)])
+
+
+def test_a_nonzero_initial_state_is_kept():
+    before = _stacked_lstm("half")
+    after = onnx.ModelProto.FromString(before.SerializeToString())
+    assert run_passes(after, "cuda") == {"zero initial states dropped": 0, "Reshape to Squeeze": 1}
+    assert {"Expand", "Slice"} <= {n.op_type for n in after.graph.node}
+    _same_outputs(before, after, [(4, 2, 5)])
+
+
+@pytest.mark.parametrize("default", [None, "zeros"])  # an initializer that is also an input is only a default
+def test_an_initial_state_fed_by_the_caller_is_kept(default):
+    initializers = _lstm_weights("l0", 5)
+    if default:
+        initializers.append(numpy_helper.from_array(np.zeros((1, 2, H), dtype=np.float32), "h"))
+    model = _model([helper.make_node("LSTM", ["x", "l0_W", "l0_R", "l0_B", "", "h", "h"], ["y"], hidden_size=H)],
+                   initializers, [3, 2, 5])
+    model.graph.input.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 2, H]))
+    assert run_passes(model, "cuda") == {"zero initial states dropped": 0, "Reshape to Squeeze": 0}
+    assert list(model.graph.node[0].input)[5:7] == ["h", "h"]
+
+
+def _reshape_model(target_nodes, x_shape) -> onnx.ModelProto:
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), *target_nodes, helper.make_node("Reshape", ["x", "target"], ["y"])]
+    return _model(nodes, [_ints(n, [v]) for n, v in (("zero", 0), ("one", 1), ("two", 2), ("three", 3), ("four", 4))],
+                  x_shape)
+
+
+@pytest.mark.parametrize(("case", "target_nodes", "x_shape"), [
+    # (b, s, 4, 8) → (b, s, 32): merges two dims that are not 1
+    ("merge", [helper.make_node("Slice", ["s", "zero", "two"], ["bs"]), helper.make_node("Slice", ["s", "two", "three"], ["c"]),
+               helper.make_node("Slice", ["s", "three", "four"], ["d"]), helper.make_node("Mul", ["c", "d"], ["cd"]),
+               helper.make_node("Concat", ["bs", "cd"], ["target"], axis=0)], ["b", "s", 4, 8]),
+    # (b, s, 1, 8) → (s, b, 8): drops the unit dim but swaps the others
+    ("reorder", [helper.make_node("Slice", ["s", "one", "two"], ["s1"]), helper.make_node("Slice", ["s", "zero", "one"], ["s0"]),
+                 helper.make_node("Slice", ["s", "three", "four"], ["s3"]),
+                 helper.make_node("Concat", ["s1", "s0", "s3"], ["target"], axis=0)], ["b", "s", 1, 8]),
+    # (b, s, n, 8) → (b, s, 8): n is 1 only when the caller says so
+    ("dynamic", [helper.make_node("Slice", ["s", "zero", "two"], ["bs"]), helper.make_node("Slice", ["s", "three", "four"], ["d"]),
+                 helper.make_node("Concat", ["bs", "d"], ["target"], axis=0)], ["b", "s", "n", 8]),
+    # a target with -1 is the reshape's to infer
+    ("inferred", [helper.make_node("Slice", ["s", "zero", "one"], ["b"]), helper.make_node("Concat", ["b", "minus"], ["target"], axis=0)],
+     ["b", 1, 8]),
+])
+def test_a_reshape_it_cannot_prove_a_squeeze_stays(case, target_nodes, x_shape):
+    model = _reshape_model(target_nodes, x_shape)
+    if case == "inferred":
+        model.graph.initializer.append(_ints("minus", [-1]))
+    before = onnx.ModelProto.FromString(model.SerializeToString())
+    assert run_passes(model, "cuda") == {"zero initial states dropped": 0, "Reshape to Squeeze": 0}
+    assert model.graph.node[-1].op_type == "Reshape" and len(model.graph.node) == len(before.graph.node)
+
+
+@pytest.mark.parametrize("opset", [12, 18])  # Squeeze takes its axes as an attribute before opset 13
+def test_a_reshape_dropping_unit_dims_becomes_a_squeeze_in_place_when_the_transpose_reorders(opset):
+    """Transpose (a, b, 1, c) → (b, a, 1, c), then Reshape to (b, a, c): the Transpose must stay."""
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2, 3]),
+        helper.make_node("Shape", ["t"], ["s"]),
+        helper.make_node("Slice", ["s", "zero", "two"], ["ba"]),
+        helper.make_node("Slice", ["s", "three", "four"], ["c"]),
+        helper.make_node("Concat", ["ba", "c"], ["target"], axis=0),
+        helper.make_node("Reshape", ["t", "target"], ["y"]),
+    ]
+    before = _model(nodes, [_ints(n, [v]) for n, v in (("zero", 0), ("two", 2), ("three", 3), ("four", 4))], ["a", "b", 1, 6], opset)
+    after = onnx.ModelProto.FromString(before.SerializeToString())
+    assert run_passes(after, "cuda") == {"zero initial states dropped": 0, "Reshape to Squeeze": 1}
+    assert [(n.op_type, n.input[0]) for n in after.graph.node] == [("Transpose", "x"), ("Squeeze", "t")]
+    _same_outputs(before, after, [(2, 3, 1, 6), (5, 1, 1, 6)])
+
+
+def test_a_node_read_only_inside_a_subgraph_is_kept():
+    """An If branch reads the Relu's output from the outer scope: pruning must not drop the Relu."""
+    branch = helper.make_graph([helper.make_node("Identity", ["r"], ["out"])], "branch", [],
+                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Slice", ["s", "zero", "one"], ["b"]),
+        helper.make_node("Concat", ["b", "c"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["flat"]),  # (b, 1, 4) → (b, 4): becomes a Squeeze
+        helper.make_node("ReduceSum", ["flat"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", "zero_f"], ["positive"]),
+        helper.make_node("If", ["positive"], ["y"], then_branch=branch, else_branch=branch),
+    ]
+    before = _model(nodes, [_ints("zero", [0]), _ints("one", [1]), _ints("c", [4]),
+                            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero_f")], ["b", 1, 4])
+    after = onnx.ModelProto.FromString(before.SerializeToString())
+    assert run_passes(after, "cuda")["Reshape to Squeeze"] == 1
+    assert "Relu" in {n.op_type for n in after.graph.node}
+    _same_outputs(before, after, [(3, 1, 4)])

@@ -1,0 +1,182 @@
+"""Stage quantize: int8 dynamic, int8-static and fp16 variants, with their op reports and task gates."""
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.conftest import ZOO
+from toolkit.bundle import Bundle
+from toolkit.compile.parity import check
+from toolkit.compile.quantization import FP16_KEEP_FP32, quantize
+from toolkit.errors import ToolkitError
+
+
+@pytest.fixture(scope="module")
+def quantized(with_variants):
+    """quantized(model) → a bundle of the tiny model with every quantized variant, and its check."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            path = with_variants(name, ("int8", "int8-static", "fp16"))
+            cache[name] = (path, check(path))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_every_weight_of_the_dynamic_ops_is_quantized(quantized, name):
+    path, _ = quantized(name)
+    variant = Bundle.open(path).manifest.variants["int8"]
+    assert variant.precision == "int8" and variant.recipe["parent"] == "fp32"
+    ops = variant.recipe["options"]["ops"]
+    for op, report in ops.items():
+        expected_float = report["with_weights"] if op == "Conv" else 0  # convolutions: int8-static only
+        assert report["float"] == expected_float, (op, report)
+
+
+def test_tied_gpt_head_is_quantized_once_not_dequantized_per_call(quantized):
+    path, _ = quantized("gpt")
+    ops = Bundle.open(path).manifest.variants["int8"].recipe["options"]["ops"]
+    assert ops["MatMul"] == {"with_weights": 9, "quantized": 9, "float": 0}  # 2 layers × 4 + the tied head
+    graph = onnx.load(path / "model.int8.onnx").graph
+    constants = {t.name for t in graph.initializer}
+    assert not [n.name for n in graph.node if n.op_type == "Transpose" and n.input[0] in constants]
+
+
+def test_lstm_weights_are_quantized(quantized):
+    path, _ = quantized("lstm")
+    ops = Bundle.open(path).manifest.variants["int8"].recipe["options"]["ops"]
+    assert ops["LSTM"] == {"with_weights": 2, "quantized": 2, "float": 0}
+    assert {n.op_type for n in onnx.load(path / "model.int8.onnx").graph.node} >= {"DynamicQuantizeLSTM"}
+
+
+def test_static_quantization_takes_convolutions_and_the_calibration_set(quantized):
+    path, records = quantized("cnn")
+    options = Bundle.open(path).manifest.variants["int8-static"].recipe["options"]
+    assert options["ops"]["Conv"] == {"with_weights": 3, "quantized": 3, "float": 0}
+    assert options["calibration"] == {"method": "minmax", "samples": 32, "data": "the model's calibration set"}
+    assert records["int8-static"]["accuracy"]["passed"]
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_digit_classifiers_keep_accuracy_within_a_point(quantized, name):
+    _, records = quantized(name)
+    for mode in ("int8", "int8-static", "fp16"):
+        accuracy = records[mode]["accuracy"]
+        assert accuracy["drop"] <= 0.01 and records[mode]["passed"], (mode, accuracy)
+
+
+def test_encoder_int8_agrees_with_the_reference(quantized):
+    _, records = quantized("encoder")
+    metric = records["int8"]["task_metric"]
+    assert metric["metric"] == "top1_agreement" and metric["value"] >= 0.99 and records["int8"]["passed"]
+
+
+def test_a_variant_that_misses_its_gate_stays_marked_failed(exported, copy_of):
+    path = copy_of(exported("userpkg.toy:outliers"))  # fails any per-tensor int8 by construction
+    quantize(path, mode="int8-static", calibration_samples=32)
+    record = check(path, variants=["int8-static"])["int8-static"]
+    metric = record["task_metric"]
+    assert metric["value"] < 0.99 and not metric["passed"] and not record["passed"]
+    assert not Bundle.open(path).manifest.variants["int8-static"].parity["passed"]
+    assert (path / "model.int8-static.onnx").is_file()
+
+
+def test_gpt_next_token_agreement_is_reported(quantized):
+    _, records = quantized("gpt")
+    metric = records["int8"]["task_metric"]
+    assert metric["metric"] == "next_token_agreement" and metric["threshold"] is None and 0 < metric["value"] <= 1
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_fp16_keeps_fp32_io_and_overflow_prone_ops(quantized, name):
+    path, records = quantized(name)
+    assert records["fp16"]["passed"], records["fp16"]
+    model = onnx.load(path / "model.fp16.onnx")
+    assert all(v.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16 for v in [*model.graph.input, *model.graph.output])
+    fp16_initializers = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+    for node in model.graph.node:
+        if node.op_type in ("LayerNormalization", "Softmax"):
+            assert not set(node.input) & fp16_initializers, node.name
+    if name in ("encoder", "gpt"):
+        assert fp16_initializers  # the matmuls did go to fp16
+
+
+def test_fp16_can_keep_residual_adds_in_fp32(exported, copy_of):
+    # Every residual sum feeds an Add and a LayerNorm, both kept: the converter casts it once per consumer.
+    path = copy_of(exported("gpt"))
+    quantize(path, mode="fp16", keep_fp32=(*FP16_KEEP_FP32, "Add"))
+    names = [n.name for n in onnx.load(path / "model.fp16.onnx").graph.node]
+    assert len(names) == len(set(names))
+    assert check(path, variants=["fp16"])["fp16"]["passed"]
+
+
+def test_no_temporary_files_land_anywhere(exported, copy_of, tmp_path, monkeypatch):
+    path = copy_of(exported("gpt"))  # the decoder takes the pre-processing fallback path too
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    quantize(path, mode="int8")
+    assert list(work.iterdir()) == []
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.fp32.onnx", "model.int8.onnx", "static"]
+    assert sorted(p.name for p in (path / "static").iterdir()) == ["manifest.json", "model.fp32.onnx", "model.int8.onnx"]
+
+
+def test_quantized_variants_run_through_the_runtime(quantized):
+    import toolkit
+
+    path, _ = quantized("encoder")
+    ids = np.array([[1, 2, 3, 4]], np.int64)
+    reference = toolkit.load(path, provider="cpu")(input_ids=ids, attention_mask=np.ones_like(ids))
+    for variant in ("int8", "fp16"):
+        logits = toolkit.load(path, variant=variant, provider="cpu")(input_ids=ids, attention_mask=np.ones_like(ids))
+        assert logits.dtype == np.float32 and np.abs(logits - reference).max() < 0.1 * np.abs(reference).max() + 1e-3
+
+
+def test_bad_quantize_requests(exported, copy_of, cli):
+    path = copy_of(exported("mlp"))
+    with pytest.raises(ToolkitError, match="unknown quantization mode 'int4'; choose one of int8, int8-static, fp16"):
+        quantize(path, mode="int4")
+    with pytest.raises(ToolkitError, match="--calibration-samples must be at least 1, got 0"):
+        quantize(path, mode="int8-static", calibration_samples=0)
+    with pytest.raises(ToolkitError, match="unknown calibration method 'median'"):
+        quantize(path, mode="int8-static", method="median")
+    quantize(path, mode="fp16")
+    with pytest.raises(ToolkitError, match="variant 'fp16' is fp16; quantize from an fp32 variant"):
+        quantize(path, mode="int8", source="fp16")
+    result = cli("quantize", path, "--mode", "int4")
+    assert result.exit_code == 2 and "'int4' is not one of" in result.output
+
+
+def test_cli_quantize_exits_1_when_the_gate_fails(cli, exported, copy_of):
+    path = copy_of(exported("userpkg.toy:outliers"))
+    result = cli("quantize", path, "--mode", "int8-static", "--calibration-samples", "32")
+    assert result.exit_code == 1
+    assert "top1_agreement" in result.stdout and "FAIL" in result.stdout
+    assert cli("quantize", path, "--mode", "int8").exit_code == 1
+    kept = cli("quantize", path, "--mode", "int8", "--keep-float", "1")  # its one MatMul in fp32: exact
+    assert kept.exit_code == 0, kept.output
+
+
+def test_options_that_do_not_apply_to_the_mode_are_refused(cli, exported):
+    result = cli("quantize", exported("mlp"), "--mode", "fp16", "--calibration-samples", "8")
+    assert result.exit_code == 2 and "--calibration-samples does not apply to --mode fp16; it takes --io, --keep-fp32" in result.output
+    with pytest.raises(ToolkitError, match="--keep-fp32 does not apply to --mode int8-static"):
+        quantize(exported("mlp"), mode="int8-static", keep_fp32=("Softmax",))
+
+
+def test_fp16_with_fp16_inputs_and_outputs_records_their_dtypes_and_keeps_parity(exported, copy_of):
+    from toolkit import Generator
+    from toolkit.compile.quantization import FP16_KEEP_FP32_FUSED
+
+    path = copy_of(exported("gpt"))
+    quantize(path, mode="fp16", io="fp16", keep_fp32=FP16_KEEP_FP32_FUSED)
+    variant = Bundle.open(path).manifest.variants["fp16"]
+    float_io = {t.name for t in (*Bundle.open(path).manifest.inputs, *Bundle.open(path).manifest.outputs) if t.dtype == "float32"}
+    assert variant.io == dict.fromkeys(float_io, "float16") and "logits" in float_io
+    record = check(path, variants=["fp16"])["fp16"]
+    assert record["passed"], record
+    generator = Generator(path, variant="fp16", provider="cpu")
+    assert generator.layout.past_dtype == "float16" and len(generator.generate("If the", max_new_tokens=8)) > 0

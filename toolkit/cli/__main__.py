@@ -1,0 +1,5 @@
+import sys
+
+from toolkit.cli.commands import main
+
+sys.exit(main())

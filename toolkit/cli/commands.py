@@ -1,0 +1,540 @@
+"""The `toolkit` command line: a thin Typer layer over the library's stages."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import traceback
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from toolkit import __version__
+from toolkit.cli import render
+from toolkit.compile.exporter import DEFAULT_OPSET, EXPORTERS
+from toolkit.compile.quantization.configs import CALIBRATION_METHODS, FP16_IO, MODES
+from toolkit.errors import EXIT_CHECK_FAILED, ToolkitError
+from toolkit.runtime.generate import CACHES
+from toolkit.runtime.session import PROVIDERS
+
+app = typer.Typer(
+    help="Export PyTorch models to ONNX bundles, check their parity, inspect and run them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Markup off: messages carry shapes like [batch, 784] that rich would take for tags; styles are
+# applied with Text instead.
+out = Console(markup=False, highlight=False, soft_wrap=True)
+err = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
+_PIPE_WIDTH = 200
+
+
+def _choices(name: str, values: Sequence[str]) -> type[Enum]:
+    """A Typer choice type whose values are the library's own (so the two never drift apart)."""
+    return Enum(name, {v.replace("-", "_"): v for v in values}, type=str)
+
+
+Exporter = _choices("Exporter", EXPORTERS)
+Provider = _choices("Provider", ("auto", *PROVIDERS))
+Mode = _choices("Mode", MODES)
+Method = _choices("Method", CALIBRATION_METHODS)
+Fp16Io = _choices("Fp16Io", FP16_IO)
+Cache = _choices("Cache", CACHES)
+
+
+# --debug, set by the group's callback for the command it runs (a ContextVar: CliRunner and threads
+# keep their own).
+_DEBUG: ContextVar[bool] = ContextVar("toolkit_debug", default=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"toolkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and the exporters' own output."),
+    version: bool | None = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    _DEBUG.set(debug)
+    _fit_width()
+
+
+def _fit_width() -> None:
+    """Tables as wide as COLUMNS says when it is set, read at each invocation (rich reads it once, when
+    the console is made); written to a pipe or a file, rows are not wrapped to 80 columns."""
+    columns = os.environ.get("COLUMNS", "")
+    for console in (out, err):
+        if columns.isdigit():
+            console.width = int(columns)
+        elif not console.is_terminal:
+            console.width = _PIPE_WIDTH
+
+
+def _debug() -> bool:
+    return _DEBUG.get()
+
+
+def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turns ToolkitError into `error: ...` on stderr and its exit code; --debug adds the traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ToolkitError as exc:
+            if _debug():
+                traceback.print_exc()
+                if getattr(exc, "worker_traceback", None):
+                    err.print(f"in the export worker:\n{exc.worker_traceback}")
+            err.print(Text("error: ", style="bold red") + Text(str(exc)))
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted: nothing was written.")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _progress(message: str) -> None:
+    err.print(Text("• ", style="dim") + Text(message))
+
+
+@app.command()
+@_user_errors
+def models() -> None:
+    """List the reference models and their presets."""
+    import dataclasses
+
+    from toolkit.reference.source import reference_models
+
+    zoo = reference_models()
+
+    table = Table("model", "task", "presets", "description")
+    for family in zoo.families():
+        presets = family.presets()
+        default = dataclasses.asdict(presets["default"])
+        lines = []
+        for name, config in presets.items():
+            changed = {k: v for k, v in dataclasses.asdict(config).items() if v != default[k]}
+            lines.append(name + (" (" + ", ".join(f"{k}={v}" for k, v in changed.items()) + ")" if changed else ""))
+        table.add_row(family.name, family.task, "\n".join(lines), family.summary)
+    out.print(table)
+    out.print("Your own model: toolkit export package.module:factory (see README, 'Your own model').")
+
+
+@app.command()
+@_user_errors
+def export(
+    model: str = typer.Argument(..., help="A reference model (see `toolkit models`), package.module:factory, or hf:PATH (a local transformers model)."),
+    out_dir: Path = typer.Option(..., "-o", "--out", help="Bundle directory to create."),
+    preset: str | None = typer.Option(None, help="Preset of a reference model (default: 'default')."),
+    name: str | None = typer.Option(None, help="Bundle name (in serving URLs and Triton repositories; default: from the model, e.g. the zoo name or the factory's module)."),
+    opset: int = typer.Option(DEFAULT_OPSET, help="ONNX opset to export to."),
+    exporter: Exporter = typer.Option(Exporter.auto, help="auto tries dynamo (torch.export) and falls back to torchscript, saying so."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+) -> None:
+    """Export a PyTorch model to a new bundle (manifest.json + the fp32 ONNX model), written atomically."""
+    from toolkit.compile.exporter import export as export_model
+
+    bundle = export_model(
+        model, out_dir, preset=preset, name=name, opset=opset, exporter=exporter.value, force=force, progress=_progress, verbose=_debug()
+    )
+    out.print(f"exported {bundle.manifest.name} to {bundle.path}; next: toolkit check {bundle.path}")
+
+
+@app.command()
+@_user_errors
+def check(
+    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle directory."),
+    variant: list[str] | None = typer.Option(None, "--variant", help="Variant to check (repeatable; default: all)."),
+    provider: Provider = typer.Option(Provider.cpu, help="Execution provider the variants run on."),
+    json_file: Path | None = typer.Option(None, "--json", help="Also write the report as JSON to this file ('-' for stdout)."),
+) -> None:
+    """Check every variant's parity against the PyTorch reference; exit 1 if any fails.
+
+    Several seeds, two sizes of every dynamic dim, per-output max abs and relative error against the
+    precision's tolerance profile, and accuracy for classifiers with a labelled eval set. The
+    results are stored in the manifest.
+    """
+    from toolkit.compile.parity import check as check_bundle
+
+    records = check_bundle(bundle_dir, variants=variant, provider=provider.value, progress=_progress)
+    passed = all(r["passed"] for r in records.values())
+    if json_file is not None:
+        report = json.dumps({"bundle": str(bundle_dir), "passed": passed, "variants": records}, indent=2)
+        if str(json_file) == "-":
+            print(report)
+        else:
+            json_file.write_text(report + "\n")
+    render.parity_table(err if str(json_file) == "-" else out, records, f"parity: {bundle_dir}")
+    if not passed:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@app.command()
+@_user_errors
+def optimize(
+    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle directory."),
+    provider: Provider = typer.Option(Provider.cpu, help="Execution provider the variant is made for (auto: CUDA where available). "
+                                      "For the CPU, SkipLayerNormalization is split into Add + LayerNormalization, which run faster there."),
+    check_parity: bool = typer.Option(True, "--check/--no-check", help="Check the new variant's parity right away."),
+) -> None:
+    """Add variant `opt`: transformer fusions (encoder, gpt, or hinted user models) and onnxruntime's
+    basic graph optimizations, saved offline. Exit 1 if its parity check fails."""
+    from toolkit.compile.optimizer import optimize as optimize_bundle
+
+    optimize_bundle(bundle_dir, provider=_made_for(provider), progress=_progress)
+    _check_new(bundle_dir, "opt", check_parity)
+
+
+def _made_for(provider: Provider) -> str:
+    """The provider a variant is made for: auto is CUDA where it is available here."""
+    if provider != Provider.auto:
+        return provider.value
+    from toolkit.bench.compare import available_providers
+
+    return "cuda" if "cuda" in available_providers() else "cpu"
+
+
+@app.command()
+@_user_errors
+def quantize(
+    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle directory."),
+    mode: Mode = typer.Option(..., help="int8: dynamic (weights int8, activations per call); int8-static: QDQ with calibration; fp16: half precision."),
+    calibration_samples: int | None = typer.Option(None, help="int8, int8-static: samples from the model's calibration set (or sample inputs) [default: 128]."),
+    method: Method | None = typer.Option(None, help="int8-static: calibration method [default: minmax]."),
+    per_channel: bool | None = typer.Option(None, "--per-channel/--per-tensor", help="int8, int8-static: weight scales per output channel or per tensor [default: per channel for int8, per tensor for int8-static]."),
+    keep_float: int | None = typer.Option(None, help="int8: keep this many MatMul/Gemm in fp32, those with the most outlier-heavy inputs on calibration data [default: 0]."),
+    keep_fp32: str | None = typer.Option(None, help="fp16: comma-separated op types kept in fp32 [default: LayerNormalization, Softmax, reductions, Pow, Exp]; '' keeps none."),
+    io: Fp16Io | None = typer.Option(None, help="fp16: fp32 keeps the graph's float inputs and outputs in fp32; fp16 makes them fp16 too (a decoder's cache stays fp16; for CUDA) [default: fp32]."),
+    source: str = typer.Option("fp32", help="The fp32-precision variant to quantize (fp32, or opt for the fused graph)."),
+    check_parity: bool = typer.Option(True, "--check/--no-check", help="Check the new variant right away."),
+) -> None:
+    """Add variant int8, int8-static or fp16 from an fp32 variant, and judge it by its task's gates.
+
+    Exit 1 if the new variant fails its gates; it stays in the bundle, marked failed."""
+    from toolkit.compile.quantization import quantize as quantize_bundle
+
+    kept = None if keep_fp32 is None else tuple(op.strip() for op in keep_fp32.split(",") if op.strip())
+    quantize_bundle(
+        bundle_dir, mode=mode.value, calibration_samples=calibration_samples, method=method.value if method else None,
+        per_channel=per_channel, keep_float=keep_float, keep_fp32=kept, io=io.value if io else None, source=source, progress=_progress,
+    )
+    _check_new(bundle_dir, mode.value, check_parity)
+
+
+def _check_new(bundle_dir: Path, variant: str, check_parity: bool) -> None:
+    if not check_parity:
+        out.print(f"added variant {variant}; its parity is not checked yet (toolkit check {bundle_dir} --variant {variant})")
+        return
+    from toolkit.compile.parity import check as check_bundle
+
+    records = check_bundle(bundle_dir, variants=[variant], progress=_progress)
+    render.parity_table(out, records, f"parity: {bundle_dir} variant {variant}")
+    if not records[variant]["passed"]:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@app.command()
+@_user_errors
+def build(
+    model: str = typer.Argument(..., help="A reference model (see `toolkit models`), package.module:factory, or hf:PATH (a local transformers model)."),
+    out_dir: Path = typer.Option(..., "-o", "--out", help="Bundle directory to create."),
+    preset: str | None = typer.Option(None, help="Preset of a reference model (default: 'default')."),
+    name: str | None = typer.Option(None, help="Bundle name (in serving URLs and Triton repositories; default: from the model)."),
+    mode: list[Mode] | None = typer.Option(None, "--mode", help="Quantization mode (repeatable; default: int8, fp16, and int8-static for models with convolutions or a calibration set)."),
+    provider: Provider = typer.Option(Provider.cpu, help="Provider `opt` is made for and on which `best` is measured (auto: CUDA where available)."),
+    select: bool = typer.Option(True, "--select/--no-select", help="Time the passing variants and record the fastest as `best`."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+) -> None:
+    """Export, optimize, quantize and check in one go, then record the fastest variant that passed
+    its gates as `best` (toolkit.load(DIR, variant="best")).
+
+    Exit 1 if fp32 fails its parity check; other variants that fail their gates stay in the bundle,
+    marked failed, and are never chosen as best."""
+    from toolkit.compile.pipeline import build as build_bundle
+
+    bundle = build_bundle(
+        model, out_dir, preset=preset, name=name, modes=[m.value for m in mode] if mode else None, provider=_made_for(provider),
+        select=select, force=force, progress=_progress,
+    )
+    manifest = bundle.manifest
+    render.build_table(out, manifest, bundle.path)
+    if not (manifest.variants["fp32"].parity or {}).get("passed"):
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@app.command()
+@_user_errors
+def bench(
+    target: str = typer.Argument(..., metavar="DIR|MODEL", help="A bundle directory, or a model to build into a temporary bundle first."),
+    providers: str | None = typer.Option(None, help="Comma-separated providers (default: every provider available here)."),
+    variants: str | None = typer.Option(None, help="Comma-separated variants (default: all in the bundle)."),
+    batch: str = typer.Option("1,32", help="Comma-separated batch sizes."),
+    seq: str | None = typer.Option(None, help="Comma-separated sequence lengths, for models with a seq dim (default 32)."),
+    preset: str | None = typer.Option(None, help="Preset, when MODEL is a reference model."),
+    torch_eager: bool = typer.Option(True, "--torch/--no-torch", help="Include the PyTorch reference in eager mode (the speed-up baseline)."),
+    torch_compile: bool = typer.Option(False, "--torch-compile", help="Also time torch.compile of the reference."),
+    max_time: float = typer.Option(1.0, help="Seconds spent measuring each cell (candidate × shape), warm-up excluded."),
+    rounds: int = typer.Option(5, help="Interleaved rounds the time of each cell is split into."),
+    warmup: int = typer.Option(5, help="Untimed runs of each candidate before measuring."),
+    threads: str | None = typer.Option(None, help="Comma-separated intra-op thread counts, each measured for onnxruntime and torch alike (default: the CPUs this process may use)."),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="CUDA: also time each variant replayed from a captured CUDA graph (rows <variant>+graph)."),
+    json_file: Path | None = typer.Option(None, "--json", help="Write the rows and the machine as JSON to this file ('-' for stdout)."),
+    csv_file: Path | None = typer.Option(None, "--csv", help="Write the rows as CSV to this file."),
+    plot_file: Path | None = typer.Option(None, "--plot", help="Draw p50 latency per variant and batch to this PNG (torch eager as the reference line)."),
+) -> None:
+    """Time variants × providers × batch sizes (× thread counts) side by side with PyTorch, in interleaved rounds.
+
+    Reports p50/p90/p99 latency, items/s, speed-up over torch eager at the same thread count,
+    achieved GFLOP/s next to the machine's GEMM peak measured in the same run, and memory. On CUDA,
+    inputs and outputs are bound on the device and nodes placed on the CPU are counted."""
+    import tempfile
+
+    from toolkit.bench.compare import available_providers
+    from toolkit.bench.compare import bench as run_bench
+    from toolkit.bundle import MANIFEST_NAME
+
+    chosen = _csv_list(providers, "--providers") if providers else available_providers()
+    with tempfile.TemporaryDirectory(prefix="toolkit-bench-") as tmp:
+        path = Path(target)
+        if not (path / MANIFEST_NAME).is_file():
+            if path.exists() or "/" in target:
+                raise ToolkitError(f"{target} is not a bundle directory (no {MANIFEST_NAME}); give a bundle or a model name.")
+            from toolkit.compile.pipeline import build as build_bundle
+
+            _progress(f"{target} is not a bundle: building one in a temporary directory")
+            path = build_bundle(target, Path(tmp) / "bundle", preset=preset, select=False, progress=_progress).path
+        report = run_bench(
+            path, providers=chosen, variants=_csv_list(variants, "--variants") if variants else None,
+            batches=_int_list(batch, "--batch"), seqs=_int_list(seq, "--seq") if seq else None,
+            torch_eager=torch_eager, torch_compile=torch_compile, max_time=max_time, rounds=rounds, warmup=warmup,
+            threads=_int_list(threads, "--threads") if threads else None, cuda_graph=cuda_graph, progress=_progress,
+        )
+    if json_file is not None:
+        text = json.dumps(report.to_json(), indent=2)
+        if str(json_file) == "-":
+            print(text)
+        else:
+            json_file.write_text(text + "\n")
+    if csv_file is not None:
+        csv_file.write_text(report.to_csv())
+    if plot_file is not None:
+        from toolkit.bench.plot import plot
+
+        plot(report, plot_file)
+    render.bench_table(err if str(json_file) == "-" else out, report)
+
+
+def _csv_list(text: str, option: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise ToolkitError(f"{option} {text!r}: give a comma-separated list.")
+    return items
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in _csv_list(text, option)]
+    except ValueError:
+        raise ToolkitError(f"{option} {text!r}: expected comma-separated integers such as 1,32.") from None
+
+
+@app.command()
+@_user_errors
+def inspect(
+    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the description as JSON."),
+) -> None:
+    """Show a bundle: manifest, inputs and outputs, variants with sizes, op histogram and parity."""
+    from toolkit.runtime.describe import describe
+
+    info = describe(bundle_dir)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    render.description(out, info)
+
+
+@app.command()
+@_user_errors
+def run(
+    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle directory."),
+    inputs: list[str] | None = typer.Option(None, "--input", "-i", help="NAME=FILE.npy (repeatable); a single-input model also takes FILE.npy."),
+    example: bool = typer.Option(False, "--example", help="Feed sample inputs drawn from the manifest instead of files."),
+    seed: int = typer.Option(0, help="Seed for --example."),
+    variant: str | None = typer.Option(None, help="Variant to run (default fp32)."),
+    provider: Provider = typer.Option(Provider.auto, help="Execution provider."),
+    save: Path | None = typer.Option(None, "--save", help="Write each output to DIR/NAME.npy instead of printing it."),
+) -> None:
+    """Run one inference and print the outputs (or save them as .npy)."""
+    from toolkit.runtime.model import load
+
+    model = load(bundle_dir, variant=variant, provider=provider.value)
+    err.print(f"running {model.name} variant {model.variant} on {model.provider}"
+              + (f" ({model.provider_note})" if model.provider_note else ""))
+    if example == bool(inputs):
+        raise ToolkitError("give the inputs with --input NAME=FILE.npy, or pass --example for sample inputs (one of the two).")
+    if example:
+        from toolkit.runtime.samples import make_feeds
+
+        feeds = make_feeds(model.inputs, {d.name: d.check[0] for d in model.bundle.manifest.dims}, seed)
+    else:
+        feeds = _read_inputs(inputs, [t.name for t in model.inputs])
+    results = model.run(feeds)
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
+        for name, value in results.items():
+            np.save(save / f"{name}.npy", value)
+        out.print(f"saved {', '.join(f'{save / n}.npy' for n in results)}")
+        return
+    with np.printoptions(precision=4, suppress=True, threshold=64, edgeitems=3):
+        for name, value in feeds.items():
+            out.print(f"input {name}: {value.dtype} {list(value.shape)}")
+        for name, value in results.items():
+            out.print(f"output {name}: {value.dtype} {list(value.shape)}\n{value}")
+            if model.bundle.manifest.task == "classify":
+                out.print(f"predicted class per row: {value.argmax(axis=-1).tolist()}")
+
+
+@app.command()
+@_user_errors
+def generate(
+    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle of a decoder with a KV cache (`toolkit build gpt` or `seq2seq`)."),
+    prompts: list[str] = typer.Option(..., "--prompt", "-p", help="Text to continue; repeat for a left-padded batch."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate at most (bytes, for the reference gpt)."),
+    temperature: float = typer.Option(0.0, help="0 is greedy; above 0 samples from the scaled distribution."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Sample among the K most likely tokens (needs --temperature > 0)."),
+    top_p: float | None = typer.Option(None, "--top-p", help="Sample within the top-P probability mass (needs --temperature > 0)."),
+    seed: int | None = typer.Option(None, help="Seed for sampling: the same seed gives the same text."),
+    stop: list[str] | None = typer.Option(None, "--stop", help="Stop before this text (repeatable); it is not printed."),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they arrive (a single prompt)."),
+    variant: str | None = typer.Option(None, help="Variant to run (default fp32; 'best' after toolkit build)."),
+    provider: Provider = typer.Option(Provider.auto, help="Execution provider."),
+    cache: Cache = typer.Option(Cache.auto, help="growing: each step feeds the cache the last returned; static: a cache preallocated to the context, replayed as CUDA graphs on CUDA; auto: static with CUDA graphs on CUDA where the bundle has it."),
+) -> None:
+    """Continue text with a decoder bundle (or answer it, with an encoder-decoder): greedy or sampled,
+    with stop strings, streamed as it comes."""
+    import time
+
+    from toolkit.runtime.generate import Generator, Sampling
+
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    generator = Generator(bundle_dir, variant=variant, provider=provider.value, cache=cache.value)
+    model = generator.model
+    notes = [n for n in (model.provider_note, generator.note) if n]
+    err.print(f"generating with {model.name} variant {model.variant} on {model.provider}, {generator.decode} decoding"
+              + (f" ({'; '.join(notes)})" if notes else ""))
+    options = {"max_new_tokens": max_new_tokens, "stop": stop or (), "sampling": sampling}
+    start = time.perf_counter()
+    echo = generator.layout.source_context is None  # a decoder continues its prompt; an encoder-decoder answers it
+    if stream and len(prompts) == 1:
+        out.print(prompts[0] if echo else "", end="")
+        texts = [""]
+        for piece in generator.stream(prompts[0], **options):
+            out.print(piece, end="")
+            out.file.flush()
+            texts[0] += piece
+        out.print()
+    else:
+        texts = generator.generate(prompts, **options)
+        for prompt, text in zip(prompts, texts, strict=True):
+            out.print((prompt if echo else "") + text + ("\n---" if len(prompts) > 1 else ""))
+    tokens = sum(len(generator.tokenizer.encode(t)) for t in texts)
+    err.print(f"{tokens} tokens in {time.perf_counter() - start:.2f} s")
+
+
+@app.command()
+@_user_errors
+def serve(
+    bundle_dirs: list[Path] = typer.Argument(..., metavar="DIR...", help="Bundles to serve, each under its manifest name."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes the server beyond this machine."),
+    port: int = typer.Option(8000, help="TCP port (0: a free one, printed once the server has started)."),
+    variant: str | None = typer.Option(None, help="Variant of every bundle (default fp32; 'best' after toolkit build)."),
+    provider: Provider = typer.Option(Provider.auto, help="Execution provider."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Rows per merged batch (1 turns dynamic batching off)."),
+    max_delay_ms: float = typer.Option(0.0, "--max-delay-ms", help="How long the oldest request may wait for more to join its batch (0: a batch is what queued while the last one ran)."),
+    max_queue: int = typer.Option(256, "--max-queue", help="Requests waiting per model before new ones get 503."),
+    timeout_ms: float | None = typer.Option(None, "--timeout-ms", help="Drop a request that waited this long in the queue (503)."),
+    token: str | None = typer.Option(None, envvar="TOOLKIT_TOKEN", show_envvar=True,
+                                     help="Bearer token required on every route but /v2/health."),
+    max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body accepted (413 beyond)."),
+    threads: int | None = typer.Option(None, help="onnxruntime intra-op threads per model (default: the CPUs this process may use; `toolkit bench --threads 1,2` shows which count is fastest)."),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="CUDA: capture each batch shape's run as a CUDA graph and replay it (one launch per request batch); decoders' generate routes use CUDA graphs on CUDA anyway."),
+) -> None:
+    """Serve bundles over the Open Inference Protocol (KServe v2 REST), with Triton's binary tensor and
+    generate extensions, dynamic batching and Prometheus /metrics. Ctrl-C drains requests in flight."""
+    from toolkit.runtime.model import load
+    from toolkit.serve.app import ServeOptions
+    from toolkit.serve.app import serve as run_server
+
+    options = ServeOptions(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, timeout_ms=timeout_ms,
+                           token=token, max_body_bytes=int(max_body_mb * (1 << 20)))
+    models = [load(d, variant=variant, provider=provider.value, threads=threads, cuda_graph=cuda_graph) for d in bundle_dirs]
+    where = f"http://{host}:{port}" if port else f"http://{host} on a free port (below)"
+    for m in models:
+        threads_note = f", {threads} thread" + "s" * (threads > 1) if threads else ""
+        graphs = ", CUDA graphs" if m.cuda_graph else ""
+        err.print(f"serving {m.name} ({m.variant} on {m.provider}{threads_note}{graphs}) at {where}/v2/models/{m.name}")
+    run_server(models, host=host, port=port, options=options)
+
+
+@app.command()
+@_user_errors
+def package(
+    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle to package."),
+    triton: Path = typer.Option(..., "--triton", metavar="REPO", help="Triton model repository to write <name>/ into (and <name>-<part>/ for each part of the bundle, e.g. an encoder)."),
+    variant: str | None = typer.Option(None, help="Variant to package (default fp32; 'best' after toolkit build)."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Triton max_batch_size (0: no batching)."),
+    max_delay_ms: float = typer.Option(0.0, "--max-delay-ms", help="dynamic_batching max queue delay."),
+    instances: int = typer.Option(1, help="Model instances (instance_group count)."),
+    kind: str = typer.Option("KIND_AUTO", help="instance_group kind: KIND_AUTO, KIND_GPU or KIND_CPU."),
+    force: bool = typer.Option(False, "--force", help="Replace REPO/<name> if it exists."),
+) -> None:
+    """Write a Triton Inference Server model repository entry (config.pbtxt and 1/model.onnx)."""
+    from toolkit.serve.triton import package_triton
+
+    target = package_triton(bundle_dir, triton, variant=variant, max_batch=max_batch, max_delay_ms=max_delay_ms,
+                            instances=instances, kind=kind, force=force)
+    out.print(f"wrote {target}: config.pbtxt and 1/model.onnx; serve with `tritonserver --model-repository {triton}`")
+
+
+def _read_inputs(pairs: list[str], names: list[str]) -> dict[str, np.ndarray]:
+    feeds = {}
+    for pair in pairs:
+        name, sep, file = pair.partition("=")
+        if not sep:
+            if len(names) != 1:
+                raise ToolkitError(f"--input {pair!r}: write NAME=FILE.npy; the model's inputs are {', '.join(names)}.")
+            name, file = names[0], pair
+        path = Path(file)
+        if not path.is_file():
+            raise ToolkitError(f"--input {name}: file {file} does not exist.")
+        try:
+            feeds[name] = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise ToolkitError(f"--input {name}: {file} is not a readable .npy file ({exc}).") from exc
+    return feeds
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit as exc:
+        # click reports usage errors with exit code 2; keep that contract visible here.
+        raise SystemExit(exc.code if exc.code is not None else 0) from None
+
+

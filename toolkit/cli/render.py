@@ -1,0 +1,126 @@
+"""Tables and text the CLI prints: parity records, the build summary, bench rows, a bundle's description."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+__all__ = ["bench_table", "build_table", "description", "parity_table", "verdict"]
+
+
+def parity_table(console: Console, records: dict[str, Any], title: str) -> None:
+    table = Table("variant", "check", "measured", "", "allowed", "result", title=title)
+    for name, record in records.items():
+        rel = record["tolerance"]["rel"]
+        for output, stats in record["outputs"].items():
+            table.add_row(
+                name, f"output {output}", f"abs {stats['max_abs_err']:.3g}", f"rel {stats['max_rel_err']:.3g}",
+                "task metrics" if rel is None else f"rel {rel:g}", Text("info", style="dim") if rel is None else verdict(stats["passed"]),
+            )
+        if "accuracy" in record:
+            acc = record["accuracy"]
+            table.add_row(
+                name, "accuracy", f"ref {acc['reference']:.2%}", f"got {acc['variant']:.2%}",
+                f"drop ≤ {record['tolerance']['max_accuracy_drop']:.1%}", verdict(acc["passed"]),
+            )
+        metric = record.get("task_metric")
+        if metric:
+            bound = "reported" if metric["threshold"] is None else ("≤ " if metric["metric"] == "max_score_rel" else "≥ ") + f"{metric['threshold']:g}"
+            table.add_row(name, metric["metric"], f"{metric['value']:.4g}", metric["inputs"], bound, verdict(metric["passed"]))
+        if record["errors"]:
+            table.add_row(name, "errors", str(len(record["errors"])), "", "0", verdict(False))
+    console.print(table)
+    for name, record in records.items():
+        for problem in record["errors"]:
+            console.print(Text(f"{name}: ", style="red") + Text(problem))
+    first = next(iter(records.values()))
+    sizes = sorted({json.dumps(c["sizes"]) for c in first["cases"]})
+    console.print(f"{len(first['cases'])} cases per variant (seeds × sizes {', '.join(sizes)}); runtime {first['runtime']}")
+
+
+def verdict(ok: bool) -> Text:
+    return Text("pass", style="green") if ok else Text("FAIL", style="bold red")
+
+
+def build_table(console: Console, manifest: Any, path: Any) -> None:
+    """Every variant with its size, gates and timings, and which one is best."""
+    best = manifest.best or {}
+    shapes = list(next(iter(best.get("p50_ms", {}).values()), {}))  # every variant is timed at the same shapes
+    table = Table("variant", "precision", "size", "gates", "status", *(f"p50 ms, {s}" for s in shapes), "", title=f"build: {path}")
+    for name, variant in manifest.variants.items():
+        record = variant.parity or {}
+        times = best.get("p50_ms", {}).get(name, {})
+        table.add_row(
+            name, variant.precision, f"{variant.bytes / 1e6:.2f} MB", _gate_summary(record), verdict(bool(record.get("passed"))),
+            *(f"{times[s]:.3f}" if s in times else "-" for s in shapes),
+            Text("best", style="bold green") if best.get("variant") == name else "",
+        )
+    console.print(table)
+    if best:
+        console.print(f"best: {best['variant']} on {best['provider']} ({best['threads']} threads, {best['cpu']}); rule: {best['rule']}")
+
+
+def _gate_summary(record: dict[str, Any]) -> str:
+    if not record:
+        return "not checked"
+    parts = []
+    if record["tolerance"]["rel"] is not None:
+        parts.append(f"rel err {max(s['max_rel_err'] for s in record['outputs'].values()):.1g}")
+    if "accuracy" in record:
+        parts.append(f"acc {record['accuracy']['variant']:.1%} (ref {record['accuracy']['reference']:.1%})")
+    metric = record.get("task_metric")
+    if metric:
+        short = {"top1_agreement": "top-1", "next_token_agreement": "next-token", "min_cosine": "cos", "max_score_rel": "score err"}
+        parts.append(f"{short.get(metric['metric'], metric['metric'])} {metric['value']:.4g}")
+    if record["errors"]:
+        parts.append(f"{len(record['errors'])} errors")
+    return ", ".join(parts)
+
+
+def bench_table(console: Console, report: Any) -> None:
+    cuda = any(r.provider == "cuda" for r in report.rows)
+    several = len(report.settings["threads"]) > 1
+    columns = ["provider", "variant", *(["threads"] if several else []), "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "items/s", "× torch", "GFLOP/s (% peak)", "mem MB", "parity"]
+    table = Table(*columns, *(["CPU nodes"] if cuda else []), title=f"bench: {report.rows[0].model if report.rows else ''}")
+    for r in report.rows:
+        flops = f"{r.gflops_per_s:.1f} ({r.gflops_per_s / r.gemm_peak_gflops_per_s:.0%})" if r.gflops_per_s and r.gemm_peak_gflops_per_s else "-"
+        table.add_row(
+            r.provider, r.variant, *([str(r.threads)] if several else []), str(r.batch), "-" if r.seq is None else str(r.seq), f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}",
+            f"{r.p99_ms:.3f}", f"{r.items_per_s:,.0f}", "-" if r.speedup_vs_torch is None else f"{r.speedup_vs_torch:.2f}",
+            flops, "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.1f}",
+            verdict(True) if r.parity == "pass" else (Text(r.parity, style="bold red") if r.parity == "FAIL" else Text(r.parity, style="dim")),
+            *([("-" if r.cpu_nodes is None else str(r.cpu_nodes))] if cuda else []),
+        )
+    console.print(table)
+    m, st = report.machine, report.settings
+    peaks = ", ".join(f"{p} {v:g}" for p, v in m["gemm_peak_gflops_per_s"].items())
+    console.print(f"{m['cpu']}{', ' + m['gpu'] if 'gpu' in m else ''}; {', '.join(map(str, st['threads']))} threads; GEMM peak GFLOP/s: {peaks}; "
+                  f"{st['rounds']} interleaved rounds, {st['max_time_s_per_cell']:g} s per cell, {st['warmup']} warm-up runs")
+
+
+def description(console: Console, info: dict[str, Any]) -> None:
+    """`toolkit inspect`: what a bundle holds."""
+    source = info["source"]
+    console.print(Text(info["name"], style="bold") + Text(f" ({info['task']}): {info['description']}"))
+    console.print(f"source: {json.dumps(source)}; opset {info['opset']}; exported with torch {info['versions'].get('torch')}")
+    io = Table("", "name", "dtype", "shape", title="inputs and outputs")
+    for kind in ("inputs", "outputs"):
+        for t in info[kind]:
+            io.add_row(kind[:-1], t["name"], t["dtype"], "[" + ", ".join(map(str, t["shape"])) + "]")
+    console.print(io)
+    dims = ", ".join(f"{n} in [{d['min']}, {d['max'] if d['max'] is not None else '∞'}]" for n, d in info["dims"].items())
+    console.print(f"dynamic dims: {dims or 'none'}")
+    for part, where in info["parts"].items():
+        console.print(f"part {part}: a bundle of its own at {where} (`toolkit inspect {where}`)")
+    for name, v in info["variants"].items():
+        console.print(Text(f"\nvariant {name}", style="bold") + Text(
+            f": {v['file']}, {v['bytes'] / 1e6:.2f} MB, {v['precision']}, recipe {json.dumps(v['recipe'])}"))
+        console.print(f"  integrity: {v['integrity']}; parity: {v['parity']}")
+        if "ops" in v:
+            console.print(f"  {v['nodes']} nodes, {v['parameters']:,} parameters, IR {v['ir_version']}, opsets {v['opsets']}")
+            console.print("  ops: " + ", ".join(f"{op}×{n}" for op, n in v["ops"].items()))
+    console.print("\nproviders: " + "; ".join(f"{k} {v}" for k, v in info["providers"].items()))

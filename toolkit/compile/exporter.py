@@ -1,0 +1,425 @@
+"""Stage `export`: a PyTorch model (zoo name or `package.module:factory`) → a bundle with variant fp32."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import json
+import logging
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from toolkit import __version__
+from toolkit._scoped import logger_level
+from toolkit.bundle import Bundle, Manifest, Source, Variant, safe_name, sha256_file, staged_directory
+from toolkit.errors import CheckFailed, ToolkitError
+from toolkit.reference.source import resolve, source_of, weights_sha256
+from toolkit.runtime.samples import make_feeds
+from toolkit.spec import Dim, ModelSpec, TensorSpec, shape_cases
+
+__all__ = ["DEFAULT_OPSET", "EXPORTERS", "export", "trace"]
+
+EXPORTERS = ("auto", "dynamo", "torchscript")
+DEFAULT_OPSET = 18
+FP32_FILE = "model.fp32.onnx"
+
+Progress = Callable[[str], None]
+
+
+def export(
+    model: str,
+    out: str | Path,
+    *,
+    preset: str | None = None,
+    name: str | None = None,
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "auto",
+    force: bool = False,
+    progress: Progress | None = None,
+    verbose: bool = False,
+    isolate: bool = True,
+) -> Bundle:
+    """Exports `model` to a new bundle at `out` (replaced only with `force`), written atomically.
+    `name` names the bundle (in serving URLs and Triton repositories; default: from the model).
+
+    `exporter="auto"` uses the dynamo exporter and falls back to TorchScript, saying so through
+    `progress` and in the variant's recipe. `verbose` lets the exporters' own output through.
+    With `isolate` (the default) the model is traced in a fresh Python process: torch's exporters
+    keep process-wide state, and a second LSTM export in one process silently gets its sequence
+    length fixed (torch 2.13), so an export must not depend on what ran before it. Pass
+    `isolate=False` for a factory that only exists in this process (e.g. defined in a notebook).
+    """
+    if exporter not in EXPORTERS:
+        raise ToolkitError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}.")
+    if not 7 <= opset <= 23:
+        raise ToolkitError(f"--opset {opset} is out of range; the exporters support opsets 7 to 23 (default {DEFAULT_OPSET}).")
+    say = progress or (lambda _msg: None)
+    out = Path(out)
+    source = source_of(model, preset)
+    if name is not None and safe_name(name) != name:
+        raise ToolkitError(f"--name {name!r}: use letters, digits, '_', '.' and '-' only (it ends up in URLs and directory "
+                           f"names), e.g. {safe_name(name)!r}.")
+    with staged_directory(out, overwrite=force) as staging:
+        manifest = _export_into(staging, source, name=name or source.default_name(), opset=opset, exporter=exporter,
+                                verbose=verbose, isolate=isolate, say=say)
+    say(f"wrote {out} (variant fp32, {manifest.variants['fp32'].bytes / 1e6:.2f} MB, exporter "
+        f"{manifest.variants['fp32'].recipe['options']['exporter']}{', parts ' + ', '.join(manifest.parts) if manifest.parts else ''})")
+    return Bundle.open(out)
+
+
+def _export_into(directory: Path, source: Source, *, name: str, opset: int, exporter: str, verbose: bool, isolate: bool,
+                 say: Progress) -> Manifest:
+    """Writes the bundle of `source` into the empty `directory`, and its parts' bundles into subdirectories."""
+    request = {"source": source.to_json(), "opset": opset, "exporter": exporter, "directory": str(directory), "verbose": verbose}
+    info = _trace_isolated(request, say) if isolate else trace(**request, progress=say)
+    options: dict[str, Any] = {"exporter": info["exporter"], "opset": opset}
+    if info["fallback_reason"]:
+        options["fallback_reason"] = info["fallback_reason"]
+    manifest = Manifest(
+        name=name,
+        description=info["description"],
+        source=source,
+        task=info["task"],
+        opset=opset,
+        inputs=[TensorSpec.from_json(t) for t in info["inputs"]],
+        outputs=[TensorSpec.from_json(t) for t in info["outputs"]],
+        dims=[Dim.from_json(name, d) for name, d in info["dims"].items()],
+        fusion=info["fusion"],
+        generation=info["generation"],
+        parts=info["parts"],
+        reference={"weights_sha256": info["weights_sha256"]},
+        variants={"fp32": _variant(directory, FP32_FILE, info["external"], {"stage": "export", "options": options, "parent": None})},
+        versions=info["versions"],
+    )
+    for part in manifest.parts:
+        say(f"exporting part {part}")
+        (directory / part).mkdir()
+        _export_into(directory / part, source.with_part(part), name=f"{name}-{part}", opset=opset, exporter=exporter,
+                     verbose=verbose, isolate=isolate, say=say)
+    Bundle(directory, manifest).save()
+    return manifest
+
+
+def trace(*, source: dict[str, Any], opset: int, exporter: str, directory: str, verbose: bool, progress: Progress) -> dict[str, Any]:
+    """In this process: builds the model, exports it to `directory`/model.fp32.onnx, validates it,
+    and returns what the manifest needs (JSON-serialisable, so a worker process can send it)."""
+    say = progress
+    source = Source.from_json(source)
+    model = source.describe()
+    say(f"building the PyTorch reference for {model}")
+    spec = resolve(source)
+
+    import onnx
+
+    proto, used, fallback_reason = None, "dynamo", None
+    if exporter in ("auto", "dynamo"):
+        say("exporting with the dynamo exporter (torch.export)")
+        try:
+            proto = _export_dynamo(spec, opset, verbose)
+            # Some torch versions specialise a dynamic dim without failing (the LSTM's seq on torch
+            # 2.11): that is a failed export too, and TorchScript may still keep the dim dynamic.
+            inputs, outputs = _graph_io(proto, spec)
+        except Exception as exc:  # the exporters raise many types; all end in a message
+            proto = None
+            if exporter == "dynamo":
+                raise ToolkitError(_describe_failure(model, "dynamo", exc, suggest_torchscript=True)) from exc
+            fallback_reason = _describe_failure(model, "dynamo", exc, suggest_torchscript=False)
+            say(f"the dynamo exporter failed ({fallback_reason.splitlines()[1].strip()}); trying the TorchScript exporter")
+    if proto is None:
+        if exporter == "torchscript":
+            say("exporting with the TorchScript exporter")
+        used = "torchscript"
+        try:
+            proto = _export_torchscript(spec, opset, verbose)
+            inputs, outputs = _graph_io(proto, spec)
+        except Exception as exc:
+            message = _describe_failure(model, "torchscript", exc)
+            raise ToolkitError(f"{fallback_reason}\n\n{message}" if fallback_reason else message) from exc
+
+    say("validating the ONNX model (onnx.checker, full check)")
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        raise ToolkitError(f"the exported model of {model} fails onnx.checker: {exc}") from exc
+    from toolkit._onnx import save_model
+
+    external = save_model(proto, Path(directory) / FP32_FILE)
+    return {
+        "exporter": used,
+        "fallback_reason": fallback_reason,
+        "task": spec.task,
+        "description": spec.description,
+        "inputs": [t.to_json() for t in inputs],
+        "outputs": [t.to_json() for t in outputs],
+        "dims": {d.name: d.to_json() for d in spec.dims},
+        "fusion": spec.fusion,
+        "generation": spec.generation,
+        "parts": list(spec.parts),
+        "weights_sha256": weights_sha256(spec.module),
+        "external": external,
+        "versions": _versions(),
+    }
+
+
+_WORKER_TAG = "@@toolkit-export "
+
+
+def _trace_isolated(request: dict[str, Any], say: Progress) -> dict[str, Any]:
+    """Runs `trace` in a fresh interpreter (toolkit.compile.export_worker) and relays its progress."""
+    env = dict(os.environ)
+    # The worker must import what this process can: the user's package may sit on sys.path only.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env["PYTHONSAFEPATH"] = "1"  # and not the working directory, which `-m` would put first
+    with tempfile.TemporaryFile("w+") as stderr:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "toolkit.compile.export_worker", json.dumps(request)],
+            stdout=subprocess.PIPE, stderr=None if request["verbose"] else stderr, text=True, env=env,
+        )
+        reply: dict[str, Any] = {}
+        try:
+            for line in worker.stdout:
+                if not line.startswith(_WORKER_TAG):
+                    if request["verbose"]:
+                        print(line, end="", file=sys.stderr)
+                    continue
+                message = json.loads(line[len(_WORKER_TAG):])
+                if "progress" in message:
+                    say(message["progress"])
+                else:
+                    reply = message
+        finally:
+            worker.wait()
+        if "result" in reply:
+            return reply["result"]
+        if "error" in reply:
+            error = (CheckFailed if reply["exit_code"] == CheckFailed.exit_code else ToolkitError)(reply["error"])
+            error.worker_traceback = reply["traceback"]
+            raise error
+        stderr.seek(0)
+        raise ToolkitError(f"the export worker died (exit code {worker.returncode}) without a result:\n{stderr.read()[-3000:]}")
+
+
+def _variant(directory: Path, file: str, external: list[str], recipe: dict[str, Any]) -> Variant:
+    path = directory / file
+    return Variant(
+        file=file,
+        sha256=sha256_file(path),
+        bytes=path.stat().st_size + sum((directory / e).stat().st_size for e in external),
+        recipe=recipe,
+        external_data=[{"file": e, "sha256": sha256_file(directory / e), "bytes": (directory / e).stat().st_size} for e in external],
+    )
+
+
+def _example_args(spec: ModelSpec) -> tuple[Any, ...]:
+    import torch
+
+    feeds = make_feeds(spec.inputs, {d.name: d.export for d in spec.dims}, seed=0)
+    return tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
+
+
+def _export_dynamo(spec: ModelSpec, opset: int, verbose: bool):
+    import torch
+
+    dims = {d.name: torch.export.Dim(d.name, min=d.min, **({"max": d.max} if d.max is not None else {})) for d in spec.dims}
+    # An axis that is a sum of dims ("past+seq") is left for torch.export to relate to the others.
+    dynamic_shapes = tuple({axis: dims.get(d, torch.export.Dim.DYNAMIC) for axis, d in enumerate(t.shape) if isinstance(d, str)} or None
+                           for t in spec.inputs)
+    # torch.export wants the shapes nested as the signature is: a forward(*args) takes one tuple.
+    params = inspect.signature(spec.module.forward).parameters.values()
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        named = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+        dynamic_shapes = (*dynamic_shapes[:named], dynamic_shapes[named:])
+    with _quiet(verbose), torch.no_grad():
+        program = torch.onnx.export(
+            spec.module,
+            _example_args(spec),
+            dynamo=True,
+            input_names=[t.name for t in spec.inputs],
+            output_names=list(spec.outputs),
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            verbose=verbose,
+        )
+    return program.model_proto
+
+
+def _export_torchscript(spec: ModelSpec, opset: int, verbose: bool):
+    import onnx
+    import torch
+
+    buffer = io.BytesIO()
+    dynamic_axes = {t.name: {axis: d for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs}
+    with _quiet(verbose), torch.no_grad():
+        torch.onnx.export(
+            spec.module,
+            _example_args(spec),
+            buffer,
+            dynamo=False,
+            input_names=[t.name for t in spec.inputs],
+            output_names=list(spec.outputs),
+            dynamic_axes={k: v for k, v in dynamic_axes.items() if v},
+            opset_version=opset,
+            verbose=verbose,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _graph_io(proto: Any, spec: ModelSpec) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Checks the graph's inputs against the spec; returns (inputs, outputs) for the manifest."""
+    from toolkit._onnx import value_dtype, value_shape
+
+    graph_inputs = {v.name: v for v in proto.graph.input}
+    for t in spec.inputs:
+        if t.name not in graph_inputs:
+            raise ToolkitError(
+                f"the exported graph has no input {t.name!r} (it has {', '.join(graph_inputs) or 'none'}): "
+                "the exporter drops inputs the model's forward does not use. Remove it from the spec or use it."
+            )
+        value = graph_inputs[t.name]
+        shape, dtype = value_shape(value), value_dtype(value)
+        if dtype != t.dtype:
+            raise ToolkitError(f"input {t.name!r} was exported as {dtype}, the spec says {t.dtype}.")
+        if len(shape) != len(t.shape):
+            raise ToolkitError(f"input {t.name!r} was exported with rank {len(shape)}, the spec says {len(t.shape)}.")
+        for axis, (got, want) in enumerate(zip(shape, t.shape, strict=True)):
+            if isinstance(want, str) and isinstance(got, int):
+                raise ToolkitError(
+                    f"input {t.name!r} axis {axis} was meant to be dynamic ({want}) but was exported as the "
+                    f"constant {got}: the model's code fixes that size."
+                )
+        # Name dynamic axes as the spec does, whatever symbol the exporter chose.
+        for axis, want in enumerate(t.shape):
+            if isinstance(want, str):
+                value.type.tensor_type.shape.dim[axis].dim_param = want
+    names = [v.name for v in proto.graph.output]
+    if names != list(spec.outputs):
+        raise ToolkitError(f"the exported graph has outputs {names}, the spec says {list(spec.outputs)}.")
+    return list(spec.inputs), _named_outputs(proto, spec)
+
+
+def _named_outputs(proto: Any, spec: ModelSpec) -> list[TensorSpec]:
+    """Output specs whose dynamic axes carry the spec's dim names.
+
+    Exporters name output axes after internal nodes (e.g. `MatMullogits_dim_1`); the reference run
+    at the two check sizes tells which dim each axis follows.
+    """
+    import torch
+
+    from toolkit._onnx import value_dtype, value_shape
+
+    cases = shape_cases(spec.dims)
+    shapes = []
+    for sizes in cases:
+        feeds = make_feeds(spec.inputs, sizes, seed=0)
+        try:
+            with torch.no_grad():
+                result = spec.module(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs))
+        except Exception as exc:
+            raise ToolkitError(
+                f"the PyTorch model itself fails at sizes {sizes} ({type(exc).__name__}: {exc}); "
+                "a dim declared dynamic must work at its check sizes. Fix the model or its spec's dims."
+            ) from exc
+        shapes.append([tuple(r.shape) for r in (result if isinstance(result, (tuple, list)) else (result,))])
+    # An output axis is named after the dim (or the inputs' sum of dims, "past+seq") that it follows.
+    names = [*cases[0], *dict.fromkeys(d for t in spec.inputs for d in t.shape if isinstance(d, str) and "+" in d)]
+    outputs = []
+    for index, value in enumerate(proto.graph.output):
+        shape = list(value_shape(value))
+        for axis, dim in enumerate(shape):
+            if isinstance(dim, str):
+                seen = tuple(case[index][axis] for case in shapes)
+                shape[axis] = next((n for n in names if tuple(sum(c[p] for p in n.split("+")) for c in cases) == seen), dim)
+                value.type.tensor_type.shape.dim[axis].dim_param = shape[axis]
+        outputs.append(TensorSpec(value.name, value_dtype(value), tuple(shape)))
+    return outputs
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {
+        "toolkit": __version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    """Keeps the exporters' progress lines, IR dumps and deprecation chatter off the user's terminal.
+
+    The TorchScript exporter prints from C++, so file descriptors 1 and 2 are redirected too.
+    """
+    if verbose:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with tempfile.TemporaryFile() as sink, warnings.catch_warnings(), logger_level("torch.onnx", logging.ERROR):
+            warnings.simplefilter("ignore")
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
+_OP_PATTERNS = (
+    re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'"),
+    re.compile(r"unrecognized namespace ([\w.]+::\w+)"),
+    re.compile(r"[Uu]nsupported (?:operator|ONNX opset version)[^']*'([^']+)'"),
+    re.compile(r"(?:Unsupported FX nodes|Unsupported operator)[^{]*\{'([^']+)'"),
+)
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\w+)')
+
+
+def _describe_failure(model: str, exporter: str, exc: BaseException, *, suggest_torchscript: bool = False) -> str:
+    """A few lines: what failed, the op or the user's code line it failed at, and what to try."""
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    text = "\n".join(f"{type(e).__name__}: {e}" for e in chain)
+    lines = [f"the {exporter} exporter could not export {model}."]
+    op = next((m.group(1) for p in _OP_PATTERNS for m in [p.search(text)] if m), None)
+    if op:
+        lines.append(f"  operator: {op.replace('.', '::', 1) if '::' not in op else op} has no ONNX translation")
+    specialised = [ln.strip() for ln in text.splitlines() if "specialized" in ln or "Not all values of" in ln]
+    lines += [f"  {ln}" for ln in dict.fromkeys(specialised)][:4]
+    frames = [m for m in _FRAME.finditer(text) if "site-packages" not in m.group(1) and "/torch/" not in m.group(1)]
+    if frames:
+        f = frames[-1]
+        lines.append(f"  at: {f.group(1)}:{f.group(2)} in {f.group(3)}")
+    if not op and not specialised:
+        summary = next((ln.strip() for e in chain for ln in str(e).splitlines() if ln.strip()), type(chain[0]).__name__)
+        lines.append(f"  {type(chain[-1]).__name__}: {summary[:300]}")
+    if op:
+        lines.append("  try: replace that op in the model, or register an ONNX translation for it (torch.onnx custom_translation_table).")
+    elif specialised:
+        lines.append("  try: remove the code that fixes that size, or declare the dim fixed in the spec.")
+    if suggest_torchscript:
+        lines.append("  try: --exporter torchscript")
+    lines.append("  (--debug shows the full traceback)")
+    return "\n".join(lines)

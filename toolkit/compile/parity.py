@@ -1,0 +1,298 @@
+"""Stage `check`: parity of every variant of a bundle against its PyTorch reference.
+
+Each variant runs over several seeds at two sizes of every dynamic dim (a dim that was meant to be
+dynamic but got baked in fails), outputs are compared per the precision's tolerance profile, and
+classifiers with a labelled eval set also report accuracy. Results are stored in the manifest. A
+bundle's parts are checked first, as bundles of their own; a variant passes only if it passes in
+every part too.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.bundle import Bundle
+from toolkit.compile.tolerances import Tolerance, profile
+from toolkit.errors import CheckFailed, ToolkitError
+from toolkit.reference.run import reference_generator, run_reference
+from toolkit.reference.source import resolve, weights_sha256
+from toolkit.runtime.model import Model
+from toolkit.runtime.samples import make_feeds
+from toolkit.spec import ModelSpec, cache_axes, shape_cases
+
+__all__ = ["check", "SEEDS"]
+
+SEEDS = (0, 1, 2)
+_EVAL_CHUNK = 256
+
+
+def check(
+    bundle: str | Path | Bundle,
+    *,
+    variants: Sequence[str] | None = None,
+    provider: str = "cpu",
+    seeds: Sequence[int] = SEEDS,
+    reference: ModelSpec | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Checks `variants` (default: all) of the bundle; returns and stores their parity records.
+    `reference` is the bundle's PyTorch reference if the caller has built it already."""
+    say = progress or (lambda _msg: None)
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    names = list(variants) if variants else list(bundle.manifest.variants)
+    for name in names:
+        bundle.variant(name)  # unknown names fail before any work
+    if reference is None:
+        say(f"building the PyTorch reference ({bundle.manifest.source.describe()})")
+        reference = resolve(bundle.manifest.source)
+    parts = {}
+    for part in bundle.parts():
+        say(f"checking part {part.path.name}")
+        parts[part.path.name] = check(part, variants=names, provider=provider, seeds=seeds,
+                                      reference=reference.parts[part.path.name], progress=progress)
+    evidence = _Evidence.gather(bundle, reference, seeds, say)
+    records = {}
+    for name in names:
+        say(f"checking variant {name} on {provider}")
+        records[name] = _check_variant(bundle, name, provider, evidence)
+        if parts:
+            records[name]["parts"] = {part: {"passed": part_records[name]["passed"]} for part, part_records in parts.items()}
+            records[name]["passed"] &= all(p["passed"] for p in records[name]["parts"].values())
+        bundle.manifest.variants[name].parity = records[name]
+    bundle.save()
+    return records
+
+
+@dataclass
+class _Evidence:
+    """What every variant is compared with: the reference's outputs on each case, its accuracy on
+    the eval set, its outputs on held-out inputs, and (decoders) its greedy continuations."""
+
+    spec: ModelSpec
+    cases: list[tuple[int, dict[str, int]]]  # (seed, sizes)
+    feeds: list[dict[str, np.ndarray]]
+    outputs: list[dict[str, np.ndarray]]
+    evaluation: tuple[dict[str, np.ndarray], np.ndarray, float] | None
+    heldout: tuple[str, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]
+    greedy: tuple[list[list[int]], np.ndarray] | None
+
+    @classmethod
+    def gather(cls, bundle: Bundle, spec: ModelSpec, seeds: Sequence[int], say: Callable[[str], None]) -> _Evidence:
+        manifest = bundle.manifest
+        expected = manifest.reference.get("weights_sha256")
+        if expected and weights_sha256(spec.module) != expected:
+            raise CheckFailed(
+                f"the PyTorch reference of {bundle.path} ({manifest.source.describe()}) no longer has the "
+                "weights it was exported with (its weights sha256 differs): the model code, its training cache or "
+                "its factory changed. Re-export with `toolkit export ... --force`."
+            )
+        cases = [(seed, sizes) for sizes in shape_cases(manifest.dims) for seed in seeds]
+        say(f"running the reference on {len(cases)} cases")
+        feeds = [_case_feeds(spec, sizes, seed, generation=manifest.generation) for seed, sizes in cases]
+        heldout = _heldout(spec, manifest.dims)
+        return cls(
+            spec=spec, cases=cases, feeds=feeds, outputs=[run_reference(spec, case) for case in feeds],
+            evaluation=_torch_eval(spec) if spec.eval_data and spec.task == "classify" else None,
+            heldout=heldout, greedy=_greedy_reference(bundle, spec, heldout) if manifest.generation else None,
+        )
+
+
+def _check_variant(bundle: Bundle, name: str, provider: str, evidence: _Evidence) -> dict[str, Any]:
+    import onnxruntime
+    import torch
+
+    variant = bundle.variant(name)
+    tolerance = profile(variant.precision)
+    model = Model(bundle.path, variant=name, provider=provider)
+    errors: list[str] = []
+    outputs = _compare_cases(model, evidence, tolerance, errors)
+    record: dict[str, Any] = {
+        "passed": False,
+        "precision": variant.precision,
+        "tolerance": tolerance.to_json(),
+        "runtime": f"onnxruntime {onnxruntime.__version__} {model.provider}",
+        "reference": f"torch {torch.__version__} eager cpu",
+        "cases": [{"seed": seed, "sizes": sizes} for seed, sizes in evidence.cases],
+        "outputs": outputs,
+        "errors": errors,
+        "checked_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if evidence.evaluation is not None:
+        record["accuracy"] = _accuracy_record(model, evidence.evaluation, tolerance)
+    try:
+        record["task_metric"] = _task_metric(evidence.spec.task, tolerance, evidence.heldout, model)
+    except ToolkitError as exc:
+        errors.append(f"held-out inputs: {exc}")
+        record["task_metric"] = None
+    if evidence.greedy is not None:  # reported, not gated: int8 decoders are judged by how far they follow fp32
+        from toolkit.runtime.generate import Generator, greedy_tokens, token_agreement
+
+        prompts, want = evidence.greedy
+        try:
+            record["greedy"] = token_agreement(greedy_tokens(Generator(model), prompts, want.shape[1]), want)
+        except ToolkitError as exc:  # a later step's shapes can fail where the checked cases passed
+            errors.append(f"greedy generation: {exc}")
+    record["passed"] = (not errors and all(s["passed"] for s in outputs.values())
+                        and record.get("accuracy", {"passed": True})["passed"]
+                        and (record["task_metric"] is None or record["task_metric"]["passed"]))
+    return record
+
+
+def _compare_cases(model: Model, evidence: _Evidence, tolerance: Tolerance, errors: list[str]) -> dict[str, dict[str, Any]]:
+    """Per output: the largest absolute and relative error over every case, and whether each was allowed."""
+    outputs = {o: {"max_abs_err": 0.0, "max_rel_err": 0.0, "scale": 0.0, "passed": True} for o in evidence.spec.outputs}
+    for (seed, sizes), feeds, expected in zip(evidence.cases, evidence.feeds, evidence.outputs, strict=True):
+        try:
+            got = model.run(model.cast(feeds))
+        except ToolkitError as exc:  # e.g. a dim that was baked in fails at its other size
+            errors.append(f"seed {seed}, sizes {sizes}: {exc}")
+            continue
+        for out_name, want in expected.items():
+            stats = outputs[out_name]
+            have = got[out_name]
+            if have.shape != want.shape:
+                errors.append(f"seed {seed}, sizes {sizes}: output {out_name!r} has shape {have.shape}, the reference {want.shape}")
+                stats["passed"] = False
+                continue
+            err = float(np.max(np.abs(have.astype(np.float64) - want.astype(np.float64)), initial=0.0))
+            err = err if np.isfinite(err) else float("inf")  # NaN/Inf in the output fails
+            scale = float(np.max(np.abs(want), initial=0.0))
+            stats["max_abs_err"] = max(stats["max_abs_err"], err)
+            stats["max_rel_err"] = max(stats["max_rel_err"], err / scale if scale > 0 else (0.0 if err == 0 else float("inf")))
+            stats["scale"] = max(stats["scale"], scale)
+            stats["passed"] &= tolerance.allows(err, scale)
+    return outputs
+
+
+def _accuracy_record(model: Model, evaluation: tuple[dict[str, np.ndarray], np.ndarray, float], tolerance: Tolerance) -> dict[str, Any]:
+    feeds, labels, reference_accuracy = evaluation
+    accuracy = _accuracy(lambda chunk: next(iter(model.run(model.cast(chunk)).values())), feeds, labels)
+    drop = reference_accuracy - accuracy
+    return {"dataset": f"eval set, {len(labels)} rows", "reference": reference_accuracy, "variant": accuracy, "drop": drop,
+            "passed": drop <= tolerance.max_accuracy_drop}
+
+
+_GREEDY_PROMPTS, _GREEDY_PROMPT_TOKENS, _GREEDY_NEW_TOKENS = 4, 16, 32
+
+
+def _greedy_reference(bundle: Bundle, spec: ModelSpec, heldout) -> tuple[list[list[int]], np.ndarray]:
+    """Prompts from the held-out inputs (of different lengths, so the batch is padded) and the
+    PyTorch reference's greedy continuation of them."""
+    from toolkit.runtime.generate import greedy_tokens
+
+    feeds = heldout[1][0]
+    rows = range(min(_GREEDY_PROMPTS, len(feeds["input_ids"])))
+    if "encoder" in bundle.manifest.generation:  # an encoder-decoder: its held-out sources, as they are
+        sources = spec.parts[bundle.manifest.generation["encoder"]].sample_data()
+        prompts = [sources["source_ids"][i][sources["source_mask"][i] == 1].tolist() for i in rows]
+    else:
+        prompts = [feeds["input_ids"][i, : _GREEDY_PROMPT_TOKENS - 3 * i].tolist() for i in rows]
+    return prompts, greedy_tokens(reference_generator(bundle.path, spec), prompts, _GREEDY_NEW_TOKENS)
+
+
+_HELDOUT_ROWS = 256
+_HELDOUT_SEED = 20_000  # far from the check seeds and from calibration seeds
+
+
+def _heldout(spec: ModelSpec, dims) -> tuple[str, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """(description, feed chunks, reference outputs per chunk): the eval set when the model has one,
+    otherwise sample inputs at the export sizes."""
+    if spec.eval_data is not None:
+        feeds, labels = spec.eval_data()
+        description = f"eval set, {len(labels)} rows"
+    elif spec.sample_data is not None:
+        feeds = spec.sample_data()
+        description = f"{len(next(iter(feeds.values())))} real inputs"
+    else:
+        rows = _HELDOUT_ROWS if spec.task != "generate" else _HELDOUT_ROWS // 4
+        feeds = make_feeds(spec.inputs, {d.name: (rows if d.name == "batch" else d.export) for d in dims}, _HELDOUT_SEED)
+        description = f"{rows} sample rows"
+    total = len(next(iter(feeds.values())))
+    chunks = [{k: v[i : i + _EVAL_CHUNK] for k, v in feeds.items()} for i in range(0, total, _EVAL_CHUNK)]
+    return description, chunks, [run_reference(spec, chunk) for chunk in chunks]
+
+
+def _task_metric(task: str, tolerance, heldout, model: Model) -> dict[str, Any]:
+    description, chunks, references = heldout
+    got = [model.run(model.cast(chunk)) for chunk in chunks]
+    # A decoder's first output is its logits; the rest is its KV cache, judged by the elementwise check.
+    pairs = [(g[name], r[name]) for g, r in zip(got, references, strict=True) for name in (list(r)[:1] if task == "generate" else r)]
+    if task in ("classify", "generate"):
+        agree = np.concatenate([(a.argmax(-1) == b.argmax(-1)).ravel() for a, b in pairs])
+        metric = "top1_agreement" if task == "classify" else "next_token_agreement"
+        value, threshold = float(agree.mean()), (tolerance.min_top1_agreement if task == "classify" else None)
+    elif task == "embed":
+        metric = "min_cosine"
+        value = min(float(_cosine(a.reshape(len(a), -1), b.reshape(len(b), -1)).min()) for a, b in pairs)
+        threshold = tolerance.min_cosine
+    else:
+        metric = "max_score_rel"
+        value = max(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)) for a, b in pairs)
+        threshold = tolerance.max_score_rel
+    if not np.isfinite(value):
+        passed = False
+    elif threshold is None:
+        passed = True
+    else:
+        passed = value <= threshold if metric == "max_score_rel" else value >= threshold
+    return {"metric": metric, "value": value, "threshold": threshold, "inputs": description, "passed": passed}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(norms > 0, (a * b).sum(axis=1) / np.where(norms > 0, norms, 1), 1.0)
+
+
+def _case_feeds(spec: ModelSpec, sizes: dict[str, int], seed: int, *, generation: dict[str, Any] | None) -> dict[str, np.ndarray]:
+    """Sample feeds for one case. A decoder step's caches are the reference's own, from a first step
+    over the cached part of a sample sequence, and an encoder-decoder's memory is its reference
+    encoder's output on a sample source: random caches are states no generation reaches, on which a
+    trained model amplifies rounding (fp16) far beyond what decoding sees.
+
+    Cached and new axes pair up in the mask axis ("past+seq"): the first step takes the first `past`
+    tokens, the checked step the rest."""
+    if spec.case_feeds is not None:
+        return spec.case_feeds(sizes, seed)
+    pairs = cache_axes(spec.inputs)
+    fixed = {}
+    if generation and "encoder" in generation:
+        encoder = spec.parts[generation["encoder"]]
+        sources = make_feeds(encoder.inputs, sizes, seed)
+        names = {t.name for t in spec.inputs}
+        fixed = {name: value for name, value in (sources | run_reference(encoder, sources)).items() if name in names}
+    if not generation or not any(sizes[cached] for cached, _ in pairs):
+        return make_feeds(spec.inputs, sizes, seed) | fixed
+    whole = make_feeds(spec.inputs, {**sizes, **{new: sizes[c] + sizes[new] for c, new in pairs}, **{c: 0 for c, _ in pairs}}, seed) | fixed
+    first, step = dict(whole), dict(whole)
+    for t in spec.inputs:
+        axis = t.shape[1] if len(t.shape) > 1 else None
+        for cached, new in pairs:
+            if axis == new:
+                first[t.name], step[t.name] = whole[t.name][:, : sizes[cached]], whole[t.name][:, sizes[cached] :]
+            elif axis == f"{cached}+{new}":
+                first[t.name] = whole[t.name][:, : sizes[cached]]
+    cache = run_reference(spec, first)
+    return step | {name: cache["present_" + name.removeprefix("past_")] for name in whole if name.startswith("past_")}
+
+
+def _torch_eval(spec: ModelSpec) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
+    feeds, labels = spec.eval_data()
+    accuracy = _accuracy(lambda chunk: next(iter(run_reference(spec, chunk).values())), feeds, labels)
+    return feeds, labels, accuracy
+
+
+def _accuracy(predict: Callable[[dict[str, np.ndarray]], np.ndarray], feeds: dict[str, np.ndarray], labels: np.ndarray) -> float:
+    correct = 0
+    for start in range(0, len(labels), _EVAL_CHUNK):
+        chunk = {k: v[start : start + _EVAL_CHUNK] for k, v in feeds.items()}
+        correct += int((predict(chunk).argmax(axis=-1) == labels[start : start + _EVAL_CHUNK]).sum())
+    return correct / len(labels)
+
+

@@ -1,0 +1,43 @@
+"""Graph rewrites, one rule per module, and the ordered pass list per execution provider.
+
+Each rule rewrites an ONNX model in place and returns how many times it applied; `run_passes` runs a
+provider's list, drops what nothing reads any more, and returns the counts the recipe records.
+Transformer fusions (`fusion`) work on files through onnxscript or onnxruntime and run before these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from toolkit.compile.passes._graph import prune
+from toolkit.compile.passes.skip_layer_norm import split_skip_layer_norm
+from toolkit.compile.passes.unit_reshape import reshapes_to_squeezes
+from toolkit.compile.passes.zero_initial_state import drop_zero_initial_states
+
+__all__ = ["PASSES", "Pass", "run_passes"]
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str  # as the recipe counts it
+    apply: Callable[[Any], int]  # ModelProto, rewritten in place → times applied
+
+
+_ZERO_STATES = Pass("zero initial states dropped", drop_zero_initial_states)
+_UNIT_RESHAPES = Pass("Reshape to Squeeze", reshapes_to_squeezes)
+_SPLIT_SKIP_LN = Pass("SkipLayerNormalization split", split_skip_layer_norm)
+
+PASSES: dict[str, tuple[Pass, ...]] = {
+    "cpu": (_ZERO_STATES, _UNIT_RESHAPES, _SPLIT_SKIP_LN),
+    "cuda": (_ZERO_STATES, _UNIT_RESHAPES),
+}
+
+
+def run_passes(proto: Any, provider: str) -> dict[str, int]:
+    """Runs `provider`'s passes over `proto` in order; returns the count of each."""
+    counts = {p.name: p.apply(proto) for p in PASSES[provider]}
+    if any(counts.values()):
+        prune(proto.graph)
+    return counts

@@ -1,0 +1,94 @@
+"""Facts about an ONNX graph that several rewrites need: its constants, the ranks and static dims
+shape inference found, who reads what, and dropping what nothing reads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Dim", "attribute", "constants", "infer_shape_facts", "perm", "prune", "shape_facts", "subgraph_reads"]
+
+Dim = int | tuple[str, int]  # a static size, or axis i of tensor t as it is at run time
+
+
+def infer_shape_facts(proto: Any) -> tuple[dict[str, int], dict[tuple[str, int], int]]:
+    """Rank of every tensor whose rank is known, and each dim that ONNX shape inference found static."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
+    except ValueError:  # over protobuf's 2 GiB: the shapes the graph records are used as they are
+        inferred = proto
+    return shape_facts(inferred.graph)
+
+
+def constants(graph: Any) -> dict[str, np.ndarray]:
+    """Initializers and Constant outputs, less the initializers a caller may override (graph inputs too)."""
+    from onnx import numpy_helper
+
+    inputs = {i.name for i in graph.input}
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name not in inputs}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                values[node.output[0]] = numpy_helper.to_array(value)
+    return values
+
+
+def shape_facts(graph: Any) -> tuple[dict[str, int], dict[tuple[str, int], int]]:
+    """Rank of every tensor whose rank is known, and each dim that shape inference found static."""
+    ranks: dict[str, int] = {}
+    static: dict[tuple[str, int], int] = {}
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        tensor = value.type.tensor_type
+        if not tensor.HasField("shape"):
+            continue
+        ranks[value.name] = len(tensor.shape.dim)
+        for axis, dim in enumerate(tensor.shape.dim):
+            if dim.HasField("dim_value"):
+                static[value.name, axis] = dim.dim_value
+    return ranks, static
+
+
+def perm(node: Any, rank: int | None) -> list[int] | None:
+    perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+    return perm if perm is not None else None if rank is None else list(reversed(range(rank)))
+
+
+def attribute(node: Any, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def prune(graph: Any) -> None:
+    """Drops nodes nothing reads, and the initializers and shape records only they read."""
+    needed = {o.name for o in graph.output} | subgraph_reads(graph)
+    kept = []
+    for node in reversed(graph.node):
+        if any(out in needed for out in node.output if out):
+            kept.append(node)
+            needed.update(n for n in node.input if n)
+    kept.reverse()
+    del graph.node[:]
+    graph.node.extend(kept)
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    produced = needed | {out for node in kept for out in node.output}
+    records = [v for v in graph.value_info if v.name in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(records)
+
+
+def subgraph_reads(graph: Any) -> set[str]:
+    """Every name read inside the graph's subgraphs (If, Loop, Scan bodies), outer-scope names among them."""
+    from onnx import AttributeProto
+
+    reads: set[str] = set()
+    for node in graph.node:
+        for attribute in node.attribute:
+            bodies = [attribute.g] if attribute.type == AttributeProto.GRAPH else list(attribute.graphs)
+            for body in bodies:
+                reads |= {n for inner in body.node for n in inner.input} | {o.name for o in body.output} | subgraph_reads(body)
+    return reads

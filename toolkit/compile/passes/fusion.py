@@ -1,0 +1,78 @@
+"""Transformer fusions, from the tool that knows the graph's form: onnxscript's onnxruntime rewrites
+(`optimize_for_ort`) for graphs from the dynamo exporter, which find attention (softmax of
+q·kᵀ·scale plus an additive mask, times v, with or without a KV cache concatenated on axis -2)
+without hints; onnxruntime's transformer optimizer for TorchScript exports whose manifest carries
+fusion hints (it matches that exporter's patterns and needs the model type, heads and hidden size)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from toolkit._scoped import logger_level
+from toolkit.bundle import Bundle
+from toolkit.errors import ToolkitError
+
+__all__ = ["fuse"]
+
+
+def fuse(bundle: Bundle, source: str, model_file: Path, target: Path) -> tuple[Path, dict[str, Any] | None]:
+    """Fuses `model_file` (variant `source` of `bundle`) into `target` with the engine that fits it;
+    returns the file to go on with and what was fused (None: no fusion applies)."""
+    hints = bundle.manifest.fusion
+    if _exporter(bundle, source) == "dynamo" and _has_onnxscript():
+        fused = _fuse_dynamo(model_file, target)
+        return (target, {"engine": "onnxscript", "fused": fused}) if fused else (target, None)
+    if hints:
+        fused = _fuse_hinted(model_file, hints, target)
+        return target, {"engine": "onnxruntime.transformers", "model_type": hints["model_type"], "fused": fused}
+    return model_file, None
+
+
+def _exporter(bundle: Bundle, variant: str) -> str | None:
+    """The exporter that wrote the graph `variant` descends from."""
+    while True:
+        recipe = bundle.variant(variant).recipe
+        if recipe.get("stage") == "export" or not recipe.get("parent"):
+            return recipe.get("options", {}).get("exporter")
+        variant = recipe["parent"]
+
+
+def _has_onnxscript() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxscript") is not None
+
+
+def _fuse_dynamo(model_file: Path, target: Path) -> dict[str, int]:
+    """onnxscript's rewrites; returns the file and the count of each onnxruntime op they introduced."""
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    try:
+        model, _ = optimize_for_ort(ir.load(model_file))
+    except Exception as exc:
+        raise ToolkitError(f"onnxscript's onnxruntime fusions failed on {model_file}: {type(exc).__name__}: {exc}") from exc
+    ir.save(model, target)
+    fused = Counter(node.op_type for node in model.graph.all_nodes() if node.domain == "com.microsoft")
+    return dict(sorted(fused.items()))
+
+
+def _fuse_hinted(model_file: Path, hints: dict[str, Any], target: Path) -> dict[str, int]:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    try:
+        # it logs every pattern it tries and prints shape-inference failures
+        with logger_level("onnxruntime.transformers", logging.ERROR), contextlib.redirect_stdout(io.StringIO()):
+            model = optimize_model(
+                str(model_file), model_type=hints["model_type"], num_heads=hints.get("num_heads", 0),
+                hidden_size=hints.get("hidden_size", 0), opt_level=0,
+            )
+    except Exception as exc:
+        raise ToolkitError(f"onnxruntime's transformer optimizer failed on {model_file} ({hints['model_type']}): {exc}") from exc
+    model.save_model_to_file(str(target))
+    return {op: n for op, n in model.get_fused_operator_statistics().items() if n}

@@ -1,0 +1,246 @@
+"""`toolkit build`: export + optimize + quantize + check in one go, then the choice of `best`.
+
+`best` is the fastest variant that passed its gates, measured briefly on this machine: every
+passing variant runs in interleaved rounds at batch 1 and 32 (seq 32 for sequence models), and the
+winner is the one with the lowest geometric mean of p50 latency relative to fp32 among those that
+are nowhere slower than fp32 (beyond a 5% noise margin). The measurements and the rule are recorded
+in the manifest, and `toolkit.load(..., variant="best")` refuses a `best` whose variant has not
+passed its gates.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from toolkit.bundle import Bundle
+from toolkit.errors import CheckFailed, ToolkitError
+from toolkit.spec import ModelSpec
+
+__all__ = ["BEST_RULE", "BuildContext", "build", "choose_best", "select_best"]
+
+# Two measurements of one model on a shared machine differ by a few percent; a variant within this
+# margin of fp32 at some shape counts as no slower there.
+NOISE_MARGIN = 0.05
+BEST_RULE = (
+    "lowest geometric mean of p50 latency relative to fp32 over the measured shapes, among variants that "
+    f"passed their gates and are nowhere slower than fp32 by more than the {NOISE_MARGIN:.0%} noise margin"
+)
+_BEST_BATCHES = (1, 32)
+_NO_CUDA_INT8 = ("onnxruntime's CUDA provider has no kernels for int8 variants (their quantize and integer MatMul nodes run "
+                 "on the CPU provider, a device-host round trip each): they are a CPU deployment")
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class BuildContext:
+    """One build's open bundle, its PyTorch reference (built once, in this process, and shared by
+    every check and calibration) and where progress goes."""
+
+    bundle: Bundle
+    reference: ModelSpec
+    say: Progress
+
+
+def build(
+    model: str,
+    out: str | Path,
+    *,
+    preset: str | None = None,
+    name: str | None = None,
+    modes: Sequence[str] | None = None,
+    provider: str = "cpu",
+    select: bool = True,
+    max_time: float = 1.0,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Bundle:
+    """Builds every variant of `model` into a new bundle at `out`, checks them all, and (with
+    `select`) records the fastest passing one as `best`. `modes` defaults to int8, fp16, and
+    int8-static where it applies (models with convolutions or a calibration set). A variant that
+    fails (onnxruntime cannot load it, the quantizer crashes, its gates fail) is recorded as failed
+    with the reason, and the build goes on."""
+    from toolkit.compile.exporter import export
+    from toolkit.compile.quantization import MODES, static_applies
+    from toolkit.reference.source import resolve
+
+    say = progress or (lambda _msg: None)
+    if modes is not None:
+        unknown = [m for m in modes if m not in MODES]
+        if unknown:
+            raise ToolkitError(f"unknown quantization mode {unknown[0]!r}; choose from {', '.join(MODES)}.")
+    bundle = export(model, out, preset=preset, name=name, force=force, progress=say)
+    say(f"building the PyTorch reference ({bundle.manifest.source.describe()}) for the checks")
+    context = BuildContext(bundle, resolve(bundle.manifest.source), say)
+    if modes is None:
+        reason = static_applies(bundle, context.reference)
+        modes = ("int8", "int8-static", "fp16") if reason else ("int8", "fp16")
+        say("int8-static: " + (reason or "skipped (no convolutions and no calibration set: dynamic int8 is the int8 path)"))
+    opt_passed = _optimize(context, provider)
+    for mode in modes:
+        if mode == "int8" and opt_passed:
+            _int8(context)
+        elif mode == "fp16" and provider == "cuda" and opt_passed:
+            _fp16_for_cuda(context)
+        else:
+            _quantize(context, mode=mode)
+    say("checking fp32 and the quantized variants against the PyTorch reference")
+    records = _check(context, [v for v in bundle.manifest.variants if v != "opt"])
+    if records.get("int8") and not records["int8"]["passed"] and "failed" not in records["int8"]:
+        _int8_fallback(context, records["int8"])
+    if select:
+        select_best(bundle, provider=provider, max_time=max_time, progress=say)
+    return Bundle.open(bundle.path)
+
+
+def _optimize(context: BuildContext, provider: str) -> bool:
+    from toolkit.compile.optimizer import optimize
+
+    try:
+        optimize(context.bundle, provider=provider, progress=context.say)
+    except ToolkitError as exc:
+        context.say(f"optimize failed, going on without `opt`: {exc}")
+        return False
+    context.say("checking the optimized variant against the PyTorch reference")
+    return bool(_check(context, ["opt"]).get("opt", {}).get("passed"))
+
+
+def _quantize(context: BuildContext, **options: Any) -> Bundle | None:
+    """quantize, where a failure is reported and the build goes on without that variant."""
+    from toolkit.compile.quantization import quantize
+
+    try:
+        return quantize(context.bundle, reference=context.reference, progress=context.say, **options)
+    except ToolkitError as exc:
+        context.say(f"{options['mode']} failed, going on without it: {exc}")
+        return None
+
+
+def _check(context: BuildContext, variants: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """check, where a variant onnxruntime cannot load is recorded as failed with the reason."""
+    from toolkit.compile.parity import check
+
+    records = {}
+    for name in variants:
+        try:
+            records.update(check(context.bundle, variants=[name], reference=context.reference, progress=context.say))
+        except CheckFailed:
+            raise
+        except ToolkitError as exc:
+            context.say(f"variant {name} cannot be checked, recorded as failed: {exc}")
+            records[name] = {"passed": False, "failed": str(exc)}
+            context.bundle.manifest.variants[name].parity = records[name]
+            context.bundle.save()
+    return records
+
+
+def _fp16_for_cuda(context: BuildContext) -> None:
+    """fp16 end to end for CUDA: from the fused graph, whose layer norms, softmax and attention are
+    kernels that accumulate in fp32, with its float inputs and outputs in fp16 too (a decoder's cache
+    stays fp16 between steps) and no Casts around every normalisation."""
+    from toolkit.compile.quantization import FP16_KEEP_FP32_FUSED
+
+    _quantize(context, mode="fp16", source="opt", io="fp16", keep_fp32=FP16_KEEP_FP32_FUSED)
+
+
+def _int8(context: BuildContext) -> None:
+    """Dynamic int8 from the fused graph, where the quantizer reaches every weight there: attention
+    (with the KV cache) then stays fused in fp32 around the int8 MatMuls, which decodes faster than
+    int8 from the export's graph (benchmarks/RESULTS.md). Where a fused op holds weights the
+    quantizer leaves in fp32 (BERT's `Attention` with its QKV projection), int8 comes from the
+    export's graph instead."""
+    from toolkit.compile.quantization import DYNAMIC_OPS
+
+    bundle = _quantize(context, mode="int8", source="opt")
+    if bundle is None:
+        return
+    ops = bundle.variant("int8").recipe["options"]["ops"]
+    left = {op: r["float"] for op, r in ops.items() if r["float"] and op in DYNAMIC_OPS}
+    if left:
+        context.say(f"int8 from opt leaves weights in fp32 ({', '.join(f'{op} {n}' for op, n in left.items())}): quantizing fp32 instead")
+        _quantize(context, mode="int8")
+
+
+def _int8_fallback(context: BuildContext, record: dict[str, Any]) -> None:
+    """Accuracy-aware int8: while the variant fails its gates, keep twice as many of the most
+    outlier-heavy MatMul/Gemm in fp32 (2, 4, 8, ...), up to half of them; every attempt is recorded."""
+    variant = context.bundle.variant("int8")
+    source, ops = variant.recipe["parent"], variant.recipe["options"]["ops"]
+    limit = sum(ops.get(op, {}).get("quantized", 0) for op in ("MatMul", "Gemm")) // 2
+    attempts = [_attempt(0, record)]
+    keep = 2
+    while keep <= limit and not record["passed"]:
+        context.say(f"int8 fails its gates ({attempts[-1]['gate']}); retrying with {keep} MatMul/Gemm kept in fp32")
+        if _quantize(context, mode="int8", source=source, keep_float=keep) is None:
+            break
+        record = _check(context, ["int8"])["int8"]
+        attempts.append(_attempt(keep, record))
+        keep *= 2
+    context.bundle.manifest.variants["int8"].recipe["options"]["attempts"] = attempts
+    context.bundle.save()
+
+
+def _attempt(keep: int, record: dict[str, Any]) -> dict[str, Any]:
+    metric = record.get("task_metric") or {}
+    return {"keep_float": keep, "passed": record["passed"], "gate": f"{metric.get('metric')} {metric.get('value', float('nan')):.4g}"}
+
+
+def select_best(bundle: str | Path | Bundle, *, provider: str = "cpu", max_time: float = 1.0, progress: Progress | None = None) -> dict[str, Any]:
+    """Measures the bundle's passing variants and records the choice as the manifest's `best`."""
+    from toolkit.bench.compare import bench
+
+    say = progress or (lambda _msg: None)
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    passing = [n for n, v in bundle.manifest.variants.items() if v.parity and v.parity["passed"]]
+    not_timed = {}
+    if provider == "cuda":
+        not_timed = {n: _NO_CUDA_INT8 for n in passing if bundle.variant(n).precision == "int8"}
+        if not_timed:
+            say(f"not timing {', '.join(not_timed)} on cuda: {_NO_CUDA_INT8}")
+        passing = [n for n in passing if n not in not_timed]
+    if not passing:
+        raise ToolkitError(f"no variant of {bundle.path} has passed its gates; run `toolkit check {bundle.path}` and see why.")
+    dims = {d.name for d in bundle.manifest.dims}
+    batches = _BEST_BATCHES if "batch" in dims else (1,)
+    say(f"timing {', '.join(passing)} on {provider} to choose best ({max_time:g} s per variant and shape)")
+    report = bench(bundle, providers=[provider], variants=passing, batches=batches, torch_eager=False,
+                   max_time=max_time, rounds=5, warmup=3)
+    measured: dict[str, dict[str, float]] = {}
+    for row in report.rows:
+        shape = f"batch {row.batch}" + (f", seq {row.seq}" if row.seq is not None else "")
+        measured.setdefault(row.variant, {})[shape] = round(row.p50_ms, 4)
+    choice = choose_best(measured)
+    best = {
+        "variant": choice,
+        "provider": provider,
+        "rule": BEST_RULE,
+        "p50_ms": measured,
+        "not_timed": not_timed,
+        "threads": report.settings["threads"][0],
+        "cpu": report.machine["cpu"],
+        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    bundle.manifest.best = best  # bench only reads the bundle: this manifest is still current
+    bundle.save()
+    say(f"best on {provider}: {choice}")
+    return best
+
+
+def choose_best(p50_ms: dict[str, dict[str, float]], reference: str = "fp32") -> str:
+    """The variant with the lowest geometric-mean latency ratio to `reference` among those no slower
+    than it (beyond NOISE_MARGIN) at any shape; `p50_ms` holds only variants that passed their gates."""
+    if reference not in p50_ms:
+        return min(p50_ms, key=lambda v: _geomean(list(p50_ms[v].values())))
+    base = p50_ms[reference]
+    ratios = {v: [t[s] / base[s] for s in base] for v, t in p50_ms.items()}
+    eligible = [v for v, r in ratios.items() if all(x <= 1.0 + NOISE_MARGIN for x in r)]
+    return min(eligible, key=lambda v: (_geomean(ratios[v]), v != reference))
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))

@@ -1,0 +1,100 @@
+"""Stage `quantize`: an fp32 variant → `int8` (dynamic), `int8-static` (QDQ, calibrated) or `fp16`.
+
+Each scheme is a frozen config (configs.py) and a handler registered for it here; adding a scheme
+is a new config and handler, not new branches. Every handler works in a private temporary directory
+and records in the variant's recipe what it did: for int8, how many ops of each type were quantized
+and how many kept float weights; for fp16, which op types were kept in fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from toolkit._scoped import logger_level
+from toolkit.bundle import Bundle
+from toolkit.compile.quantization._common import QuantizeContext
+from toolkit.compile.quantization.configs import (
+    CALIBRATION_METHODS,
+    DYNAMIC_OPS,
+    FP16_IO,
+    FP16_KEEP_FP32,
+    FP16_KEEP_FP32_FUSED,
+    MODES,
+    Fp16,
+    Int8Dynamic,
+    Int8Static,
+    QuantConfig,
+    config_for,
+)
+from toolkit.compile.quantization.fp16 import quantize_fp16
+from toolkit.compile.quantization.int8_dynamic import quantize_int8_dynamic
+from toolkit.compile.quantization.int8_static import quantize_int8_static, static_applies
+from toolkit.errors import ToolkitError
+from toolkit.spec import ModelSpec
+
+__all__ = ["CALIBRATION_METHODS", "DYNAMIC_OPS", "FP16_IO", "FP16_KEEP_FP32", "FP16_KEEP_FP32_FUSED", "MODES", "Fp16", "Int8Dynamic", "Int8Static", "QuantConfig",
+           "QuantizeContext", "config_for", "quantize", "static_applies"]
+
+Handler = Callable[[QuantizeContext, Any, Path, Path], dict[str, Any]]
+HANDLERS: dict[type, Handler] = {Int8Dynamic: quantize_int8_dynamic, Int8Static: quantize_int8_static, Fp16: quantize_fp16}
+
+
+def _io_changes(bundle: Bundle, model_file: Path) -> dict[str, str]:
+    """{name: dtype} of the graph's inputs and outputs whose dtype differs from the manifest's."""
+    import onnx
+
+    from toolkit._onnx import value_dtype
+
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    declared = {t.name: t.dtype for t in (*bundle.manifest.inputs, *bundle.manifest.outputs)}
+    return {v.name: value_dtype(v) for v in (*graph.input, *graph.output) if v.name in declared and value_dtype(v) != declared[v.name]}
+
+
+def quantize(
+    bundle: str | Path | Bundle,
+    *,
+    mode: str | None = None,
+    config: QuantConfig | None = None,
+    source: str = "fp32",
+    reference: ModelSpec | None = None,
+    progress: Callable[[str], None] | None = None,
+    **options: Any,
+) -> Bundle:
+    """Adds the variant named after the scheme (`config`, or `mode` with the scheme's `options`:
+    see configs.py), quantized from variant `source`, in the bundle and in each of its parts; returns
+    the bundle (parity not yet checked). `reference` is the model's PyTorch reference, if the caller
+    has it built already (calibration data comes from it)."""
+    if config is None:
+        if mode is None:
+            raise ToolkitError(f"give a quantization mode ({', '.join(MODES)}) or a config.")
+        config = config_for(mode, options)
+    elif mode is not None or options:
+        raise ToolkitError("give either a config or a mode with its options, not both.")
+    say = progress or (lambda _msg: None)
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    if bundle.variant(source).precision != "fp32":
+        raise ToolkitError(f"variant {source!r} is {bundle.variant(source).precision}; quantize from an fp32 variant.")
+    model_file = bundle.variant_path(source)
+    with tempfile.TemporaryDirectory(prefix="toolkit-quantize-") as tmp, logger_level(None, logging.ERROR):
+        # (the quantizer logs every node it skips at INFO/WARNING)
+        context = QuantizeContext(bundle, Path(tmp), say, reference)
+        out = Path(tmp) / "quantized.onnx"
+        options = HANDLERS[type(config)](context, config, model_file, out)
+        if "ops" in options:
+            say("weights quantized per op type: " + ", ".join(f"{op} {r['quantized']}/{r['with_weights']}" for op, r in options["ops"].items()))
+        import onnx
+
+        from toolkit._onnx import save_model
+
+        save_model(onnx.load(str(out)), out)
+        bundle.add_variant(config.mode, out, recipe={"stage": "quantize", "options": {"mode": config.mode, **options}, "parent": source},
+                           precision=config.precision, io=_io_changes(bundle, out))
+    say(f"added variant {config.mode} ({bundle.manifest.variants[config.mode].bytes / 1e6:.2f} MB, from {bundle.variant(source).bytes / 1e6:.2f} MB)")
+    for part in bundle.parts():
+        say(f"quantizing part {part.path.name}")
+        quantize(part, config=config, source=source, progress=progress)
+    return bundle

@@ -1,0 +1,102 @@
+"""What the quantization handlers share: the context they run in, pre-processing, calibration feeds
+and the per-op report of what got quantized."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.bundle import Bundle
+from toolkit.errors import ToolkitError
+from toolkit.runtime.samples import make_feeds
+from toolkit.spec import ModelSpec
+
+__all__ = ["QuantizeContext", "calibration_feeds", "op_report", "preprocess"]
+
+_WEIGHTED_OPS = ("MatMul", "Gemm", "LSTM", "Conv", "Attention")
+
+
+@dataclass
+class QuantizeContext:
+    """A quantization's bundle, a private working directory, progress, and the PyTorch reference
+    (built on first use, once, unless the caller already has it)."""
+
+    bundle: Bundle
+    workdir: Path
+    say: Callable[[str], None]
+    _reference: ModelSpec | None = field(default=None, repr=False)
+
+    @property
+    def reference(self) -> ModelSpec:
+        if self._reference is None:
+            from toolkit.reference.source import resolve
+
+            self._reference = resolve(self.bundle.manifest.source)
+        return self._reference
+
+
+def preprocess(model_file: Path, target: Path) -> tuple[Path, dict[str, Any]]:
+    """onnxruntime's quant_pre_process (shape inference, constant folding), so that every weight is
+    an initializer the quantizer can see. It runs in a child process working in `target`'s
+    directory: when symbolic shape inference fails it dumps its state into the working directory,
+    and changing this process's would not be thread-safe."""
+    reason = _pre_process(model_file, target, skip_symbolic_shape=False)
+    if reason is None:
+        return target, {"preprocess": "quant_pre_process"}
+    # symbolic shape inference fails on some decoders: skip that part only
+    if (again := _pre_process(model_file, target, skip_symbolic_shape=True)) is not None:
+        raise ToolkitError(f"onnxruntime's quantization pre-processing failed on {model_file}: {again}")
+    return target, {"preprocess": f"quant_pre_process without symbolic shape inference ({reason})"}
+
+
+_PRE_PROCESS = """
+import sys
+from onnxruntime.quantization.shape_inference import quant_pre_process
+try:
+    quant_pre_process(sys.argv[1], sys.argv[2], skip_symbolic_shape=sys.argv[3] == "1")
+except Exception as exc:
+    print(type(exc).__name__ + ": " + str(exc)[:500])
+    sys.exit(1)
+"""
+
+
+def _pre_process(model_file: Path, target: Path, *, skip_symbolic_shape: bool) -> str | None:
+    """None on success, else the child's one-line reason."""
+    result = subprocess.run([sys.executable, "-c", _PRE_PROCESS, str(model_file.resolve()), str(target.resolve()), str(int(skip_symbolic_shape))],
+                            cwd=target.parent, capture_output=True, text=True)
+    if result.returncode == 0:
+        return None
+    lines = (result.stdout.strip() or result.stderr.strip() or f"exit code {result.returncode}").splitlines()
+    return lines[-1]
+
+
+def calibration_feeds(context: QuantizeContext, samples: int) -> tuple[list[dict[str, np.ndarray]], str]:
+    """The model's own calibration data when it has some, else sample inputs at the export sizes."""
+    spec = context.reference
+    if spec.calibration_data is not None:
+        data = spec.calibration_data(samples)
+        count = len(next(iter(data.values())))
+        return [{k: v[i : i + 1] for k, v in data.items()} for i in range(count)], "the model's calibration set"
+    manifest = context.bundle.manifest
+    sizes = {d.name: 1 if d.name == "batch" else d.export for d in manifest.dims}
+    return [make_feeds(manifest.inputs, sizes, seed=10_000 + i) for i in range(samples)], "sample inputs (no calibration set)"
+
+
+def op_report(before: Path, after: Path) -> dict[str, dict[str, int]]:
+    """Per op type that carries weights: how many nodes had constant weights, how many of those were
+    quantized, and how many still compute with float weights (read straight from an initializer)."""
+    import onnx
+
+    def float_weighted(model: Any) -> Counter[str]:
+        constants = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+        return Counter(n.op_type for n in model.graph.node if n.op_type in _WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in constants)
+
+    original, remaining = float_weighted(onnx.load(str(before))), float_weighted(onnx.load(str(after)))
+    return {op: {"with_weights": n, "quantized": n - remaining[op], "float": remaining[op]} for op, n in sorted(original.items())}

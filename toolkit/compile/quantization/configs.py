@@ -1,0 +1,102 @@
+"""One frozen config per quantization scheme; each validates its own options. Adding a scheme is a
+new config here and a handler registered for it (toolkit.compile.quantization)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from toolkit.errors import ToolkitError
+
+__all__ = ["CALIBRATION_METHODS", "CONFIGS", "DYNAMIC_OPS", "FP16_IO", "FP16_KEEP_FP32", "FP16_KEEP_FP32_FUSED", "MODES", "Fp16", "Int8Dynamic", "Int8Static",
+           "QuantConfig", "config_for"]
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+# Overflow-prone in fp16: normalisations and reductions accumulate past 65504, softmax's exp too.
+FP16_KEEP_FP32 = ("LayerNormalization", "SkipLayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Exp")
+# For a graph whose layer norms, softmax and attention are fused kernels that accumulate in fp32
+# (onnxruntime's CUDA kernels do), only what is left of unfused normalisations stays in fp32.
+FP16_KEEP_FP32_FUSED = ("ReduceMean", "ReduceSum", "Pow", "Exp")
+FP16_IO = ("fp32", "fp16")
+# Convolutions are left out of dynamic quantization: ConvInteger is far slower than fp32 Conv on the
+# CPUs we measured (benchmarks/RESULTS.md); int8-static (QDQ) is the path for them.
+DYNAMIC_OPS = ("MatMul", "Gemm", "LSTM", "Attention")
+
+
+def _calibration(samples: int) -> None:
+    if samples < 1:
+        raise ToolkitError(f"--calibration-samples must be at least 1, got {samples}.")
+
+
+@dataclass(frozen=True)
+class Int8Dynamic:
+    """Weights int8 per output channel (or tensor), activations quantized per call. `keep_float`
+    keeps that many weighted MatMul/Gemm in fp32: those whose input activations are the most
+    outlier-heavy (max|x| / rms(x) over `calibration_samples` inputs)."""
+
+    mode: ClassVar[str] = "int8"
+    precision: ClassVar[str] = "int8"
+    per_channel: bool = True
+    keep_float: int = 0
+    calibration_samples: int = 128
+
+    def __post_init__(self) -> None:
+        if self.keep_float < 0:
+            raise ToolkitError(f"--keep-float must be at least 0, got {self.keep_float}.")
+        _calibration(self.calibration_samples)
+
+
+@dataclass(frozen=True)
+class Int8Static:
+    """QDQ int8 with activation ranges calibrated on `calibration_samples` inputs (the model's own
+    calibration set where it has one)."""
+
+    mode: ClassVar[str] = "int8-static"
+    precision: ClassVar[str] = "int8"
+    calibration_samples: int = 128
+    method: str = "minmax"
+    per_channel: bool = False
+
+    def __post_init__(self) -> None:
+        _calibration(self.calibration_samples)
+        if self.method not in CALIBRATION_METHODS:
+            raise ToolkitError(f"unknown calibration method {self.method!r}; choose one of {', '.join(CALIBRATION_METHODS)}.")
+
+
+@dataclass(frozen=True)
+class Fp16:
+    """Half precision, with the `keep_fp32` op types left in fp32. `io` "fp32" keeps the graph's float
+    inputs and outputs in fp32 (casts at the edges); "fp16" makes them fp16 too, so that a decoder's
+    cache stays fp16 from step to step (the variant's manifest entry records the dtypes)."""
+
+    mode: ClassVar[str] = "fp16"
+    precision: ClassVar[str] = "fp16"
+    keep_fp32: tuple[str, ...] = FP16_KEEP_FP32
+    io: str = "fp32"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32))
+        if self.io not in FP16_IO:
+            raise ToolkitError(f"--io must be one of {', '.join(FP16_IO)}, got {self.io!r}.")
+
+
+QuantConfig = Int8Dynamic | Int8Static | Fp16
+CONFIGS: dict[str, type] = {c.mode: c for c in (Int8Dynamic, Int8Static, Fp16)}
+MODES = tuple(CONFIGS)
+
+
+def config_for(mode: str, options: Mapping[str, Any]) -> QuantConfig:
+    """The config of `mode` with `options` (None values take the scheme's default); an option the
+    scheme does not take is an error naming the ones it does."""
+    if mode not in CONFIGS:
+        raise ToolkitError(f"unknown quantization mode {mode!r}; choose one of {', '.join(MODES)}.")
+    config = CONFIGS[mode]
+    known = {f.name for f in fields(config)}
+    given = {k: v for k, v in options.items() if v is not None}
+    extra = sorted(set(given) - known)
+    if extra:
+        flags = ", ".join("--" + k.replace("_", "-") for k in extra)
+        takes = ", ".join("--" + k.replace("_", "-") for k in sorted(known)) or "no options"
+        raise ToolkitError(f"{flags} does not apply to --mode {mode}; it takes {takes}.")
+    return config(**given)

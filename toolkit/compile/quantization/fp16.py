@@ -1,0 +1,42 @@
+"""Half precision: onnxruntime's float16 converter, with the overflow-prone ops kept in fp32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from toolkit.compile.quantization._common import QuantizeContext
+from toolkit.compile.quantization.configs import Fp16
+
+__all__ = ["quantize_fp16"]
+
+
+def quantize_fp16(context: QuantizeContext, config: Fp16, model_file: Path, target: Path) -> dict[str, Any]:
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    edges = "inputs, outputs and " if config.io == "fp32" else ""
+    context.say(f"converting to fp16, keeping {edges}{', '.join(config.keep_fp32) or 'no op type'} in fp32")
+    block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(config.keep_fp32))
+    converted = convert_float_to_float16(onnx.load(str(model_file)), keep_io_types=config.io == "fp32", op_block_list=block)
+    _drop_repeated_nodes(converted.graph)
+    onnx.save(converted, str(target))
+    return {"io": config.io, "kept_fp32": list(config.keep_fp32)}
+
+
+def _drop_repeated_nodes(graph: Any) -> None:
+    """Removes exact repeats of a node (same name, inputs and outputs).
+
+    The fp16 converter inserts one Cast per fp32-kept consumer of a tensor, all with one name and one
+    output (a LayerNorm weight of ones shared by every LayerNorm, a residual sum read by an Add and a
+    LayerNorm); the repeats make the graph invalid, and any one of them computes the same tensor.
+    """
+    seen = set()
+    kept = []
+    for node in graph.node:
+        key = node.SerializeToString(deterministic=True)
+        if key not in seen:
+            seen.add(key)
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)

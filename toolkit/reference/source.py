@@ -1,0 +1,135 @@
+"""Turns a MODEL reference into a `Source` and a `Source` into a `ModelSpec`: a zoo name (with a
+preset), `package.module:factory`, or `hf:PATH`.
+
+The factory convention for user models: a callable taking no arguments that returns a
+`toolkit.ModelSpec` (module, inputs with dtypes and shapes naming their dynamic dims, output names,
+dims with export and check sizes, task). See README, "Your own model".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from toolkit.bundle import Source
+from toolkit.errors import ToolkitError
+from toolkit.spec import ModelSpec
+
+__all__ = ["reference_models", "resolve", "source_of", "weights_sha256"]
+
+
+def source_of(model: str, preset: str | None) -> Source:
+    """Where `model` (a zoo name, package.module:factory or hf:PATH) comes from; `resolve` rebuilds it."""
+    from toolkit.reference.hf import PREFIX
+
+    if model.startswith(PREFIX):
+        if preset is not None:
+            raise ToolkitError(f"--preset applies to zoo models only; {model!r} is a Hugging Face directory.")
+        path = Path(model[len(PREFIX):]).expanduser()
+        if not (path / "config.json").is_file():
+            what = "does not exist" if not path.exists() else "has no config.json"
+            raise ToolkitError(f"{model}: {path} {what}; give the directory of a saved transformers model (hf:PATH).")
+        return Source("hf", path=str(path.resolve()))
+    if ":" in model:
+        if preset is not None:
+            raise ToolkitError(f"--preset applies to zoo models only; {model!r} is a factory reference.")
+        return Source("factory", ref=model)
+    return Source("zoo", model=model, preset=preset or "default")
+
+
+def resolve(source: Source) -> ModelSpec:
+    """The `ModelSpec` (PyTorch module in eval mode, inputs, dims, ...) that `source` names."""
+    if source.kind == "zoo":
+        spec = _zoo(source.model, source.preset)
+    elif source.kind == "hf":
+        from toolkit.reference.hf import hf_spec
+
+        spec = hf_spec(source.path)
+    else:
+        spec = _factory(source.ref)
+    if source.part is not None:
+        if source.part not in spec.parts:
+            raise ToolkitError(f"{source.with_part(None).describe()} has no part {source.part!r}; "
+                               f"its parts: {', '.join(spec.parts) or 'none'}.")
+        spec = spec.parts[source.part]
+    spec.module.eval()
+    return spec
+
+
+def _zoo(name: str, preset: str) -> ModelSpec:
+    models = reference_models()
+    try:
+        return models.build(name, preset)
+    except KeyError as exc:
+        hint = " For your own model pass package.module:factory." if name not in models.FAMILIES else ""
+        raise ToolkitError(f"{exc.args[0]}.{hint}") from None
+
+
+def _factory(ref: str) -> ModelSpec:
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise ToolkitError(f"model reference {ref!r} must look like package.module:factory.")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ToolkitError(
+            f"cannot import {module_name!r} for model {ref!r}: {exc}. Is it installed or on PYTHONPATH?"
+        ) from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ToolkitError(f"{module_name} has no callable {attr!r} (from model reference {ref!r}).")
+    try:
+        spec = factory()
+    except ToolkitError:
+        raise
+    except Exception as exc:
+        raise ToolkitError(f"factory {ref} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(spec, ModelSpec):
+        raise ToolkitError(
+            f"factory {ref} returned {type(spec).__name__}; it must return a toolkit.ModelSpec "
+            "(module, inputs, outputs, dims, task)."
+        )
+    import torch
+
+    if not isinstance(spec.module, torch.nn.Module):
+        raise ToolkitError(f"factory {ref}: ModelSpec.module is {type(spec.module).__name__}, not a torch.nn.Module.")
+    return spec
+
+
+def reference_models() -> ModuleType:
+    """The `models` package installed beside `toolkit`, whatever else `models` means on sys.path.
+
+    onnxruntime.transformers appends its own directory, which holds a `models` folder, to sys.path,
+    and many projects have a `models/` of their own; a plain `import models` can find either.
+    """
+    init = Path(__file__).resolve().parents[2] / "models" / "__init__.py"
+    loaded = sys.modules.get("models")
+    loaded_file = getattr(loaded, "__file__", None)
+    if loaded_file is not None and Path(loaded_file).resolve() == init:
+        return loaded
+    if loaded_file is not None:
+        raise ToolkitError(
+            f"another package named 'models' ({loaded_file}) is already imported and shadows toolkit's "
+            "reference models; import toolkit's zoo before it or rename yours."
+        )
+    if not init.is_file():
+        raise ToolkitError(f"toolkit's reference models are missing ({init} not found); reinstall toolkit.")
+    spec = importlib.util.spec_from_file_location("models", init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["models"] = module  # absent, or a namespace package that only looked like ours
+    spec.loader.exec_module(module)
+    return module
+
+
+def weights_sha256(module: Any) -> str:
+    """A fingerprint of the module's parameters and buffers, to tell a changed reference apart."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,226 @@
+"""Open Inference Protocol (KServe v2) tensors over HTTP: request decoding and response encoding,
+JSON and Triton's binary tensor extension. Pure functions over bytes and arrays, no web framework,
+so the server stays thin and every rule here is testable on its own.
+
+Binary extension (as Triton and `tritonclient` speak it): the body starts with a JSON header of
+`Inference-Header-Content-Length` bytes; each input with `parameters.binary_data_size` takes that
+many raw little-endian bytes from what follows, in input order. Outputs go back in binary when the
+request asks (`outputs[i].parameters.binary_data` or `parameters.binary_data_output`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from toolkit.spec import TensorSpec
+
+__all__ = ["GENERATE_PARAMETERS", "HEADER_LENGTH", "GenerateRequest", "InferRequest", "ProtocolError", "datatype", "decode_generate_request",
+           "decode_request", "dims", "encode_response"]
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+_DATATYPES = {
+    "bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
+    "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
+    "float16": "FP16", "float32": "FP32", "float64": "FP64",
+}
+
+
+class ProtocolError(ValueError):
+    """A request the protocol rejects: answered 400 with this message."""
+
+
+def datatype(dtype: str) -> str:
+    """The protocol's datatype name for a numpy dtype name ("float32" → "FP32")."""
+    return _DATATYPES[np.dtype(dtype).name]
+
+
+def dims(shape: Sequence[int | str]) -> list[int]:
+    """A manifest shape as the protocol writes it: -1 for every dynamic axis."""
+    return [d if isinstance(d, int) else -1 for d in shape]
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    outputs: list[str] | None  # None: all of them
+    binary_outputs: set[str] = field(default_factory=set)
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def decode_request(body: bytes, header_length: str | None, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> InferRequest:
+    """Parses an infer request against the model's inputs: names, datatypes, shapes, data sizes."""
+    if header_length is None:
+        header, binary = body, b""
+    else:
+        try:
+            size = int(header_length)
+        except ValueError:
+            raise ProtocolError(f"{HEADER_LENGTH} must be an integer, got {header_length!r}.") from None
+        if not 0 < size <= len(body):
+            raise ProtocolError(f"{HEADER_LENGTH} is {size}, but the body has {len(body)} bytes.")
+        header, binary = body[:size], body[size:]
+    try:
+        request = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"the request is not valid JSON: {exc}.") from None
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        raise ProtocolError('the request must be a JSON object with an "inputs" list.')
+    expected = {t.name: t for t in inputs}
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for tensor in request["inputs"]:
+        if not isinstance(tensor, dict):
+            raise ProtocolError('each of "inputs" must be an object with name, shape, datatype and data.')
+        name = tensor.get("name")
+        if name not in expected:
+            raise ProtocolError(f"unknown input {name!r}; the model takes {', '.join(expected)}.")
+        if name in arrays:
+            raise ProtocolError(f"input {name!r} is given twice.")
+        want = datatype(expected[name].dtype)
+        if tensor.get("datatype") != want:
+            raise ProtocolError(f"input {name!r}: datatype must be {want}, got {tensor.get('datatype')!r}.")
+        shape = tensor.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ProtocolError(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}.")
+        dtype = np.dtype(expected[name].dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            if size != count * dtype.itemsize:
+                raise ProtocolError(
+                    f"input {name!r}: binary_data_size is {size} bytes, but shape {shape} of {want} needs {count * dtype.itemsize}."
+                )
+            if offset + size > len(binary):
+                raise ProtocolError(f"input {name!r}: binary_data_size {size} runs past the end of the body ({len(binary) - offset} bytes left).")
+            value = np.frombuffer(binary, dtype=dtype.newbyteorder("<"), count=count, offset=offset).astype(dtype)
+            offset += size
+        else:
+            value = _from_json(name, tensor.get("data"), dtype, count)
+        arrays[name] = value.reshape(shape)
+    if offset != len(binary):
+        raise ProtocolError(f"the body has {len(binary) - offset} bytes of binary data that no input claims.")
+    return InferRequest(
+        id=request.get("id"),
+        inputs=arrays,
+        outputs=_requested_outputs(request, outputs),
+        binary_outputs=_binary_outputs(request, outputs),
+        parameters=request.get("parameters") or {},
+    )
+
+
+def _from_json(name: str, data: Any, dtype: np.dtype, count: int) -> np.ndarray:
+    if data is None:
+        raise ProtocolError(f'input {name!r} has neither "data" nor parameters.binary_data_size.')
+    try:
+        value = np.asarray(data, dtype=dtype).reshape(-1)  # flat or nested, row-major
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"input {name!r}: data does not read as {dtype.name}: {exc}.") from None
+    if value.size != count:
+        raise ProtocolError(f"input {name!r}: data has {value.size} elements, the shape needs {count}.")
+    return value
+
+
+def _requested_outputs(request: Mapping[str, Any], outputs: Sequence[TensorSpec]) -> list[str] | None:
+    wanted = request.get("outputs")
+    if wanted is None:
+        return None
+    known = [o.name for o in outputs]
+    names = []
+    for item in wanted:
+        name = item.get("name") if isinstance(item, dict) else None
+        if name not in known:
+            raise ProtocolError(f"unknown output {name!r}; the model has {', '.join(known)}.")
+        names.append(name)
+    return names
+
+
+def _binary_outputs(request: Mapping[str, Any], outputs: Sequence[TensorSpec]) -> set[str]:
+    if (request.get("parameters") or {}).get("binary_data_output"):
+        return {o.name for o in outputs}
+    return {
+        item["name"] for item in request.get("outputs") or []
+        if isinstance(item, dict) and (item.get("parameters") or {}).get("binary_data")
+    }
+
+
+def encode_response(model: str, request: InferRequest, results: Mapping[str, np.ndarray]) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when binary outputs follow it (else None)."""
+    tensors = []
+    chunks = []
+    for name, value in results.items():
+        tensor: dict[str, Any] = {"name": name, "datatype": datatype(value.dtype.name), "shape": list(value.shape)}
+        if name in request.binary_outputs:
+            raw = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            tensor["data"] = value.reshape(-1).tolist()
+        tensors.append(tensor)
+    response: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": tensors}
+    if request.id is not None:
+        response["id"] = request.id
+    header = json.dumps(response, separators=(",", ":")).encode()
+    if not chunks:
+        return header, None
+    return header + b"".join(chunks), len(header)
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A request to Triton's generate extension: the prompt and how to continue it."""
+
+    text: str
+    max_new_tokens: int
+    stop: tuple[str, ...]
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    seed: int | None
+
+
+GENERATE_PARAMETERS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stream")
+
+
+def decode_generate_request(body: bytes) -> GenerateRequest:
+    """Parses `{"text_input": ..., "parameters": {...}}` (parameters may also sit at the top level,
+    as Triton accepts them); every value is checked for its type here, its range by the sampler."""
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"the request is not valid JSON: {exc}.") from None
+    if not isinstance(request, dict) or not isinstance(request.get("text_input"), str):
+        raise ProtocolError('the request must be a JSON object with a "text_input" string.')
+    parameters = request.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise ProtocolError('"parameters" must be a JSON object.')
+    p = {**parameters, **{k: v for k, v in request.items() if k not in ("text_input", "parameters")}}
+    if unknown := sorted(set(p) - set(GENERATE_PARAMETERS)):
+        raise ProtocolError(f"unknown generation parameter {unknown[0]!r}; known: {', '.join(GENERATE_PARAMETERS)}.")
+    stop = p.get("stop", [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise ProtocolError('"stop" must be a string or a list of strings.')
+    return GenerateRequest(
+        text=request["text_input"],
+        max_new_tokens=_number(p, "max_tokens", int, 64),
+        stop=tuple(stop),
+        temperature=_number(p, "temperature", float, 0.0),
+        top_k=_number(p, "top_k", int, None),
+        top_p=_number(p, "top_p", float, None),
+        seed=_number(p, "seed", int, None),
+    )
+
+
+def _number(parameters: Mapping[str, Any], name: str, kind: type, default: Any) -> Any:
+    value = parameters.get(name, default)
+    if value is None or value is default:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        raise ProtocolError(f"{name!r} must be {'an integer' if kind is int else 'a number'}, got {value!r}.")
+    return kind(value)
