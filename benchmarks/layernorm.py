@@ -1,7 +1,7 @@
 """SkipLayerNormalization against the Add (+ bias Add) + LayerNormalization it fuses, on onnxruntime's
 CPU provider, side by side in interleaved rounds over the widths and row counts of the reference
 transformers and larger ones. It backs the choice that CPU sessions and CPU-made `opt` variants keep
-the two apart (toolkit.runtime.CPU_DISABLED_OPTIMIZERS, toolkit.optimize.split_skip_layer_norm).
+the two apart (toolkit.runtime.session.CPU_DISABLED_OPTIMIZERS, toolkit.compile.passes.skip_layer_norm).
 
     python benchmarks/layernorm.py     # writes the "## Kernel choices" section of benchmarks/RESULTS.md
 """
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnxruntime as ort
 
-    from toolkit.bench.compare import _ort_step, measure
+    from toolkit.bench.measure import measure, ort_step
     from toolkit.runtime.session import new_session
 
     threads = len(os.sched_getaffinity(0))
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     for rows in ROWS:
         for width in WIDTHS:
             feeds = {n: rng.standard_normal((1, rows, width)).astype(np.float32) for n in ("x", "skip")}
-            steps = {name: _ort_step(new_session(_model(name == "fused", rows, width), "cpu", options), feeds, "cpu")
+            steps = {name: ort_step(new_session(_model(name == "fused", rows, width), "cpu", options), feeds, "cpu")
                      for name in ("fused", "split")}
             latencies, _ = measure(steps, max_time=2 * args.max_time, rounds=5, warmup=20)
             fused, split = (float(np.median(latencies[n])) * 1e6 for n in ("fused", "split"))

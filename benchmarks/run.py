@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
-from toolkit.bench.compare import TORCH_EAGER  # noqa: E402
+from toolkit.bench.candidates import TORCH_EAGER  # noqa: E402
 from toolkit.compile.pipeline import NOISE_MARGIN  # noqa: E402
 
 ZOO = ["mlp", "cnn", "lstm", "encoder", "gpt"]

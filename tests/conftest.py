@@ -3,9 +3,12 @@ CLI invocation helpers."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,11 +23,36 @@ sys.path.insert(0, str(TESTS))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
 
 
+# What an exported bundle depends on: the exporter, the PyTorch side and the models. Exports take
+# most of a warm run's time (torch.export), so bundles are kept between runs under the weights cache,
+# keyed by these files' contents and the library versions; a change to any of them exports anew.
+EXPORT_SOURCES = ("toolkit/compile/exporter.py", "toolkit/compile/export_worker.py", "toolkit/reference/*.py", "toolkit/bundle/*.py",
+                  "toolkit/spec.py", "toolkit/errors.py", "toolkit/_onnx.py", "toolkit/_scoped.py", "toolkit/runtime/samples.py",
+                  "toolkit/runtime/tokenizer.py", "models/*.py", "tests/userpkg/*.py")
+
+
+def _export_digest(request: tuple) -> str:
+    import onnx
+    import onnxscript
+    import torch
+
+    digest = hashlib.sha256(repr((request, torch.__version__, onnx.__version__, onnxscript.__version__)).encode())
+    for path in sorted(p for pattern in EXPORT_SOURCES for p in ROOT.glob(pattern)):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()[:24]
+
+
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
-    """exported(model, preset="tiny", **options) → path of a bundle exported once per session."""
+    """exported(model, preset="tiny", **options) → path of a bundle exported once per session (and
+    reused across sessions while nothing it depends on changes, see EXPORT_SOURCES)."""
     from toolkit.compile.exporter import export
+    from toolkit.reference.source import reference_models
 
+    reference_models()
+    from models.digits import cache_dir
+
+    store = cache_dir().parent / "test-bundles"
     cache: dict[tuple, Path] = {}
     root = tmp_path_factory.mktemp("bundles")
 
@@ -33,7 +61,17 @@ def exported(tmp_path_factory):
         if key not in cache:
             preset_arg = None if ":" in model else preset
             out = root / f"{model.replace(':', '-').replace('.', '-')}-{preset}-{len(cache)}"
-            export(model, out, preset=preset_arg, **options)
+            kept = store / _export_digest(key)
+            if kept.is_dir():
+                shutil.copytree(kept, out)
+            else:
+                export(model, out, preset=preset_arg, **options)
+                staging = Path(tempfile.mkdtemp(dir=store.parent, prefix=".test-bundle-"))
+                shutil.copytree(out, staging / "bundle")
+                store.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(OSError):  # another worker kept the same bundle first
+                    os.replace(staging / "bundle", kept)
+                shutil.rmtree(staging, ignore_errors=True)
             cache[key] = out
         return cache[key]
 
@@ -87,3 +125,13 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
 
     return invoke
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_lands_in_the_working_directory():
+    """No stage may leave files where it was run from (onnxruntime's tools dump into the working
+    directory unless they run somewhere else)."""
+    before = set(Path.cwd().iterdir())
+    yield
+    stray = sorted(str(p) for p in set(Path.cwd().iterdir()) - before if p.name != ".pytest_cache")
+    assert not stray, f"files left in the working directory: {stray}"

@@ -4,7 +4,11 @@ import os
 import re
 import subprocess
 
+import pytest
+
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # the commands build and bench whole models
 
 README = (ROOT / "README.md").read_text()
 

@@ -53,6 +53,7 @@ def report(exported):
     return bench(exported("encoder"), batches=(1, 2), seqs=(4,), **QUICK)
 
 
+@pytest.mark.slow
 def test_report_has_a_row_per_candidate_and_shape_with_torch_as_reference(report):
     variants = {(r.variant, r.batch, r.seq) for r in report.rows}
     assert variants == {(v, b, 4) for v in (TORCH_EAGER, "fp32") for b in (1, 2)}
@@ -70,6 +71,7 @@ def test_report_has_a_row_per_candidate_and_shape_with_torch_as_reference(report
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two thread counts need two CPUs to be measured")
+@pytest.mark.slow
 def test_thread_counts_are_an_axis_with_torch_at_each(cli, exported):
     import torch
 

@@ -16,6 +16,7 @@ def test_models_lists_families_and_presets(cli):
         assert name in result.stdout
 
 
+@pytest.mark.slow
 def test_export_check_inspect_run_round_trip(cli, tmp_path):
     out = tmp_path / "mlp"
     result = cli("export", "mlp", "--preset", "tiny", "-o", out)
@@ -41,6 +42,7 @@ def test_export_check_inspect_run_round_trip(cli, tmp_path):
     assert "predicted class per row" in result.stdout and "on cpu" in result.stderr
 
 
+@pytest.mark.slow
 def test_check_json_to_stdout(cli, exported, copy_of):
     result = cli("check", copy_of(exported("lstm")), "--json", "-")
     assert result.exit_code == 0
@@ -67,7 +69,8 @@ def test_run_single_input_takes_a_bare_file(cli, exported, tmp_path):
     ("args", "message"),
     [
         (["export", "resnet", "-o", "{tmp}/b"], "error: unknown model 'resnet'; known: mlp, cnn, lstm, encoder, gpt"),
-        (["export", "userpkg.toy:unexportable", "-o", "{tmp}/b"], "operator: userpkg::mystery has no ONNX translation"),
+        pytest.param(["export", "userpkg.toy:unexportable", "-o", "{tmp}/b"], "operator: userpkg::mystery has no ONNX translation",
+                     marks=pytest.mark.slow),
         (["export", "mlp", "--preset", "huge", "-o", "{tmp}/b"], "error: model 'mlp' has no preset 'huge'; presets: default, tiny"),
         (["check", "{tmp}/none"], "error: {tmp}/none is not a bundle: it does not exist."),
         (["check", "{mlp}", "--variant", "int8"], "has no variant 'int8'; its variants: fp32"),
@@ -91,6 +94,7 @@ def test_bad_input_exits_2_with_a_message(cli, exported, tmp_path, args, message
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_failed_check_exits_1_and_names_the_variant(cli, exported, copy_of):
     path = copy_of(exported("cnn"))
     _add_wrong_variant(path, scale=1.5)
@@ -101,11 +105,15 @@ def test_failed_check_exits_1_and_names_the_variant(cli, exported, copy_of):
     assert "pass" in rows[("wrong", "accuracy")]  # argmax survives this error: element parity catches it
 
 
-def test_debug_shows_the_traceback(cli, tmp_path):
-    result = cli("--debug", "check", tmp_path / "none")
-    assert result.exit_code == 2 and "Traceback" in result.output
+@pytest.mark.parametrize("command", [["check"], ["serve"], ["package", "--triton", "repo"]])
+def test_debug_shows_the_traceback_for_every_command(cli, tmp_path, command):
+    result = cli("--debug", command[0], tmp_path / "none", *command[1:])
+    assert result.exit_code == 2 and "Traceback" in result.output and "is not a bundle" in result.output
+    plain = cli(command[0], tmp_path / "none", *command[1:])
+    assert plain.exit_code == 2 and "Traceback" not in plain.output
 
 
+@pytest.mark.slow
 def test_console_script_exit_codes(exported, copy_of, tmp_path):
     ok = subprocess.run(["toolkit", "check", copy_of(exported("mlp"))], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr

@@ -11,7 +11,7 @@ from onnx import numpy_helper
 import toolkit
 from toolkit.bundle import Bundle
 from toolkit.compile.parity import check
-from toolkit.compile.pipeline import choose_best, select_best
+from toolkit.compile.pipeline import choose_best, select_best, timed_variants
 from toolkit.errors import ToolkitError
 
 
@@ -22,6 +22,7 @@ def built(tmp_path_factory):
     return build("cnn", tmp_path_factory.mktemp("build") / "cnn", preset="tiny", max_time=0.05).path
 
 
+@pytest.mark.slow
 def test_build_makes_and_checks_every_variant(built):
     manifest = Bundle.open(built).manifest
     # a CNN gets int8-static: dynamic int8 leaves convolutions in fp32
@@ -34,6 +35,7 @@ def test_build_makes_and_checks_every_variant(built):
     assert parents == {"int8": "opt", "int8-static": "fp32", "fp16": "fp32"}
 
 
+@pytest.mark.slow
 def test_best_is_recorded_with_its_measurements_and_loads(built):
     best = Bundle.open(built).manifest.best
     assert best["provider"] == "cpu" and best["rule"]
@@ -57,6 +59,7 @@ def test_choose_best_takes_the_fastest_that_is_nowhere_slower_than_fp32():
     assert choose_best({"int8": {"b1": 2.0}, "opt": {"b1": 1.0}}) == "opt"  # fp32 failed: fastest passing
 
 
+@pytest.mark.slow
 def test_a_variant_forced_to_be_wrong_is_never_best(built, copy_of, tmp_path):
     path = copy_of(built)
     bundle = Bundle.open(path)
@@ -83,6 +86,7 @@ def test_best_without_a_build_says_how_to_get_one(exported):
         toolkit.load(exported("mlp"), variant="best")
 
 
+@pytest.mark.slow
 def test_build_cli_ends_in_a_table_naming_best(cli, tmp_path):
     result = cli("build", "mlp", "--preset", "tiny", "-o", tmp_path / "mlp", "--mode", "int8")
     assert result.exit_code == 0, result.output
@@ -98,3 +102,28 @@ def test_build_refuses_an_unknown_mode(tmp_path):
     with pytest.raises(ToolkitError, match="unknown quantization mode 'int4'"):
         build("mlp", tmp_path / "x", preset="tiny", modes=["int4"])
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_int8_is_neither_timed_nor_chosen_on_cuda_and_the_reason_is_recorded(built):
+    bundle = Bundle.open(built)
+    timed, left_out = timed_variants(bundle, "cuda")
+    assert set(left_out) == {"int8", "int8-static"} and "no kernels for int8" in left_out["int8"]
+    assert set(timed) == {"fp32", "opt", "fp16"}
+    assert timed_variants(bundle, "cpu") == (list(bundle.manifest.variants), {})
+
+
+@pytest.mark.slow
+def test_a_variant_the_quantizer_cannot_make_is_recorded_and_the_build_goes_on(tmp_path, monkeypatch, cli):
+    from toolkit.compile import quantization
+
+    def crash(*_args, **_kwargs):
+        raise ToolkitError("the fp16 converter crashed")
+
+    monkeypatch.setitem(quantization.HANDLERS, quantization.Fp16, crash)
+    result = cli("build", "mlp", "--preset", "tiny", "-o", tmp_path / "b", "--no-select", "--mode", "int8", "--mode", "fp16")
+    assert result.exit_code == 0, result.output
+    manifest = Bundle.open(tmp_path / "b").manifest
+    assert manifest.failed == {"fp16": "the fp16 converter crashed"} and "fp16" not in manifest.variants
+    assert manifest.variants["int8"].parity is not None and manifest.variants["opt"].parity["passed"]  # the others were made and checked
+    assert "fp16: the fp16 converter crashed" in result.stdout and "could not be made" in result.stdout

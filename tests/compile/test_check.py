@@ -14,8 +14,13 @@ from toolkit.compile.tolerances import PROFILES, profile
 from toolkit.errors import CheckFailed, ToolkitError
 
 
-@pytest.mark.parametrize("preset", ["tiny", "default"])
-@pytest.mark.parametrize("name", ZOO)
+def _slow_unless_small(name: str, preset: str):
+    """The default presets and the tiny decoders (greedy generation, a static part) take tens of seconds."""
+    slow = preset == "default" or name in ("gpt", "seq2seq")
+    return pytest.param(name, preset, marks=pytest.mark.slow if slow else (), id=f"{name}-{preset}")
+
+
+@pytest.mark.parametrize(("name", "preset"), [_slow_unless_small(n, p) for p in ("tiny", "default") for n in ZOO])
 def test_every_zoo_model_passes_at_two_shapes(exported, copy_of, name, preset):
     path = copy_of(exported(name, preset))
     record = check(path)["fp32"]
@@ -39,6 +44,7 @@ def test_digit_classifiers_report_accuracy(exported, copy_of, name, preset):
     assert accuracy["drop"] <= PROFILES["fp32"].max_accuracy_drop and accuracy["passed"]
 
 
+@pytest.mark.slow
 def test_user_model_checks(exported, copy_of):
     record = check(copy_of(exported("userpkg.toy:build")))["fp32"]
     assert record["passed"] and set(record["outputs"]) == {"scaled", "pooled"}

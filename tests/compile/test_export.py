@@ -66,6 +66,7 @@ def test_auto_falls_back_to_torchscript_and_says_why(tmp_path, monkeypatch):
     assert any("trying the TorchScript exporter" in s for s in said)
 
 
+@pytest.mark.slow
 def test_unexportable_op_is_named_and_nothing_is_written(tmp_path):
     out = tmp_path / "bundle"
     with pytest.raises(ToolkitError) as info:
@@ -77,6 +78,7 @@ def test_unexportable_op_is_named_and_nothing_is_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_auto_falls_back_to_torchscript_when_dynamo_fixes_a_dynamic_dim(tmp_path):
     bundle = export("userpkg.toy:traced_constant", tmp_path / "b")
     options = bundle.manifest.variants["fp32"].recipe["options"]
@@ -84,6 +86,7 @@ def test_auto_falls_back_to_torchscript_when_dynamo_fixes_a_dynamic_dim(tmp_path
     assert "input 'x' axis 1 was meant to be dynamic (seq) but was exported as the constant 6" in options["fallback_reason"]
 
 
+@pytest.mark.slow
 def test_dim_fixed_by_the_code_is_refused_by_the_dynamo_exporter(tmp_path):
     with pytest.raises(ToolkitError, match=r"input 'x' axis 1 was meant to be dynamic \(seq\) but was exported as the constant 6"):
         export("userpkg.toy:traced_constant", tmp_path / "b", exporter="dynamo")
@@ -110,6 +113,7 @@ def test_bad_model_references(tmp_path, model, message):
     assert message in str(info.value)
 
 
+@pytest.mark.slow
 def test_existing_bundle_needs_force_and_is_replaced_whole(tmp_path):
     out = tmp_path / "b"
     export("mlp", out, preset="tiny")
@@ -121,6 +125,7 @@ def test_existing_bundle_needs_force_and_is_replaced_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no staging or retired dirs left
 
 
+@pytest.mark.slow
 def test_interrupted_export_leaves_the_old_bundle_intact(tmp_path, monkeypatch):
     out = tmp_path / "b"
     export("mlp", out, preset="tiny")
@@ -163,6 +168,7 @@ def test_manifest_is_plain_json_with_the_documented_fields(exported):
     assert set(data["variants"]["fp32"]) >= {"file", "sha256", "bytes", "recipe", "precision", "parity"}
 
 
+@pytest.mark.slow
 def test_exports_do_not_depend_on_what_ran_before_in_the_process(tmp_path):
     """torch 2.13 fixes the sequence length of a second LSTM export in one process; isolation avoids it."""
     for name in ("first", "second"):
@@ -170,6 +176,7 @@ def test_exports_do_not_depend_on_what_ran_before_in_the_process(tmp_path):
         assert manifest.inputs[0].shape == ("batch", "seq", 16)
 
 
+@pytest.mark.slow
 def test_in_process_export_works_for_factories_defined_here(tmp_path, monkeypatch):
     import sys
     import types

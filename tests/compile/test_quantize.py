@@ -25,7 +25,7 @@ def quantized(with_variants):
     return get
 
 
-@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("name", [n if n == "mlp" else pytest.param(n, marks=pytest.mark.slow) for n in ZOO])
 def test_every_weight_of_the_dynamic_ops_is_quantized(quantized, name):
     path, _ = quantized(name)
     variant = Bundle.open(path).manifest.variants["int8"]
@@ -36,6 +36,7 @@ def test_every_weight_of_the_dynamic_ops_is_quantized(quantized, name):
         assert report["float"] == expected_float, (op, report)
 
 
+@pytest.mark.slow
 def test_tied_gpt_head_is_quantized_once_not_dequantized_per_call(quantized):
     path, _ = quantized("gpt")
     ops = Bundle.open(path).manifest.variants["int8"].recipe["options"]["ops"]
@@ -74,6 +75,7 @@ def test_encoder_int8_agrees_with_the_reference(quantized):
     assert metric["metric"] == "top1_agreement" and metric["value"] >= 0.99 and records["int8"]["passed"]
 
 
+@pytest.mark.slow
 def test_a_variant_that_misses_its_gate_stays_marked_failed(exported, copy_of):
     path = copy_of(exported("userpkg.toy:outliers"))  # fails any per-tensor int8 by construction
     quantize(path, mode="int8-static", calibration_samples=32)
@@ -84,13 +86,14 @@ def test_a_variant_that_misses_its_gate_stays_marked_failed(exported, copy_of):
     assert (path / "model.int8-static.onnx").is_file()
 
 
+@pytest.mark.slow
 def test_gpt_next_token_agreement_is_reported(quantized):
     _, records = quantized("gpt")
     metric = records["int8"]["task_metric"]
     assert metric["metric"] == "next_token_agreement" and metric["threshold"] is None and 0 < metric["value"] <= 1
 
 
-@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("gpt", "seq2seq") else n for n in ZOO])
 def test_fp16_keeps_fp32_io_and_overflow_prone_ops(quantized, name):
     path, records = quantized(name)
     assert records["fp16"]["passed"], records["fp16"]
@@ -113,6 +116,7 @@ def test_fp16_can_keep_residual_adds_in_fp32(exported, copy_of):
     assert check(path, variants=["fp16"])["fp16"]["passed"]
 
 
+@pytest.mark.slow
 def test_no_temporary_files_land_anywhere(exported, copy_of, tmp_path, monkeypatch):
     path = copy_of(exported("gpt"))  # the decoder takes the pre-processing fallback path too
     work = tmp_path / "cwd"
@@ -150,6 +154,7 @@ def test_bad_quantize_requests(exported, copy_of, cli):
     assert result.exit_code == 2 and "'int4' is not one of" in result.output
 
 
+@pytest.mark.slow
 def test_cli_quantize_exits_1_when_the_gate_fails(cli, exported, copy_of):
     path = copy_of(exported("userpkg.toy:outliers"))
     result = cli("quantize", path, "--mode", "int8-static", "--calibration-samples", "32")

@@ -304,6 +304,7 @@ def test_package_writes_an_encoder_decoder_as_two_models(cli, exported, tmp_path
         assert (tmp_path / "repo" / name / "1/model.onnx").read_bytes() == graph.read_bytes()
 
 
+@pytest.mark.slow
 def test_cli_serves_and_drains_a_request_in_flight_on_sigterm(exported):
     import signal
     import subprocess

@@ -40,15 +40,15 @@ class FixedPositions(nn.Module):
         return x + self.pos
 
 
+def _over_sequences(module: nn.Module, seq: Dim) -> ModelSpec:
+    """x (batch, seq, 8) → y: the shape the dim-fixing cases share."""
+    return ModelSpec(module=module, inputs=[TensorSpec("x", "float32", ("batch", "seq", 8))], outputs=["y"],
+                     dims=[Dim("batch", export=2, check=(1, 3)), seq], task="embed")
+
+
 def baked() -> ModelSpec:
     torch.manual_seed(0)
-    return ModelSpec(
-        module=FixedPositions(),
-        inputs=[TensorSpec("x", "float32", ("batch", "seq", 8))],
-        outputs=["y"],
-        dims=[Dim("batch", export=2, check=(1, 3)), Dim("seq", export=16, check=(16, 9))],
-        task="embed",
-    )
+    return _over_sequences(FixedPositions(), Dim("seq", export=16, check=(16, 9)))
 
 
 @torch.library.custom_op("userpkg::mystery", mutates_args=())
@@ -89,13 +89,7 @@ class Flatten(nn.Module):
 
 
 def traced_constant() -> ModelSpec:
-    return ModelSpec(
-        module=Flatten(),
-        inputs=[TensorSpec("x", "float32", ("batch", "seq", 8))],
-        outputs=["y"],
-        dims=[Dim("batch", export=2, check=(1, 3)), Dim("seq", export=6, check=(6, 11))],
-        task="embed",
-    )
+    return _over_sequences(Flatten(), Dim("seq", export=6, check=(6, 11)))
 
 
 class OutlierClassifier(nn.Module):

@@ -17,6 +17,7 @@ How the numbers are made honest:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from toolkit import __version__
+from toolkit._scoped import torch_threads
 from toolkit.bench.candidates import TORCH_COMPILE, TORCH_EAGER, Candidate, OrtCandidate, TorchCandidate
 from toolkit.bench.flops import graph_flops
 from toolkit.bench.measure import COOLDOWN_S, gemm_peak, measure
@@ -131,12 +133,14 @@ def _measure_shapes(bundle: Bundle, candidates: list[Candidate], shapes: list[di
     order the candidates ran in per round at the first shape."""
     manifest = bundle.manifest
     table, schedule = [], []
-    torch_threads = None
-    if any(isinstance(c, TorchCandidate) for c in candidates):
-        import torch
+    with contextlib.ExitStack() as stack:
+        if any(isinstance(c, TorchCandidate) for c in candidates):
+            import torch
 
-        torch_threads = torch.get_num_threads()
-    try:
+            # torch's thread count is process-wide: the torch candidates set theirs as their turn begins
+            stack.enter_context(torch_threads(torch.get_num_threads()))
+        for candidate in candidates:
+            stack.callback(candidate.close)
         for candidate in candidates:
             say(f"loading {candidate.label}")
             candidate.open(manifest, shapes)
@@ -148,11 +152,6 @@ def _measure_shapes(bundle: Bundle, candidates: list[Candidate], shapes: list[di
                                        cooldown=min(COOLDOWN_S, max_time / rounds) if len(steps) > 1 else 0.0)
             schedule = schedule or order
             table.extend(rows(manifest.name, candidates, latencies, sizes, _flops(bundle, sizes), peaks))
-    finally:
-        for candidate in candidates:
-            candidate.close()
-        if torch_threads is not None:
-            torch.set_num_threads(torch_threads)  # the torch candidates set it for the whole process as their turn begins
     return table, schedule
 
 

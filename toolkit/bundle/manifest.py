@@ -113,6 +113,7 @@ class Manifest:
     best: dict[str, Any] | None = None  # the fastest passing variant and how it was measured (toolkit build)
     generation: dict[str, Any] | None = None  # decoders: tokenizer, eos_token_id, context (ModelSpec.generation)
     parts: list[str] = field(default_factory=list)  # subdirectories that are bundles of this model's other graphs
+    failed: dict[str, str] = field(default_factory=dict)  # variants a build could not make, and why
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -129,6 +130,7 @@ class Manifest:
             "fusion": self.fusion,
             "generation": self.generation,
             "parts": self.parts,
+            "failed": self.failed,
             "reference": self.reference,
             "variants": {name: asdict(v) for name, v in self.variants.items()},
             "best": self.best,
@@ -149,6 +151,7 @@ class Manifest:
             fusion=data.get("fusion"),
             generation=data.get("generation"),
             parts=data.get("parts", []),
+            failed=data.get("failed", {}),
             reference=data.get("reference", {}),
             variants={name: Variant(**v) for name, v in data["variants"].items()},
             best=data.get("best"),

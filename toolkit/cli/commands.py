@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import typer
@@ -51,6 +51,12 @@ Method = _choices("Method", CALIBRATION_METHODS)
 Fp16Io = _choices("Fp16Io", FP16_IO)
 Cache = _choices("Cache", CACHES)
 
+
+# What export and build both take.
+ModelArgument = Annotated[str, typer.Argument(metavar="MODEL", help="A reference model (see `toolkit models`), package.module:factory, or hf:PATH (a local transformers model).")]
+OutOption = Annotated[Path, typer.Option("-o", "--out", help="Bundle directory to create.")]
+PresetOption = Annotated[str | None, typer.Option(help="Preset of a reference model (default: 'default').")]
+NameOption = Annotated[str | None, typer.Option(help="Bundle name (in serving URLs and Triton repositories; default: from the model, e.g. the zoo name or the factory's module).")]
 
 # --debug, set by the group's callback for the command it runs (a ContextVar: CliRunner and threads
 # keep their own).
@@ -138,10 +144,10 @@ def models() -> None:
 @app.command()
 @_user_errors
 def export(
-    model: str = typer.Argument(..., help="A reference model (see `toolkit models`), package.module:factory, or hf:PATH (a local transformers model)."),
-    out_dir: Path = typer.Option(..., "-o", "--out", help="Bundle directory to create."),
-    preset: str | None = typer.Option(None, help="Preset of a reference model (default: 'default')."),
-    name: str | None = typer.Option(None, help="Bundle name (in serving URLs and Triton repositories; default: from the model, e.g. the zoo name or the factory's module)."),
+    model: ModelArgument,
+    out_dir: OutOption,
+    preset: PresetOption = None,
+    name: NameOption = None,
     opset: int = typer.Option(DEFAULT_OPSET, help="ONNX opset to export to."),
     exporter: Exporter = typer.Option(Exporter.auto, help="auto tries dynamo (torch.export) and falls back to torchscript, saying so."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
@@ -251,10 +257,10 @@ def _check_new(bundle_dir: Path, variant: str, check_parity: bool) -> None:
 @app.command()
 @_user_errors
 def build(
-    model: str = typer.Argument(..., help="A reference model (see `toolkit models`), package.module:factory, or hf:PATH (a local transformers model)."),
-    out_dir: Path = typer.Option(..., "-o", "--out", help="Bundle directory to create."),
-    preset: str | None = typer.Option(None, help="Preset of a reference model (default: 'default')."),
-    name: str | None = typer.Option(None, help="Bundle name (in serving URLs and Triton repositories; default: from the model)."),
+    model: ModelArgument,
+    out_dir: OutOption,
+    preset: PresetOption = None,
+    name: NameOption = None,
     mode: list[Mode] | None = typer.Option(None, "--mode", help="Quantization mode (repeatable; default: int8, fp16, and int8-static for models with convolutions or a calibration set)."),
     provider: Provider = typer.Option(Provider.cpu, help="Provider `opt` is made for and on which `best` is measured (auto: CUDA where available)."),
     select: bool = typer.Option(True, "--select/--no-select", help="Time the passing variants and record the fastest as `best`."),

@@ -59,7 +59,14 @@ def build_table(console: Console, manifest: Any, path: Any) -> None:
             *(f"{times[s]:.3f}" if s in times else "-" for s in shapes),
             Text("best", style="bold green") if best.get("variant") == name else "",
         )
+    for name in manifest.failed:
+        if name not in manifest.variants:
+            table.add_row(name, "-", "-", "could not be made", verdict(False), *("-" for _ in shapes), "")
     console.print(table)
+    for name, why in manifest.failed.items():
+        console.print(Text(f"{name}: ", style="red") + Text(why))
+    for name, why in (best.get("not_timed") or {}).items():
+        console.print(Text(f"{name}: not timed on {best['provider']}: ", style="dim") + Text(why))
     if best:
         console.print(f"best: {best['variant']} on {best['provider']} ({best['threads']} threads, {best['cpu']}); rule: {best['rule']}")
 

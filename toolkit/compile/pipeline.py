@@ -21,7 +21,7 @@ from toolkit.bundle import Bundle
 from toolkit.errors import CheckFailed, ToolkitError
 from toolkit.spec import ModelSpec
 
-__all__ = ["BEST_RULE", "BuildContext", "build", "choose_best", "select_best"]
+__all__ = ["BEST_RULE", "BuildContext", "build", "choose_best", "select_best", "timed_variants"]
 
 # Two measurements of one model on a shared machine differ by a few percent; a variant within this
 # margin of fp32 at some shape counts as no slower there.
@@ -104,7 +104,7 @@ def _optimize(context: BuildContext, provider: str) -> bool:
     try:
         optimize(context.bundle, provider=provider, progress=context.say)
     except ToolkitError as exc:
-        context.say(f"optimize failed, going on without `opt`: {exc}")
+        _failed(context, "opt", exc)
         return False
     context.say("checking the optimized variant against the PyTorch reference")
     return bool(_check(context, ["opt"]).get("opt", {}).get("passed"))
@@ -117,8 +117,15 @@ def _quantize(context: BuildContext, **options: Any) -> Bundle | None:
     try:
         return quantize(context.bundle, reference=context.reference, progress=context.say, **options)
     except ToolkitError as exc:
-        context.say(f"{options['mode']} failed, going on without it: {exc}")
+        _failed(context, options["mode"], exc)
         return None
+
+
+def _failed(context: BuildContext, variant: str, exc: ToolkitError) -> None:
+    """Records that the build could not make `variant`, and why; the build goes on without it."""
+    context.say(f"{variant} failed, going on without it: {exc}")
+    context.bundle.manifest.failed[variant] = str(exc)
+    context.bundle.save()
 
 
 def _check(context: BuildContext, variants: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -196,13 +203,9 @@ def select_best(bundle: str | Path | Bundle, *, provider: str = "cpu", max_time:
 
     say = progress or (lambda _msg: None)
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-    passing = [n for n, v in bundle.manifest.variants.items() if v.parity and v.parity["passed"]]
-    not_timed = {}
-    if provider == "cuda":
-        not_timed = {n: _NO_CUDA_INT8 for n in passing if bundle.variant(n).precision == "int8"}
-        if not_timed:
-            say(f"not timing {', '.join(not_timed)} on cuda: {_NO_CUDA_INT8}")
-        passing = [n for n in passing if n not in not_timed]
+    passing, not_timed = timed_variants(bundle, provider)
+    if not_timed:
+        say(f"not timing {', '.join(not_timed)} on {provider}: {_NO_CUDA_INT8}")
     if not passing:
         raise ToolkitError(f"no variant of {bundle.path} has passed its gates; run `toolkit check {bundle.path}` and see why.")
     dims = {d.name for d in bundle.manifest.dims}
@@ -229,6 +232,14 @@ def select_best(bundle: str | Path | Bundle, *, provider: str = "cpu", max_time:
     bundle.save()
     say(f"best on {provider}: {choice}")
     return best
+
+
+def timed_variants(bundle: Bundle, provider: str) -> tuple[list[str], dict[str, str]]:
+    """The variants that passed their gates and are worth timing on `provider`, and those left out
+    with the reason (int8 on CUDA)."""
+    passing = [n for n, v in bundle.manifest.variants.items() if v.parity and v.parity["passed"]]
+    not_timed = {n: _NO_CUDA_INT8 for n in passing if provider == "cuda" and bundle.variant(n).precision == "int8"}
+    return [n for n in passing if n not in not_timed], not_timed
 
 
 def choose_best(p50_ms: dict[str, dict[str, float]], reference: str = "fp32") -> str:

@@ -163,8 +163,10 @@ class Generator:
     def use_steps(self, step: Callable[[Mapping[str, Any]], dict[str, Any]],
                   encoder_step: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None) -> None:
         """Runs the loop's graph steps with other callables (feeds → outputs by name): the PyTorch
-        reference runs this very loop for parity and benchmarks (toolkit.reference.run)."""
+        reference runs this very loop for parity and benchmarks (toolkit.reference.run), over the
+        growing cache."""
         self._step = step
+        self.decode, self._static = "growing", None
         if self.layout.encoder:
             if encoder_step is None:
                 raise ToolkitError(f"{self.model.name} is an encoder-decoder: give the encoder's step too.")

@@ -14,8 +14,8 @@ __all__ = ["CPU_DISABLED_OPTIMIZERS", "PROVIDERS", "cuda_status", "new_session",
            "session_providers"]
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-# onnxruntime's CPU SkipLayerNormalization kernel is a scalar loop: 1.5 to 6 times slower than the
-# Add + LayerNormalization it would replace (benchmarks/RESULTS.md, "Kernel choices"), so CPU sessions keep
+# onnxruntime's CPU SkipLayerNormalization kernel is a scalar loop, slower than the Add +
+# LayerNormalization it would replace (benchmarks/RESULTS.md, "Kernel choices"), so CPU sessions keep
 # them apart. CUDA's fused kernel is the faster one there.
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
@@ -52,8 +52,8 @@ def preload_cuda() -> None:
 
 def session_providers(provider: str, *, cuda_graph: bool = False) -> list[Any]:
     """onnxruntime's providers argument for `provider` ("cpu" or "cuda", with CPU for what CUDA lacks).
-    onnxruntime's CUDA provider computes fp32 MatMul and Conv in TF32 by default (a 10-bit mantissa:
-    1e-4 to 1e-3 relative error on an H100); here the fp32 variant means fp32. `cuda_graph` lets
+    onnxruntime's CUDA provider computes fp32 MatMul and Conv in TF32 by default (a 10-bit mantissa,
+    past the fp32 gate); here the fp32 variant means fp32. `cuda_graph` lets
     runs through IO binding on fixed device buffers be captured and replayed as CUDA graphs."""
     if provider == "cpu":
         return [PROVIDERS["cpu"]]

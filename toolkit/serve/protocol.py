@@ -65,12 +65,7 @@ def decode_request(body: bytes, header_length: str | None, inputs: Sequence[Tens
         if not 0 < size <= len(body):
             raise ProtocolError(f"{HEADER_LENGTH} is {size}, but the body has {len(body)} bytes.")
         header, binary = body[:size], body[size:]
-    try:
-        request = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"the request is not valid JSON: {exc}.") from None
-    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
-        raise ProtocolError('the request must be a JSON object with an "inputs" list.')
+    request = _json_object(header, "inputs", list, 'an "inputs" list')
     expected = {t.name: t for t in inputs}
     arrays: dict[str, np.ndarray] = {}
     offset = 0
@@ -112,6 +107,17 @@ def decode_request(body: bytes, header_length: str | None, inputs: Sequence[Tens
         binary_outputs=_binary_outputs(request, outputs),
         parameters=request.get("parameters") or {},
     )
+
+
+def _json_object(text: bytes, key: str, kind: type, what: str) -> dict[str, Any]:
+    """The request's JSON object, which must hold `key` of type `kind` (`what` in the message)."""
+    try:
+        request = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"the request is not valid JSON: {exc}.") from None
+    if not isinstance(request, dict) or not isinstance(request.get(key), kind):
+        raise ProtocolError(f"the request must be a JSON object with {what}.")
+    return request
 
 
 def _from_json(name: str, data: Any, dtype: np.dtype, count: int) -> np.ndarray:
@@ -190,12 +196,7 @@ GENERATE_PARAMETERS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "s
 def decode_generate_request(body: bytes) -> GenerateRequest:
     """Parses `{"text_input": ..., "parameters": {...}}` (parameters may also sit at the top level,
     as Triton accepts them); every value is checked for its type here, its range by the sampler."""
-    try:
-        request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"the request is not valid JSON: {exc}.") from None
-    if not isinstance(request, dict) or not isinstance(request.get("text_input"), str):
-        raise ProtocolError('the request must be a JSON object with a "text_input" string.')
+    request = _json_object(body, "text_input", str, 'a "text_input" string')
     parameters = request.get("parameters", {})
     if not isinstance(parameters, dict):
         raise ProtocolError('"parameters" must be a JSON object.')

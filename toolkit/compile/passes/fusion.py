@@ -6,15 +6,12 @@ fusion hints (it matches that exporter's patterns and needs the model type, head
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from toolkit._scoped import logger_level
 from toolkit.bundle import Bundle
+from toolkit.compile._child import ChildFailed, run_child
 from toolkit.errors import ToolkitError
 
 __all__ = ["fuse"]
@@ -62,17 +59,25 @@ def _fuse_dynamo(model_file: Path, target: Path) -> dict[str, int]:
     return dict(sorted(fused.items()))
 
 
-def _fuse_hinted(model_file: Path, hints: dict[str, Any], target: Path) -> dict[str, int]:
+_HINTED = """
+import contextlib, io, logging
+
+def main(model_file, model_type, num_heads, hidden_size, target):
     from onnxruntime.transformers.optimizer import optimize_model
 
-    try:
-        # it logs every pattern it tries and prints shape-inference failures
-        with logger_level("onnxruntime.transformers", logging.ERROR), contextlib.redirect_stdout(io.StringIO()):
-            model = optimize_model(
-                str(model_file), model_type=hints["model_type"], num_heads=hints.get("num_heads", 0),
-                hidden_size=hints.get("hidden_size", 0), opt_level=0,
-            )
-    except Exception as exc:
-        raise ToolkitError(f"onnxruntime's transformer optimizer failed on {model_file} ({hints['model_type']}): {exc}") from exc
-    model.save_model_to_file(str(target))
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)  # it logs every pattern it tries
+    with contextlib.redirect_stdout(io.StringIO()):  # and prints shape-inference failures
+        model = optimize_model(model_file, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
+    model.save_model_to_file(target)
     return {op: n for op, n in model.get_fused_operator_statistics().items() if n}
+"""
+
+
+def _fuse_hinted(model_file: Path, hints: dict[str, Any], target: Path) -> dict[str, int]:
+    """onnxruntime's transformer optimizer, in a child process working beside `target` (it dumps a
+    failed shape inference into its working directory)."""
+    try:
+        return run_child(_HINTED, str(model_file.resolve()), hints["model_type"], hints.get("num_heads", 0), hints.get("hidden_size", 0),
+                         str(target.resolve()), cwd=target.parent)
+    except ChildFailed as exc:
+        raise ToolkitError(f"onnxruntime's transformer optimizer failed on {model_file} ({hints['model_type']}): {exc}") from exc

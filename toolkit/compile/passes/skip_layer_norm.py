@@ -1,8 +1,8 @@
 """Rule (CPU): SkipLayerNormalization is split back into Add + LayerNormalization.
 
-onnxruntime's CPU kernel for the fused op is a scalar loop, 1.5 to 6 times slower than the two it
-replaces (benchmarks/layernorm.py, the Kernel choices section of benchmarks/RESULTS.md); CUDA's fused
-kernel is the faster one there, so a CUDA-made graph keeps it.
+onnxruntime's CPU kernel for the fused op is a scalar loop, slower than the two it replaces
+(benchmarks/layernorm.py, the Kernel choices section of benchmarks/RESULTS.md); CUDA's fused kernel
+is the faster one there, so a CUDA-made graph keeps it.
 """
 
 from __future__ import annotations

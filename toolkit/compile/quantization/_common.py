@@ -3,8 +3,6 @@ and the per-op report of what got quantized."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.bundle import Bundle
+from toolkit.compile._child import ChildFailed, run_child
 from toolkit.errors import ToolkitError
 from toolkit.runtime.samples import make_feeds
 from toolkit.spec import ModelSpec
@@ -44,37 +43,28 @@ class QuantizeContext:
 
 def preprocess(model_file: Path, target: Path) -> tuple[Path, dict[str, Any]]:
     """onnxruntime's quant_pre_process (shape inference, constant folding), so that every weight is
-    an initializer the quantizer can see. It runs in a child process working in `target`'s
-    directory: when symbolic shape inference fails it dumps its state into the working directory,
-    and changing this process's would not be thread-safe."""
-    reason = _pre_process(model_file, target, skip_symbolic_shape=False)
-    if reason is None:
+    an initializer the quantizer can see; in a child process working beside `target`
+    (toolkit.compile._child)."""
+    try:
+        run_child(_PRE_PROCESS, str(model_file.resolve()), str(target.resolve()), False, cwd=target.parent)
         return target, {"preprocess": "quant_pre_process"}
-    # symbolic shape inference fails on some decoders: skip that part only
-    if (again := _pre_process(model_file, target, skip_symbolic_shape=True)) is not None:
-        raise ToolkitError(f"onnxruntime's quantization pre-processing failed on {model_file}: {again}")
-    return target, {"preprocess": f"quant_pre_process without symbolic shape inference ({reason})"}
+    except ChildFailed as reason:  # symbolic shape inference fails on some decoders: skip that part only
+        try:
+            run_child(_PRE_PROCESS, str(model_file.resolve()), str(target.resolve()), True, cwd=target.parent)
+        except ChildFailed as exc:
+            raise ToolkitError(f"onnxruntime's quantization pre-processing failed on {model_file}: {exc}") from exc
+        return target, {"preprocess": f"quant_pre_process without symbolic shape inference ({str(reason).split(':')[0]})"}
 
 
 _PRE_PROCESS = """
-import sys
-from onnxruntime.quantization.shape_inference import quant_pre_process
-try:
-    quant_pre_process(sys.argv[1], sys.argv[2], skip_symbolic_shape=sys.argv[3] == "1")
-except Exception as exc:
-    print(type(exc).__name__ + ": " + str(exc)[:500])
-    sys.exit(1)
+import contextlib, io
+
+def main(model_file, target, skip_symbolic_shape):
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its shape-inference failures
+        quant_pre_process(model_file, target, skip_symbolic_shape=skip_symbolic_shape)
 """
-
-
-def _pre_process(model_file: Path, target: Path, *, skip_symbolic_shape: bool) -> str | None:
-    """None on success, else the child's one-line reason."""
-    result = subprocess.run([sys.executable, "-c", _PRE_PROCESS, str(model_file.resolve()), str(target.resolve()), str(int(skip_symbolic_shape))],
-                            cwd=target.parent, capture_output=True, text=True)
-    if result.returncode == 0:
-        return None
-    lines = (result.stdout.strip() or result.stderr.strip() or f"exit code {result.returncode}").splitlines()
-    return lines[-1]
 
 
 def calibration_feeds(context: QuantizeContext, samples: int) -> tuple[list[dict[str, np.ndarray]], str]:
