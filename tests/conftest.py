@@ -66,9 +66,9 @@ def exported(tmp_path_factory):
                 shutil.copytree(kept, out)
             else:
                 export(model, out, preset=preset_arg, **options)
+                store.mkdir(parents=True, exist_ok=True)
                 staging = Path(tempfile.mkdtemp(dir=store.parent, prefix=".test-bundle-"))
                 shutil.copytree(out, staging / "bundle")
-                store.mkdir(parents=True, exist_ok=True)
                 with contextlib.suppress(OSError):  # another worker kept the same bundle first
                     os.replace(staging / "bundle", kept)
                 shutil.rmtree(staging, ignore_errors=True)
@@ -87,17 +87,18 @@ def with_variants(exported, tmp_path_factory):
 
     cache: dict[tuple, Path] = {}
 
-    def get(model: str, variants: tuple[str, ...]) -> Path:
-        if (model, variants) not in cache:
+    def get(model: str, variants: tuple[str, ...], **options) -> Path:
+        key = (model, variants, tuple(sorted(options.items())))
+        if key not in cache:
             path = tmp_path_factory.mktemp("variants") / model
-            shutil.copytree(exported(model), path)
+            shutil.copytree(exported(model, **options), path)
             for variant in variants:
                 if variant == "opt":
                     optimize(path)
                 else:
                     quantize(path, mode=variant, **({} if variant == "fp16" else {"calibration_samples": 32}))
-            cache[model, variants] = path
-        return cache[model, variants]
+            cache[key] = path
+        return cache[key]
 
     return get
 

@@ -46,7 +46,7 @@ def test_a_fixed_shape_model_replays_a_captured_graph_with_the_same_outputs(expo
 
 @pytest.mark.parametrize("variant", ["fp32", "opt"])
 def test_cuda_graph_decoding_gives_the_uncaptured_tokens(with_variants, variant):
-    path = with_variants("gpt", ("opt", "fp16"))
+    path = with_variants("gpt", ("opt", "fp16"), static_cache=True)
     captured = Generator(path, variant=variant, provider="cuda")
     assert captured.decode == "cuda-graph", captured.note
     uncaptured = Generator(path, variant=variant, provider="cuda", cache="static", cuda_graph=False)

@@ -114,7 +114,7 @@ def _build(work: Path, model: str, preset: str) -> Path:
     """export → optimize (for CUDA) → fp16 end to end from opt."""
     path = work / f"{model}-{preset}"
     say(f"exporting {model} {preset}")
-    export(model, path, preset=preset, force=True, isolate=False, progress=say)
+    export(model, path, preset=preset, force=True, isolate=False, static_cache=True, progress=say)
     optimize(path, provider=RUN["device"], progress=say)
     quantize(path, mode="fp16", source="opt", io="fp16", keep_fp32=FP16_KEEP_FP32_FUSED, progress=say)
     return path

@@ -36,11 +36,22 @@ def test_sequence_models_name_their_output_dims(exported):
     assert manifest.outputs[0].shape == ("batch", "seq", 257)
     assert manifest.outputs[1].shape == ("batch", 2, "past+seq", 32)  # present_key_0 grows by the step's tokens
     assert [d.name for d in manifest.dims] == ["batch", "seq", "past"] and manifest.dims[1].max == 128
+    assert manifest.parts == [] and "static" not in manifest.generation  # a CPU deployment does not pay for it
+
+
+@pytest.mark.slow
+def test_a_decoder_exports_its_static_cache_graph_on_request(exported):
+    manifest = Bundle.open(exported("gpt", static_cache=True)).manifest
+    assert manifest.parts == ["static"] and manifest.generation["static"] == "static"
+    static = Bundle.open(exported("gpt", static_cache=True) / "static").manifest
+    assert static.name == "gpt-static" and [t.name for t in static.inputs[:4]] == ["input_ids", "attention_mask", "position_ids", "cache_position"]
+    assert static.inputs[1].shape == ("batch", 128) and static.inputs[4].shape == ("batch", 2, 128, 32)  # the whole context, preallocated
 
 
 def test_user_factory_exports(exported):
     manifest = Bundle.open(exported("userpkg.toy:build")).manifest
     assert manifest.source.to_json() == {"kind": "factory", "ref": "userpkg.toy:build"}
+    assert manifest.name == "toy"  # the module's name, safe in URLs and Triton directories (not "toy:build")
     assert [o.name for o in manifest.outputs] == ["scaled", "pooled"]
     assert manifest.outputs[0].shape == ("batch", "length", 4) and manifest.outputs[1].shape == ("batch", 4)
 

@@ -33,8 +33,7 @@ def test_transformers_are_fused_and_keep_parity(exported, copy_of, name, fused):
     for part in Bundle.open(path).parts():  # seq2seq's encoder is optimized with its decoder
         assert "MultiHeadAttention" in part.manifest.variants["opt"].recipe["options"]["fusion"]["fused"]
     record = check(path, variants=["opt"])["opt"]
-    parts = {"seq2seq": {"encoder": {"passed": True}}, "gpt": {"static": {"passed": True}}}.get(name, {})
-    assert record["passed"] and record.get("parts", {}) == parts
+    assert record["passed"] and record.get("parts", {}) == ({"encoder": {"passed": True}} if name == "seq2seq" else {})
 
 
 def test_cuda_variant_keeps_skip_layer_norm(exported, copy_of):
@@ -157,3 +156,13 @@ def test_fusion_does_not_break_the_reference_models_package(exported, copy_of):
 
     assert hasattr(reference_models(), "build")
     assert check(copy_of(exported("gpt")))["fp32"]["passed"]
+
+
+@pytest.mark.slow
+def test_the_static_cache_part_is_fused_and_checked_with_its_decoder(exported, copy_of):
+    path = copy_of(exported("gpt", static_cache=True))
+    optimize(path)
+    static = Bundle.open(path / "static").manifest.variants["opt"].recipe["options"]["fusion"]
+    assert static["engine"] == "onnxscript" and "MultiHeadAttention" in static["fused"]  # attention over the whole cache
+    record = check(path, variants=["opt"])["opt"]
+    assert record["passed"] and record["parts"] == {"static": {"passed": True}}

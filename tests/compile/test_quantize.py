@@ -124,8 +124,7 @@ def test_no_temporary_files_land_anywhere(exported, copy_of, tmp_path, monkeypat
     monkeypatch.chdir(work)
     quantize(path, mode="int8")
     assert list(work.iterdir()) == []
-    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.fp32.onnx", "model.int8.onnx", "static"]
-    assert sorted(p.name for p in (path / "static").iterdir()) == ["manifest.json", "model.fp32.onnx", "model.int8.onnx"]
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.fp32.onnx", "model.int8.onnx"]
 
 
 def test_quantized_variants_run_through_the_runtime(quantized):

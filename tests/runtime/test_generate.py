@@ -269,18 +269,23 @@ def test_bound_steps_keep_the_cache_out_of_numpy_and_change_no_token(exported, n
     assert all(isinstance(out["logits"], np.ndarray) for out in returned)
 
 
-def test_static_cache_decoding_gives_the_growing_caches_tokens(gpt):
-    static, growing = Generator(gpt, provider="cpu", cache="static"), Generator(gpt, provider="cpu")
+@pytest.fixture(scope="module")
+def gpt_static(exported):
+    return exported("gpt", static_cache=True)
+
+
+def test_static_cache_decoding_gives_the_growing_caches_tokens(gpt_static):
+    static, growing = Generator(gpt_static, provider="cpu", cache="static"), Generator(gpt_static, provider="cpu")
     assert (static.decode, growing.decode, growing.note) == ("static", "growing", "")
     prompts = _ids(static, PROMPTS)
     for batch in (prompts, prompts[:1]):
         np.testing.assert_array_equal(greedy_tokens(static, batch, NEW_TOKENS), greedy_tokens(growing, batch, NEW_TOKENS))
 
 
-def test_the_static_caches_device_buffers_run_on_the_cpu_provider_too(gpt):
+def test_the_static_caches_device_buffers_run_on_the_cpu_provider_too(gpt_static):
     """The CUDA-graph path (fixed buffers, two caches taking turns, graphs per batch size) with host
     buffers and nothing captured: everything but the capture itself is exercised here."""
-    bound, growing = Generator(gpt, provider="cpu", cache="static"), Generator(gpt, provider="cpu")
+    bound, growing = Generator(gpt_static, provider="cpu", cache="static"), Generator(gpt_static, provider="cpu")
     bound._static.bound = True
     prompts = _ids(bound, PROMPTS)
     for batch in (prompts, prompts[:1], prompts):  # a second batch size, then the first one's buffers again
@@ -289,7 +294,7 @@ def test_the_static_caches_device_buffers_run_on_the_cpu_provider_too(gpt):
 
 
 def test_a_static_cache_needs_the_bundles_static_part(exported):
-    with pytest.raises(ToolkitError, match="cache 'static' needs a static-cache graph: the bundle has no static-cache part"):
-        Generator(exported("seq2seq"), provider="cpu", cache="static")
+    with pytest.raises(ToolkitError, match=r"cache 'static' needs a static-cache graph: the bundle has no static-cache part \(re-export gpt with --static-cache\)"):
+        Generator(exported("gpt"), provider="cpu", cache="static")
     with pytest.raises(ToolkitError, match="unknown cache 'paged'; choose auto, growing, static"):
         Generator(exported("gpt"), provider="cpu", cache="paged")

@@ -148,6 +148,7 @@ def export(
     out_dir: OutOption,
     preset: PresetOption = None,
     name: NameOption = None,
+    static_cache: bool = typer.Option(False, "--static-cache", help="Decoders: also export the decoder over a cache preallocated to the context (part `static`), which CUDA graphs replay."),
     opset: int = typer.Option(DEFAULT_OPSET, help="ONNX opset to export to."),
     exporter: Exporter = typer.Option(Exporter.auto, help="auto tries dynamo (torch.export) and falls back to torchscript, saying so."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
@@ -156,7 +157,7 @@ def export(
     from toolkit.compile.exporter import export as export_model
 
     bundle = export_model(
-        model, out_dir, preset=preset, name=name, opset=opset, exporter=exporter.value, force=force, progress=_progress, verbose=_debug()
+        model, out_dir, preset=preset, name=name, static_cache=static_cache, opset=opset, exporter=exporter.value, force=force, progress=_progress, verbose=_debug()
     )
     out.print(f"exported {bundle.manifest.name} to {bundle.path}; next: toolkit check {bundle.path}")
 
@@ -261,6 +262,7 @@ def build(
     out_dir: OutOption,
     preset: PresetOption = None,
     name: NameOption = None,
+    static_cache: bool | None = typer.Option(None, "--static-cache/--no-static-cache", help="Decoders: export the static-cache graph CUDA graphs replay [default: with --provider cuda]."),
     mode: list[Mode] | None = typer.Option(None, "--mode", help="Quantization mode (repeatable; default: int8, fp16, and int8-static for models with convolutions or a calibration set)."),
     provider: Provider = typer.Option(Provider.cpu, help="Provider `opt` is made for and on which `best` is measured (auto: CUDA where available)."),
     select: bool = typer.Option(True, "--select/--no-select", help="Time the passing variants and record the fastest as `best`."),
@@ -274,7 +276,7 @@ def build(
     from toolkit.compile.pipeline import build as build_bundle
 
     bundle = build_bundle(
-        model, out_dir, preset=preset, name=name, modes=[m.value for m in mode] if mode else None, provider=_made_for(provider),
+        model, out_dir, preset=preset, name=name, static_cache=static_cache, modes=[m.value for m in mode] if mode else None, provider=_made_for(provider),
         select=select, force=force, progress=_progress,
     )
     manifest = bundle.manifest

@@ -41,6 +41,7 @@ def export(
     *,
     preset: str | None = None,
     name: str | None = None,
+    static_cache: bool = False,
     opset: int = DEFAULT_OPSET,
     exporter: str = "auto",
     force: bool = False,
@@ -50,6 +51,8 @@ def export(
 ) -> Bundle:
     """Exports `model` to a new bundle at `out` (replaced only with `force`), written atomically.
     `name` names the bundle (in serving URLs and Triton repositories; default: from the model).
+    `static_cache` also exports a decoder's static-cache graph (`ModelSpec.generation["static"]`,
+    the part CUDA graphs replay); without it a CPU deployment does not pay for a second graph.
 
     `exporter="auto"` uses the dynamo exporter and falls back to TorchScript, saying so through
     `progress` and in the variant's recipe. `verbose` lets the exporters' own output through.
@@ -69,18 +72,22 @@ def export(
         raise ToolkitError(f"--name {name!r}: use letters, digits, '_', '.' and '-' only (it ends up in URLs and directory "
                            f"names), e.g. {safe_name(name)!r}.")
     with staged_directory(out, overwrite=force) as staging:
-        manifest = _export_into(staging, source, name=name or source.default_name(), opset=opset, exporter=exporter,
-                                verbose=verbose, isolate=isolate, say=say)
+        manifest = _export_into(staging, source, name=name or source.default_name(), static_cache=static_cache, opset=opset,
+                                exporter=exporter, verbose=verbose, isolate=isolate, say=say)
     say(f"wrote {out} (variant fp32, {manifest.variants['fp32'].bytes / 1e6:.2f} MB, exporter "
         f"{manifest.variants['fp32'].recipe['options']['exporter']}{', parts ' + ', '.join(manifest.parts) if manifest.parts else ''})")
     return Bundle.open(out)
 
 
-def _export_into(directory: Path, source: Source, *, name: str, opset: int, exporter: str, verbose: bool, isolate: bool,
-                 say: Progress) -> Manifest:
+def _export_into(directory: Path, source: Source, *, name: str, static_cache: bool, opset: int, exporter: str, verbose: bool,
+                 isolate: bool, say: Progress) -> Manifest:
     """Writes the bundle of `source` into the empty `directory`, and its parts' bundles into subdirectories."""
     request = {"source": source.to_json(), "opset": opset, "exporter": exporter, "directory": str(directory), "verbose": verbose}
     info = _trace_isolated(request, say) if isolate else trace(**request, progress=say)
+    generation, parts = info["generation"], info["parts"]
+    if generation and "static" in generation and not static_cache:
+        parts = [p for p in parts if p != generation["static"]]
+        generation = {k: v for k, v in generation.items() if k != "static"}
     options: dict[str, Any] = {"exporter": info["exporter"], "opset": opset}
     if info["fallback_reason"]:
         options["fallback_reason"] = info["fallback_reason"]
@@ -94,8 +101,8 @@ def _export_into(directory: Path, source: Source, *, name: str, opset: int, expo
         outputs=[TensorSpec.from_json(t) for t in info["outputs"]],
         dims=[Dim.from_json(name, d) for name, d in info["dims"].items()],
         fusion=info["fusion"],
-        generation=info["generation"],
-        parts=info["parts"],
+        generation=generation,
+        parts=parts,
         reference={"weights_sha256": info["weights_sha256"]},
         variants={"fp32": _variant(directory, FP32_FILE, info["external"], {"stage": "export", "options": options, "parent": None})},
         versions=info["versions"],
@@ -103,8 +110,8 @@ def _export_into(directory: Path, source: Source, *, name: str, opset: int, expo
     for part in manifest.parts:
         say(f"exporting part {part}")
         (directory / part).mkdir()
-        _export_into(directory / part, source.with_part(part), name=f"{name}-{part}", opset=opset, exporter=exporter,
-                     verbose=verbose, isolate=isolate, say=say)
+        _export_into(directory / part, source.with_part(part), name=f"{name}-{part}", static_cache=static_cache, opset=opset,
+                     exporter=exporter, verbose=verbose, isolate=isolate, say=say)
     Bundle(directory, manifest).save()
     return manifest
 

@@ -53,6 +53,7 @@ def build(
     *,
     preset: str | None = None,
     name: str | None = None,
+    static_cache: bool | None = None,
     modes: Sequence[str] | None = None,
     provider: str = "cpu",
     select: bool = True,
@@ -62,7 +63,8 @@ def build(
 ) -> Bundle:
     """Builds every variant of `model` into a new bundle at `out`, checks them all, and (with
     `select`) records the fastest passing one as `best`. `modes` defaults to int8, fp16, and
-    int8-static where it applies (models with convolutions or a calibration set). A variant that
+    int8-static where it applies (models with convolutions or a calibration set); `static_cache`
+    (default: on for CUDA) exports a decoder's static-cache graph for CUDA graphs. A variant that
     fails (onnxruntime cannot load it, the quantizer crashes, its gates fail) is recorded as failed
     with the reason, and the build goes on."""
     from toolkit.compile.exporter import export
@@ -74,7 +76,8 @@ def build(
         unknown = [m for m in modes if m not in MODES]
         if unknown:
             raise ToolkitError(f"unknown quantization mode {unknown[0]!r}; choose from {', '.join(MODES)}.")
-    bundle = export(model, out, preset=preset, name=name, force=force, progress=say)
+    static_cache = provider == "cuda" if static_cache is None else static_cache
+    bundle = export(model, out, preset=preset, name=name, static_cache=static_cache, force=force, progress=say)
     say(f"building the PyTorch reference ({bundle.manifest.source.describe()}) for the checks")
     context = BuildContext(bundle, resolve(bundle.manifest.source), say)
     if modes is None:

@@ -146,7 +146,7 @@ class Generator:
         if cache == "auto" and (self.model.provider != "cuda" or not cuda_graph):
             return "growing", "", None
         if not part:
-            why = f"the bundle has no static-cache part (re-export {self.model.name} with this toolkit)"
+            why = f"the bundle has no static-cache part (re-export {self.model.name} with --static-cache)"
             if cache == "static":
                 raise ToolkitError(f"cache 'static' needs a static-cache graph: {why}.")
             return "growing", f"CUDA graphs not used: {why}", None
