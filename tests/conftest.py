@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -28,7 +29,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), os.environ.
 # keyed by these files' contents and the library versions; a change to any of them exports anew.
 EXPORT_SOURCES = ("toolkit/compile/exporter.py", "toolkit/compile/export_worker.py", "toolkit/reference/*.py", "toolkit/bundle/*.py",
                   "toolkit/spec.py", "toolkit/errors.py", "toolkit/_onnx.py", "toolkit/_scoped.py", "toolkit/runtime/samples.py",
-                  "toolkit/runtime/tokenizer.py", "models/*.py", "tests/userpkg/*.py")
+                  "toolkit/runtime/tokenizer.py", "models/*.py", "tests/userpkg/*.py", "tests/reference/hf_models.py")
 
 
 def _export_digest(request: tuple) -> str:
@@ -60,7 +61,7 @@ def exported(tmp_path_factory):
         key = (model, preset, tuple(sorted(options.items())))
         if key not in cache:
             preset_arg = None if ":" in model else preset
-            out = root / f"{model.replace(':', '-').replace('.', '-')}-{preset}-{len(cache)}"
+            out = root / f"{re.sub(r'[^A-Za-z0-9_-]+', '-', model)[-40:]}-{preset}-{len(cache)}"
             kept = store / _export_digest(key)
             if kept.is_dir():
                 shutil.copytree(kept, out)

@@ -136,6 +136,9 @@ class ModelSpec:
     # An encoder-decoder adds "source_context" and "encoder": the name of its encoder part; "static"
     # names a part that is the same decoder over a cache preallocated to the context (CUDA graphs).
     generation: dict[str, Any] | None = None
+    # Files the bundle carries beside its graphs, {name in the bundle: content}: a Hugging Face
+    # model's tokenizer.json, which the runtime then serves (toolkit.runtime.tokenizer).
+    assets: Mapping[str, bytes] = field(default_factory=dict)
     # Further graphs of the same model, each exported, optimized, quantized and checked as a bundle
     # of its own in a subdirectory of this one named after the part (an encoder-decoder's encoder).
     parts: Mapping[str, ModelSpec] = field(default_factory=dict)

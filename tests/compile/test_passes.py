@@ -176,3 +176,31 @@ def test_a_node_read_only_inside_a_subgraph_is_kept():
     assert run_passes(after, "cuda")["Reshape to Squeeze"] == 1
     assert "Relu" in {n.op_type for n in after.graph.node}
     _same_outputs(before, after, [(3, 1, 4)])
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_a_gemm_fed_by_fused_attention_becomes_matmul_and_add(trans_b):
+    """onnxscript's attention fusion can leave a Gemm (rank 2 only) reading the 3-D attention output;
+    the rule makes the graph load and compute what the flattened Gemm did."""
+    from toolkit.compile.passes.attention_gemm import gemms_after_attention_to_matmul
+
+    rng = np.random.default_rng(0)
+    weight, bias = rng.standard_normal((4, 8) if trans_b else (8, 4)).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    attention = helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["context"], domain="com.microsoft", num_heads=2)
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3, 8]) for n in ("q", "k", "v")]
+
+    def model(nodes, outputs):
+        graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "c")],
+                                  value_info=[helper.make_tensor_value_info("context", TensorProto.FLOAT, [6, 8])])  # the shape it had before
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+        proto.ir_version = 10
+        return proto
+
+    fused = model([attention, helper.make_node("Gemm", ["context", "w", "c"], ["y"], transB=trans_b)],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    assert gemms_after_attention_to_matmul(fused) == 1
+    assert [n.op_type for n in fused.graph.node] == ["MultiHeadAttention", *(["Transpose"] if trans_b else []), "MatMul", "Add"]
+    feeds = {n: rng.standard_normal((2, 3, 8)).astype(np.float32) for n in ("q", "k", "v")}
+    (context,) = _run(model([attention], [helper.make_tensor_value_info("context", TensorProto.FLOAT, None)]), feeds)
+    (got,) = _run(fused, feeds)
+    np.testing.assert_allclose(got, context @ (weight.T if trans_b else weight) + bias, rtol=1e-5, atol=1e-5)

@@ -114,6 +114,7 @@ class Manifest:
     generation: dict[str, Any] | None = None  # decoders: tokenizer, eos_token_id, context (ModelSpec.generation)
     parts: list[str] = field(default_factory=list)  # subdirectories that are bundles of this model's other graphs
     failed: dict[str, str] = field(default_factory=dict)  # variants a build could not make, and why
+    assets: dict[str, dict[str, Any]] = field(default_factory=dict)  # files beside the graphs (a tokenizer): {name: {sha256, bytes}}
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -131,6 +132,7 @@ class Manifest:
             "generation": self.generation,
             "parts": self.parts,
             "failed": self.failed,
+            "assets": self.assets,
             "reference": self.reference,
             "variants": {name: asdict(v) for name, v in self.variants.items()},
             "best": self.best,
@@ -152,6 +154,7 @@ class Manifest:
             generation=data.get("generation"),
             parts=data.get("parts", []),
             failed=data.get("failed", {}),
+            assets=data.get("assets", {}),
             reference=data.get("reference", {}),
             variants={name: Variant(**v) for name, v in data["variants"].items()},
             best=data.get("best"),

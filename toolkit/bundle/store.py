@@ -65,17 +65,27 @@ class Bundle:
         variant = self.variant(name)
         if verify:
             for entry in [{"file": variant.file, "sha256": variant.sha256}, *variant.external_data]:
-                path = self.path / entry["file"]
-                if not path.is_file():
-                    raise ToolkitError(f"bundle {self.path}: variant {name!r} is missing its file {entry['file']}.")
-                actual = sha256_file(path)
-                if actual != entry["sha256"]:
-                    raise ToolkitError(
-                        f"bundle {self.path}: {entry['file']} (variant {name!r}) fails its sha256 check "
-                        f"(manifest {entry['sha256'][:12]}…, file {actual[:12]}…): it was modified or "
-                        "corrupted after it was written. Re-create the variant."
-                    )
+                self._verify(entry["file"], entry["sha256"], f"variant {name!r}")
         return self.path / variant.file
+
+    def asset_path(self, name: str) -> Path:
+        """A file the bundle carries beside its graphs (a tokenizer), refused if its sha256 does not match."""
+        entry = self.manifest.assets.get(name)
+        if entry is None:
+            raise ToolkitError(f"bundle {self.path} carries no {name}; re-export it with this toolkit.")
+        self._verify(name, entry["sha256"], f"asset {name!r}")
+        return self.path / name
+
+    def _verify(self, file: str, sha256: str, what: str) -> None:
+        path = self.path / file
+        if not path.is_file():
+            raise ToolkitError(f"bundle {self.path}: {what} is missing its file {file}.")
+        actual = sha256_file(path)
+        if actual != sha256:
+            raise ToolkitError(
+                f"bundle {self.path}: {file} ({what}) fails its sha256 check (manifest {sha256[:12]}…, file {actual[:12]}…): "
+                "it was modified or corrupted after it was written. Re-create it."
+            )
 
     def add_variant(self, name: str, model_file: Path, *, recipe: dict[str, Any], precision: str, io: dict[str, str] | None = None) -> Variant:
         """Moves `model_file` into the bundle as variant `name` (replacing one of that name) and

@@ -14,13 +14,13 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from toolkit import __version__
 from toolkit._scoped import logger_level
-from toolkit.bundle import Bundle, Manifest, Source, Variant, safe_name, sha256_file, staged_directory
+from toolkit.bundle import MANIFEST_NAME, Bundle, Manifest, Source, Variant, safe_name, sha256_file, staged_directory
 from toolkit.errors import CheckFailed, ToolkitError
 from toolkit.reference.source import resolve, source_of, weights_sha256
 from toolkit.runtime.samples import make_feeds
@@ -106,6 +106,7 @@ def _export_into(directory: Path, source: Source, *, name: str, static_cache: bo
         reference={"weights_sha256": info["weights_sha256"]},
         variants={"fp32": _variant(directory, FP32_FILE, info["external"], {"stage": "export", "options": options, "parent": None})},
         versions=info["versions"],
+        assets={name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size} for name in info["assets"]},
     )
     for part in manifest.parts:
         say(f"exporting part {part}")
@@ -171,6 +172,7 @@ def trace(*, source: dict[str, Any], opset: int, exporter: str, directory: str, 
         "fusion": spec.fusion,
         "generation": spec.generation,
         "parts": list(spec.parts),
+        "assets": _write_assets(spec.assets, Path(directory)),
         "weights_sha256": weights_sha256(spec.module),
         "external": external,
         "versions": _versions(),
@@ -213,6 +215,15 @@ def _trace_isolated(request: dict[str, Any], say: Progress) -> dict[str, Any]:
             raise error
         stderr.seek(0)
         raise ToolkitError(f"the export worker died (exit code {worker.returncode}) without a result:\n{stderr.read()[-3000:]}")
+
+
+def _write_assets(assets: Mapping[str, bytes], directory: Path) -> list[str]:
+    """Writes each asset into the bundle directory; → their names."""
+    for name, content in assets.items():
+        if Path(name).name != name or name == MANIFEST_NAME or name.endswith(".onnx"):
+            raise ToolkitError(f"asset name {name!r} must be a plain file name, not a graph or the manifest.")
+        (directory / name).write_bytes(content)
+    return list(assets)
 
 
 def _variant(directory: Path, file: str, external: list[str], recipe: dict[str, Any]) -> Variant:

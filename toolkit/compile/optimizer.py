@@ -45,7 +45,15 @@ def optimize(bundle: str | Path | Bundle, *, source: str = "fp32", name: str = "
         if options["fusion"] is None:
             say(f"no transformer fusion applies to {bundle.manifest.name}: generic graph optimizations only")
         say("applying onnxruntime's basic graph optimizations offline")
-        proto = _basic_optimizations(current, Path(tmp) / "optimized.onnx")
+        try:
+            proto = _basic_optimizations(current, Path(tmp) / "optimized.onnx")
+        except ToolkitError as exc:
+            if options["fusion"] is None:
+                raise
+            # A fusion that onnxruntime cannot load is the rewrite's bug: `opt` goes on without it, saying why.
+            say(f"the fused graph does not load in onnxruntime, optimizing without fusion: {exc}")
+            options["fusion"] = {"skipped": str(exc)}
+            proto = _basic_optimizations(model_file, Path(tmp) / "optimized.onnx")
         options["passes"] = run_passes(proto, provider)
         if any(options["passes"].values()):
             say("rewrites for " + provider + ": " + ", ".join(f"{what} {n}" for what, n in options["passes"].items() if n))

@@ -86,7 +86,8 @@ class _Layout:
     heads: int
     head_size: int
     past_dtype: str
-    eos_token_id: int
+    eos_token_id: int  # pads left-padded prompts too
+    eos_ids: tuple[int, ...]  # every token that ends a row
     context: int
     logits: str
     vocab: int
@@ -109,7 +110,8 @@ class _Layout:
         _, heads, _, head_size = past[0].shape
         vocab = next(t.high for t in inputs if t.name == "input_ids")
         caches = tuple(t.name for t in inputs if t.name.startswith("past_"))
-        return cls(heads, head_size, past[0].dtype, generation["eos_token_id"], generation["context"], outputs[0].name, vocab,
+        eos_ids = tuple(generation.get("eos_token_ids") or [generation["eos_token_id"]])
+        return cls(heads, head_size, past[0].dtype, generation["eos_token_id"], eos_ids, generation["context"], outputs[0].name, vocab,
                    caches, frozenset(names), generation.get("encoder"), generation.get("source_context"))
 
 
@@ -129,7 +131,7 @@ class Generator:
         manifest = model.bundle.manifest
         self.model = model
         self.layout = _Layout.of(model.name, model.inputs, model.outputs, manifest.generation)
-        self.tokenizer = tokenizer_for(manifest.generation)
+        self.tokenizer = tokenizer_for(manifest.generation, model.bundle)
         self._step = _step(model, {"present_" + name.removeprefix("past_") for name in self.layout.caches})
         self._encoder_step = None
         if self.layout.encoder:
@@ -250,7 +252,7 @@ class Generator:
             for step in range(max_new_tokens):
                 token = choose(logits)
                 yield token
-                finished |= token == layout.eos_token_id
+                finished |= np.isin(token, layout.eos_ids)
                 if finished.all() or (done is not None and all(done())) or step + 1 == max_new_tokens:
                     return
                 logits = state.advance(token)
@@ -484,7 +486,7 @@ class _TextStream:
     """One row's text as tokens arrive: decoded incrementally, finished by end-of-text or a stop string."""
 
     def __init__(self, tokenizer: Any, stop: Sequence[str]):
-        self.eos = tokenizer.eos_id
+        self.eos = tokenizer.eos_ids
         self.decoder = tokenizer.stream_decoder()
         self.stop = [s for s in stop if s]
         self.buffer = ""
@@ -495,7 +497,7 @@ class _TextStream:
         """Adds a token; returns the text that is now safe to show."""
         if self.finished:
             return ""
-        if token == self.eos:
+        if token in self.eos:
             return self.close()
         self.buffer += self.decoder.push(token)
         hits = [i for i in (self.buffer.find(s) for s in self.stop) if i >= 0]

@@ -1,20 +1,26 @@
-"""The reference gpt's tokenizer: UTF-8 bytes are the tokens (0-255) plus one end-of-text token.
-Self-contained (no vocabulary file, no hub) and lossless for any text."""
+"""Tokenizers a decoder bundle names (`generation.tokenizer`): the reference models' UTF-8 bytes,
+self-contained and lossless, or a Hugging Face model's own tokenizer (`tokenizer.json` carried in the
+bundle, run by the light, torch-free `tokenizers` package)."""
 
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
+from toolkit.bundle import Bundle
 from toolkit.errors import ToolkitError
 
-__all__ = ["ByteTokenizer", "tokenizer_for"]
+__all__ = ["HF_TOKENIZER_FILE", "ByteTokenizer", "HFTokenizer", "tokenizer_for"]
+
+HF_TOKENIZER_FILE = "tokenizer.json"
 
 
 class ByteTokenizer:
     kind = "bytes"
     eos_id = 256
+    eos_ids = (256,)
     vocab_size = 257
 
     def encode(self, text: str) -> list[int]:
@@ -24,12 +30,12 @@ class ByteTokenizer:
         """Text of `ids`; the end-of-text token and a UTF-8 sequence cut short become nothing / U+FFFD."""
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
-    def stream_decoder(self) -> _StreamDecoder:
+    def stream_decoder(self) -> _ByteStream:
         """Turns tokens into text as they arrive, holding back a multi-byte character until it is whole."""
-        return _StreamDecoder()
+        return _ByteStream()
 
 
-class _StreamDecoder:
+class _ByteStream:
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
@@ -40,9 +46,59 @@ class _StreamDecoder:
         return self._decoder.decode(b"", final=True)
 
 
-def tokenizer_for(generation: dict[str, Any] | None) -> ByteTokenizer:
-    """The tokenizer a bundle's manifest names (`generation.tokenizer`)."""
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` with the model's end-of-text token(s)."""
+
+    kind = "hf"
+
+    def __init__(self, path: Path, eos_ids: Iterable[int]):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ToolkitError("this bundle's tokenizer needs the tokenizers package: pip install tokenizers.") from None
+        self._tokenizer = Tokenizer.from_file(str(path))
+        self.eos_ids = tuple(eos_ids)
+        self.eos_id = self.eos_ids[0]
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tokenizer.decode([i for i in ids if i not in self.eos_ids])
+
+    def stream_decoder(self) -> _HFStream:
+        return _HFStream(self)
+
+
+class _HFStream:
+    """Incremental decoding: the text of every token so far, minus what was already given, holding
+    back a trailing U+FFFD (a byte-level character that the next token completes)."""
+
+    def __init__(self, tokenizer: HFTokenizer):
+        self.tokenizer, self.ids, self.sent = tokenizer, [], 0
+
+    def push(self, token: int) -> str:
+        if token in self.tokenizer.eos_ids:
+            return ""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        ready = len(text.rstrip("\ufffd"))
+        piece, self.sent = text[self.sent : ready], max(self.sent, ready)
+        return piece
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids)
+        piece, self.sent = text[self.sent :], len(text)
+        return piece
+
+
+def tokenizer_for(generation: Mapping[str, Any] | None, bundle: Bundle | None = None) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer a bundle's manifest names (`generation.tokenizer`); a Hugging Face one is the
+    bundle's own `tokenizer.json`, verified like its graphs."""
     kind = (generation or {}).get("tokenizer")
-    if kind != ByteTokenizer.kind:
-        raise ToolkitError(f"no tokenizer for {kind!r}: toolkit knows 'bytes' (the reference gpt's); pass token ids instead.")
-    return ByteTokenizer()
+    if kind == ByteTokenizer.kind:
+        return ByteTokenizer()
+    if kind == HFTokenizer.kind and bundle is not None:
+        return HFTokenizer(bundle.asset_path(HF_TOKENIZER_FILE), generation.get("eos_token_ids") or [generation["eos_token_id"]])
+    raise ToolkitError(f"no tokenizer for {kind!r}: toolkit knows 'bytes' (the reference gpt's) and 'hf' (a bundle's "
+                       f"{HF_TOKENIZER_FILE}); pass token ids instead.")

@@ -23,11 +23,28 @@ def fuse(bundle: Bundle, source: str, model_file: Path, target: Path) -> tuple[P
     hints = bundle.manifest.fusion
     if _exporter(bundle, source) == "dynamo" and _has_onnxscript():
         fused = _fuse_dynamo(model_file, target)
-        return (target, {"engine": "onnxscript", "fused": fused}) if fused else (target, None)
+        if not fused:
+            return target, None
+        repaired = _repair(target)
+        return target, {"engine": "onnxscript", "fused": fused, **({"repaired": repaired} if repaired else {})}
     if hints:
         fused = _fuse_hinted(model_file, hints, target)
         return target, {"engine": "onnxruntime.transformers", "model_type": hints["model_type"], "fused": fused}
     return model_file, None
+
+
+def _repair(model_file: Path) -> dict[str, int]:
+    """Rules that mend what a fusion leaves behind (toolkit.compile.passes.attention_gemm), in place."""
+    import onnx
+
+    from toolkit._onnx import save_model
+    from toolkit.compile.passes.attention_gemm import gemms_after_attention_to_matmul
+
+    proto = onnx.load(str(model_file))
+    counts = {"Gemm after attention to MatMul": gemms_after_attention_to_matmul(proto)}
+    if any(counts.values()):
+        save_model(proto, model_file)
+    return {k: v for k, v in counts.items() if v}
 
 
 def _exporter(bundle: Bundle, variant: str) -> str | None:
