@@ -184,3 +184,29 @@ def test_fp16_with_fp16_inputs_and_outputs_records_their_dtypes_and_keeps_parity
     assert record["passed"], record
     generator = Generator(path, variant="fp16", provider="cpu")
     assert generator.layout.past_dtype == "float16" and len(generator.generate("If the", max_new_tokens=8)) > 0
+
+
+def test_weights_take_7_bits_where_the_cpu_would_saturate_full_range_int8(exported, copy_of, monkeypatch):
+    from toolkit.compile.quantization import int8_dynamic
+
+    path = copy_of(exported("mlp"))
+    for saturates in (True, False):
+        monkeypatch.setattr(int8_dynamic, "saturating_cpu", lambda saturates=saturates: saturates)
+        options = quantize(path, mode="int8").variant("int8").recipe["options"]
+        assert options["reduce_range"] is saturates
+    assert quantize(path, mode="int8", reduce_range=False).variant("int8").recipe["options"]["reduce_range"] is False
+
+
+def test_a_cpu_is_saturating_when_it_is_x86_without_vnni(monkeypatch, tmp_path):
+    import platform
+
+    from toolkit.compile.quantization import int8_dynamic
+
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(int8_dynamic, "Path", lambda _p: cpuinfo)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    for flags, saturates in (("fpu avx2 fma", True), ("fpu avx2 avx512f avx512_vnni", False), ("fpu avx2 avx_vnni", False)):
+        cpuinfo.write_text(f"processor : 0\nflags\t\t: {flags}\n")
+        assert int8_dynamic.saturating_cpu() is saturates
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert int8_dynamic.saturating_cpu() is False

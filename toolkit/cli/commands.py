@@ -114,12 +114,16 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _command(function: Callable[..., Any]) -> Callable[..., Any]:
+    """A CLI command whose ToolkitErrors become messages and exit codes."""
+    return app.command()(_user_errors(function))
+
+
 def _progress(message: str) -> None:
     err.print(Text("• ", style="dim") + Text(message))
 
 
-@app.command()
-@_user_errors
+@_command
 def models() -> None:
     """List the reference models and their presets."""
     import dataclasses
@@ -141,8 +145,7 @@ def models() -> None:
     out.print("Your own model: toolkit export package.module:factory (see README, 'Your own model').")
 
 
-@app.command()
-@_user_errors
+@_command
 def export(
     model: ModelArgument,
     out_dir: OutOption,
@@ -162,8 +165,7 @@ def export(
     out.print(f"exported {bundle.manifest.name} to {bundle.path}; next: toolkit check {bundle.path}")
 
 
-@app.command()
-@_user_errors
+@_command
 def check(
     bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle directory."),
     variant: list[str] | None = typer.Option(None, "--variant", help="Variant to check (repeatable; default: all)."),
@@ -191,8 +193,7 @@ def check(
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
-@app.command()
-@_user_errors
+@_command
 def optimize(
     bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle directory."),
     provider: Provider = typer.Option(Provider.cpu, help="Execution provider the variant is made for (auto: CUDA where available). "
@@ -216,8 +217,7 @@ def _made_for(provider: Provider) -> str:
     return "cuda" if "cuda" in available_providers() else "cpu"
 
 
-@app.command()
-@_user_errors
+@_command
 def quantize(
     bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle directory."),
     mode: Mode = typer.Option(..., help="int8: dynamic (weights int8, activations per call); int8-static: QDQ with calibration; fp16: half precision."),
@@ -225,6 +225,7 @@ def quantize(
     method: Method | None = typer.Option(None, help="int8-static: calibration method [default: minmax]."),
     per_channel: bool | None = typer.Option(None, "--per-channel/--per-tensor", help="int8, int8-static: weight scales per output channel or per tensor [default: per channel for int8, per tensor for int8-static]."),
     keep_float: int | None = typer.Option(None, help="int8: keep this many MatMul/Gemm in fp32, those with the most outlier-heavy inputs on calibration data [default: 0]."),
+    reduce_range: bool | None = typer.Option(None, "--reduce-range/--full-range", help="int8: 7-bit weights, which x86 CPUs without VNNI need (their uint8 × int8 sums saturate) [default: on such a CPU]."),
     keep_fp32: str | None = typer.Option(None, help="fp16: comma-separated op types kept in fp32 [default: LayerNormalization, Softmax, reductions, Pow, Exp]; '' keeps none."),
     io: Fp16Io | None = typer.Option(None, help="fp16: fp32 keeps the graph's float inputs and outputs in fp32; fp16 makes them fp16 too (a decoder's cache stays fp16; for CUDA) [default: fp32]."),
     source: str = typer.Option("fp32", help="The fp32-precision variant to quantize (fp32, or opt for the fused graph)."),
@@ -238,7 +239,7 @@ def quantize(
     kept = None if keep_fp32 is None else tuple(op.strip() for op in keep_fp32.split(",") if op.strip())
     quantize_bundle(
         bundle_dir, mode=mode.value, calibration_samples=calibration_samples, method=method.value if method else None,
-        per_channel=per_channel, keep_float=keep_float, keep_fp32=kept, io=io.value if io else None, source=source, progress=_progress,
+        per_channel=per_channel, keep_float=keep_float, reduce_range=reduce_range, keep_fp32=kept, io=io.value if io else None, source=source, progress=_progress,
     )
     _check_new(bundle_dir, mode.value, check_parity)
 
@@ -255,15 +256,14 @@ def _check_new(bundle_dir: Path, variant: str, check_parity: bool) -> None:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
-@app.command()
-@_user_errors
+@_command
 def build(
     model: ModelArgument,
     out_dir: OutOption,
     preset: PresetOption = None,
+    mode: list[Mode] | None = typer.Option(None, "--mode", help="Quantization mode (repeatable; default: int8, fp16, and int8-static for models with convolutions or a calibration set)."),
     name: NameOption = None,
     static_cache: bool | None = typer.Option(None, "--static-cache/--no-static-cache", help="Decoders: export the static-cache graph CUDA graphs replay [default: with --provider cuda]."),
-    mode: list[Mode] | None = typer.Option(None, "--mode", help="Quantization mode (repeatable; default: int8, fp16, and int8-static for models with convolutions or a calibration set)."),
     provider: Provider = typer.Option(Provider.cpu, help="Provider `opt` is made for and on which `best` is measured (auto: CUDA where available)."),
     select: bool = typer.Option(True, "--select/--no-select", help="Time the passing variants and record the fastest as `best`."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
@@ -285,8 +285,7 @@ def build(
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
-@app.command()
-@_user_errors
+@_command
 def bench(
     target: str = typer.Argument(..., metavar="DIR|MODEL", help="A bundle directory, or a model to build into a temporary bundle first."),
     providers: str | None = typer.Option(None, help="Comma-separated providers (default: every provider available here)."),
@@ -361,8 +360,7 @@ def _int_list(text: str, option: str) -> list[int]:
         raise ToolkitError(f"{option} {text!r}: expected comma-separated integers such as 1,32.") from None
 
 
-@app.command()
-@_user_errors
+@_command
 def inspect(
     bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the description as JSON."),
@@ -377,8 +375,7 @@ def inspect(
     render.description(out, info)
 
 
-@app.command()
-@_user_errors
+@_command
 def run(
     bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle directory."),
     inputs: list[str] | None = typer.Option(None, "--input", "-i", help="NAME=FILE.npy (repeatable); a single-input model also takes FILE.npy."),
@@ -418,10 +415,9 @@ def run(
                 out.print(f"predicted class per row: {value.argmax(axis=-1).tolist()}")
 
 
-@app.command()
-@_user_errors
+@_command
 def generate(
-    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle of a decoder with a KV cache (`toolkit build gpt` or `seq2seq`)."),
+    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle of a decoder with a KV cache (`toolkit build gpt`, `seq2seq`, or a Hugging Face causal LM: `hf:PATH`)."),
     prompts: list[str] = typer.Option(..., "--prompt", "-p", help="Text to continue; repeat for a left-padded batch."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate at most (bytes, for the reference gpt)."),
     temperature: float = typer.Option(0.0, help="0 is greedy; above 0 samples from the scaled distribution."),
@@ -465,8 +461,7 @@ def generate(
     err.print(f"{tokens} tokens in {time.perf_counter() - start:.2f} s")
 
 
-@app.command()
-@_user_errors
+@_command
 def serve(
     bundle_dirs: list[Path] = typer.Argument(..., metavar="DIR...", help="Bundles to serve, each under its manifest name."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes the server beyond this machine."),
@@ -500,8 +495,7 @@ def serve(
     run_server(models, host=host, port=port, options=options)
 
 
-@app.command()
-@_user_errors
+@_command
 def package(
     bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle to package."),
     triton: Path = typer.Option(..., "--triton", metavar="REPO", help="Triton model repository to write <name>/ into (and <name>-<part>/ for each part of the bundle, e.g. an encoder)."),

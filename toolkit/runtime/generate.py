@@ -105,7 +105,7 @@ class _Layout:
             raise ToolkitError(
                 f"{name} is not a decoder with a KV cache: generation needs a graph taking input_ids, attention_mask, "
                 f"position_ids and past_key_i/past_value_i (its inputs: {', '.join(sorted(names))}). "
-                "The reference gpt and seq2seq (`toolkit export gpt`) are."
+                "The reference gpt and seq2seq (`toolkit export gpt`) are, and Hugging Face causal LMs (`toolkit export hf:PATH`)."
             )
         _, heads, _, head_size = past[0].shape
         vocab = next(t.high for t in inputs if t.name == "input_ids")

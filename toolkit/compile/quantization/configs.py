@@ -33,13 +33,16 @@ def _calibration(samples: int) -> None:
 class Int8Dynamic:
     """Weights int8 per output channel (or tensor), activations quantized per call. `keep_float`
     keeps that many weighted MatMul/Gemm in fp32: those whose input activations are the most
-    outlier-heavy (max|x| / rms(x) over `calibration_samples` inputs)."""
+    outlier-heavy (max|x| / rms(x) over `calibration_samples` inputs). `reduce_range` quantizes the
+    weights to 7 bits; by default it is on where this x86 CPU has no VNNI, whose uint8 × int8
+    products saturate 16-bit sums with full-range weights."""
 
     mode: ClassVar[str] = "int8"
     precision: ClassVar[str] = "int8"
     per_channel: bool = True
     keep_float: int = 0
     calibration_samples: int = 128
+    reduce_range: bool | None = None
 
     def __post_init__(self) -> None:
         if self.keep_float < 0:

@@ -10,7 +10,7 @@ import numpy as np
 from toolkit.compile.quantization._common import QuantizeContext, calibration_feeds, op_report, preprocess
 from toolkit.compile.quantization.configs import DYNAMIC_OPS, Int8Dynamic
 
-__all__ = ["quantize_int8_dynamic"]
+__all__ = ["quantize_int8_dynamic", "saturating_cpu"]
 
 
 def quantize_int8_dynamic(context: QuantizeContext, config: Int8Dynamic, model_file: Path, target: Path) -> dict[str, Any]:
@@ -25,17 +25,35 @@ def quantize_int8_dynamic(context: QuantizeContext, config: Int8Dynamic, model_f
     # The quantizer rewrites a Gemm with constant weights as MatMul (+ Add) named `<gemm>_MatMul` before
     # it looks at the exclusions: a kept Gemm is excluded under both names.
     excluded = [name for node, _ in kept for name in (node, f"{node}_MatMul")]
+    reduce_range = config.reduce_range if config.reduce_range is not None else saturating_cpu()
+    if reduce_range and config.reduce_range is None:
+        context.say("this CPU has no VNNI: weights quantized to 7 bits, so that its uint8 × int8 products do not saturate")
     quantize_dynamic(
         str(pre), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=list(DYNAMIC_OPS),
-        per_channel=config.per_channel, nodes_to_exclude=excluded, extra_options={"MatMulConstBOnly": True},
+        per_channel=config.per_channel, reduce_range=reduce_range, nodes_to_exclude=excluded,
+        extra_options={"MatMulConstBOnly": True},
     )
     return {
         **options,
         "weights": f"int8 symmetric per {'channel' if config.per_channel else 'tensor'}", "activations": "uint8, quantized per call",
-        "op_types": list(DYNAMIC_OPS), "per_channel": config.per_channel,
+        "op_types": list(DYNAMIC_OPS), "per_channel": config.per_channel, "reduce_range": reduce_range,
         "kept_float": [{"node": n, "outlier_score": round(score, 2)} for n, score in kept],
         "ops": op_report(pre, target),
     }
+
+
+def saturating_cpu() -> bool:
+    """Whether this is an x86 CPU without VNNI: onnxruntime's uint8 × int8 kernels there sum pairs of
+    products in 16 bits (AVX2's vpmaddubsw), which saturates with full-range int8 weights."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool(flags) and not ({"avx512_vnni", "avx_vnni"} & set(flags.split()))
 
 
 def _outlier_ranking(context: QuantizeContext, model_file: Path, samples: int) -> list[tuple[str, float]]:
