@@ -29,7 +29,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), os.environ.
 # keyed by these files' contents and the library versions; a change to any of them exports anew.
 EXPORT_SOURCES = ("toolkit/compile/exporter.py", "toolkit/compile/export_worker.py", "toolkit/reference/*.py", "toolkit/bundle/*.py",
                   "toolkit/spec.py", "toolkit/errors.py", "toolkit/_onnx.py", "toolkit/_scoped.py", "toolkit/runtime/samples.py",
-                  "toolkit/runtime/tokenizer.py", "models/*.py", "tests/userpkg/*.py", "tests/reference/hf_models.py")
+                  "toolkit/runtime/tokenizer.py", "models/*.py", "tests/userpkg/*.py")
 
 
 def _export_digest(request: tuple) -> str:

@@ -126,3 +126,16 @@ def test_console_script_exit_codes(exported, copy_of, tmp_path):
 def test_every_command_explains_itself(cli, command):
     result = cli(command, "--help")
     assert result.exit_code == 0 and len(result.stdout) > 200
+
+
+def test_no_help_text_is_eaten_as_console_markup():
+    """rich reads "[default: 128]" in a help string as a markup tag and prints nothing of it."""
+    import typer.main
+
+    from toolkit.cli.commands import app
+
+    group = typer.main.get_group(app)
+    for name, command in group.commands.items():
+        for param in command.params:
+            text = getattr(param, "help", None) or ""
+            assert "[" not in text.replace("[/", ""), f"toolkit {name} {param.name}: {text!r}"

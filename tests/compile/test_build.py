@@ -42,6 +42,9 @@ def test_best_is_recorded_with_its_measurements_and_loads(built):
     passing = {n for n, v in Bundle.open(built).manifest.variants.items() if v.parity["passed"]}
     assert set(best["p50_ms"]) == passing and best["variant"] in passing
     assert set(best["p50_ms"]["fp32"]) == {"batch 1", "batch 32"}
+    # each variant was timed beside fp32: the ratios the choice used come from those pairs
+    assert set(best["vs_fp32"]) == passing and best["vs_fp32"]["fp32"] == {"batch 1": 1.0, "batch 32": 1.0}
+    assert all(r > 0 for v in passing for r in best["vs_fp32"][v].values())
     model = toolkit.load(built, variant="best", provider="cpu")
     assert model.variant == best["variant"]
 
@@ -117,13 +120,23 @@ def test_int8_is_neither_timed_nor_chosen_on_cuda_and_the_reason_is_recorded(bui
 def test_a_variant_the_quantizer_cannot_make_is_recorded_and_the_build_goes_on(tmp_path, monkeypatch, cli):
     from toolkit.compile import quantization
 
-    def crash(*_args, **_kwargs):
-        raise ToolkitError("the fp16 converter crashed")
+    def crash(*_args, **_kwargs):  # as onnxruntime's tools fail: a plain exception, not toolkit's
+        raise RuntimeError("the fp16 converter crashed")
 
     monkeypatch.setitem(quantization.HANDLERS, quantization.Fp16, crash)
     result = cli("build", "mlp", "--preset", "tiny", "-o", tmp_path / "b", "--no-select", "--mode", "int8", "--mode", "fp16")
     assert result.exit_code == 0, result.output
     manifest = Bundle.open(tmp_path / "b").manifest
-    assert manifest.failed == {"fp16": "the fp16 converter crashed"} and "fp16" not in manifest.variants
+    assert "RuntimeError: the fp16 converter crashed" in manifest.failed["fp16"] and "fp16" not in manifest.variants
     assert manifest.variants["int8"].parity is not None and manifest.variants["opt"].parity["passed"]  # the others were made and checked
-    assert "fp16: the fp16 converter crashed" in result.stdout and "could not be made" in result.stdout
+    assert "the fp16 converter crashed" in result.stdout and "could not be made" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_decoder_is_timed_on_its_prompt_and_decode_steps(exported, copy_of):
+    """Generation spends its time in decode steps: best is chosen on one prompt and on one-token steps
+    over a cache, not on a batch of long prompts."""
+    path = copy_of(exported("gpt"))
+    assert check(path, variants=["fp32"])["fp32"]["passed"]
+    best = select_best(path, max_time=0.05)
+    assert set(best["p50_ms"]["fp32"]) == {"batch 1, seq 32, past 0", "batch 1, seq 1, past 32", "batch 32, seq 1, past 32"}

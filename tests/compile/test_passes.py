@@ -191,16 +191,20 @@ def test_a_gemm_fed_by_fused_attention_becomes_matmul_and_add(trans_b):
 
     def model(nodes, outputs):
         graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "c")],
-                                  value_info=[helper.make_tensor_value_info("context", TensorProto.FLOAT, [6, 8])])  # the shape it had before
+                                  value_info=[helper.make_tensor_value_info(n, TensorProto.FLOAT, [6, d]) for n, d in (("context", 8), ("y", 4))
+                                              if n not in {o.name for o in outputs}])  # the shapes they had before
         proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
         proto.ir_version = 10
         return proto
 
-    fused = model([attention, helper.make_node("Gemm", ["context", "w", "c"], ["y"], transB=trans_b)],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    fused = model([attention, helper.make_node("Gemm", ["context", "w", "c"], ["y"], transB=trans_b), helper.make_node("Relu", ["y"], ["z"])],
+                  [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
     assert gemms_after_attention_to_matmul(fused) == 1
-    assert [n.op_type for n in fused.graph.node] == ["MultiHeadAttention", *(["Transpose"] if trans_b else []), "MatMul", "Add"]
+    # the 2-D shapes recorded for the Gemm's input and output are gone, their types kept
+    assert [(v.name, v.type.tensor_type.elem_type, v.type.tensor_type.HasField("shape")) for v in fused.graph.value_info] == \
+        [("context", TensorProto.FLOAT, False), ("y", TensorProto.FLOAT, False)]
+    assert [n.op_type for n in fused.graph.node] == ["MultiHeadAttention", *(["Transpose"] if trans_b else []), "MatMul", "Add", "Relu"]
     feeds = {n: rng.standard_normal((2, 3, 8)).astype(np.float32) for n in ("q", "k", "v")}
     (context,) = _run(model([attention], [helper.make_tensor_value_info("context", TensorProto.FLOAT, None)]), feeds)
     (got,) = _run(fused, feeds)
-    np.testing.assert_allclose(got, context @ (weight.T if trans_b else weight) + bias, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, np.maximum(context @ (weight.T if trans_b else weight) + bias, 0), rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.reference.hf_models import ARCHITECTURES, causal_lm
+from models.hf_causal import ARCHITECTURES, causal_lm
 from toolkit import Generator
 from toolkit.bundle import Bundle
 from toolkit.runtime.generate import greedy_tokens
@@ -72,19 +72,46 @@ def test_generation_needs_neither_torch_nor_transformers(exported):
     assert result.stdout.startswith("'")
 
 
-@pytest.mark.slow
-def test_gpt2s_fused_graph_loads_and_keeps_parity(exported, copy_of):
-    """onnxscript's attention fusion feeds GPT-2's addmm projection a 3-D tensor; the repair rule
-    makes it a MatMul, so `opt` keeps its fused attention and loads."""
+@pytest.mark.parametrize("kind", [k if k == "llama" else pytest.param(k, marks=pytest.mark.slow) for k in ARCHITECTURES])
+def test_the_optimized_graph_loads_and_keeps_greedy_parity(exported, copy_of, kind):
+    """The fused graph loads and greedy tokens on the check's left-padded prompts stay PyTorch's.
+    GPT-2: each layer's attention becomes a MultiHeadAttention with its cache, and the Gemm that
+    onnxscript's fusion leaves on its 3-D output is made a MatMul."""
     from toolkit.compile import check, optimize
 
-    path = copy_of(exported(f"hf:{causal_lm('gpt2')}", None))
+    path = copy_of(exported(f"hf:{causal_lm(kind)}", None))
     optimize(path)
     fusion = Bundle.open(path).manifest.variants["opt"].recipe["options"]["fusion"]
-    assert fusion["fused"]["MultiHeadAttention"] == 2 and fusion["repaired"] == {"Gemm after attention to MatMul": 2}
+    assert "GroupQueryAttention" not in (fusion or {}).get("fused", {})  # its CPU kernel reads the mask as right padding
+    if kind == "gpt2":
+        assert fusion["fused"]["MultiHeadAttention"] == 2 and fusion["repaired"] == {"Gemm after attention to MatMul": 2}
     record = check(path, variants=["opt"])["opt"]
     assert record["passed"], record
     assert record["greedy"]["token_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("kind", ["llama", *(pytest.param(k, marks=pytest.mark.slow) for k in ("mistral", "qwen2", "phi"))])
+def test_grouped_query_attention_reads_the_cache_without_copying_it(exported, kind):
+    """Grouped-query models attend with the query heads stacked per key-value head: the same logits,
+    bit for bit, as transformers' eager attention, and no Expand of the cache in the graph."""
+    import onnx
+    import torch
+    import transformers
+
+    from toolkit.reference.hf import hf_spec
+
+    path = causal_lm(kind)
+    spec = hf_spec(path)
+    assert spec.module.model.config._attn_implementation == "toolkit_grouped_eager"
+    eager = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    ids = torch.randint(1, 300, (3, 20), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # left padding
+    with torch.inference_mode():
+        assert torch.equal(spec.module.model(input_ids=ids, attention_mask=mask).logits, eager(input_ids=ids, attention_mask=mask).logits)
+    graph = onnx.load(str(Bundle.open(exported(f"hf:{path}", None)).variant_path("fp32"))).graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in graph.value_info}
+    assert not [n.name for n in graph.node if n.op_type == "Expand" and ranks.get(n.output[0]) == 5]  # repeat_kv's
 
 
 def test_a_decoder_whose_tokenizer_cannot_load_is_refused_before_any_work(tmp_path):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +60,16 @@ def bench(
     threads: int | Sequence[int] | None = None,
     cuda_graph: bool = False,
     reference: Any = None,
+    shapes: Sequence[Mapping[str, int]] | None = None,
     progress: Progress | None = None,
 ) -> BenchReport:
     """Benchmarks `variants` (default: all) of the bundle on `providers` at every batch (× seq for
     models with a `seq` dim) and thread count (default: the CPUs this process may use), spending
     about `max_time` seconds per cell. With `cuda_graph`, every CUDA variant is also timed replayed
     from a captured CUDA graph (rows `<variant>+graph`). `reference` is the bundle's PyTorch reference
-    (`ModelSpec`) if the caller has it built already."""
+    (`ModelSpec`) if the caller has it built already. `shapes` lists the sizes to time instead of
+    `batches` × `seqs` (e.g. a decoder's steps: {"batch": 1, "seq": 1, "past": 32}); dims they leave
+    out take their export size."""
     say = progress or (lambda _msg: None)
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     manifest = bundle.manifest
@@ -79,7 +82,7 @@ def bench(
     if any(b < 1 for b in batches) or (seqs and any(s < 1 for s in seqs)):
         raise ToolkitError("batch sizes and sequence lengths must be at least 1.")
     counts = _thread_counts(threads)
-    shapes = _shapes(manifest.dims, batches, seqs)
+    shapes = _shapes(manifest.dims, batches, seqs) if shapes is None else [_sizes(manifest.dims, s) for s in shapes]
     say(f"measuring the GEMM peak on {', '.join(providers)}")
     peaks = {p: gemm_peak(p, threads=max(counts)) for p in providers}
     torch_kinds = [k for k, wanted in ((TORCH_EAGER, torch_eager), (TORCH_COMPILE, torch_compile)) if wanted]
@@ -183,17 +186,22 @@ def _shapes(dims: Sequence[Any], batches: Sequence[int], seqs: Sequence[int] | N
     if "batch" not in by_name and tuple(batches) != (1,):
         raise ToolkitError("this model has no 'batch' dim; leave --batch at 1.")
     seq_sizes = list(seqs) if seqs else ([min(32, by_name["seq"].max or 32)] if "seq" in by_name else [None])
-    shapes = []
-    for batch in batches:
-        for seq in seq_sizes:
-            sizes = {d.name: d.export for d in dims}
-            sizes.update({k: v for k, v in (("batch", batch), ("seq", seq)) if k in by_name and v is not None})
-            for name, value in sizes.items():
-                dim = by_name[name]
-                if value < dim.min or (dim.max is not None and value > dim.max):
-                    raise ToolkitError(f"{name} {value} is out of range for this model: {name} must lie in [{dim.min}, {dim.max}].")
-            shapes.append(sizes)
-    return shapes
+    return [_sizes(dims, {k: v for k, v in (("batch", batch), ("seq", seq)) if k in by_name and v is not None})
+            for batch in batches for seq in seq_sizes]
+
+
+def _sizes(dims: Sequence[Any], given: Mapping[str, int]) -> dict[str, int]:
+    """Every dim's size: `given`, else its export size; each within the dim's range."""
+    by_name = {d.name: d for d in dims}
+    unknown = set(given) - set(by_name)
+    if unknown:
+        raise ToolkitError(f"no dim {', '.join(sorted(unknown))} in this model; its dims are {', '.join(by_name) or 'none'}.")
+    sizes = {d.name: given.get(d.name, d.export) for d in dims}
+    for name, value in sizes.items():
+        dim = by_name[name]
+        if value < dim.min or (dim.max is not None and value > dim.max):
+            raise ToolkitError(f"{name} {value} is out of range for this model: {name} must lie in [{dim.min}, {dim.max}].")
+    return sizes
 
 
 def _flops(bundle: Bundle, sizes: dict[str, int]) -> float | None:

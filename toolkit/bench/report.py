@@ -27,6 +27,7 @@ class Row:
     variant: str
     batch: int
     seq: int | None
+    past: int | None  # a decoder's cached tokens
     threads: int  # intra-op threads of onnxruntime, or torch's
     p50_ms: float
     p90_ms: float
@@ -76,7 +77,8 @@ def rows(model: str, candidates: list[Candidate], latencies: dict[str, np.ndarra
         p50, p90, p99 = (float(np.percentile(seconds, q)) for q in (50, 90, 99))
         reference = torch_p50.get((c.provider, c.threads))
         rows.append(Row(
-            model=model, provider=c.provider, variant=c.variant, batch=batch, seq=sizes.get("seq"), threads=c.threads,
+            model=model, provider=c.provider, variant=c.variant, batch=batch, seq=sizes.get("seq"), past=sizes.get("past"),
+            threads=c.threads,
             p50_ms=p50 * 1e3, p90_ms=p90 * 1e3, p99_ms=p99 * 1e3, mean_ms=float(seconds.mean()) * 1e3,
             iterations=len(seconds), items_per_s=batch / float(seconds.mean()),
             speedup_vs_torch=reference / p50 if reference else None,

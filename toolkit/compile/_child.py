@@ -1,7 +1,8 @@
-"""onnxruntime's tools that write into the working directory, run in a child process that works in a
-directory of ours: its quantization pre-processing and transformer optimizer dump the state of a
-failed symbolic shape inference (`sym_shape_infer_temp.onnx` and its weights) there, and changing
-this process's working directory would not be thread-safe."""
+"""Graph tools run in a child process that works in a directory of ours: onnxruntime's quantization
+pre-processing and transformer optimizer dump the state of a failed symbolic shape inference
+(`sym_shape_infer_temp.onnx` and its weights) into the working directory, and changing this
+process's would not be thread-safe; rewrites that hold a model several times over leave their freed
+memory fragmented in the process that ran them, for the rest of a build."""
 
 from __future__ import annotations
 

@@ -1,11 +1,14 @@
 """`toolkit build`: export + optimize + quantize + check in one go, then the choice of `best`.
 
-`best` is the fastest variant that passed its gates, measured briefly on this machine: every
-passing variant runs in interleaved rounds at batch 1 and 32 (seq 32 for sequence models), and the
-winner is the one with the lowest geometric mean of p50 latency relative to fp32 among those that
-are nowhere slower than fp32 (beyond a 5% noise margin). The measurements and the rule are recorded
-in the manifest, and `toolkit.load(..., variant="best")` refuses a `best` whose variant has not
-passed its gates.
+`best` is the fastest variant that passed its gates, measured briefly on this machine: each passing
+variant runs beside fp32 in interleaved rounds at batch 1 and 32 (seq 32 for sequence models; a
+decoder's 32-token prompt and its one-token steps over a 32-token cache), and the winner is the one
+with the lowest geometric mean of p50 latency relative to fp32 among those that are nowhere slower
+than fp32 (beyond a 5% noise margin). The measurements and the rule are recorded in the manifest,
+and `toolkit.load(..., variant="best")` refuses a `best` whose variant has not passed its gates.
+
+A build holds one PyTorch reference and one variant's session at a time, and hands freed memory
+back between stages (toolkit.compile._memory).
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from toolkit.bundle import Bundle
+from toolkit.compile._memory import release_memory
 from toolkit.errors import CheckFailed, ToolkitError
 from toolkit.spec import ModelSpec
 
@@ -96,6 +102,8 @@ def build(
     records = _check(context, [v for v in bundle.manifest.variants if v != "opt"])
     if records.get("int8") and not records["int8"]["passed"] and "failed" not in records["int8"]:
         _int8_fallback(context, records["int8"])
+    del context  # the reference is done with: the timing below needs its memory for sessions
+    release_memory()
     if select:
         select_best(bundle, provider=provider, max_time=max_time, progress=say)
     return Bundle.open(bundle.path)
@@ -109,6 +117,8 @@ def _optimize(context: BuildContext, provider: str) -> bool:
     except ToolkitError as exc:
         _failed(context, "opt", exc)
         return False
+    finally:
+        release_memory()
     context.say("checking the optimized variant against the PyTorch reference")
     return bool(_check(context, ["opt"]).get("opt", {}).get("passed"))
 
@@ -122,6 +132,8 @@ def _quantize(context: BuildContext, **options: Any) -> Bundle | None:
     except ToolkitError as exc:
         _failed(context, options["mode"], exc)
         return None
+    finally:
+        release_memory()
 
 
 def _failed(context: BuildContext, variant: str, exc: ToolkitError) -> None:
@@ -146,6 +158,8 @@ def _check(context: BuildContext, variants: Sequence[str]) -> dict[str, dict[str
             records[name] = {"passed": False, "failed": str(exc)}
             context.bundle.manifest.variants[name].parity = records[name]
             context.bundle.save()
+        finally:
+            release_memory()  # one variant's session at a time
     return records
 
 
@@ -201,9 +215,9 @@ def _attempt(keep: int, record: dict[str, Any]) -> dict[str, Any]:
 
 
 def select_best(bundle: str | Path | Bundle, *, provider: str = "cpu", max_time: float = 1.0, progress: Progress | None = None) -> dict[str, Any]:
-    """Measures the bundle's passing variants and records the choice as the manifest's `best`."""
-    from toolkit.bench.compare import bench
-
+    """Measures the bundle's passing variants and records the choice as the manifest's `best`. Each
+    variant is timed side by side with fp32, the rule's yardstick, one pair at a time: the ratio comes
+    from one interleaved run, and no more than two sessions are open at once."""
     say = progress or (lambda _msg: None)
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     passing, not_timed = timed_variants(bundle, provider)
@@ -211,21 +225,22 @@ def select_best(bundle: str | Path | Bundle, *, provider: str = "cpu", max_time:
         say(f"not timing {', '.join(not_timed)} on {provider}: {_NO_CUDA_INT8}")
     if not passing:
         raise ToolkitError(f"no variant of {bundle.path} has passed its gates; run `toolkit check {bundle.path}` and see why.")
-    dims = {d.name for d in bundle.manifest.dims}
-    batches = _BEST_BATCHES if "batch" in dims else (1,)
     say(f"timing {', '.join(passing)} on {provider} to choose best ({max_time:g} s per variant and shape)")
-    report = bench(bundle, providers=[provider], variants=passing, batches=batches, torch_eager=False,
-                   max_time=max_time, rounds=5, warmup=3)
-    measured: dict[str, dict[str, float]] = {}
-    for row in report.rows:
-        shape = f"batch {row.batch}" + (f", seq {row.seq}" if row.seq is not None else "")
-        measured.setdefault(row.variant, {})[shape] = round(row.p50_ms, 4)
-    choice = choose_best(measured)
+    if "fp32" in passing:
+        measured, ratios, report = _time_beside(bundle, "fp32", [v for v in passing if v != "fp32"], provider, max_time)
+        choice = _choose(ratios, "fp32")
+    else:  # fp32 failed its gates: the fastest passing variant
+        measured, ratios = {}, {}
+        for variant in passing:
+            report = _time(bundle, [variant], provider, max_time)
+            measured[variant] = {_shape(row): round(row.p50_ms, 4) for row in report.rows}
+        choice = choose_best(measured)
     best = {
         "variant": choice,
         "provider": provider,
         "rule": BEST_RULE,
         "p50_ms": measured,
+        **({"vs_fp32": ratios} if ratios else {}),
         "not_timed": not_timed,
         "threads": report.settings["threads"][0],
         "cpu": report.machine["cpu"],
@@ -235,6 +250,47 @@ def select_best(bundle: str | Path | Bundle, *, provider: str = "cpu", max_time:
     bundle.save()
     say(f"best on {provider}: {choice}")
     return best
+
+
+def _time_beside(bundle: Bundle, yardstick: str, others: list[str], provider: str,
+                 max_time: float) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], Any]:
+    """Times each of `others` side by side with `yardstick`, one pair at a time; → p50 ms per variant
+    and shape (the yardstick's: its median over the pairs), each one's ratio to the yardstick within
+    its pair, and the last report."""
+    measured: dict[str, dict[str, float]] = {}
+    ratios: dict[str, dict[str, float]] = {}
+    yardstick_ms: dict[str, list[float]] = {}
+    for variants in [[yardstick, v] for v in others] or [[yardstick]]:
+        report = _time(bundle, variants, provider, max_time)
+        times = {(row.variant, _shape(row)): row.p50_ms for row in report.rows}
+        for (variant, shape), ms in times.items():
+            if variant == yardstick:
+                yardstick_ms.setdefault(shape, []).append(ms)
+            else:
+                measured.setdefault(variant, {})[shape] = round(ms, 4)
+                ratios.setdefault(variant, {})[shape] = round(ms / times[(yardstick, shape)], 4)
+        release_memory()
+    ratios[yardstick] = {shape: 1.0 for shape in yardstick_ms}
+    return {yardstick: {s: round(float(np.median(ms)), 4) for s, ms in yardstick_ms.items()}, **measured}, ratios, report
+
+
+def _time(bundle: Bundle, variants: list[str], provider: str, max_time: float) -> Any:
+    from toolkit.bench.compare import bench
+
+    dims = {d.name: d for d in bundle.manifest.dims}
+    batches = _BEST_BATCHES if "batch" in dims else (1,)
+    shapes = None
+    if bundle.manifest.generation and "past" in dims and "seq" in dims:
+        # Generation spends its time in decode steps (one new token over a cache); a batch of long
+        # prompts at once would time what it rarely runs, and hold its logits (batch × seq × vocabulary).
+        tokens = min(32, *(d.max for d in (dims["seq"], dims["past"]) if d.max is not None))
+        shapes = [{"batch": 1, "seq": tokens, "past": 0}, *({"batch": b, "seq": 1, "past": tokens} for b in batches)]
+    return bench(bundle, providers=[provider], variants=variants, batches=batches, shapes=shapes, torch_eager=False,
+                 max_time=max_time, rounds=5, warmup=3)
+
+
+def _shape(row: Any) -> str:
+    return ", ".join(f"{name} {value}" for name, value in (("batch", row.batch), ("seq", row.seq), ("past", row.past)) if value is not None)
 
 
 def timed_variants(bundle: Bundle, provider: str) -> tuple[list[str], dict[str, str]]:
@@ -251,9 +307,12 @@ def choose_best(p50_ms: dict[str, dict[str, float]], reference: str = "fp32") ->
     if reference not in p50_ms:
         return min(p50_ms, key=lambda v: _geomean(list(p50_ms[v].values())))
     base = p50_ms[reference]
-    ratios = {v: [t[s] / base[s] for s in base] for v, t in p50_ms.items()}
-    eligible = [v for v, r in ratios.items() if all(x <= 1.0 + NOISE_MARGIN for x in r)]
-    return min(eligible, key=lambda v: (_geomean(ratios[v]), v != reference))
+    return _choose({v: {s: t[s] / base[s] for s in base} for v, t in p50_ms.items()}, reference)
+
+
+def _choose(ratios: dict[str, dict[str, float]], reference: str) -> str:
+    eligible = [v for v, r in ratios.items() if all(x <= 1.0 + NOISE_MARGIN for x in r.values())]
+    return min(eligible, key=lambda v: (_geomean(list(ratios[v].values())), v != reference))
 
 
 def _geomean(values: list[float]) -> float:

@@ -7,7 +7,10 @@ judged by task metrics on held-out inputs instead:
 
 - classify: accuracy drop on the labelled eval set (all profiles) and top-1 agreement with the
   reference (`min_top1_agreement`);
-- generate: next-token (argmax) agreement with the reference, reported;
+- generate: next-token (argmax) agreement with the reference, reported; greedy continuation of a
+  left-padded batch of prompts, where a variant judged elementwise may choose another token than
+  the reference only at a near-tie (a lead in the logits that two logits each off by the tolerance
+  could overturn), and an int8 variant's agreement is reported;
 - embed: per-row cosine similarity with the reference (`min_cosine`);
 - regress: max error relative to the output scale (`max_score_rel`).
 """

@@ -60,6 +60,7 @@ def hf_spec(path: str | Path) -> ModelSpec:
 
     max_seq = min(config.max_position_embeddings, getattr(tokenizer, "model_max_length", 10**9))
     if task == "generate":
+        _group_attention(model)
         return _causal_lm_spec(path, model, tokenizer, config, architecture, max_seq)
     pooling, normalize = _sentence_transformers_head(path)
     ids = TensorSpec("input_ids", "int64", ("batch", "seq"), kind="ids", high=config.vocab_size)
@@ -137,6 +138,53 @@ def _causal_lm_spec(path: Path, model: Any, tokenizer: Any, config: Any, archite
         generation={"tokenizer": "hf", "eos_token_id": eos[0], "eos_token_ids": eos, "context": context},
         assets={HF_TOKENIZER_FILE: tokenizer_json},
     )
+
+
+_GROUPED_EAGER = "toolkit_grouped_eager"
+
+
+def _group_attention(model: Any) -> None:
+    """Grouped-query attention without copying the cache: transformers' eager attention repeats each
+    key-value head for every query head it serves (`repeat_kv`), which in the exported graph is an
+    Expand of the whole cache, every layer and every step. Where the model's eager attention is
+    exactly the LLaMA family's (compared by source), it is swapped for the same arithmetic over the
+    query heads grouped per key-value head (`_grouped_eager_attention`)."""
+    import inspect
+    import sys
+
+    import transformers
+    from transformers.models.llama import modeling_llama
+
+    config = _text_config(model.config)
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    eager = getattr(sys.modules.get(type(model).__module__), "eager_attention_forward", None)
+    if kv_heads == heads or eager is None or inspect.getsource(eager) != inspect.getsource(modeling_llama.eager_attention_forward):
+        return
+    from transformers import masking_utils
+
+    transformers.AttentionInterface.register(_GROUPED_EAGER, _grouped_eager_attention)
+    # and eager's additive float mask (a name transformers does not know gets sdpa's boolean one)
+    masking_utils.AttentionMaskInterface.register(_GROUPED_EAGER, masking_utils.ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    model.set_attn_implementation(_GROUPED_EAGER)
+
+
+def _grouped_eager_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float,
+                             dropout: float = 0.0, **_: Any) -> tuple[Any, Any]:
+    """transformers' eager attention (LLaMA's `eager_attention_forward`) with the query heads that
+    share a key-value head stacked along the sequence axis instead of the key-value heads repeated:
+    query head h reads key-value head h // groups in both, so the products are the same."""
+    import torch
+
+    batch, heads, length, size = query.shape
+    kv_heads, total = key.shape[1], key.shape[2]
+    stacked = query.reshape(batch, kv_heads, heads // kv_heads * length, size)
+    weights = (torch.matmul(stacked, key.transpose(2, 3)) * scaling).reshape(batch, heads, length, total)
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights.reshape(batch, kv_heads, heads // kv_heads * length, total), value)
+    return output.reshape(batch, heads, length, size).transpose(1, 2).contiguous(), weights
 
 
 def _text_config(config: Any) -> Any:

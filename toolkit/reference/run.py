@@ -30,16 +30,32 @@ def run_reference(spec: ModelSpec, feeds: Mapping[str, np.ndarray], device: str 
     return {name: value.cpu().numpy() for name, value in zip(spec.outputs, result, strict=True)}
 
 
-def reference_generator(path: str | os.PathLike[str], spec: ModelSpec | None = None, device: str = "cpu") -> Generator:
+def reference_generator(path: str | os.PathLike[str], spec: ModelSpec | None = None, device: str = "cpu",
+                        observe: Callable[[dict[str, np.ndarray]], None] | None = None) -> Generator:
     """The Generator's loop over the bundle's PyTorch reference (eager, on torch `device`), for parity
-    and benchmarks; `spec` (its `ModelSpec`) saves rebuilding it when the caller has it already."""
+    and benchmarks; `spec` (its `ModelSpec`) saves rebuilding it when the caller has it already.
+    `observe` sees the outputs of every decoder step, in order (parity reads the logits each token
+    was chosen from)."""
     from toolkit.reference.source import resolve
 
     generator = Generator(Model(path, provider="cpu"))
     spec = spec if spec is not None else resolve(generator.model.bundle.manifest.source)
     encoder = generator.layout.encoder
-    generator.use_steps(_torch_step(spec, device), _torch_step(spec.parts[encoder], device) if encoder else None)
+    step = _torch_step(spec, device)
+    if observe is not None:
+        step = _observed(step, observe)
+    generator.use_steps(step, _torch_step(spec.parts[encoder], device) if encoder else None)
     return generator
+
+
+def _observed(step: Callable[[Mapping[str, Any]], dict[str, np.ndarray]],
+              observe: Callable[[dict[str, np.ndarray]], None]) -> Callable[[Mapping[str, Any]], dict[str, np.ndarray]]:
+    def observed(feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        outputs = step(feeds)
+        observe(outputs)
+        return outputs
+
+    return observed
 
 
 def _torch_step(spec: ModelSpec, device: str) -> Callable[[Mapping[str, Any]], dict[str, np.ndarray]]:

@@ -40,11 +40,11 @@ def gemms_after_attention_to_matmul(proto: Any) -> int:
         nodes.append(helper.make_node("MatMul", [a, weight], [product], name=f"{stem}_as_matmul"))
         if c and c[0]:
             nodes.append(helper.make_node("Add", [product, c[0]], [node.output[0]], name=f"{stem}_bias"))
-        stale.add(a)
+        stale.update((a, node.output[0]))  # both 3-D now, whatever rank was recorded before
         rewritten += 1
     del graph.node[:]
     graph.node.extend(nodes)
-    records = [v for v in graph.value_info if v.name not in stale]  # a shape recorded before the fusion
-    del graph.value_info[:]
-    graph.value_info.extend(records)
+    for record in graph.value_info:
+        if record.name in stale:  # the type holds (the quantizer reads it), the rank recorded before does not
+            record.type.tensor_type.ClearField("shape")
     return rewritten

@@ -6,7 +6,6 @@ fusion hints (it matches that exporter's patterns and needs the model type, head
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,12 @@ def fuse(bundle: Bundle, source: str, model_file: Path, target: Path) -> tuple[P
     returns the file to go on with and what was fused (None: no fusion applies)."""
     hints = bundle.manifest.fusion
     if _exporter(bundle, source) == "dynamo" and _has_onnxscript():
-        fused = _fuse_dynamo(model_file, target)
+        fused, prepared = _fuse_dynamo(model_file, target)
         if not fused:
             return target, None
         repaired = _repair(target)
-        return target, {"engine": "onnxscript", "fused": fused, **({"repaired": repaired} if repaired else {})}
+        return target, {"engine": "onnxscript", "fused": fused, **({"prepared": prepared} if prepared else {}),
+                        **({"repaired": repaired} if repaired else {})}
     if hints:
         fused = _fuse_hinted(model_file, hints, target)
         return target, {"engine": "onnxruntime.transformers", "model_type": hints["model_type"], "fused": fused}
@@ -62,18 +62,34 @@ def _has_onnxscript() -> bool:
     return importlib.util.find_spec("onnxscript") is not None
 
 
-def _fuse_dynamo(model_file: Path, target: Path) -> dict[str, int]:
-    """onnxscript's rewrites; returns the file and the count of each onnxruntime op they introduced."""
+_DYNAMO = """
+from collections import Counter
+
+def main(model_file, target):
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-    try:
-        model, _ = optimize_for_ort(ir.load(model_file))
-    except Exception as exc:
-        raise ToolkitError(f"onnxscript's onnxruntime fusions failed on {model_file}: {type(exc).__name__}: {exc}") from exc
+    from toolkit.compile.passes.before_fusion import prepare
+
+    model = ir.load(model_file)
+    prepared = prepare(model)
+    model, _ = optimize_for_ort(model)
     ir.save(model, target)
-    fused = Counter(node.op_type for node in model.graph.all_nodes() if node.domain == "com.microsoft")
-    return dict(sorted(fused.items()))
+    fused = Counter(n.op_type for n in model.graph.all_nodes() if n.domain == "com.microsoft")
+    return dict(sorted(fused.items())), {k: v for k, v in prepared.items() if v}
+"""
+
+
+def _fuse_dynamo(model_file: Path, target: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """onnxscript's rewrites after toolkit's own (toolkit.compile.passes.before_fusion); returns the
+    count of each onnxruntime op they introduced and of each rewrite of ours that applied. In a child
+    process: the rewrites hold the model several times over, and the memory they leave fragmented
+    would stay with the build to its end."""
+    try:
+        fused, prepared = run_child(_DYNAMO, str(model_file.resolve()), str(target.resolve()), cwd=target.parent)
+        return fused, prepared
+    except ChildFailed as exc:
+        raise ToolkitError(f"onnxscript's onnxruntime fusions failed on {model_file}: {exc}") from exc
 
 
 _HINTED = """

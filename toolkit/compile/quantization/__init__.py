@@ -83,7 +83,12 @@ def quantize(
         # (the quantizer logs every node it skips at INFO/WARNING)
         context = QuantizeContext(bundle, Path(tmp), say, reference)
         out = Path(tmp) / "quantized.onnx"
-        options = HANDLERS[type(config)](context, config, model_file, out)
+        try:
+            options = HANDLERS[type(config)](context, config, model_file, out)
+        except ToolkitError:
+            raise
+        except Exception as exc:  # onnxruntime's and onnxconverter's tools fail with their own exception types
+            raise ToolkitError(f"{config.mode} from variant {source!r}: the quantizer failed with {type(exc).__name__}: {exc}") from exc
         if "ops" in options:
             say("weights quantized per op type: " + ", ".join(f"{op} {r['quantized']}/{r['with_weights']}" for op, r in options["ops"].items()))
         import onnx

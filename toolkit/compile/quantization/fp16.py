@@ -5,26 +5,41 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from toolkit.compile._child import ChildFailed, run_child
 from toolkit.compile.quantization._common import QuantizeContext
 from toolkit.compile.quantization.configs import Fp16
+from toolkit.errors import ToolkitError
 
-__all__ = ["quantize_fp16"]
+__all__ = ["drop_repeated_nodes", "quantize_fp16"]
 
 
 def quantize_fp16(context: QuantizeContext, config: Fp16, model_file: Path, target: Path) -> dict[str, Any]:
-    import onnx
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
 
     edges = "inputs, outputs and " if config.io == "fp32" else ""
     context.say(f"converting to fp16, keeping {edges}{', '.join(config.keep_fp32) or 'no op type'} in fp32")
     block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(config.keep_fp32))
-    converted = convert_float_to_float16(onnx.load(str(model_file)), keep_io_types=config.io == "fp32", op_block_list=block)
-    _drop_repeated_nodes(converted.graph)
-    onnx.save(converted, str(target))
+    try:  # in a child process: the converter holds the model several times over (toolkit.compile._child)
+        run_child(_CONVERT, str(model_file.resolve()), str(target.resolve()), config.io == "fp32", block, cwd=target.parent)
+    except ChildFailed as exc:
+        raise ToolkitError(f"onnxruntime's float16 converter failed on {model_file}: {exc}") from exc
     return {"io": config.io, "kept_fp32": list(config.keep_fp32)}
 
 
-def _drop_repeated_nodes(graph: Any) -> None:
+_CONVERT = """
+def main(model_file, target, keep_io_types, block):
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from toolkit.compile.quantization.fp16 import drop_repeated_nodes
+
+    converted = convert_float_to_float16(onnx.load(model_file), keep_io_types=keep_io_types, op_block_list=block)
+    drop_repeated_nodes(converted.graph)
+    onnx.save(converted, target)
+"""
+
+
+def drop_repeated_nodes(graph: Any) -> None:
     """Removes exact repeats of a node (same name, inputs and outputs).
 
     The fp16 converter inserts one Cast per fp32-kept consumer of a tensor, all with one name and one
