@@ -29,11 +29,14 @@ from models.hf_causal import causal_lm  # noqa: E402
 
 
 def main() -> int:
+    if len(sys.argv) < 3:
+        raise SystemExit(__doc__)
     kind, size, *extra = sys.argv[1:]
+    extra = extra[1:] if extra[:1] == ["--"] else extra
     model = causal_lm(kind, size)
     weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "toolkit.cli", "build", f"hf:{model}", "-o", str(Path(tmp) / "bundle"), *extra[1:]]
+        command = [sys.executable, "-m", "toolkit.cli", "build", f"hf:{model}", "-o", str(Path(tmp) / "bundle"), *extra]
         stages, peak, at_peak = _sample(command)
     lines = ["## Building a decoder: memory", "",
              f"Written by `python benchmarks/build_memory.py {' '.join(sys.argv[1:])}`: `toolkit build` of the {kind} of "

@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from serve_load import replace_section  # noqa: E402
 
 from models.hf_causal import causal_lm  # noqa: E402
+from toolkit.bench.report import machine  # noqa: E402
 from toolkit.runtime.generate import Generator, token_agreement  # noqa: E402
 
 WORKER = Path(__file__).with_name("peer_worker.py")
@@ -84,7 +85,7 @@ def main() -> int:
         finally:
             for runner in runners.values():
                 runner.close()
-    result = {"machine": {"cpu": _cpu(), "threads": args.threads, "python": platform.python_version()},
+    result = {"machine": {"cpu": machine({})["cpu"], "threads": args.threads, "python": platform.python_version()},
               "command": " ".join(["python", "benchmarks/peers.py", *sys.argv[1:]]),
               "settings": {"models": args.models, "size": args.size, "rounds": args.rounds}, "rows": rows}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
@@ -237,13 +238,6 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                 ratios.append(f"{'fp32' if 'toolkit-fp32' in ours else 'int8 vs int4'} {min(mine) / min(peers):.2f}×")
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(text) + f" | {', '.join(ratios)} |")
     return "\n".join(lines)
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 if __name__ == "__main__":

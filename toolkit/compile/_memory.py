@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
+import sys
 
 __all__ = ["release_memory"]
 
@@ -15,9 +15,8 @@ def release_memory() -> None:
     allocations of other sizes do not reuse them: a build that checks four variants of a model
     otherwise holds them all at once (benchmarks/RESULTS.md, "Building a decoder: memory")."""
     gc.collect()
-    libc = ctypes.util.find_library("c")
-    if libc is None:
+    if not sys.platform.startswith("linux"):
         return
-    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None)  # glibc only: musl and macOS have none, nor need it
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's: musl has none
     if trim is not None:
         trim(0)

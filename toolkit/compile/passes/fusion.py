@@ -87,9 +87,9 @@ def _fuse_dynamo(model_file: Path, target: Path) -> tuple[dict[str, int], dict[s
     would stay with the build to its end."""
     try:
         fused, prepared = run_child(_DYNAMO, str(model_file.resolve()), str(target.resolve()), cwd=target.parent)
-        return fused, prepared
     except ChildFailed as exc:
         raise ToolkitError(f"onnxscript's onnxruntime fusions failed on {model_file}: {exc}") from exc
+    return fused, prepared
 
 
 _HINTED = """
