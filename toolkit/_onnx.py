@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import onnx
@@ -10,17 +11,54 @@ from onnx import helper
 # onnx >= 1.23 writes IR version 14 by default, which onnxruntime-gpu 1.31 refuses ("max supported IR
 # version: 13"); every model this project writes is capped here.
 IR_VERSION_CAP = 10
-# Protobuf cannot serialise more than 2 GiB; larger models keep their weights in a side file.
-_EXTERNAL_DATA_THRESHOLD = 1 << 30
+# Protobuf cannot serialise more than 2 GiB: models past this size keep their weights in one side
+# file, `<model file>.data`. TOOLKIT_EXTERNAL_DATA_BYTES lowers it (the tests take small models
+# through the large-model path); child processes inherit it with the environment.
+_EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def external_data_threshold() -> int:
+    return int(os.environ.get("TOOLKIT_EXTERNAL_DATA_BYTES", _EXTERNAL_DATA_BYTES))
 
 
 def save_model(proto: onnx.ModelProto, path: Path) -> list[str]:
-    """Writes `proto` to `path`; returns the names of external-data files written beside it."""
+    """Writes `proto` to `path`, its weights in `<name>.data` beside it when the model is past the
+    external-data threshold; returns the names of the external-data files written."""
     proto.ir_version = min(proto.ir_version, IR_VERSION_CAP)
-    external = proto.ByteSize() > _EXTERNAL_DATA_THRESHOLD
+    external = proto.ByteSize() > external_data_threshold()
     data_file = f"{path.name}.data"
-    onnx.save_model(proto, str(path), save_as_external_data=external, location=data_file, all_tensors_to_one_file=True)
+    if external:
+        _typed_to_raw(proto)
+    (path.parent / data_file).unlink(missing_ok=True)  # onnx appends to a data file already there
+    # tensors under 1 KiB (shapes, axes) stay in the graph: onnxruntime's shape inference reads them at load
+    onnx.save_model(proto, str(path), save_as_external_data=external, location=data_file, all_tensors_to_one_file=True,
+                    size_threshold=1024)
     return [data_file] if external else []
+
+
+def _typed_to_raw(proto: onnx.ModelProto) -> None:
+    """Tensors kept in typed fields (float_data, as the quantizer writes its scales) as raw bytes:
+    onnx moves only raw data out of the graph."""
+    from onnx import external_data_helper, numpy_helper
+
+    for tensor in external_data_helper._get_all_tensors(proto):
+        if not tensor.HasField("raw_data") and tensor.data_type != onnx.TensorProto.STRING and tensor.ByteSize() >= 1024:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+
+
+def is_large(path: Path) -> bool:
+    """Whether the model at `path` keeps its weights beside it, or is past the threshold: the tools
+    that rewrite it must then write their output with external data too."""
+    return path.stat().st_size > external_data_threshold() or bool(external_files(path))
+
+
+def external_files(path: Path) -> list[str]:
+    """The external-data files the ONNX file at `path` reads (names relative to its directory)."""
+    from onnx.external_data_helper import uses_external_data
+
+    proto = onnx.load(str(path), load_external_data=False)
+    tensors = list(proto.graph.initializer) + [a.t for n in proto.graph.node for a in n.attribute if a.HasField("t")]
+    return sorted({e.value for t in tensors if uses_external_data(t) for e in t.external_data if e.key == "location"})
 
 
 def default_opset(proto: onnx.ModelProto) -> int:

@@ -77,7 +77,7 @@ def _stacked_lstm(state: str = "zero") -> onnx.ModelProto:
 def test_exporter_glue_around_stacked_lstms_goes_and_outputs_stay():
     before = _stacked_lstm()
     after = onnx.ModelProto.FromString(before.SerializeToString())
-    assert run_passes(after, "cuda") == {"zero initial states dropped": 4, "Reshape to Squeeze": 1}
+    assert run_passes(after, "cuda") == {"zero initial states dropped": 4, "Reshape to Squeeze": 1, "sibling MatMuls packed": 0}
     assert [n.op_type for n in after.graph.node] == ["LSTM", "Squeeze", "LSTM"]
     squeeze = after.graph.node[1]
     assert squeeze.input[0] == "y0"  # the Transpose folded in: (seq, 1, batch, H) squeezed at axis 1
@@ -90,7 +90,7 @@ def test_exporter_glue_around_stacked_lstms_goes_and_outputs_stay():
 def test_a_nonzero_initial_state_is_kept():
     before = _stacked_lstm("half")
     after = onnx.ModelProto.FromString(before.SerializeToString())
-    assert run_passes(after, "cuda") == {"zero initial states dropped": 0, "Reshape to Squeeze": 1}
+    assert run_passes(after, "cuda") == {"zero initial states dropped": 0, "Reshape to Squeeze": 1, "sibling MatMuls packed": 0}
     assert {"Expand", "Slice"} <= {n.op_type for n in after.graph.node}
     _same_outputs(before, after, [(4, 2, 5)])
 
@@ -103,7 +103,7 @@ def test_an_initial_state_fed_by_the_caller_is_kept(default):
     model = _model([helper.make_node("LSTM", ["x", "l0_W", "l0_R", "l0_B", "", "h", "h"], ["y"], hidden_size=H)],
                    initializers, [3, 2, 5])
     model.graph.input.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 2, H]))
-    assert run_passes(model, "cuda") == {"zero initial states dropped": 0, "Reshape to Squeeze": 0}
+    assert run_passes(model, "cuda") == {"zero initial states dropped": 0, "Reshape to Squeeze": 0, "sibling MatMuls packed": 0}
     assert list(model.graph.node[0].input)[5:7] == ["h", "h"]
 
 
@@ -134,7 +134,7 @@ def test_a_reshape_it_cannot_prove_a_squeeze_stays(case, target_nodes, x_shape):
     if case == "inferred":
         model.graph.initializer.append(_ints("minus", [-1]))
     before = onnx.ModelProto.FromString(model.SerializeToString())
-    assert run_passes(model, "cuda") == {"zero initial states dropped": 0, "Reshape to Squeeze": 0}
+    assert run_passes(model, "cuda") == {"zero initial states dropped": 0, "Reshape to Squeeze": 0, "sibling MatMuls packed": 0}
     assert model.graph.node[-1].op_type == "Reshape" and len(model.graph.node) == len(before.graph.node)
 
 
@@ -151,7 +151,7 @@ def test_a_reshape_dropping_unit_dims_becomes_a_squeeze_in_place_when_the_transp
     ]
     before = _model(nodes, [_ints(n, [v]) for n, v in (("zero", 0), ("two", 2), ("three", 3), ("four", 4))], ["a", "b", 1, 6], opset)
     after = onnx.ModelProto.FromString(before.SerializeToString())
-    assert run_passes(after, "cuda") == {"zero initial states dropped": 0, "Reshape to Squeeze": 1}
+    assert run_passes(after, "cuda") == {"zero initial states dropped": 0, "Reshape to Squeeze": 1, "sibling MatMuls packed": 0}
     assert [(n.op_type, n.input[0]) for n in after.graph.node] == [("Transpose", "x"), ("Squeeze", "t")]
     _same_outputs(before, after, [(2, 3, 1, 6), (5, 1, 1, 6)])
 
@@ -208,3 +208,34 @@ def test_a_gemm_fed_by_fused_attention_becomes_matmul_and_add(trans_b):
     (context,) = _run(model([attention], [helper.make_tensor_value_info("context", TensorProto.FLOAT, None)]), feeds)
     (got,) = _run(fused, feeds)
     np.testing.assert_allclose(got, np.maximum(context @ (weight.T if trans_b else weight) + bias, 0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("opset", [12, 18])  # Split takes its sizes as an input from opset 13
+def test_matmuls_sharing_an_input_are_packed_into_one_and_outputs_stay(opset):
+    """q, k, v (and a gated MLP's gate and up) read one input: one MatMul over the concatenated weights
+    and a Split give the same outputs. A weight the caller may override, or one of another input width,
+    keeps its own MatMul."""
+    from toolkit.compile.passes.packed_matmul import pack_sibling_matmuls
+
+    rng = np.random.default_rng(0)
+    widths = {"wq": 8, "wk": 4, "wv": 4, "wfed": 6}
+    initializers = [numpy_helper.from_array(rng.standard_normal((8, n)).astype(np.float32), name) for name, n in widths.items()]
+    initializers.append(numpy_helper.from_array(rng.standard_normal((3, 5)).astype(np.float32), "wother"))
+    nodes = [helper.make_node("MatMul", ["x", w], [f"{w}_out"], name=w) for w in widths]
+    nodes += [helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["x3"]), helper.make_node("MatMul", ["x3", "wother"], ["wother_out"]),
+              helper.make_node("Concat", [*(f"{w}_out" for w in widths if w != "wfed"), "wfed_out"], ["qkv"], axis=-1),
+              helper.make_node("Concat", ["qkv", "wother_out"], ["y"], axis=-1)]
+    initializers += [_ints("starts", [0]), _ints("ends", [3]), _ints("axes", [-1])]
+    model = _model(nodes, initializers, ["batch", 3, 8], opset=opset)
+    model.graph.input.append(helper.make_tensor_value_info("wfed", TensorProto.FLOAT, [8, 6]))  # an overridable default
+    before = onnx.ModelProto()
+    before.CopyFrom(model)
+    packed = pack_sibling_matmuls(model)
+    if opset < 13:
+        assert packed == 0
+        return
+    assert packed == 1
+    assert [n.op_type for n in model.graph.node].count("MatMul") == 3  # packed q/k/v, the overridable one, the other width
+    (weight,) = [t for t in model.graph.initializer if t.name.endswith("_packed_weight")]
+    assert tuple(weight.dims) == (8, 16)
+    _same_outputs(before, model, [(1, 3, 8), (4, 3, 8)])

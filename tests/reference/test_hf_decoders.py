@@ -123,7 +123,7 @@ def test_a_decoder_whose_tokenizer_cannot_load_is_refused_before_any_work(tmp_pa
     model = tmp_path / "model"
     shutil.copytree(causal_lm("llama"), model)
     (model / "tokenizer.json").unlink()
-    with pytest.raises(ToolkitError, match=r"transformers cannot load it: .*tokenizer"):
+    with pytest.raises(ToolkitError, match=r"transformers cannot load its tokenizer: "):
         hf_spec(model)
 
 

@@ -88,17 +88,33 @@ class Bundle:
             )
 
     def add_variant(self, name: str, model_file: Path, *, recipe: dict[str, Any], precision: str, io: dict[str, str] | None = None) -> Variant:
-        """Moves `model_file` into the bundle as variant `name` (replacing one of that name) and
-        saves the manifest; the file lands under its final name only once complete."""
+        """Moves `model_file` (with the external data it reads, if any) into the bundle as variant
+        `name` (replacing one of that name) and saves the manifest; each file lands under its final
+        name only once complete, the weights before the graph that reads them."""
+        from toolkit._onnx import is_large
+
         file = f"model.{name}.onnx"
-        staged = self.path / f".{file}.tmp-{os.getpid()}"
+        staging = Path(tempfile.mkdtemp(dir=self.path, prefix=f".{file}.tmp-"))
         try:
-            shutil.copyfile(model_file, staged)
-            os.replace(staged, self.path / file)
+            if is_large(model_file):
+                import onnx
+
+                from toolkit._onnx import save_model
+
+                external = save_model(onnx.load(str(model_file)), staging / file)  # named after the variant's file
+            else:
+                shutil.copyfile(model_file, staging / file)
+                external = []
+            for written in [*external, file]:
+                os.replace(staging / written, self.path / written)
         finally:
-            staged.unlink(missing_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
+        if not external:  # a variant of that name that had its weights beside it
+            (self.path / f"{file}.data").unlink(missing_ok=True)
+        entries = [{"file": e, "sha256": sha256_file(self.path / e), "bytes": (self.path / e).stat().st_size} for e in external]
         path = self.path / file
-        variant = Variant(file=file, sha256=sha256_file(path), bytes=path.stat().st_size, recipe=recipe, precision=precision, io=io or {})
+        variant = Variant(file=file, sha256=sha256_file(path), bytes=path.stat().st_size + sum(e["bytes"] for e in entries),
+                          recipe=recipe, precision=precision, io=io or {}, external_data=entries)
         self.manifest.variants[name] = variant
         self.save()
         return variant

@@ -73,9 +73,14 @@ def _basic_optimizations(model_file: Path, target: Path) -> Any:
     import onnx
     import onnxruntime as ort
 
+    from toolkit._onnx import is_large
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(target)
+    if is_large(model_file):  # past protobuf's 2 GiB, onnxruntime can only write the weights beside the graph
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{target.name}.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     try:
         ort.InferenceSession(str(model_file), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -277,8 +277,9 @@ def _judged(task: str, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _task_metric(task: str, tolerance, heldout, model: Model) -> dict[str, Any]:
     description, chunks, references = heldout
-    pairs = [(g[name], r[name]) for chunk, r in zip(chunks, references, strict=True)
-             for g in [_judged(task, model.run(model.cast(chunk)))] for name in r]
+    per_token = _per_token_outputs(model.bundle.manifest) if task == "classify" else set()
+    pairs = [_real_tokens(g[name], r[name], chunk["attention_mask"] if name in per_token else None)
+             for chunk, r in zip(chunks, references, strict=True) for g in [_judged(task, model.run(model.cast(chunk)))] for name in r]
     if task in ("classify", "generate"):
         agree = np.concatenate([(a == b).ravel() for a, b in pairs])
         metric = "top1_agreement" if task == "classify" else "next_token_agreement"
@@ -298,6 +299,22 @@ def _task_metric(task: str, tolerance, heldout, model: Model) -> dict[str, Any]:
     else:
         passed = value <= threshold if metric == "max_score_rel" else value >= threshold
     return {"metric": metric, "value": value, "threshold": threshold, "inputs": description, "passed": passed}
+
+
+def _per_token_outputs(manifest: Any) -> set[str]:
+    """Outputs with a value per token: their axis 1 is the attention mask's (a token classifier's or
+    masked LM's logits, ("batch", "seq", classes))."""
+    axes = {t.shape[1] for t in manifest.inputs if t.kind == "mask" and len(t.shape) == 2 and isinstance(t.shape[1], str)}
+    return {t.name for t in manifest.outputs if len(t.shape) > 2 and t.shape[1] in axes}
+
+
+def _real_tokens(got: np.ndarray, expected: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """A per-token output's top-1 judged at the tokens the attention mask keeps: what a model says
+    at padding is read by nobody."""
+    if mask is None:
+        return got, expected
+    keep = mask.astype(bool)
+    return got[keep], expected[keep]
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -2,7 +2,8 @@
 of a bundle, for when one machine is not enough:
 
     REPO/<name>/config.pbtxt     max_batch_size, inputs/outputs, dynamic_batching, instance_group
-    REPO/<name>/1/model.onnx     the variant, as Triton's onnxruntime backend expects it
+    REPO/<name>/1/model.onnx     the variant, as Triton's onnxruntime backend expects it (with the
+                                 external-data file a large model reads beside it, under its own name)
 
 A bundle's parts (an encoder-decoder's encoder) become models of their own beside it, REPO/<name>-<part>/.
 """
@@ -97,6 +98,8 @@ def package_triton(path: str | os.PathLike[str], repo: str | os.PathLike[str], *
     try:
         (staging / "1").mkdir()
         shutil.copyfile(model.bundle.variant_path(model.variant), staging / "1" / "model.onnx")
+        for entry in model.bundle.variant(model.variant).external_data:  # read beside the graph, by the name it records
+            shutil.copyfile(model.bundle.path / entry["file"], staging / "1" / entry["file"])
         config = model_config(model, max_batch=max_batch, max_delay_ms=max_delay_ms, instances=instances, kind=kind)
         (staging / "config.pbtxt").write_text(to_pbtxt(config))
         if target.exists():

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from toolkit._onnx import is_large
 from toolkit.bundle import Bundle
 from toolkit.compile._child import ChildFailed, run_child
 from toolkit.errors import ToolkitError
@@ -65,7 +66,9 @@ def _has_onnxscript() -> bool:
 _DYNAMO = """
 from collections import Counter
 
-def main(model_file, target):
+def main(model_file, target, external):
+    import os
+
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
@@ -74,7 +77,7 @@ def main(model_file, target):
     model = ir.load(model_file)
     prepared = prepare(model)
     model, _ = optimize_for_ort(model)
-    ir.save(model, target)
+    ir.save(model, target, **({"external_data": os.path.basename(target) + ".data"} if external else {}))
     fused = Counter(n.op_type for n in model.graph.all_nodes() if n.domain == "com.microsoft")
     return dict(sorted(fused.items())), {k: v for k, v in prepared.items() if v}
 """
@@ -86,7 +89,7 @@ def _fuse_dynamo(model_file: Path, target: Path) -> tuple[dict[str, int], dict[s
     process: the rewrites hold the model several times over, and the memory they leave fragmented
     would stay with the build to its end."""
     try:
-        fused, prepared = run_child(_DYNAMO, str(model_file.resolve()), str(target.resolve()), cwd=target.parent)
+        fused, prepared = run_child(_DYNAMO, str(model_file.resolve()), str(target.resolve()), is_large(model_file), cwd=target.parent)
     except ChildFailed as exc:
         raise ToolkitError(f"onnxscript's onnxruntime fusions failed on {model_file}: {exc}") from exc
     return fused, prepared
@@ -95,13 +98,13 @@ def _fuse_dynamo(model_file: Path, target: Path) -> tuple[dict[str, int], dict[s
 _HINTED = """
 import contextlib, io, logging
 
-def main(model_file, model_type, num_heads, hidden_size, target):
+def main(model_file, model_type, num_heads, hidden_size, target, external):
     from onnxruntime.transformers.optimizer import optimize_model
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)  # it logs every pattern it tries
     with contextlib.redirect_stdout(io.StringIO()):  # and prints shape-inference failures
         model = optimize_model(model_file, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
-    model.save_model_to_file(target)
+    model.save_model_to_file(target, use_external_data_format=external)
     return {op: n for op, n in model.get_fused_operator_statistics().items() if n}
 """
 
@@ -111,6 +114,6 @@ def _fuse_hinted(model_file: Path, hints: dict[str, Any], target: Path) -> dict[
     failed shape inference into its working directory)."""
     try:
         return run_child(_HINTED, str(model_file.resolve()), hints["model_type"], hints.get("num_heads", 0), hints.get("hidden_size", 0),
-                         str(target.resolve()), cwd=target.parent)
+                         str(target.resolve()), is_large(model_file), cwd=target.parent)
     except ChildFailed as exc:
         raise ToolkitError(f"onnxruntime's transformer optimizer failed on {model_file} ({hints['model_type']}): {exc}") from exc

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit._onnx import is_large
 from toolkit.bundle import Bundle
 from toolkit.compile._child import ChildFailed, run_child
 from toolkit.errors import ToolkitError
@@ -46,24 +47,25 @@ def preprocess(model_file: Path, target: Path) -> tuple[Path, dict[str, Any]]:
     an initializer the quantizer can see; in a child process working beside `target`
     (toolkit.compile._child)."""
     try:
-        run_child(_PRE_PROCESS, str(model_file.resolve()), str(target.resolve()), False, cwd=target.parent)
+        run_child(_PRE_PROCESS, str(model_file.resolve()), str(target.resolve()), False, is_large(model_file), cwd=target.parent)
         return target, {"preprocess": "quant_pre_process"}
     except ChildFailed as reason:  # symbolic shape inference fails on some decoders: skip that part only
         try:
-            run_child(_PRE_PROCESS, str(model_file.resolve()), str(target.resolve()), True, cwd=target.parent)
+            run_child(_PRE_PROCESS, str(model_file.resolve()), str(target.resolve()), True, is_large(model_file), cwd=target.parent)
         except ChildFailed as exc:
             raise ToolkitError(f"onnxruntime's quantization pre-processing failed on {model_file}: {exc}") from exc
         return target, {"preprocess": f"quant_pre_process without symbolic shape inference ({str(reason).split(':')[0]})"}
 
 
 _PRE_PROCESS = """
-import contextlib, io
+import contextlib, io, os
 
-def main(model_file, target, skip_symbolic_shape):
+def main(model_file, target, skip_symbolic_shape, external):
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its shape-inference failures
-        quant_pre_process(model_file, target, skip_symbolic_shape=skip_symbolic_shape)
+        quant_pre_process(model_file, target, skip_symbolic_shape=skip_symbolic_shape, save_as_external_data=external, all_tensors_to_one_file=True,
+                          external_data_location=os.path.basename(target) + ".data")
 """
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from toolkit._onnx import is_large
 from toolkit.compile._child import ChildFailed, run_child
 from toolkit.compile.quantization._common import QuantizeContext
 from toolkit.compile.quantization.configs import Fp16
@@ -20,14 +21,17 @@ def quantize_fp16(context: QuantizeContext, config: Fp16, model_file: Path, targ
     context.say(f"converting to fp16, keeping {edges}{', '.join(config.keep_fp32) or 'no op type'} in fp32")
     block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(config.keep_fp32))
     try:  # in a child process: the converter holds the model several times over (toolkit.compile._child)
-        run_child(_CONVERT, str(model_file.resolve()), str(target.resolve()), config.io == "fp32", block, cwd=target.parent)
+        run_child(_CONVERT, str(model_file.resolve()), str(target.resolve()), config.io == "fp32", block, is_large(model_file),
+                  cwd=target.parent)
     except ChildFailed as exc:
         raise ToolkitError(f"onnxruntime's float16 converter failed on {model_file}: {exc}") from exc
     return {"io": config.io, "kept_fp32": list(config.keep_fp32)}
 
 
 _CONVERT = """
-def main(model_file, target, keep_io_types, block):
+def main(model_file, target, keep_io_types, block, external):
+    import os
+
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -35,7 +39,7 @@ def main(model_file, target, keep_io_types, block):
 
     converted = convert_float_to_float16(onnx.load(model_file), keep_io_types=keep_io_types, op_block_list=block)
     drop_repeated_nodes(converted.graph)
-    onnx.save(converted, target)
+    onnx.save(converted, target, save_as_external_data=external, location=os.path.basename(target) + ".data")
 """
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit._onnx import is_large
 from toolkit.compile.quantization._common import QuantizeContext, calibration_feeds, op_report, preprocess
 from toolkit.compile.quantization.configs import DYNAMIC_OPS, Int8Dynamic
 
@@ -31,7 +32,7 @@ def quantize_int8_dynamic(context: QuantizeContext, config: Int8Dynamic, model_f
     quantize_dynamic(
         str(pre), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=list(DYNAMIC_OPS),
         per_channel=config.per_channel, reduce_range=reduce_range, nodes_to_exclude=excluded,
-        extra_options={"MatMulConstBOnly": True},
+        extra_options={"MatMulConstBOnly": True}, use_external_data_format=is_large(pre),
     )
     return {
         **options,

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit._onnx import is_large
 from toolkit.bundle import Bundle
 from toolkit.compile.quantization._common import QuantizeContext, calibration_feeds, op_report, preprocess
 from toolkit.compile.quantization.configs import Int8Static
@@ -40,6 +41,7 @@ def quantize_int8_static(context: QuantizeContext, config: Int8Static, model_fil
     quantize_static(
         str(pre), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
         calibrate_method=method[config.method], activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        use_external_data_format=is_large(pre),
     )
     return {
         **options, "format": "QDQ", "per_channel": config.per_channel,
