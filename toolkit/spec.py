@@ -6,6 +6,7 @@ so the same descriptions (`TensorSpec`, `Dim`) travel in the manifest to torch-f
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,8 +143,13 @@ class ModelSpec:
     # Further graphs of the same model, each exported, optimized, quantized and checked as a bundle
     # of its own in a subdirectory of this one named after the part (an encoder-decoder's encoder).
     parts: Mapping[str, ModelSpec] = field(default_factory=dict)
+    # The bundle's name (in serving URLs and Triton repositories) unless `--name` gives one; default:
+    # derived from where the model comes from (the factory's name, the zoo name, the directory).
+    name: str | None = None
 
     def __post_init__(self) -> None:
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", self.name):
+            raise ValueError(f"name {self.name!r}: use letters, digits, '_', '.' and '-' (it ends up in URLs and directory names)")
         self.inputs = tuple(self.inputs)
         self.outputs = tuple(self.outputs)
         self.dims = tuple(self.dims)

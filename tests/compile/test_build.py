@@ -62,6 +62,15 @@ def test_choose_best_takes_the_fastest_that_is_nowhere_slower_than_fp32():
     assert choose_best({"int8": {"b1": 2.0}, "opt": {"b1": 1.0}}) == "opt"  # fp32 failed: fastest passing
 
 
+@pytest.mark.parametrize(("ratio", "best"), [(0.97, "fp32"), (0.96, "fp32"), (0.9, "fp16")])
+def test_a_lower_precision_must_win_by_more_than_the_noise(ratio, best):
+    """fp16 for a 3-4% gain, inside the noise margin, would give up precision for nothing measurable;
+    a variant of the same precision (opt) needs no such lead."""
+    p50 = {"fp32": {"b1": 1.0, "b32": 10.0}, "fp16": {"b1": ratio, "b32": 10 * ratio}}
+    assert choose_best(p50, lower_precision=["fp16"]) == best
+    assert choose_best({"fp32": p50["fp32"], "opt": p50["fp16"]}, lower_precision=["fp16"]) == "opt"
+
+
 @pytest.mark.slow
 def test_a_variant_forced_to_be_wrong_is_never_best(built, copy_of, tmp_path):
     path = copy_of(built)
@@ -140,3 +149,17 @@ def test_a_decoder_is_timed_on_its_prompt_and_decode_steps(exported, copy_of):
     assert check(path, variants=["fp32"])["fp32"]["passed"]
     best = select_best(path, max_time=0.05)
     assert set(best["p50_ms"]["fp32"]) == {"batch 1, seq 32, past 0", "batch 1, seq 1, past 32", "batch 32, seq 1, past 32"}
+
+
+def test_a_build_runs_the_reference_once_and_records_an_int8_that_changed_nothing(tmp_path):
+    """The reference's outputs are gathered by the first check and reused by every later one; a
+    file is pre-processed for quantization once; dynamic int8 on a convolution-only model is
+    recorded as failed with what would quantize it, and int8-static is made."""
+    from toolkit.compile.pipeline import build
+
+    said: list[str] = []
+    bundle = build("userpkg.toy:convolutions", tmp_path / "b", modes=["int8", "int8-static"], select=False, progress=said.append)
+    assert sum(m.startswith("running the reference on") for m in said) == 1
+    assert sum(m.startswith("pre-processing") for m in said) == 2  # opt (int8), fp32 (int8-static)
+    assert "quantized no weights (Conv 0/2)" in bundle.manifest.failed["int8"] and "int8" not in bundle.manifest.variants
+    assert bundle.manifest.variants["int8-static"].parity["passed"]

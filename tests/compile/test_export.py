@@ -200,3 +200,12 @@ def test_in_process_export_works_for_factories_defined_here(tmp_path, monkeypatc
     assert export("defined_here:build", tmp_path / "b", isolate=False).manifest.outputs[1].shape == ("batch", 4)
     with pytest.raises(ToolkitError, match="cannot import 'defined_here'"):
         export("defined_here:build", tmp_path / "c")
+
+
+def test_a_spec_names_its_bundle_unless_the_caller_does(tmp_path):
+    from toolkit.spec import ModelSpec, TensorSpec
+
+    assert export("userpkg.toy:named", tmp_path / "a").manifest.name == "scaler"
+    assert export("userpkg.toy:named", tmp_path / "b", name="scaler-v2").manifest.name == "scaler-v2"
+    with pytest.raises(ValueError, match=r"name 'my:model'.*letters, digits"):
+        ModelSpec(module=None, inputs=[TensorSpec("x", "float32", (2,))], outputs=["y"], name="my:model")

@@ -210,3 +210,14 @@ def test_a_cpu_is_saturating_when_it_is_x86_without_vnni(monkeypatch, tmp_path):
         assert int8_dynamic.saturating_cpu() is saturates
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     assert int8_dynamic.saturating_cpu() is False
+
+
+def test_int8_that_quantizes_nothing_is_not_made_and_says_what_would(exported, copy_of):
+    """A convolution-only model: dynamic int8 leaves every weight in fp32, so no `int8` is stored
+    (it would pass its gates and could become best as fp32 under an int8 name)."""
+    path = copy_of(exported("userpkg.toy:convolutions"))
+    with pytest.raises(ToolkitError, match=r"int8 from variant 'fp32' quantized no weights \(Conv 0/2\).*--mode int8-static"):
+        quantize(path, mode="int8")
+    assert set(Bundle.open(path).manifest.variants) == {"fp32"}
+    quantize(path, mode="int8-static", calibration_samples=8)  # what does quantize convolutions
+    assert Bundle.open(path).manifest.variants["int8-static"].recipe["options"]["ops"]["Conv"]["quantized"] == 2

@@ -118,3 +118,27 @@ def outliers() -> ModelSpec:
         dims=[Dim("batch", export=2, check=(1, 3))],
         task="classify",
     )
+
+
+class Convolutions(nn.Module):
+    """Only convolutions: nothing that dynamic int8 quantizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).mean(dim=(2, 3))
+
+
+def convolutions() -> ModelSpec:
+    torch.manual_seed(0)
+    return ModelSpec(module=Convolutions(), inputs=[TensorSpec("x", "float32", ("batch", 3, 12, 12))], outputs=["scores"],
+                     dims=[Dim("batch", export=2, check=(1, 3))], task="classify")
+
+
+def named() -> ModelSpec:
+    """The factory names its bundle itself."""
+    import dataclasses
+
+    return dataclasses.replace(build(), name="scaler")

@@ -72,18 +72,20 @@ def export(
         raise ToolkitError(f"--name {name!r}: use letters, digits, '_', '.' and '-' only (it ends up in URLs and directory "
                            f"names), e.g. {safe_name(name)!r}.")
     with staged_directory(out, overwrite=force) as staging:
-        manifest = _export_into(staging, source, name=name or source.default_name(), static_cache=static_cache, opset=opset,
+        manifest = _export_into(staging, source, name=name, static_cache=static_cache, opset=opset,
                                 exporter=exporter, verbose=verbose, isolate=isolate, say=say)
     say(f"wrote {out} (variant fp32, {manifest.variants['fp32'].bytes / 1e6:.2f} MB, exporter "
         f"{manifest.variants['fp32'].recipe['options']['exporter']}{', parts ' + ', '.join(manifest.parts) if manifest.parts else ''})")
     return Bundle.open(out)
 
 
-def _export_into(directory: Path, source: Source, *, name: str, static_cache: bool, opset: int, exporter: str, verbose: bool,
+def _export_into(directory: Path, source: Source, *, name: str | None, static_cache: bool, opset: int, exporter: str, verbose: bool,
                  isolate: bool, say: Progress) -> Manifest:
-    """Writes the bundle of `source` into the empty `directory`, and its parts' bundles into subdirectories."""
+    """Writes the bundle of `source` into the empty `directory`, and its parts' bundles into
+    subdirectories; `name` (default: the spec's, else from the source) names it."""
     request = {"source": source.to_json(), "opset": opset, "exporter": exporter, "directory": str(directory), "verbose": verbose}
     info = _trace_isolated(request, say) if isolate else trace(**request, progress=say)
+    name = name or info["name"] or source.default_name()
     generation, parts = info["generation"], info["parts"]
     if generation and "static" in generation and not static_cache:
         parts = [p for p in parts if p != generation["static"]]
@@ -165,6 +167,7 @@ def trace(*, source: dict[str, Any], opset: int, exporter: str, directory: str, 
         "exporter": used,
         "fallback_reason": fallback_reason,
         "task": spec.task,
+        "name": spec.name,
         "description": spec.description,
         "inputs": [t.to_json() for t in inputs],
         "outputs": [t.to_json() for t in outputs],

@@ -41,9 +41,12 @@ def check(
     seeds: Sequence[int] = SEEDS,
     reference: ModelSpec | None = None,
     progress: Callable[[str], None] | None = None,
+    evidence: dict[Any, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Checks `variants` (default: all) of the bundle; returns and stores their parity records.
-    `reference` is the bundle's PyTorch reference if the caller has built it already."""
+    `reference` is the bundle's PyTorch reference if the caller has built it already; `evidence`, a
+    dict the caller keeps between checks of the same bundle and reference (a build), keeps the
+    reference's outputs so that they are computed once, not for every variant."""
     say = progress or (lambda _msg: None)
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     names = list(variants) if variants else list(bundle.manifest.variants)
@@ -56,12 +59,17 @@ def check(
     for part in bundle.parts():
         say(f"checking part {part.path.name}")
         parts[part.path.name] = check(part, variants=names, provider=provider, seeds=seeds,
-                                      reference=reference.parts[part.path.name], progress=progress)
-    evidence = _Evidence.gather(bundle, reference, seeds, say)
+                                      reference=reference.parts[part.path.name], progress=progress, evidence=evidence)
+    key = (str(bundle.path.resolve()), id(reference), tuple(seeds))
+    gathered = evidence.get(key) if evidence is not None else None
+    if gathered is None:
+        gathered = _Evidence.gather(bundle, reference, seeds, say)
+        if evidence is not None:
+            evidence[key] = gathered
     records = {}
     for name in names:
         say(f"checking variant {name} on {provider}")
-        records[name] = _check_variant(bundle, name, provider, evidence)
+        records[name] = _check_variant(bundle, name, provider, gathered)
         if parts:
             records[name]["parts"] = {part: {"passed": part_records[name]["passed"]} for part, part_records in parts.items()}
             records[name]["passed"] &= all(p["passed"] for p in records[name]["parts"].values())

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import datetime
 import math
+import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,13 @@ __all__ = ["BEST_RULE", "BuildContext", "build", "choose_best", "select_best", "
 NOISE_MARGIN = 0.05
 BEST_RULE = (
     "lowest geometric mean of p50 latency relative to fp32 over the measured shapes, among variants that "
-    f"passed their gates and are nowhere slower than fp32 by more than the {NOISE_MARGIN:.0%} noise margin"
+    f"passed their gates and are nowhere slower than fp32 by more than the {NOISE_MARGIN:.0%} noise margin; "
+    "a variant of lower precision (fp16, int8) must also be faster than fp32 by more than that margin"
 )
 _BEST_BATCHES = (1, 32)
+# Variants whose files add up to this much are timed all at once (their sessions take a few times
+# their size); larger ones one beside fp32 at a time.
+_TIME_TOGETHER_BYTES = 1 << 30
 _NO_CUDA_INT8 = ("onnxruntime's CUDA provider has no kernels for int8 variants (their quantize and integer MatMul nodes run "
                  "on the CPU provider, a device-host round trip each): they are a CPU deployment")
 
@@ -51,6 +56,8 @@ class BuildContext:
     bundle: Bundle
     reference: ModelSpec
     say: Progress
+    scratch: Path  # kept for the build: what its quantizations share (pre-processed models)
+    evidence: dict[Any, Any] = field(default_factory=dict)  # the reference's outputs, gathered by the first check
 
 
 def build(
@@ -85,24 +92,25 @@ def build(
     static_cache = provider == "cuda" if static_cache is None else static_cache
     bundle = export(model, out, preset=preset, name=name, static_cache=static_cache, force=force, progress=say)
     say(f"building the PyTorch reference ({bundle.manifest.source.describe()}) for the checks")
-    context = BuildContext(bundle, resolve(bundle.manifest.source), say)
-    if modes is None:
-        reason = static_applies(bundle, context.reference)
-        modes = ("int8", "int8-static", "fp16") if reason else ("int8", "fp16")
-        say("int8-static: " + (reason or "skipped (no convolutions and no calibration set: dynamic int8 is the int8 path)"))
-    opt_passed = _optimize(context, provider)
-    for mode in modes:
-        if mode == "int8" and opt_passed:
-            _int8(context)
-        elif mode == "fp16" and provider == "cuda" and opt_passed:
-            _fp16_for_cuda(context)
-        else:
-            _quantize(context, mode=mode)
-    say("checking fp32 and the quantized variants against the PyTorch reference")
-    records = _check(context, [v for v in bundle.manifest.variants if v != "opt"])
-    if records.get("int8") and not records["int8"]["passed"] and "failed" not in records["int8"]:
-        _int8_fallback(context, records["int8"])
-    del context  # the reference is done with: the timing below needs its memory for sessions
+    with tempfile.TemporaryDirectory(prefix="toolkit-build-") as scratch:
+        context = BuildContext(bundle, resolve(bundle.manifest.source), say, Path(scratch))
+        if modes is None:
+            reason = static_applies(bundle, context.reference)
+            modes = ("int8", "int8-static", "fp16") if reason else ("int8", "fp16")
+            say("int8-static: " + (reason or "skipped (no convolutions and no calibration set: dynamic int8 is the int8 path)"))
+        opt_passed = _optimize(context, provider)
+        for mode in modes:
+            if mode == "int8" and opt_passed:
+                _int8(context)
+            elif mode == "fp16" and provider == "cuda" and opt_passed:
+                _fp16_for_cuda(context)
+            else:
+                _quantize(context, mode=mode)
+        say("checking fp32 and the quantized variants against the PyTorch reference")
+        records = _check(context, [v for v in bundle.manifest.variants if v != "opt"])
+        if records.get("int8") and not records["int8"]["passed"] and "failed" not in records["int8"]:
+            _int8_fallback(context, records["int8"])
+        del context  # the reference is done with: the timing below needs its memory for sessions
     release_memory()
     if select:
         select_best(bundle, provider=provider, max_time=max_time, progress=say)
@@ -128,7 +136,7 @@ def _quantize(context: BuildContext, **options: Any) -> Bundle | None:
     from toolkit.compile.quantization import quantize
 
     try:
-        return quantize(context.bundle, reference=context.reference, progress=context.say, **options)
+        return quantize(context.bundle, reference=context.reference, progress=context.say, scratch=context.scratch, **options)
     except ToolkitError as exc:
         _failed(context, options["mode"], exc)
         return None
@@ -150,7 +158,8 @@ def _check(context: BuildContext, variants: Sequence[str]) -> dict[str, dict[str
     records = {}
     for name in variants:
         try:
-            records.update(check(context.bundle, variants=[name], reference=context.reference, progress=context.say))
+            records.update(check(context.bundle, variants=[name], reference=context.reference, progress=context.say,
+                                 evidence=context.evidence))
         except CheckFailed:
             raise
         except ToolkitError as exc:
@@ -178,8 +187,17 @@ def _int8(context: BuildContext) -> None:
     int8 from the export's graph (benchmarks/RESULTS.md). Where a fused op holds weights the
     quantizer leaves in fp32 (BERT's `Attention` with its QKV projection), int8 comes from the
     export's graph instead."""
+    import onnx
+
     from toolkit.compile.quantization import DYNAMIC_OPS
 
+    graph = onnx.load(str(context.bundle.variant_path("opt")), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    fused = sum(n.op_type == "Attention" and n.domain == "com.microsoft" and n.input[1] in weights for n in graph.node)
+    if fused:
+        context.say(f"int8 from fp32: opt's {fused} fused Attention hold their QKV weights, which the quantizer leaves in fp32")
+        _quantize(context, mode="int8")
+        return
     bundle = _quantize(context, mode="int8", source="opt")
     if bundle is None:
         return
@@ -216,8 +234,9 @@ def _attempt(keep: int, record: dict[str, Any]) -> dict[str, Any]:
 
 def select_best(bundle: str | Path | Bundle, *, provider: str = "cpu", max_time: float = 1.0, progress: Progress | None = None) -> dict[str, Any]:
     """Measures the bundle's passing variants and records the choice as the manifest's `best`. Each
-    variant is timed side by side with fp32, the rule's yardstick, one pair at a time: the ratio comes
-    from one interleaved run, and no more than two sessions are open at once."""
+    variant is timed side by side with fp32, the rule's yardstick, in one interleaved run: all of
+    them at once where their sessions fit in memory many times over, else one pair at a time, so that
+    no more than two sessions are open at once."""
     say = progress or (lambda _msg: None)
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     passing, not_timed = timed_variants(bundle, provider)
@@ -227,8 +246,10 @@ def select_best(bundle: str | Path | Bundle, *, provider: str = "cpu", max_time:
         raise ToolkitError(f"no variant of {bundle.path} has passed its gates; run `toolkit check {bundle.path}` and see why.")
     say(f"timing {', '.join(passing)} on {provider} to choose best ({max_time:g} s per variant and shape)")
     if "fp32" in passing:
-        measured, ratios, report = _time_beside(bundle, "fp32", [v for v in passing if v != "fp32"], provider, max_time)
-        choice = _choose(ratios, "fp32")
+        others = [v for v in passing if v != "fp32"]
+        together = sum(bundle.variant(v).bytes for v in passing) <= _TIME_TOGETHER_BYTES
+        measured, ratios, report = _time_beside(bundle, "fp32", [others] if together else [[v] for v in others], provider, max_time)
+        choice = _choose(ratios, "fp32", [v for v in passing if bundle.variant(v).precision != "fp32"])
     else:  # fp32 failed its gates: the fastest passing variant
         measured, ratios = {}, {}
         for variant in passing:
@@ -252,15 +273,15 @@ def select_best(bundle: str | Path | Bundle, *, provider: str = "cpu", max_time:
     return best
 
 
-def _time_beside(bundle: Bundle, yardstick: str, others: list[str], provider: str,
+def _time_beside(bundle: Bundle, yardstick: str, groups: list[list[str]], provider: str,
                  max_time: float) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], Any]:
-    """Times each of `others` side by side with `yardstick`, one pair at a time; → p50 ms per variant
-    and shape (the yardstick's: its median over the pairs), each one's ratio to the yardstick within
-    its pair, and the last report."""
+    """Times each group of variants side by side with `yardstick`, one group at a time; → p50 ms per
+    variant and shape (the yardstick's: its median over the groups), each one's ratio to the
+    yardstick within its group, and the last report."""
     measured: dict[str, dict[str, float]] = {}
     ratios: dict[str, dict[str, float]] = {}
     yardstick_ms: dict[str, list[float]] = {}
-    for variants in [[yardstick, v] for v in others] or [[yardstick]]:
+    for variants in [[yardstick, *group] for group in groups if group] or [[yardstick]]:
         report = _time(bundle, variants, provider, max_time)
         times = {(row.variant, _shape(row)): row.p50_ms for row in report.rows}
         for (variant, shape), ms in times.items():
@@ -301,17 +322,20 @@ def timed_variants(bundle: Bundle, provider: str) -> tuple[list[str], dict[str, 
     return [n for n in passing if n not in not_timed], not_timed
 
 
-def choose_best(p50_ms: dict[str, dict[str, float]], reference: str = "fp32") -> str:
+def choose_best(p50_ms: dict[str, dict[str, float]], reference: str = "fp32", lower_precision: Sequence[str] = ()) -> str:
     """The variant with the lowest geometric-mean latency ratio to `reference` among those no slower
-    than it (beyond NOISE_MARGIN) at any shape; `p50_ms` holds only variants that passed their gates."""
+    than it (beyond NOISE_MARGIN) at any shape, those in `lower_precision` only where they are faster
+    by more than NOISE_MARGIN; `p50_ms` holds only variants that passed their gates."""
     if reference not in p50_ms:
         return min(p50_ms, key=lambda v: _geomean(list(p50_ms[v].values())))
     base = p50_ms[reference]
-    return _choose({v: {s: t[s] / base[s] for s in base} for v, t in p50_ms.items()}, reference)
+    return _choose({v: {s: t[s] / base[s] for s in base} for v, t in p50_ms.items()}, reference, lower_precision)
 
 
-def _choose(ratios: dict[str, dict[str, float]], reference: str) -> str:
-    eligible = [v for v, r in ratios.items() if all(x <= 1.0 + NOISE_MARGIN for x in r.values())]
+def _choose(ratios: dict[str, dict[str, float]], reference: str, lower_precision: Sequence[str]) -> str:
+    # a precision given up for a gain inside the noise is a loss: it must win by more than the margin
+    eligible = [v for v, r in ratios.items() if all(x <= 1.0 + NOISE_MARGIN for x in r.values())
+                and (v not in lower_precision or _geomean(list(r.values())) < 1.0 - NOISE_MARGIN)]
     return min(eligible, key=lambda v: (_geomean(list(ratios[v].values())), v != reference))
 
 

@@ -54,6 +54,17 @@ def _io_changes(bundle: Bundle, model_file: Path) -> dict[str, str]:
     return {v.name: value_dtype(v) for v in (*graph.input, *graph.output) if v.name in declared and value_dtype(v) != declared[v.name]}
 
 
+def _refuse_unchanged(config: QuantConfig, source: str, ops: dict[str, dict[str, int]]) -> None:
+    """A quantization that quantized no weight would be fp32 under an int8 name, and could pass its
+    gates and become best as such: refused, saying what the model has and what would quantize it."""
+    if any(r["quantized"] for r in ops.values()):
+        return
+    found = ", ".join(f"{op} 0/{r['with_weights']}" for op, r in ops.items()) or "no weights the quantizer reads"
+    hint = " Convolutions are quantized by calibrated int8: --mode int8-static." if "Conv" in ops and config.mode == "int8" else ""
+    raise ToolkitError(f"{config.mode} from variant {source!r} quantized no weights ({found}): the variant would be {source} "
+                       f"under another name, so none is made.{hint}")
+
+
 def quantize(
     bundle: str | Path | Bundle,
     *,
@@ -62,12 +73,14 @@ def quantize(
     source: str = "fp32",
     reference: ModelSpec | None = None,
     progress: Callable[[str], None] | None = None,
+    scratch: Path | None = None,
     **options: Any,
 ) -> Bundle:
     """Adds the variant named after the scheme (`config`, or `mode` with the scheme's `options`:
     see configs.py), quantized from variant `source`, in the bundle and in each of its parts; returns
     the bundle (parity not yet checked). `reference` is the model's PyTorch reference, if the caller
-    has it built already (calibration data comes from it)."""
+    has it built already (calibration data comes from it); `scratch`, a directory the caller keeps
+    between quantizations of one build, where work they share is kept (pre-processed models)."""
     if config is None:
         if mode is None:
             raise ToolkitError(f"give a quantization mode ({', '.join(MODES)}) or a config.")
@@ -81,7 +94,7 @@ def quantize(
     model_file = bundle.variant_path(source)
     with tempfile.TemporaryDirectory(prefix="toolkit-quantize-") as tmp, logger_level(None, logging.ERROR):
         # (the quantizer logs every node it skips at INFO/WARNING)
-        context = QuantizeContext(bundle, Path(tmp), say, reference)
+        context = QuantizeContext(bundle, Path(tmp), say, reference, scratch=scratch)
         out = Path(tmp) / "quantized.onnx"
         try:
             options = HANDLERS[type(config)](context, config, model_file, out)
@@ -91,6 +104,7 @@ def quantize(
             raise ToolkitError(f"{config.mode} from variant {source!r}: the quantizer failed with {type(exc).__name__}: {exc}") from exc
         if "ops" in options:
             say("weights quantized per op type: " + ", ".join(f"{op} {r['quantized']}/{r['with_weights']}" for op, r in options["ops"].items()))
+            _refuse_unchanged(config, source, options["ops"])
         import onnx
 
         from toolkit._onnx import save_model
@@ -101,5 +115,5 @@ def quantize(
     say(f"added variant {config.mode} ({bundle.manifest.variants[config.mode].bytes / 1e6:.2f} MB, from {bundle.variant(source).bytes / 1e6:.2f} MB)")
     for part in bundle.parts():
         say(f"quantizing part {part.path.name}")
-        quantize(part, config=config, source=source, progress=progress)
+        quantize(part, config=config, source=source, progress=progress, scratch=scratch)
     return bundle

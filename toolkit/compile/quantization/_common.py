@@ -32,6 +32,7 @@ class QuantizeContext:
     workdir: Path
     say: Callable[[str], None]
     _reference: ModelSpec | None = field(default=None, repr=False)
+    scratch: Path | None = None  # kept between the quantizations of one build: pre-processed models
 
     @property
     def reference(self) -> ModelSpec:
@@ -42,19 +43,30 @@ class QuantizeContext:
         return self._reference
 
 
-def preprocess(model_file: Path, target: Path) -> tuple[Path, dict[str, Any]]:
+def preprocess(context: QuantizeContext, model_file: Path) -> tuple[Path, dict[str, Any]]:
     """onnxruntime's quant_pre_process (shape inference, constant folding), so that every weight is
-    an initializer the quantizer can see; in a child process working beside `target`
-    (toolkit.compile._child)."""
+    an initializer the quantizer can see; in a child process (toolkit.compile._child). Within a
+    build (`context.scratch`) a file is pre-processed once, for every quantization made from it."""
+    import json
+
+    stat = model_file.stat()  # a variant's file is replaced, never rewritten in place: a new inode
+    directory = context.scratch / f"pre-{stat.st_ino}-{stat.st_size}-{stat.st_mtime_ns}" if context.scratch else context.workdir
+    target, record = directory / "pre.onnx", directory / "pre.json"
+    if record.is_file():
+        return target, json.loads(record.read_text())
+    directory.mkdir(parents=True, exist_ok=True)
+    context.say("pre-processing (shape inference, constant folding) so every weight is visible to the quantizer")
     try:
-        run_child(_PRE_PROCESS, str(model_file.resolve()), str(target.resolve()), False, is_large(model_file), cwd=target.parent)
-        return target, {"preprocess": "quant_pre_process"}
+        run_child(_PRE_PROCESS, str(model_file.resolve()), str(target.resolve()), False, is_large(model_file), cwd=directory)
+        options = {"preprocess": "quant_pre_process"}
     except ChildFailed as reason:  # symbolic shape inference fails on some decoders: skip that part only
         try:
-            run_child(_PRE_PROCESS, str(model_file.resolve()), str(target.resolve()), True, is_large(model_file), cwd=target.parent)
+            run_child(_PRE_PROCESS, str(model_file.resolve()), str(target.resolve()), True, is_large(model_file), cwd=directory)
         except ChildFailed as exc:
             raise ToolkitError(f"onnxruntime's quantization pre-processing failed on {model_file}: {exc}") from exc
-        return target, {"preprocess": f"quant_pre_process without symbolic shape inference ({str(reason).split(':')[0]})"}
+        options = {"preprocess": f"quant_pre_process without symbolic shape inference ({str(reason).split(':')[0]})"}
+    record.write_text(json.dumps(options))
+    return target, options
 
 
 _PRE_PROCESS = """

@@ -17,8 +17,7 @@ __all__ = ["quantize_int8_dynamic", "saturating_cpu"]
 def quantize_int8_dynamic(context: QuantizeContext, config: Int8Dynamic, model_file: Path, target: Path) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    context.say("pre-processing (shape inference, constant folding) so every weight is visible to the quantizer")
-    pre, options = preprocess(model_file, context.workdir / "pre.onnx")
+    pre, options = preprocess(context, model_file)
     kept = _outlier_ranking(context, pre, config.calibration_samples)[: config.keep_float] if config.keep_float else []
     if kept:
         context.say(f"keeping {len(kept)} MatMul/Gemm in fp32 (most outlier-heavy inputs): {', '.join(n for n, _ in kept)}")

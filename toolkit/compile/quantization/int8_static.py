@@ -25,8 +25,7 @@ def quantize_int8_static(context: QuantizeContext, config: Int8Static, model_fil
         quantize_static,
     )
 
-    context.say("pre-processing (shape inference, constant folding) so every weight is visible to the quantizer")
-    pre, options = preprocess(model_file, context.workdir / "pre.onnx")
+    pre, options = preprocess(context, model_file)
     context.say(f"calibrating on {config.calibration_samples} samples ({config.method}{', per channel' if config.per_channel else ''})")
     feeds, origin = calibration_feeds(context, config.calibration_samples)
 
