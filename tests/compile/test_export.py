@@ -209,3 +209,83 @@ def test_a_spec_names_its_bundle_unless_the_caller_does(tmp_path):
     assert export("userpkg.toy:named", tmp_path / "b", name="scaler-v2").manifest.name == "scaler-v2"
     with pytest.raises(ValueError, match=r"name 'my:model'.*letters, digits"):
         ModelSpec(module=None, inputs=[TensorSpec("x", "float32", (2,))], outputs=["y"], name="my:model")
+
+
+_HELPER = '''import torch
+
+
+def quantize_scale(x):
+    steps = round(x.abs().max().item() * 4)
+    return torch.round(x * steps) / steps
+'''
+
+
+def test_a_builtin_the_exporter_cannot_translate_is_named_with_its_line_in_an_installed_package(tmp_path, monkeypatch):
+    helpers = tmp_path / "site-packages" / "userhelpers"
+    helpers.mkdir(parents=True)
+    (helpers / "__init__.py").write_text(_HELPER)
+    monkeypatch.syspath_prepend(str(helpers.parent))
+    with pytest.raises(ToolkitError) as failure:
+        export("userpkg.failing:rounding", tmp_path / "b", exporter="dynamo")
+    message = str(failure.value)
+    assert "\x1b[" not in message and "This is step" not in message  # torch's boilerplate and colours are gone
+    assert "cause: DispatchError: No ONNX function found for <built-in function round>" in message
+    assert f"at: {helpers / '__init__.py'}:5 in quantize_scale: steps = round(x.abs().max().item() * 4)" in message
+    assert "torch.round on the tensor" in message and "try: --exporter torchscript" in message
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_branch_on_tensor_values_is_named_with_its_line():
+    import inspect
+
+    from userpkg import failing
+
+    line = inspect.getsourcelines(failing.Branching.forward)[1] + 1
+    with pytest.raises(ToolkitError) as failure:
+        export("userpkg.failing:branching", "/nonexistent/never-written", exporter="dynamo")
+    message = str(failure.value)
+    assert "cause: DataDependentOutputException: aten.equal.default" in message
+    assert f"at: {failing.__file__}:{line} in forward: if torch.equal(x[:, :1], x[:, 1:2]):" in message
+    assert "pick with torch.where" in message
+
+
+def test_a_torchscript_module_goes_to_the_torchscript_exporter_and_says_why(tmp_path):
+    with pytest.raises(ToolkitError, match=r"is a TorchScript module \(torch.jit.ScriptModule\).*--exporter torchscript"):
+        export("userpkg.failing:scripted", tmp_path / "a", exporter="dynamo")
+    said = []
+    options = export("userpkg.failing:scripted", tmp_path / "b", progress=said.append).manifest.variants["fp32"].recipe["options"]
+    assert options["exporter"] == "torchscript" and "TorchScript module" in options["fallback_reason"]
+    assert not any("dynamo exporter failed" in m for m in said)  # not tried, so not reported as failed
+    from toolkit.compile.parity import check
+
+    assert check(tmp_path / "b")["fp32"]["passed"]
+
+
+@pytest.mark.parametrize(("factory", "message"), [
+    ("too_many", r"the spec has 3 inputs \(x, scale, bias\) but Linear.forward\(x, scale\) takes 2: remove bias from the spec"),
+    ("too_few", r"Pair.forward\(values, weights\) needs 2 inputs but the spec has 1 \(values\): add weights to the spec"),
+    ("reordered", r"inputs \(weights, values\) are in another order than Pair.forward\(values, weights\)'s parameters"),
+])
+def test_a_spec_that_does_not_fit_forward_is_refused_before_any_exporter(tmp_path, factory, message):
+    said = []
+    with pytest.raises(ToolkitError, match=message):
+        export(f"userpkg.failing:{factory}", tmp_path / "b", progress=said.append)
+    assert not any("exporting with" in m for m in said)
+
+
+def test_output_shapes_are_what_the_model_returns_whatever_the_exporter_recorded(exported):
+    """The TorchScript exporter can record the export's batch as a fixed size, or name a fixed axis
+    after an internal node: both are set to what the model returns at the check sizes."""
+    from toolkit.compile.exporter import _named_outputs
+    from toolkit.reference.source import resolve
+
+    bundle = Bundle.open(exported("userpkg.toy:build"))
+    proto = onnx.load(str(bundle.variant_path("fp32")))
+    scaled, pooled = proto.graph.output
+    scaled.type.tensor_type.shape.dim[0].dim_value = 2  # the export's batch, baked
+    pooled.type.tensor_type.shape.dim[1].dim_param = "Concatnew_state_dim_0"  # fixed at 4, named
+    spec = resolve(bundle.manifest.source)
+    assert [o.shape for o in _named_outputs(proto, spec)] == [("batch", "length", 4), ("batch", 4)]
+    pooled.type.tensor_type.shape.dim[1].dim_value = 5
+    with pytest.raises(ToolkitError, match=r"output 'pooled' axis 1 was exported as 5, but the model returns 4 there"):
+        _named_outputs(proto, spec)

@@ -9,10 +9,10 @@ import json
 import logging
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
+import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -21,6 +21,7 @@ from typing import Any
 from toolkit import __version__
 from toolkit._scoped import logger_level
 from toolkit.bundle import MANIFEST_NAME, Bundle, Manifest, Source, Variant, safe_name, sha256_file, staged_directory
+from toolkit.compile.export_errors import check_signature, describe_failure
 from toolkit.errors import CheckFailed, ToolkitError
 from toolkit.reference.source import resolve, source_of, weights_sha256
 from toolkit.runtime.samples import make_feeds
@@ -129,8 +130,18 @@ def trace(*, source: dict[str, Any], opset: int, exporter: str, directory: str, 
     spec = resolve(source)
 
     import onnx
+    import torch
 
+    check_signature(spec)
     proto, used, fallback_reason = None, "dynamo", None
+    if isinstance(spec.module, torch.jit.ScriptModule):
+        why = (f"{model} is a TorchScript module (torch.jit.ScriptModule): the dynamo exporter traces Python code, which a "
+               "ScriptModule no longer runs")
+        if exporter == "dynamo":
+            raise ToolkitError(f"{why}; export it with --exporter torchscript (or auto).")
+        if exporter == "auto":
+            fallback_reason, exporter = why, "torchscript"
+            say(f"{why}: exporting with the TorchScript exporter")
     if exporter in ("auto", "dynamo"):
         say("exporting with the dynamo exporter (torch.export)")
         try:
@@ -140,9 +151,11 @@ def trace(*, source: dict[str, Any], opset: int, exporter: str, directory: str, 
             inputs, outputs = _graph_io(proto, spec)
         except Exception as exc:  # the exporters raise many types; all end in a message
             proto = None
+            if verbose:  # --debug: torch's own account, which the fallback would otherwise hide
+                traceback.print_exception(exc, file=sys.stderr)
             if exporter == "dynamo":
-                raise ToolkitError(_describe_failure(model, "dynamo", exc, suggest_torchscript=True)) from exc
-            fallback_reason = _describe_failure(model, "dynamo", exc, suggest_torchscript=False)
+                raise ToolkitError(_dynamo_failure(model, spec, exc, suggest_torchscript=True)) from exc
+            fallback_reason = _dynamo_failure(model, spec, exc, suggest_torchscript=False)
             say(f"the dynamo exporter failed ({fallback_reason.splitlines()[1].strip()}); trying the TorchScript exporter")
     if proto is None:
         if exporter == "torchscript":
@@ -152,7 +165,7 @@ def trace(*, source: dict[str, Any], opset: int, exporter: str, directory: str, 
             proto = _export_torchscript(spec, opset, verbose)
             inputs, outputs = _graph_io(proto, spec)
         except Exception as exc:
-            message = _describe_failure(model, "torchscript", exc)
+            message = describe_failure(model, "torchscript", exc, run=lambda: spec.module(*_example_args(spec)))
             raise ToolkitError(f"{fallback_reason}\n\n{message}" if fallback_reason else message) from exc
 
     say("validating the ONNX model (onnx.checker, full check)")
@@ -240,6 +253,19 @@ def _variant(directory: Path, file: str, external: list[str], recipe: dict[str, 
     )
 
 
+def _dynamo_failure(model: str, spec: ModelSpec, exc: BaseException, *, suggest_torchscript: bool) -> str:
+    def traced() -> Any:  # for the source line of a node the ONNX converter could not translate
+        import torch
+
+        with _quiet(False), torch.no_grad():
+            return torch.export.export(spec.module, _example_args(spec), dynamic_shapes=_dynamic_shapes(spec), strict=False)
+
+    def run() -> Any:
+        return spec.module(*_example_args(spec))
+
+    return describe_failure(model, "dynamo", exc, suggest_torchscript=suggest_torchscript, graph_of=traced, run=run)
+
+
 def _example_args(spec: ModelSpec) -> tuple[Any, ...]:
     import torch
 
@@ -247,7 +273,7 @@ def _example_args(spec: ModelSpec) -> tuple[Any, ...]:
     return tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
 
 
-def _export_dynamo(spec: ModelSpec, opset: int, verbose: bool):
+def _dynamic_shapes(spec: ModelSpec) -> tuple[Any, ...]:
     import torch
 
     dims = {d.name: torch.export.Dim(d.name, min=d.min, **({"max": d.max} if d.max is not None else {})) for d in spec.dims}
@@ -259,6 +285,13 @@ def _export_dynamo(spec: ModelSpec, opset: int, verbose: bool):
     if any(p.kind is p.VAR_POSITIONAL for p in params):
         named = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
         dynamic_shapes = (*dynamic_shapes[:named], dynamic_shapes[named:])
+    return dynamic_shapes
+
+
+def _export_dynamo(spec: ModelSpec, opset: int, verbose: bool):
+    import torch
+
+    dynamic_shapes = _dynamic_shapes(spec)
     with _quiet(verbose), torch.no_grad():
         program = torch.onnx.export(
             spec.module,
@@ -328,10 +361,12 @@ def _graph_io(proto: Any, spec: ModelSpec) -> tuple[list[TensorSpec], list[Tenso
 
 
 def _named_outputs(proto: Any, spec: ModelSpec) -> list[TensorSpec]:
-    """Output specs whose dynamic axes carry the spec's dim names.
+    """Output specs whose axes are what the model's outputs are at run time, dynamic ones carrying
+    the spec's dim names.
 
-    Exporters name output axes after internal nodes (e.g. `MatMullogits_dim_1`); the reference run
-    at the two check sizes tells which dim each axis follows.
+    Exporters name output axes after internal nodes (e.g. `MatMullogits_dim_1`), and the TorchScript
+    exporter may record the export's batch as a fixed size, or name an axis that never changes; the
+    reference run at the two check sizes tells which dim each axis follows, or that it is fixed.
     """
     import torch
 
@@ -355,10 +390,21 @@ def _named_outputs(proto: Any, spec: ModelSpec) -> list[TensorSpec]:
     outputs = []
     for index, value in enumerate(proto.graph.output):
         shape = list(value_shape(value))
+        if len(shape) != len(shapes[0][index]):
+            raise ToolkitError(f"output {value.name!r} was exported with rank {len(shape)}, but the model returns rank "
+                               f"{len(shapes[0][index])}: the exporter misread the model.")
         for axis, dim in enumerate(shape):
-            if isinstance(dim, str):
-                seen = tuple(case[index][axis] for case in shapes)
-                shape[axis] = next((n for n in names if tuple(sum(c[p] for p in n.split("+")) for c in cases) == seen), dim)
+            seen = tuple(case[index][axis] for case in shapes)
+            follows = next((n for n in names if tuple(sum(c[p] for p in n.split("+")) for c in cases) == seen), None)
+            if len(set(seen)) == 1 and follows is None:
+                if isinstance(dim, int) and dim != seen[0]:
+                    raise ToolkitError(f"output {value.name!r} axis {axis} was exported as {dim}, but the model returns "
+                                       f"{seen[0]} there: the exporter misread the model.")
+                shape[axis] = seen[0]  # fixed, whatever name the exporter gave it
+                value.type.tensor_type.shape.dim[axis].dim_value = seen[0]
+            else:  # dynamic: named after its dim (an exporter may have recorded the export's size instead), or
+                # one of its own where it is not a dim or a sum of dims (8 × seq, flattened)
+                shape[axis] = follows or (dim if isinstance(dim, str) else f"{value.name}_dim_{axis}")
                 value.type.tensor_type.shape.dim[axis].dim_param = shape[axis]
         outputs.append(TensorSpec(value.name, value_dtype(value), tuple(shape)))
     return outputs
@@ -404,43 +450,3 @@ def _quiet(verbose: bool) -> Iterator[None]:
         os.dup2(saved[1], 2)
         for fd in saved:
             os.close(fd)
-
-
-_OP_PATTERNS = (
-    re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'"),
-    re.compile(r"unrecognized namespace ([\w.]+::\w+)"),
-    re.compile(r"[Uu]nsupported (?:operator|ONNX opset version)[^']*'([^']+)'"),
-    re.compile(r"(?:Unsupported FX nodes|Unsupported operator)[^{]*\{'([^']+)'"),
-)
-_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\w+)')
-
-
-def _describe_failure(model: str, exporter: str, exc: BaseException, *, suggest_torchscript: bool = False) -> str:
-    """A few lines: what failed, the op or the user's code line it failed at, and what to try."""
-    chain, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    text = "\n".join(f"{type(e).__name__}: {e}" for e in chain)
-    lines = [f"the {exporter} exporter could not export {model}."]
-    op = next((m.group(1) for p in _OP_PATTERNS for m in [p.search(text)] if m), None)
-    if op:
-        lines.append(f"  operator: {op.replace('.', '::', 1) if '::' not in op else op} has no ONNX translation")
-    specialised = [ln.strip() for ln in text.splitlines() if "specialized" in ln or "Not all values of" in ln]
-    lines += [f"  {ln}" for ln in dict.fromkeys(specialised)][:4]
-    frames = [m for m in _FRAME.finditer(text) if "site-packages" not in m.group(1) and "/torch/" not in m.group(1)]
-    if frames:
-        f = frames[-1]
-        lines.append(f"  at: {f.group(1)}:{f.group(2)} in {f.group(3)}")
-    if not op and not specialised:
-        summary = next((ln.strip() for e in chain for ln in str(e).splitlines() if ln.strip()), type(chain[0]).__name__)
-        lines.append(f"  {type(chain[-1]).__name__}: {summary[:300]}")
-    if op:
-        lines.append("  try: replace that op in the model, or register an ONNX translation for it (torch.onnx custom_translation_table).")
-    elif specialised:
-        lines.append("  try: remove the code that fixes that size, or declare the dim fixed in the spec.")
-    if suggest_torchscript:
-        lines.append("  try: --exporter torchscript")
-    lines.append("  (--debug shows the full traceback)")
-    return "\n".join(lines)
