@@ -1,8 +1,10 @@
 """The README's commands are the product's front door: run them as written."""
 
+import json
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -45,3 +47,19 @@ def test_tour_commands_run(tmp_path):
     for command in commands:
         result = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True)
         assert result.returncode == 0, f"{command}\n{result.stdout}{result.stderr}"
+
+
+def test_the_own_model_example_exports_checks_and_builds_without_warnings(tmp_path):
+    package = tmp_path / "my_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "my_module.py").write_text(_block_after("<!-- own-model -->"))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "COLUMNS": "200"}
+    result = subprocess.run([sys.executable, "-m", "toolkit.cli", "build", "my_pkg.my_module:build", "-o", "bundle"], cwd=tmp_path,
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "warning" not in (result.stdout + result.stderr).lower()
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["name"] == "my-classifier" and manifest["description"] == "bag-of-embeddings topic classifier"
+    assert all(v["parity"]["passed"] for v in manifest["variants"].values() if v["precision"] != "int8")
+    assert manifest["variants"]["fp32"]["parity"]["task_metric"]["inputs"] == "256 real inputs"

@@ -139,3 +139,14 @@ def test_no_help_text_is_eaten_as_console_markup():
         for param in command.params:
             text = getattr(param, "help", None) or ""
             assert "[" not in text.replace("[/", ""), f"toolkit {name} {param.name}: {text!r}"
+
+
+def test_serve_without_the_serve_extra_says_how_to_install_it_before_anything_else(cli, exported, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else find_spec(name, *a))
+    result = cli("serve", exported("mlp"))
+    assert result.exit_code == 2
+    assert "toolkit serve needs the serve extra (uvicorn missing): pip install 'toolkit[serve]'." in result.stderr
+    assert "serving" not in result.output

@@ -151,15 +151,19 @@ def test_a_decoder_is_timed_on_its_prompt_and_decode_steps(exported, copy_of):
     assert set(best["p50_ms"]["fp32"]) == {"batch 1, seq 32, past 0", "batch 1, seq 1, past 32", "batch 32, seq 1, past 32"}
 
 
-def test_a_build_runs_the_reference_once_and_records_an_int8_that_changed_nothing(tmp_path):
+def test_a_build_runs_the_reference_once_and_records_an_int8_that_changed_nothing(tmp_path, cli):
     """The reference's outputs are gathered by the first check and reused by every later one; a
     file is pre-processed for quantization once; dynamic int8 on a convolution-only model is
-    recorded as failed with what would quantize it, and int8-static is made."""
+    recorded as failed with what would quantize it, and int8-static is made; inspect shows both,
+    and best."""
     from toolkit.compile.pipeline import build
 
     said: list[str] = []
-    bundle = build("userpkg.toy:convolutions", tmp_path / "b", modes=["int8", "int8-static"], select=False, progress=said.append)
+    bundle = build("userpkg.toy:convolutions", tmp_path / "b", modes=["int8", "int8-static"], max_time=0.05, progress=said.append)
     assert sum(m.startswith("running the reference on") for m in said) == 1
     assert sum(m.startswith("pre-processing") for m in said) == 2  # opt (int8), fp32 (int8-static)
     assert "quantized no weights (Conv 0/2)" in bundle.manifest.failed["int8"] and "int8" not in bundle.manifest.variants
     assert bundle.manifest.variants["int8-static"].parity["passed"]
+    shown = cli("inspect", bundle.path)
+    assert "not made: int8: int8 from variant 'opt' quantized no weights (Conv 0/2)" in shown.stdout
+    assert f"best: {bundle.manifest.best['variant']} on cpu" in shown.stdout

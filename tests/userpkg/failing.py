@@ -50,8 +50,12 @@ def branching() -> ModelSpec:
 
 
 def scripted() -> ModelSpec:
+    import warnings
+
     torch.manual_seed(0)
-    return _spec(torch.jit.script(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))))
+    with warnings.catch_warnings():  # torch.jit.script is deprecated, and shipped models are still made with it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _spec(torch.jit.script(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))))
 
 
 def too_many() -> ModelSpec:

@@ -133,8 +133,11 @@ class Convolutions(nn.Module):
 
 def convolutions() -> ModelSpec:
     torch.manual_seed(0)
+    images = torch.rand(76, 3, 12, 12, generator=torch.Generator().manual_seed(1)).numpy()
     return ModelSpec(module=Convolutions(), inputs=[TensorSpec("x", "float32", ("batch", 3, 12, 12))], outputs=["scores"],
-                     dims=[Dim("batch", export=2, check=(1, 3))], task="classify")
+                     dims=[Dim("batch", export=2, check=(1, 3))], task="classify",
+                     sample_data=lambda: {"x": images[12:]},
+                     calibration_data=lambda n: {"x": images[:12][:n]})  # 12 rows, however many are asked for
 
 
 def named() -> ModelSpec:

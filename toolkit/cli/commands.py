@@ -241,10 +241,20 @@ def quantize(
         bundle_dir, mode=mode.value, calibration_samples=calibration_samples, method=method.value if method else None,
         per_channel=per_channel, keep_float=keep_float, reduce_range=reduce_range, keep_fp32=kept, io=io.value if io else None, source=source, progress=_progress,
     )
-    _check_new(bundle_dir, mode.value, check_parity)
+    _check_new(bundle_dir, mode.value, check_parity, _NEXT_STEPS.get(mode.value))
 
 
-def _check_new(bundle_dir: Path, variant: str, check_parity: bool) -> None:
+# What to try when a quantized variant fails its gates, per mode.
+_NEXT_STEPS = {
+    "int8": "--keep-float N keeps the N most outlier-heavy MatMul/Gemm in fp32 (toolkit build tries 2, 4, 8, ...); "
+            "--full-range where the CPU has VNNI",
+    "int8-static": "--method entropy or percentile (calibration ranges that clip outliers), --per-channel, "
+                   "--calibration-samples with more rows; or --mode int8 (dynamic activations)",
+    "fp16": "--keep-fp32 with more op types kept in fp32 (e.g. Add,Mul for residual sums that overflow)",
+}
+
+
+def _check_new(bundle_dir: Path, variant: str, check_parity: bool, next_steps: str | None = None) -> None:
     if not check_parity:
         out.print(f"added variant {variant}; its parity is not checked yet (toolkit check {bundle_dir} --variant {variant})")
         return
@@ -253,6 +263,8 @@ def _check_new(bundle_dir: Path, variant: str, check_parity: bool) -> None:
     records = check_bundle(bundle_dir, variants=[variant], progress=_progress)
     render.parity_table(out, records, f"parity: {bundle_dir} variant {variant}")
     if not records[variant]["passed"]:
+        if next_steps:
+            err.print(f"variant {variant} fails its gates (it stays in the bundle, marked failed); to try: {next_steps}")
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
@@ -480,6 +492,11 @@ def serve(
 ) -> None:
     """Serve bundles over the Open Inference Protocol (KServe v2 REST), with Triton's binary tensor and
     generate extensions, dynamic batching and Prometheus /metrics. Ctrl-C drains requests in flight."""
+    import importlib.util
+
+    missing = [m for m in ("uvicorn", "starlette") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ToolkitError(f"toolkit serve needs the serve extra ({', '.join(missing)} missing): pip install 'toolkit[serve]'.")
     from toolkit.runtime.model import load
     from toolkit.serve.app import ServeOptions
     from toolkit.serve.app import serve as run_server

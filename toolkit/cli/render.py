@@ -130,4 +130,10 @@ def description(console: Console, info: dict[str, Any]) -> None:
         if "ops" in v:
             console.print(f"  {v['nodes']} nodes, {v['parameters']:,} parameters, IR {v['ir_version']}, opsets {v['opsets']}")
             console.print("  ops: " + ", ".join(f"{op}×{n}" for op, n in v["ops"].items()))
+    for name, why in info["failed"].items():
+        console.print(Text(f"\nnot made: {name}: ", style="red") + Text(why))
+    best = info["best"]
+    if best:
+        console.print(f"\nbest: {best['variant']} on {best['provider']} ({best['threads']} threads, {best['cpu']}, "
+                      f"{best['measured_at']}); rule: {best['rule']}")
     console.print("\nproviders: " + "; ".join(f"{k} {v}" for k, v in info["providers"].items()))

@@ -133,6 +133,9 @@ def trace(*, source: dict[str, Any], opset: int, exporter: str, directory: str, 
     import torch
 
     check_signature(spec)
+    if spec.sample_data is None and spec.eval_data is None:
+        say(f"warning: {model} has no sample_data (nor eval_data): its task gates will be judged on synthetic inputs, which a "
+            "trained model may treat unlike real ones; give ModelSpec.sample_data (README, \"Your own model\")")
     proto, used, fallback_reason = None, "dynamo", None
     if isinstance(spec.module, torch.jit.ScriptModule):
         why = (f"{model} is a TorchScript module (torch.jit.ScriptModule): the dynamo exporter traces Python code, which a "
@@ -223,6 +226,7 @@ def _trace_isolated(request: dict[str, Any], say: Progress) -> dict[str, Any]:
                     reply = message
         finally:
             worker.wait()
+            worker.stdout.close()
         if "result" in reply:
             return reply["result"]
         if "error" in reply:

@@ -40,6 +40,8 @@ def describe(path: str | Path) -> dict[str, Any]:
         "path": str(bundle.path),
         "parts": {part: str(bundle.path / part) for part in bundle.manifest.parts},
         "variants": variants,
+        "failed": dict(bundle.manifest.failed),  # variants a build could not make, and why
+        "best": bundle.manifest.best,
         "providers": {"cpu": "available", "cuda": "available" if cuda_ok else f"unavailable: {why}"},
     }
 
@@ -47,7 +49,24 @@ def describe(path: str | Path) -> dict[str, Any]:
 def _parity_summary(parity: dict[str, Any] | None) -> str:
     if parity is None:
         return "not checked (run `toolkit check`)"
-    return ("passed" if parity["passed"] else "FAILED") + f" on {parity['runtime']} at {parity['checked_at']}"
+    if "failed" in parity:  # it could not be checked at all
+        return f"FAILED: {parity['failed']}"
+    verdict = "passed" if parity["passed"] else "FAILED"
+    return f"{verdict} on {parity['runtime']} at {parity['checked_at']}" + ("" if parity["passed"] else f": {_why(parity)}")
+
+
+def _why(parity: dict[str, Any]) -> str:
+    """The gates a variant missed, in a line."""
+    reasons = list(parity.get("errors") or [])[:2]
+    reasons += [f"output {name}: max error {o['max_abs_err']:.3g} at a scale of {o['scale']:.3g}"
+                for name, o in (parity.get("outputs") or {}).items() if not o.get("passed", True)][:2]
+    metric = parity.get("task_metric") or {}
+    if metric and not metric.get("passed", True):
+        reasons.append(f"{metric['metric']} {metric['value']:.4g} against a threshold of {metric['threshold']}")
+    accuracy = parity.get("accuracy") or {}
+    if accuracy and not accuracy.get("passed", True):
+        reasons.append(f"accuracy {accuracy['variant']:.2%} against the reference's {accuracy['reference']:.2%}")
+    return "; ".join(reasons) or "see `toolkit check`"
 
 
 def _graph_summary(path: Path) -> dict[str, Any]:

@@ -64,7 +64,8 @@ def preprocess(context: QuantizeContext, model_file: Path) -> tuple[Path, dict[s
             run_child(_PRE_PROCESS, str(model_file.resolve()), str(target.resolve()), True, is_large(model_file), cwd=directory)
         except ChildFailed as exc:
             raise ToolkitError(f"onnxruntime's quantization pre-processing failed on {model_file}: {exc}") from exc
-        options = {"preprocess": f"quant_pre_process without symbolic shape inference ({str(reason).split(':')[0]})"}
+        why = " ".join(str(reason).split())[:200]
+        options = {"preprocess": f"quant_pre_process without symbolic shape inference, which failed: {why}"}
     record.write_text(json.dumps(options))
     return target, options
 

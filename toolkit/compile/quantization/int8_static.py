@@ -26,8 +26,8 @@ def quantize_int8_static(context: QuantizeContext, config: Int8Static, model_fil
     )
 
     pre, options = preprocess(context, model_file)
-    context.say(f"calibrating on {config.calibration_samples} samples ({config.method}{', per channel' if config.per_channel else ''})")
     feeds, origin = calibration_feeds(context, config.calibration_samples)
+    context.say(f"calibrating on {len(feeds)} samples from {origin} ({config.method}{', per channel' if config.per_channel else ''})")
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
