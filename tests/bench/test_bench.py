@@ -48,6 +48,18 @@ def test_measure_runs_each_step_until_its_share_of_the_time_is_spent():
     assert len(latencies["slow"]) == 8 and np.allclose(latencies["slow"], 0.125)
 
 
+def test_warm_up_is_bounded_by_the_time_given_too():
+    """--max-time bounds a slow model's warm-up as well as its timed rounds (at least one warm-up run)."""
+    now, calls = [0.0], []
+
+    def slow():
+        calls.append(now[0])
+        now[0] += 0.5
+
+    measure({"slow": slow}, max_time=1.0, rounds=1, warmup=10, clock=lambda: now[0])
+    assert len(calls) == 2 + 2  # warm-up: runs starting at 0 and 0.5; then the timed round's 1.0 s
+
+
 @pytest.fixture(scope="module")
 def report(exported):
     return bench(exported("encoder"), batches=(1, 2), seqs=(4,), **QUICK)
@@ -187,3 +199,13 @@ def test_cuda_rows_bind_io_on_the_device_and_count_cpu_nodes(exported):
     assert cuda_rows and all(isinstance(r.cpu_nodes, int) for r in cuda_rows)
     assert all(math.isfinite(r.p50_ms) for r in result.rows)
     assert "cuda" in available_providers()
+
+
+def test_the_sizes_of_other_dims_are_shown(cli, exported, tmp_path):
+    """A dim that is neither batch nor seq (here `length`) is timed at a size the table must say."""
+    result = cli("bench", exported("userpkg.toy:build"), "--batch", "1", "--max-time", "0.02", "--rounds", "2", "--csv", tmp_path / "rows.csv")
+    assert result.exit_code == 0, result.output
+    assert "other dims" in result.stdout and "length 5" in result.stdout
+    lines = (tmp_path / "rows.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    assert len(lines) == 3 and all(row.split(",")[header.index("dims")] == "length 5" for row in lines[1:])

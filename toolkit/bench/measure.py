@@ -27,15 +27,19 @@ def measure(
     """Times every step in interleaved rounds; returns (latencies in seconds per step, the order the
     steps ran in per round).
 
-    Each step is warmed up `warmup` times, then each round gives each step about
-    max_time / (rounds × steps) seconds (at least one iteration), starting with a different step
-    every round. A step's `enter` attribute, where it has one, is called untimed before each of its
+    Each step is warmed up `warmup` times, or as many of them as start within `max_time` (at least
+    once: the first run of a session pays for its allocations), then each round gives each
+    step about max_time / (rounds × steps) seconds (at least one iteration), starting with a
+    different step every round. A step's `enter` attribute, where it has one, is called untimed before each of its
     turns, and `cooldown` seconds pass idle after each turn.
     """
     labels = list(steps)
     for label in labels:
         _enter(steps[label])
-        for _ in range(warmup):
+        deadline = clock() + max_time
+        for done in range(warmup):
+            if done and clock() >= deadline:
+                break
             steps[label]()
     budget = max_time / (rounds * len(labels))
     samples: dict[str, list[float]] = {label: [] for label in labels}

@@ -42,6 +42,7 @@ class Row:
     peak_mem_mb: float | None
     cpu_nodes: int | None  # CUDA: nodes onnxruntime placed on the CPU provider
     parity: str  # pass, FAIL, unchecked, or "reference" for torch
+    dims: str = ""  # the sizes of the dims other than batch and seq ("past 32", "frames 100")
 
 
 ROW_FIELDS = tuple(f.name for f in fields(Row))
@@ -84,7 +85,7 @@ def rows(model: str, candidates: list[Candidate], latencies: dict[str, np.ndarra
             speedup_vs_torch=reference / p50 if reference else None,
             gflop=flop / 1e9 if flop else None, gflops_per_s=flop / p50 / 1e9 if flop else None,
             gemm_peak_gflops_per_s=peaks.get(c.provider), peak_mem_mb=c.peak_mem_mb, cpu_nodes=c.cpu_nodes,
-            parity=c.parity,
+            parity=c.parity, dims=", ".join(f"{name} {size}" for name, size in sizes.items() if name not in ("batch", "seq")),
         ))
     return rows
 

@@ -91,12 +91,14 @@ def _gate_summary(record: dict[str, Any]) -> str:
 def bench_table(console: Console, report: Any) -> None:
     cuda = any(r.provider == "cuda" for r in report.rows)
     several = len(report.settings["threads"]) > 1
-    columns = ["provider", "variant", *(["threads"] if several else []), "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "items/s", "× torch", "GFLOP/s (% peak)", "mem MB", "parity"]
+    dims = any(r.dims for r in report.rows)
+    columns = ["provider", "variant", *(["threads"] if several else []), "batch", "seq", *(["other dims"] if dims else []), "p50 ms", "p90 ms", "p99 ms", "items/s", "× torch", "GFLOP/s (% peak)", "mem MB", "parity"]
     table = Table(*columns, *(["CPU nodes"] if cuda else []), title=f"bench: {report.rows[0].model if report.rows else ''}")
     for r in report.rows:
         flops = f"{r.gflops_per_s:.1f} ({r.gflops_per_s / r.gemm_peak_gflops_per_s:.0%})" if r.gflops_per_s and r.gemm_peak_gflops_per_s else "-"
         table.add_row(
-            r.provider, r.variant, *([str(r.threads)] if several else []), str(r.batch), "-" if r.seq is None else str(r.seq), f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}",
+            r.provider, r.variant, *([str(r.threads)] if several else []), str(r.batch), "-" if r.seq is None else str(r.seq),
+            *([r.dims or "-"] if dims else []), f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}",
             f"{r.p99_ms:.3f}", f"{r.items_per_s:,.0f}", "-" if r.speedup_vs_torch is None else f"{r.speedup_vs_torch:.2f}",
             flops, "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.1f}",
             verdict(True) if r.parity == "pass" else (Text(r.parity, style="bold red") if r.parity == "FAIL" else Text(r.parity, style="dim")),
