@@ -6,7 +6,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
-__all__ = ["logger_level", "torch_threads"]
+__all__ = ["logger_level", "logging_disabled", "torch_threads"]
 
 
 @contextlib.contextmanager
@@ -19,6 +19,18 @@ def logger_level(name: str | None, level: int) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(previous)
+
+
+@contextlib.contextmanager
+def logging_disabled(level: int) -> Iterator[None]:
+    """Every logger's records at `level` and below dropped inside the block, whatever handlers the
+    code that logs has set up."""
+    previous = logging.root.manager.disable
+    logging.disable(level)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 @contextlib.contextmanager

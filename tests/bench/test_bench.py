@@ -209,3 +209,15 @@ def test_the_sizes_of_other_dims_are_shown(cli, exported, tmp_path):
     lines = (tmp_path / "rows.csv").read_text().splitlines()
     header = lines[0].split(",")
     assert len(lines) == 3 and all(row.split(",")[header.index("dims")] == "length 5" for row in lines[1:])
+
+
+def test_int8_rows_are_set_against_the_integer_gemm_peak(with_variants):
+    """An int8 variant's throughput is compared with onnxruntime's integer MatMul on this machine, not
+    with the fp32 one; its work (MatMulInteger) is counted as the fp32 graph's is."""
+    report = bench(with_variants("mlp", ("int8",)), variants=["fp32", "int8"], batches=(4,), torch_eager=False, **QUICK)
+    peaks = report.machine["gemm_peak_gflops_per_s"]
+    assert peaks["cpu int8"] > 0 and peaks["cpu"] > 0
+    rows = {r.variant: r for r in report.rows}
+    assert rows["int8"].gemm_peak_gflops_per_s == pytest.approx(peaks["cpu int8"], rel=0.01)
+    assert rows["fp32"].gemm_peak_gflops_per_s == pytest.approx(peaks["cpu"], rel=0.01)
+    assert rows["int8"].gflop == pytest.approx(rows["fp32"].gflop)

@@ -150,3 +150,9 @@ def test_serve_without_the_serve_extra_says_how_to_install_it_before_anything_el
     assert result.exit_code == 2
     assert "toolkit serve needs the serve extra (uvicorn missing): pip install 'toolkit[serve]'." in result.stderr
     assert "serving" not in result.output
+
+
+def test_check_drops_the_model_librarys_info_logging_as_export_does(cli, exported):
+    result = cli("check", exported("userpkg.toy:chatty"))
+    assert result.exit_code == 0, result.output
+    assert "chatty: loading weights" not in result.output

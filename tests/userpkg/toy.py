@@ -145,3 +145,16 @@ def named() -> ModelSpec:
     import dataclasses
 
     return dataclasses.replace(build(), name="scaler")
+
+
+def chatty() -> ModelSpec:
+    """A factory whose library logs what it does, through a handler of its own."""
+    import logging
+    import sys
+
+    log = logging.getLogger("userpkg.weights")
+    if not log.handlers:
+        log.addHandler(logging.StreamHandler(sys.stderr))
+    log.setLevel(logging.INFO)
+    log.info("chatty: loading weights from the checkpoint")
+    return build()

@@ -29,6 +29,7 @@ class Candidate:
     variant: str
     threads: int
     parity: str
+    precision: str = "fp32"  # which GEMM peak its throughput is set against (int8: onnxruntime's integer MatMul)
     peak_mem_mb: float | None = None
     cpu_nodes: int | None = None
 
@@ -49,6 +50,7 @@ class OrtCandidate(Candidate):
         self.variant = variant + GRAPH_SUFFIX if cuda_graph else variant
         self.label = f"{provider}/{self.variant}"
         self._graph_ids = iter(range(1, 1 << 30))
+        self.precision = bundle.manifest.variants[variant].precision
         parity = bundle.manifest.variants[variant].parity
         self.parity = "unchecked" if parity is None else ("pass" if parity["passed"] else "FAIL")
 

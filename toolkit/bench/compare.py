@@ -85,6 +85,8 @@ def bench(
     shapes = _shapes(manifest.dims, batches, seqs) if shapes is None else [_sizes(manifest.dims, s) for s in shapes]
     say(f"measuring the GEMM peak on {', '.join(providers)}")
     peaks = {p: gemm_peak(p, threads=max(counts)) for p in providers}
+    if "cpu" in providers and any(bundle.variant(n).precision == "int8" for n in names):  # CUDA has no integer MatMul kernels
+        peaks["cpu int8"] = gemm_peak("cpu", threads=max(counts), dtype="int8")
     torch_kinds = [k for k, wanted in ((TORCH_EAGER, torch_eager), (TORCH_COMPILE, torch_compile)) if wanted]
     if torch_kinds and reference is None:
         from toolkit.reference.source import resolve

@@ -1,6 +1,6 @@
 """Arithmetic work of an ONNX graph at given input sizes: 2·M·N·K per matrix product, counted for
-MatMul, Gemm, Conv and LSTM (the ops that hold nearly all of a model's floating-point work), from
-shapes found by onnxruntime's symbolic shape inference."""
+MatMul, Gemm, Conv and LSTM (the ops that hold nearly all of a model's floating-point work) and the
+integer MatMul and Conv of dynamic int8, from shapes found by onnxruntime's symbolic shape inference."""
 
 from __future__ import annotations
 
@@ -34,18 +34,19 @@ def graph_flops(path: Path, sizes: Mapping[str, int]) -> float | None:
         shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
     total = 0.0
     for node in model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm", "Conv", "LSTM"):
+        op = {"MatMulInteger": "MatMul", "ConvInteger": "Conv"}.get(node.op_type, node.op_type)
+        if op not in ("MatMul", "Gemm", "Conv", "LSTM"):
             continue
         operands = [shapes.get(name) for name in (*node.input[:2], node.output[0])]
         if any(s is None or None in s for s in operands):
             return None
         a, b, y = operands
-        if node.op_type == "MatMul":
+        if op == "MatMul":
             total += 2 * math.prod(y) * a[-1]
-        elif node.op_type == "Gemm":
+        elif op == "Gemm":
             trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
             total += 2 * math.prod(y) * (a[0] if trans_a else a[-1])
-        elif node.op_type == "Conv":
+        elif op == "Conv":
             total += 2 * math.prod(y) * math.prod(b[1:])  # every output element: C_in/group · kernel MACs
         else:
             seq, batch, features = a

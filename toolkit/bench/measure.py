@@ -74,7 +74,8 @@ GEMM_SIZES = {"cpu": (256, 512, 1024), "cuda": (1024, 2048, 4096)}  # a GPU need
 def gemm_peak(provider: str, *, threads: int, sizes: Sequence[int] | None = None, seconds: float = 0.3,
               dtype: str = "float32") -> float:
     """GFLOP/s of onnxruntime's MatMul of square `dtype` matrices on `provider`, the best over `sizes`:
-    what this runtime achieves on this machine, the practical limit the model rows are compared with."""
+    what this runtime achieves on this machine, the practical limit the model rows are compared with.
+    `dtype` "int8": MatMulInteger of uint8 by int8 (the products of dynamic int8), in GOP/s."""
     return max(_gemm(provider, threads, size, seconds, dtype) for size in sizes or GEMM_SIZES[provider])
 
 
@@ -83,17 +84,23 @@ def _gemm(provider: str, threads: int, size: int, seconds: float, dtype: str) ->
 
     from toolkit._onnx import IR_VERSION_CAP
 
-    element = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    rng = np.random.default_rng(0)
+    if dtype == "int8":
+        types = {"a": np.uint8, "b": np.int8}
+        node, result = helper.make_node("MatMulInteger", ["a", "b"], ["y"]), np.int32
+        feeds = {n: rng.integers(0, 127, size=(size, size)).astype(t) for n, t in types.items()}
+    else:
+        types = {"a": np.dtype(dtype), "b": np.dtype(dtype)}
+        node, result = helper.make_node("MatMul", ["a", "b"], ["y"]), np.dtype(dtype)
+        feeds = {n: rng.standard_normal((size, size)).astype(dtype) for n in ("a", "b")}
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["y"])], "gemm",
-        [helper.make_tensor_value_info(n, element, [size, size]) for n in ("a", "b")],
-        [helper.make_tensor_value_info("y", element, [size, size])],
+        [node], "gemm",
+        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.dtype(t)), [size, size]) for n, t in types.items()],
+        [helper.make_tensor_value_info("y", helper.np_dtype_to_tensor_dtype(np.dtype(result)), [size, size])],
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     proto.ir_version = IR_VERSION_CAP
     session = ort_session(proto.SerializeToString(), provider, threads)
-    rng = np.random.default_rng(0)
-    feeds = {n: rng.standard_normal((size, size)).astype(dtype) for n in ("a", "b")}
     step = ort_step(session, feeds, provider)
     latencies, _ = measure({"gemm": step}, max_time=seconds, rounds=1, warmup=3)
     return 2 * size**3 / float(np.median(latencies["gemm"])) / 1e9

@@ -84,7 +84,8 @@ def rows(model: str, candidates: list[Candidate], latencies: dict[str, np.ndarra
             iterations=len(seconds), items_per_s=batch / float(seconds.mean()),
             speedup_vs_torch=reference / p50 if reference else None,
             gflop=flop / 1e9 if flop else None, gflops_per_s=flop / p50 / 1e9 if flop else None,
-            gemm_peak_gflops_per_s=peaks.get(c.provider), peak_mem_mb=c.peak_mem_mb, cpu_nodes=c.cpu_nodes,
+            gemm_peak_gflops_per_s=peaks.get(f"{c.provider} int8" if c.precision == "int8" else c.provider, peaks.get(c.provider)),
+            peak_mem_mb=c.peak_mem_mb, cpu_nodes=c.cpu_nodes,
             parity=c.parity, dims=", ".join(f"{name} {size}" for name, size in sizes.items() if name not in ("batch", "seq")),
         ))
     return rows

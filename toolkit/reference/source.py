@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import logging
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from toolkit._scoped import logging_disabled
 from toolkit.bundle import Source
 from toolkit.errors import ToolkitError
 from toolkit.spec import ModelSpec
@@ -43,15 +45,18 @@ def source_of(model: str, preset: str | None) -> Source:
 
 
 def resolve(source: Source) -> ModelSpec:
-    """The `ModelSpec` (PyTorch module in eval mode, inputs, dims, ...) that `source` names."""
-    if source.kind == "zoo":
-        spec = _zoo(source.model, source.preset)
-    elif source.kind == "hf":
-        from toolkit.reference.hf import hf_spec
+    """The `ModelSpec` (PyTorch module in eval mode, inputs, dims, ...) that `source` names. What
+    the model's libraries log at INFO and below while it is built is dropped, for check and build
+    as for export (whose worker's output is shown only on failure)."""
+    with logging_disabled(logging.INFO):
+        if source.kind == "zoo":
+            spec = _zoo(source.model, source.preset)
+        elif source.kind == "hf":
+            from toolkit.reference.hf import hf_spec
 
-        spec = hf_spec(source.path)
-    else:
-        spec = _factory(source.ref)
+            spec = hf_spec(source.path)
+        else:
+            spec = _factory(source.ref)
     if source.part is not None:
         if source.part not in spec.parts:
             raise ToolkitError(f"{source.with_part(None).describe()} has no part {source.part!r}; "
