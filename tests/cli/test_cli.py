@@ -156,3 +156,22 @@ def test_check_drops_the_model_librarys_info_logging_as_export_does(cli, exporte
     result = cli("check", exported("userpkg.toy:chatty"))
     assert result.exit_code == 0, result.output
     assert "chatty: loading weights" not in result.output
+
+
+def test_a_piped_bench_prints_its_table_whole(exported):
+    """Outside a terminal (a pipe, a log file) the table is not cut to 80 columns."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    result = subprocess.run([sys.executable, "-m", "toolkit.cli", "bench", exported("mlp"), "--batch", "1", "--max-time", "0.02",
+                             "--rounds", "2"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "…" not in result.stdout
+    assert "GFLOP/s (% peak)" in result.stdout and "torch-eager" in result.stdout and "reference" in result.stdout
+
+
+def test_debug_shows_torchs_own_account_of_a_dynamo_failure_it_fell_back_from(cli, tmp_path, capfd):
+    result = cli("--debug", "export", "userpkg.failing:branching", "-o", tmp_path / "b")
+    assert result.exit_code == 0, result.output
+    assert "DataDependentOutputException" in capfd.readouterr().err  # the worker's traceback, on stderr
