@@ -158,3 +158,10 @@ def test_a_head_model_builds_with_parity(tmp_path, kind):
     assert expected <= set(variants) | set(bundle.manifest.failed)
     for name in expected & set(variants):
         assert variants[name].parity["task_metric"]["metric"] == "top1_agreement"
+
+
+def test_an_encoder_decoders_bare_model_is_not_taken_for_an_encoder(tmp_path):
+    from toolkit.reference.hf import hf_spec
+
+    with pytest.raises(ToolkitError, match=r"architecture T5Model is not supported.*encoder-decoders"):
+        hf_spec(_saved_as(tmp_path, "t5", "T5Model"))

@@ -75,7 +75,7 @@ def hf_spec(path: str | Path) -> ModelSpec:
     transformers.logging.disable_progress_bar()
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     architecture = (config.architectures or [f"{type(config).__name__.removesuffix('Config')}Model"])[0]
-    head = _head(path, architecture)
+    head = _head(path, architecture, encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)))
     try:
         # eager attention: the plain MatMul-Softmax form that exports cleanly and that onnxruntime fuses
         model, loading = getattr(transformers, head.auto).from_pretrained(path, local_files_only=True, attn_implementation="eager",
@@ -93,9 +93,9 @@ def hf_spec(path: str | Path) -> ModelSpec:
     return spec
 
 
-def _head(path: Path, architecture: str) -> _Head:
+def _head(path: Path, architecture: str, *, encoder_decoder: bool) -> _Head:
     for head in _HEADS:
-        if architecture.endswith(head.suffixes):
+        if architecture.endswith(head.suffixes) and not encoder_decoder:
             return head
     supported = ", ".join(f"*{suffix}" for head in _HEADS for suffix in head.suffixes)
     raise ToolkitError(f"hf:{path}: architecture {architecture} is not supported; toolkit exports {supported} "
