@@ -211,6 +211,7 @@ def test_the_sizes_of_other_dims_are_shown(cli, exported, tmp_path):
     assert len(lines) == 3 and all(row.split(",")[header.index("dims")] == "length 5" for row in lines[1:])
 
 
+@pytest.mark.slow  # exports or quantizes a model
 def test_int8_rows_are_set_against_the_integer_gemm_peak(with_variants):
     """An int8 variant's throughput is compared with onnxruntime's integer MatMul on this machine, not
     with the fp32 one; its work (MatMulInteger) is counted as the fp32 graph's is."""

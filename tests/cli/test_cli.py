@@ -152,12 +152,14 @@ def test_serve_without_the_serve_extra_says_how_to_install_it_before_anything_el
     assert "serving" not in result.output
 
 
+@pytest.mark.slow  # builds or exports a model
 def test_check_drops_the_model_librarys_info_logging_as_export_does(cli, exported):
     result = cli("check", exported("userpkg.toy:chatty"))
     assert result.exit_code == 0, result.output
     assert "chatty: loading weights" not in result.output
 
 
+@pytest.mark.slow  # exports or quantizes a model
 def test_a_piped_bench_prints_its_table_whole(exported):
     """Outside a terminal (a pipe, a log file) the table is not cut to 80 columns."""
     import os
@@ -171,6 +173,7 @@ def test_a_piped_bench_prints_its_table_whole(exported):
     assert "GFLOP/s (% peak)" in result.stdout and "torch-eager" in result.stdout and "reference" in result.stdout
 
 
+@pytest.mark.slow  # exports or quantizes a model
 def test_debug_shows_torchs_own_account_of_a_dynamo_failure_it_fell_back_from(cli, tmp_path, capfd):
     result = cli("--debug", "export", "userpkg.failing:branching", "-o", tmp_path / "b")
     assert result.exit_code == 0, result.output

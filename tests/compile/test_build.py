@@ -151,6 +151,7 @@ def test_a_decoder_is_timed_on_its_prompt_and_decode_steps(exported, copy_of):
     assert set(best["p50_ms"]["fp32"]) == {"batch 1, seq 32, past 0", "batch 1, seq 1, past 32", "batch 32, seq 1, past 32"}
 
 
+@pytest.mark.slow  # builds or exports a model
 def test_a_build_runs_the_reference_once_and_records_an_int8_that_changed_nothing(tmp_path, cli):
     """The reference's outputs are gathered by the first check and reused by every later one; a
     file is pre-processed for quantization once; dynamic int8 on a convolution-only model is

@@ -202,6 +202,7 @@ def test_in_process_export_works_for_factories_defined_here(tmp_path, monkeypatc
         export("defined_here:build", tmp_path / "c")
 
 
+@pytest.mark.slow  # exports or quantizes a model
 def test_a_spec_names_its_bundle_unless_the_caller_does(tmp_path):
     from toolkit.spec import ModelSpec, TensorSpec
 
@@ -220,6 +221,7 @@ def quantize_scale(x):
 '''
 
 
+@pytest.mark.slow  # exports or quantizes a model
 def test_a_builtin_the_exporter_cannot_translate_is_named_with_its_line_in_an_installed_package(tmp_path, monkeypatch):
     helpers = tmp_path / "site-packages" / "userhelpers"
     helpers.mkdir(parents=True)
@@ -235,6 +237,7 @@ def test_a_builtin_the_exporter_cannot_translate_is_named_with_its_line_in_an_in
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow  # exports or quantizes a model
 def test_a_branch_on_tensor_values_is_named_with_its_line():
     import inspect
 
@@ -249,6 +252,7 @@ def test_a_branch_on_tensor_values_is_named_with_its_line():
     assert "pick with torch.where" in message
 
 
+@pytest.mark.slow  # exports or quantizes a model
 def test_a_torchscript_module_goes_to_the_torchscript_exporter_and_says_why(tmp_path):
     with pytest.raises(ToolkitError, match=r"is a TorchScript module \(torch.jit.ScriptModule\).*--exporter torchscript"):
         export("userpkg.failing:scripted", tmp_path / "a", exporter="dynamo")

@@ -217,6 +217,7 @@ def test_a_cpu_is_saturating_when_it_is_x86_without_vnni(monkeypatch, tmp_path):
     assert int8_dynamic.saturating_cpu() is False
 
 
+@pytest.mark.slow  # exports or quantizes a model
 def test_int8_that_quantizes_nothing_is_not_made_and_says_what_would(exported, copy_of):
     """A convolution-only model: dynamic int8 leaves every weight in fp32, so no `int8` is stored
     (it would pass its gates and could become best as fp32 under an int8 name)."""

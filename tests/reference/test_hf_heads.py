@@ -31,7 +31,7 @@ HEADS = {
 }
 
 
-@pytest.mark.parametrize("kind", [k if k in ("bert-token", "bert-answer", "vit") else pytest.param(k, marks=pytest.mark.slow) for k in HEADS])
+@pytest.mark.parametrize("kind", [k if k in ("bert-token", "vit") else pytest.param(k, marks=pytest.mark.slow) for k in HEADS])
 def test_the_task_and_outputs_come_from_the_architecture(kind):
     from toolkit.reference.hf import hf_spec
     from toolkit.reference.run import run_reference
@@ -81,7 +81,7 @@ def test_natural_images_have_photographs_spectrum():
     assert np.array_equal(images, natural_images(16, 3, 64, 64, seed=0))
 
 
-@pytest.mark.parametrize("kind", ["bart", "t5"])
+@pytest.mark.parametrize("kind", ["bart", pytest.param("t5", marks=pytest.mark.slow)])
 def test_an_architecture_it_does_not_export_is_named_with_the_supported_ones(kind):
     from toolkit.reference.hf import hf_spec
 
