@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import onnx
 from onnx import helper
@@ -39,9 +40,9 @@ def save_model(proto: onnx.ModelProto, path: Path) -> list[str]:
 def _typed_to_raw(proto: onnx.ModelProto) -> None:
     """Tensors kept in typed fields (float_data, as the quantizer writes its scales) as raw bytes:
     onnx moves only raw data out of the graph."""
-    from onnx import external_data_helper, numpy_helper
+    from onnx import numpy_helper
 
-    for tensor in external_data_helper._get_all_tensors(proto):
+    for tensor in _tensors(proto):
         if not tensor.HasField("raw_data") and tensor.data_type != onnx.TensorProto.STRING and tensor.ByteSize() >= 1024:
             tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
 
@@ -57,8 +58,15 @@ def external_files(path: Path) -> list[str]:
     from onnx.external_data_helper import uses_external_data
 
     proto = onnx.load(str(path), load_external_data=False)
-    tensors = list(proto.graph.initializer) + [a.t for n in proto.graph.node for a in n.attribute if a.HasField("t")]
-    return sorted({e.value for t in tensors if uses_external_data(t) for e in t.external_data if e.key == "location"})
+    return sorted({e.value for t in _tensors(proto) if uses_external_data(t) for e in t.external_data if e.key == "location"})
+
+
+def _tensors(proto: onnx.ModelProto) -> Any:
+    """Every tensor of the model, subgraphs' included: onnx's own walk, the one its external-data
+    saving uses."""
+    from onnx import external_data_helper
+
+    return external_data_helper._get_all_tensors(proto)
 
 
 def default_opset(proto: onnx.ModelProto) -> int:

@@ -51,9 +51,9 @@ def describe_failure(model: str, exporter: str, exc: BaseException, *, suggest_t
     if isinstance(chain[0], ToolkitError):  # toolkit's own check of the result: its message explains
         cause = str(chain[0])
     else:
-        cause = _summary(text) or next((f"{type(e).__name__}: {_first_line(e)}" for e in reversed(chain) if _first_line(e)),
-                                       type(chain[-1]).__name__)
-    lines.append(f"  cause: {cause if isinstance(chain[0], ToolkitError) else cause[:400]}")
+        cause = (_summary(text) or next((f"{type(e).__name__}: {_first_line(e)}" for e in reversed(chain) if _first_line(e)),
+                                        type(chain[-1]).__name__))[:400]
+    lines.append(f"  cause: {cause}")
     op = next((m.group(1) for p in _OPS for m in [p.search(text)] if m), None)
     if op:
         lines.append(f"  operator: {op.replace('.', '::', 1) if op[0] != '<' and '::' not in op else op} has no ONNX translation")

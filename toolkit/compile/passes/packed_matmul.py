@@ -40,11 +40,13 @@ def pack_sibling_matmuls(proto: Any) -> int:
             groups.setdefault((node.input[0], weight.dims[0], weight.data_type), []).append(node)
     replacement: dict[int, list[Any]] = {}
     dropped: set[int] = set()
+    taken = {t.name for t in graph.initializer} | {out for node in graph.node for out in node.output}
     for members in groups.values():
         if len(members) < 2:
             continue
         arrays = [numpy_helper.to_array(weights[m.input[1]]) for m in members]
-        stem = _unique(graph, f"{members[0].name or members[0].output[0]}_packed")
+        stem = _unique(taken, f"{members[0].name or members[0].output[0]}_packed")
+        taken |= {f"{stem}_{suffix}" for suffix in _SUFFIXES}
         graph.initializer.append(numpy_helper.from_array(np.concatenate(arrays, axis=1), f"{stem}_weight"))
         graph.initializer.append(numpy_helper.from_array(np.array([a.shape[1] for a in arrays], dtype=np.int64), f"{stem}_sizes"))
         replacement[id(members[0])] = [
@@ -61,9 +63,11 @@ def pack_sibling_matmuls(proto: Any) -> int:
     return len(replacement)
 
 
-def _unique(graph: Any, stem: str) -> str:
-    taken = {t.name for t in graph.initializer} | {out for node in graph.node for out in node.output}
+_SUFFIXES = ("weight", "sizes", "output")  # the names a packed group adds: stem_weight, stem_sizes, stem_output
+
+
+def _unique(taken: set[str], stem: str) -> str:
     name, n = stem, 1
-    while any(f"{name}_{suffix}" in taken for suffix in ("weight", "sizes", "output")):
+    while any(f"{name}_{suffix}" in taken for suffix in _SUFFIXES):
         name, n = f"{stem}{n}", n + 1
     return name
