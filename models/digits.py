@@ -7,6 +7,7 @@ import hashlib
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,23 @@ def save_atomic(obj: Any, path: Path) -> None:
     os.close(fd)
     torch.save(obj, tmp)
     os.replace(tmp, path)  # atomic: concurrent trainers write identical files
+
+
+def save_directory_once(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(staging)` fills a fresh directory that then becomes `path`, unless another process
+    (a parallel test worker) published it first: the two are the same, and the later one is dropped."""
+    import shutil
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    try:
+        write(staging)
+        staging.rename(path)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def classifier_spec(module: nn.Module, config: Any, *, input_name: str, input_shape: tuple[int, ...], description: str) -> ModelSpec:

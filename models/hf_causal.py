@@ -8,6 +8,7 @@ version, so that their bundles can be reused between runs."""
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +24,18 @@ def causal_lm(kind: str, size: str = "tiny") -> Path:
     """The directory of the `size` `kind` model, built on first use."""
     import transformers
 
-    from models.digits import cache_dir
+    from models.digits import cache_dir, save_directory_once
 
     if kind not in ARCHITECTURES or size not in SIZES:
         raise ValueError(f"no {size!r} {kind!r}: kinds {', '.join(ARCHITECTURES)}; sizes {', '.join(SIZES)}")
     digest = hashlib.sha256(Path(__file__).read_bytes() + transformers.__version__.encode()).hexdigest()[:16]
     path = cache_dir().parent / "hf-models" / f"{kind}-{size}-{digest}"
     if not (path / "config.json").is_file():
-        _save(kind, size, path)
+        save_directory_once(path, partial(_save, kind, size))
     return path
 
 
-def _save(kind: str, size: str, path: Path) -> None:
-    import shutil
-
+def _save(kind: str, size: str, staging: Path) -> None:
     import torch
     import transformers
 
@@ -58,11 +57,8 @@ def _save(kind: str, size: str, path: Path) -> None:
     config, model_class = configs[kind]
     torch.manual_seed(0)
     model = model_class(config()).eval()
-    staging = path.with_name(path.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     fast.save_pretrained(staging)
-    staging.rename(path)
 
 
 def _tokenizer() -> Any:

@@ -429,8 +429,9 @@ def run(
 
 @_command
 def generate(
-    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle of a decoder with a KV cache (`toolkit build gpt`, `seq2seq`, or a Hugging Face causal LM: `hf:PATH`)."),
-    prompts: list[str] = typer.Option(..., "--prompt", "-p", help="Text to continue; repeat for a left-padded batch."),
+    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle of a decoder with a KV cache (`toolkit build gpt`, `seq2seq`, or a Hugging Face causal LM or encoder-decoder: `hf:PATH`)."),
+    prompts: list[str] | None = typer.Option(None, "--prompt", "-p", help="Text to continue (or, for an encoder-decoder, to answer); repeat for a batch."),
+    features: list[Path] | None = typer.Option(None, "--features", help="A speech model's prompt: a .npy file of its encoder's input features, (mels, frames) as its feature extractor makes them, or (batch, mels, frames); repeatable."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate at most (bytes, for the reference gpt)."),
     temperature: float = typer.Option(0.0, help="0 is greedy; above 0 samples from the scaled distribution."),
     top_k: int | None = typer.Option(None, "--top-k", help="Sample among the K most likely tokens (needs --temperature > 0)."),
@@ -451,12 +452,19 @@ def generate(
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     generator = Generator(bundle_dir, variant=variant, provider=provider.value, cache=cache.value)
     model = generator.model
+    if generator.layout.features:
+        if prompts or not features:
+            raise ToolkitError(f"{model.name} is a speech model: give its prompt as --features FILE.npy (its encoder's "
+                               f"{generator.source.name}, {tuple(generator.source.shape[1:])}), not --prompt.")
+        prompts = [clip for path in features for clip in _feature_clips(path)]
+    elif features or not prompts:
+        raise ToolkitError(f"{model.name} takes text: give --prompt TEXT" + (" (--features is for speech models)." if features else "."))
     notes = [n for n in (model.provider_note, generator.note) if n]
     err.print(f"generating with {model.name} variant {model.variant} on {model.provider}, {generator.decode} decoding"
               + (f" ({'; '.join(notes)})" if notes else ""))
     options = {"max_new_tokens": max_new_tokens, "stop": stop or (), "sampling": sampling}
     start = time.perf_counter()
-    echo = generator.layout.source_context is None  # a decoder continues its prompt; an encoder-decoder answers it
+    echo = generator.layout.encoder is None  # a decoder continues its prompt; an encoder-decoder answers it
     if stream and len(prompts) == 1:
         out.print(prompts[0] if echo else "", end="")
         texts = [""]
@@ -471,6 +479,17 @@ def generate(
             out.print((prompt if echo else "") + text + ("\n---" if len(prompts) > 1 else ""))
     tokens = sum(len(generator.tokenizer.encode(t)) for t in texts)
     err.print(f"{tokens} tokens in {time.perf_counter() - start:.2f} s")
+
+
+def _feature_clips(path: Path) -> list[Any]:
+    """The clips of a .npy file of features: one (mels, frames), or a batch (batch, mels, frames)."""
+    import numpy as np
+
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ToolkitError(f"--features {path}: not a readable .npy array: {exc}") from exc
+    return [array] if array.ndim == 2 else list(array)
 
 
 @_command

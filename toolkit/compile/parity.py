@@ -197,7 +197,7 @@ class _Greedy:
     """The reference's greedy continuation of a left-padded batch of prompts, with, per row and
     step, how far its chosen token led the runner-up in the logits and the logits' scale."""
 
-    prompts: list[list[int]]
+    prompts: list[Any]  # token ids, or a speech model's feature arrays
     tokens: np.ndarray  # (rows, steps)
     leads: np.ndarray  # (rows, steps)
     scales: np.ndarray  # (rows, steps): max |logit|
@@ -232,7 +232,8 @@ def _greedy_reference(bundle: Bundle, spec: ModelSpec, heldout) -> _Greedy:
     rows = range(min(_GREEDY_PROMPTS, len(feeds["input_ids"])))
     if "encoder" in bundle.manifest.generation:  # an encoder-decoder: its held-out sources, as they are
         sources = spec.parts[bundle.manifest.generation["encoder"]].sample_data()
-        prompts = [sources["source_ids"][i][sources["source_mask"][i] == 1].tolist() for i in rows]
+        prompts = [sources["input_features"][i] if "input_features" in sources else
+                   sources["source_ids"][i][sources["source_mask"][i] == 1].tolist() for i in rows]
     else:
         prompts = [feeds["input_ids"][i, : _GREEDY_PROMPT_TOKENS - 3 * i].tolist() for i in rows]
     logits_name = spec.outputs[0]

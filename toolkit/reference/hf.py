@@ -46,7 +46,8 @@ class _Head:
     task: str
     auto: str  # the transformers Auto class that loads it
     outputs: tuple[str, ...]  # the model output's fields the graph returns, in order
-    inputs: str = "text"  # or "image": pixel_values from the image processor config
+    inputs: str = "text"  # "image": pixel_values from the image processor config; "audio": a speech encoder's features
+    encoder_decoder: bool = False
 
 
 _HEADS = (
@@ -56,6 +57,8 @@ _HEADS = (
     _Head(("ForQuestionAnswering",), "classify", "AutoModelForQuestionAnswering", ("start_logits", "end_logits")),
     _Head(("ForImageClassification",), "classify", "AutoModelForImageClassification", ("logits",), "image"),
     _Head(("ForCausalLM", "LMHeadModel"), "generate", "AutoModelForCausalLM", ("logits",)),
+    _Head(("ForConditionalGeneration",), "generate", "AutoModelForSeq2SeqLM", ("logits",), encoder_decoder=True),
+    _Head(("ForConditionalGeneration",), "generate", "AutoModelForSpeechSeq2Seq", ("logits",), "audio", encoder_decoder=True),
     _Head(("Model",), "embed", "AutoModel", ("last_hidden_state",)),  # a bare text encoder, pooled
 )
 
@@ -75,7 +78,7 @@ def hf_spec(path: str | Path) -> ModelSpec:
     transformers.logging.disable_progress_bar()
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     architecture = (config.architectures or [f"{type(config).__name__.removesuffix('Config')}Model"])[0]
-    head = _head(path, architecture, encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)))
+    head = _head(path, architecture, config)
     try:
         # eager attention: the plain MatMul-Softmax form that exports cleanly and that onnxruntime fuses
         model, loading = getattr(transformers, head.auto).from_pretrained(path, local_files_only=True, attn_implementation="eager",
@@ -93,13 +96,18 @@ def hf_spec(path: str | Path) -> ModelSpec:
     return spec
 
 
-def _head(path: Path, architecture: str, *, encoder_decoder: bool) -> _Head:
+def _head(path: Path, architecture: str, config: Any) -> _Head:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES
+
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    speech = config.model_type in MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES
     for head in _HEADS:
-        if architecture.endswith(head.suffixes) and not encoder_decoder:
+        if architecture.endswith(head.suffixes) and head.encoder_decoder == encoder_decoder and (head.inputs == "audio") == speech:
             return head
-    supported = ", ".join(f"*{suffix}" for head in _HEADS for suffix in head.suffixes)
-    raise ToolkitError(f"hf:{path}: architecture {architecture} is not supported; toolkit exports {supported} "
-                       "(encoder-decoders such as *ForConditionalGeneration are not supported yet).")
+    supported = ", ".join(dict.fromkeys(f"*{suffix}" + (" (encoder-decoders, of text or speech)" if head.encoder_decoder else "")
+                                        for head in _HEADS for suffix in head.suffixes))
+    raise ToolkitError(f"hf:{path}: architecture {architecture}{' (an encoder-decoder)' if encoder_decoder else ''} is not supported; "
+                       f"toolkit exports {supported}.")
 
 
 def _text_spec(path: Path, model: Any, config: Any, architecture: str, head: _Head) -> ModelSpec:
@@ -111,6 +119,10 @@ def _text_spec(path: Path, model: Any, config: Any, architecture: str, head: _He
         raise ToolkitError(f"hf:{path}: transformers cannot load its tokenizer: {type(exc).__name__}: {exc}") from exc
     limits = [_positions(model, config), getattr(tokenizer, "model_max_length", None)]
     max_seq = min([n for n in limits if n and n < 10**6] or [512])
+    if head.encoder_decoder:
+        from toolkit.reference.hf_seq2seq import seq2seq_spec
+
+        return seq2seq_spec(path, model, tokenizer, config, architecture, max_seq, audio=head.inputs == "audio")
     if head.task == "generate":
         from toolkit.reference.hf_decoder import causal_lm_spec, group_attention
 
@@ -155,7 +167,7 @@ def _positions(model: Any, config: Any) -> int | None:
     their padding index + 1, so that many of max_position_embeddings are never a token's."""
     import torch
 
-    size = getattr(config, "max_position_embeddings", None)
+    size = getattr(config, "max_position_embeddings", None) or getattr(config, "max_target_positions", None)  # Whisper's decoder
     for name, module in model.named_modules():
         if size and name.endswith("position_embeddings") and isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
             return size - module.padding_idx - 1

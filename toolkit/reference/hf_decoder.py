@@ -14,7 +14,7 @@ from toolkit.reference.samples import sentences
 from toolkit.runtime.tokenizer import HF_TOKENIZER_FILE
 from toolkit.spec import Dim, ModelSpec, TensorSpec
 
-__all__ = ["causal_lm_spec", "group_attention", "text_config"]
+__all__ = ["causal_lm_spec", "eos_ids", "generation_config", "generation_rules", "group_attention", "text_config", "tokenizer_json"]
 
 _SAMPLE_ROWS = 256
 
@@ -30,13 +30,7 @@ def causal_lm_spec(path: Path, model: Any, tokenizer: Any, config: Any, architec
     head_size = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     names = [f"{prefix}_{kind}_{i}" for prefix in ("past",) for i in range(layers) for kind in ("key", "value")]
     cache = ("batch", kv_heads, "past", head_size)
-    eos = _eos_ids(path, config, tokenizer)
-    if not getattr(tokenizer, "is_fast", False):
-        raise ToolkitError(f"hf:{path}: generation needs a fast tokenizer ({HF_TOKENIZER_FILE}), and transformers found only a slow "
-                           "one; install sentencepiece (or tiktoken) so that it converts, or save tokenizer.json with the model.")
-    # the model's own tokenizer.json, or the one transformers converted from a slow tokenizer
-    tokenizer_json = (path / HF_TOKENIZER_FILE).read_bytes() if (path / HF_TOKENIZER_FILE).is_file() else \
-        tokenizer.backend_tokenizer.to_str().encode()
+    eos = eos_ids(path, config, tokenizer)
 
     def sample_data(rows: int = 64, length: int = 32) -> dict[str, np.ndarray]:
         """Prompt-step inputs (empty cache) over real sentences: the inputs task gates are judged on."""
@@ -59,8 +53,8 @@ def causal_lm_spec(path: Path, model: Any, tokenizer: Any, config: Any, architec
         task="generate",
         description=f"{architecture} from {path} (decoder with a KV cache)",
         sample_data=sample_data,
-        generation={"tokenizer": "hf", "eos_token_id": eos[0], "eos_token_ids": eos, "context": context},
-        assets={HF_TOKENIZER_FILE: tokenizer_json},
+        generation={"tokenizer": "hf", "eos_token_id": eos[0], "eos_token_ids": eos, "context": context, **generation_rules(path, config)},
+        assets=tokenizer_json(path, tokenizer),
     )
 
 
@@ -116,14 +110,46 @@ def text_config(config: Any) -> Any:
     return getattr(config, "text_config", None) or config
 
 
-def _eos_ids(path: Path, config: Any, tokenizer: Any) -> list[int]:
-    """The end-of-text tokens: the generation config's, else the model config's, else the tokenizer's."""
+def tokenizer_json(path: Path, tokenizer: Any) -> dict[str, bytes]:
+    """The bundle's tokenizer asset: the model's own tokenizer.json, or the one transformers converted
+    from a slow tokenizer."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ToolkitError(f"hf:{path}: generation needs a fast tokenizer ({HF_TOKENIZER_FILE}), and transformers found only a slow "
+                           "one; install sentencepiece (or tiktoken) so that it converts, or save tokenizer.json with the model.")
+    return {HF_TOKENIZER_FILE: (path / HF_TOKENIZER_FILE).read_bytes() if (path / HF_TOKENIZER_FILE).is_file() else
+            tokenizer.backend_tokenizer.to_str().encode()}
+
+
+def generation_config(path: Path, config: Any) -> Any:
+    """The directory's generation config, else the one transformers derives from the model config."""
     import transformers
 
     try:
-        eos = transformers.GenerationConfig.from_pretrained(path, local_files_only=True).eos_token_id
+        return transformers.GenerationConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError):
-        eos = None
+        return transformers.GenerationConfig.from_model_config(config)
+
+
+# the generation config's token rules that transformers' greedy `generate()` applies, and the
+# Generator too (toolkit.runtime.generate): the rest (beams, repetition penalties) are choices of
+# sampling, not of the model
+_RULES = ("forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens")
+
+
+def generation_rules(path: Path, config: Any) -> dict[str, Any]:
+    """The token rules of the model's generation config, for the manifest's `generation`."""
+    generation = generation_config(path, config)
+    rules = {}
+    for name in _RULES:
+        value = getattr(generation, name, None)
+        if value is not None and value != []:
+            rules[name] = [int(v) for v in value] if isinstance(value, (list, tuple)) else int(value)
+    return rules
+
+
+def eos_ids(path: Path, config: Any, tokenizer: Any) -> list[int]:
+    """The end-of-text tokens: the generation config's, else the model config's, else the tokenizer's."""
+    eos = generation_config(path, config).eos_token_id
     eos = eos if eos is not None else getattr(config, "eos_token_id", None)
     eos = eos if eos is not None else tokenizer.eos_token_id
     if eos is None:

@@ -5,7 +5,8 @@ past_key_i/past_value_i, and returns logits and present_key_i/present_value_i. T
 feeds the whole (left-padded) prompt batch with an empty cache; every later step feeds one token per
 row and the cache the previous step returned. An encoder-decoder's prompts are its source: its
 encoder part runs once on them, and every decoder step reads the encoder's output (`memory_*`) and
-`source_mask`. Sampling happens here, in numpy, so the ONNX graphs and the PyTorch reference
+`source_mask`; a speech model's prompts are arrays of the features its encoder reads
+(`input_features`, (mels, frames): Whisper's log-mel spectrogram). Sampling happens here, in numpy, so the ONNX graphs and the PyTorch reference
 (`toolkit.reference.run.reference_generator`) run the exact same loop.
 """
 
@@ -95,12 +96,20 @@ class _Layout:
     inputs: frozenset[str]
     encoder: str | None  # an encoder-decoder's encoder part: prompts are its source (source_ids, source_mask)
     source_context: int | None
+    decoder_start: tuple[int, ...]  # an encoder-decoder's decoder starts every row from these
+    features: bool  # an encoder-decoder whose prompts are feature arrays (speech), not text
+    rules: _Rules
+
+    @property
+    def positions(self) -> bool:
+        """Whether the graph takes position_ids (an encoder-decoder's counts positions from its cache)."""
+        return "position_ids" in self.inputs
 
     @classmethod
     def of(cls, name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], generation: Mapping[str, Any] | None) -> _Layout:
         names = {t.name for t in inputs}
         past = [t for t in inputs if t.name.startswith("past_key_")]
-        needed = {"input_ids", "attention_mask", "position_ids"}
+        needed = {"input_ids", "attention_mask"} | (set() if generation and generation.get("encoder") else {"position_ids"})
         if not generation or not past or not needed <= names:
             raise ToolkitError(
                 f"{name} is not a decoder with a KV cache: generation needs a graph taking input_ids, attention_mask, "
@@ -112,7 +121,42 @@ class _Layout:
         caches = tuple(t.name for t in inputs if t.name.startswith("past_"))
         eos_ids = tuple(generation.get("eos_token_ids") or [generation["eos_token_id"]])
         return cls(heads, head_size, past[0].dtype, generation["eos_token_id"], eos_ids, generation["context"], outputs[0].name, vocab,
-                   caches, frozenset(names), generation.get("encoder"), generation.get("source_context"))
+                   caches, frozenset(names), generation.get("encoder"), generation.get("source_context"),
+                   tuple(generation.get("decoder_start") or [generation["eos_token_id"]]), generation.get("source") == "features",
+                   _Rules.of(generation))
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """The token rules of a Hugging Face model's generation config, applied to the logits before a
+    token is chosen, as transformers' `generate()` does: a token forced first (BART's
+    forced_bos_token_id) or last (forced_eos_token_id, at max_new_tokens), tokens never chosen
+    (suppress_tokens) or not first (begin_suppress_tokens)."""
+
+    forced_first: int | None = None
+    forced_last: int | None = None
+    suppress: tuple[int, ...] = ()
+    suppress_first: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, generation: Mapping[str, Any]) -> _Rules:
+        forced_last = generation.get("forced_eos_token_id")
+        return cls(generation.get("forced_bos_token_id"), forced_last[0] if isinstance(forced_last, list) else forced_last,
+                   tuple(generation.get("suppress_tokens") or ()), tuple(generation.get("begin_suppress_tokens") or ()))
+
+    def apply(self, logits: np.ndarray, step: int, last: bool) -> np.ndarray:
+        forced = self.forced_first if step == 0 else None
+        forced = self.forced_last if last and self.forced_last is not None else forced
+        banned = self.suppress + (self.suppress_first if step == 0 else ())
+        if forced is None and not banned:
+            return logits
+        logits = logits.copy()
+        if forced is not None:
+            logits[:, :forced] = -np.inf
+            logits[:, forced + 1 :] = -np.inf
+        if banned:
+            logits[:, list(banned)] = -np.inf
+        return logits
 
 
 class Generator:
@@ -132,11 +176,14 @@ class Generator:
         self.model = model
         self.layout = _Layout.of(model.name, model.inputs, model.outputs, manifest.generation)
         self.tokenizer = tokenizer_for(manifest.generation, model.bundle)
+        # an encoder-decoder's source is tokenized as in training (BART's <s> ... </s>, T5's ... </s>)
+        self._source_special_tokens = bool(manifest.generation.get("source_special_tokens"))
         self._step = _step(model, {"present_" + name.removeprefix("past_") for name in self.layout.caches})
         self._encoder_step = None
         if self.layout.encoder:
             encoder = Model(model.bundle.path / self.layout.encoder, variant=model.variant, provider=model.provider, threads=threads)
             self._encoder_step = _step(encoder, {o.name for o in encoder.outputs})
+            self.source = encoder.inputs[0]  # what a prompt is: source_ids, or a speech model's input_features
         self.decode, self.note, self._static = self._choose_cache(cache, threads, cuda_graph)
 
     def _choose_cache(self, cache: str, threads: int | None, cuda_graph: bool) -> tuple[str, str, _StaticSessions | None]:
@@ -174,11 +221,13 @@ class Generator:
                 raise ToolkitError(f"{self.model.name} is an encoder-decoder: give the encoder's step too.")
             self._encoder_step = encoder_step
 
-    def generate(self, prompt: str | Sequence[str], *, max_new_tokens: int = 64, stop: Sequence[str] = (),
+    def generate(self, prompt: str | np.ndarray | Sequence[str | np.ndarray], *, max_new_tokens: int = 64, stop: Sequence[str] = (),
                  sampling: Sampling | None = None) -> str | list[str]:
         """The continuation of each prompt (without the prompt), cut before the first stop string or
-        the end-of-text token. A list of prompts runs as one left-padded batch."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        the end-of-text token. A list of prompts runs as one left-padded batch. A speech model's
+        prompt is its encoder's features, (mels, frames), and a batch of them (batch, mels, frames)."""
+        single = isinstance(prompt, str) or (isinstance(prompt, np.ndarray) and prompt.ndim == 2)
+        prompts = [prompt] if single else list(prompt)
         streams = [_TextStream(self.tokenizer, stop) for _ in prompts]
         for tokens in self.tokens([self._encode(p, i, len(prompts)) for i, p in enumerate(prompts)],
                                   max_new_tokens=max_new_tokens, sampling=sampling,
@@ -186,9 +235,9 @@ class Generator:
             for s, token in zip(streams, tokens, strict=True):
                 s.push(int(token))
         texts = [s.text() for s in streams]
-        return texts[0] if isinstance(prompt, str) else texts
+        return texts[0] if single else texts
 
-    def stream(self, prompt: str, *, max_new_tokens: int = 64, stop: Sequence[str] = (),
+    def stream(self, prompt: str | np.ndarray, *, max_new_tokens: int = 64, stop: Sequence[str] = (),
                sampling: Sampling | None = None) -> Iterator[str]:
         """Yields the continuation of one prompt piece by piece, as tokens arrive; the pieces join to
         what `generate` returns (text that may begin a stop string is held back until it cannot).
@@ -208,9 +257,10 @@ class Generator:
 
         return pieces()
 
-    def tokens(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64, sampling: Sampling | None = None,
+    def tokens(self, prompts: Sequence[Sequence[int] | np.ndarray], *, max_new_tokens: int = 64, sampling: Sampling | None = None,
                done: Callable[[], Sequence[bool]] | None = None) -> Iterator[np.ndarray]:
-        """The token-level loop: yields each step's new token per row (B,). Rows that produced the
+        """The token-level loop over prompts of token ids (a speech model's: feature arrays):
+        yields each step's new token per row (B,). Rows that produced the
         end-of-text token keep going (their later tokens mean nothing); the loop ends after
         `max_new_tokens` steps, or once `done()` says every row is finished."""
         self._validate(prompts, max_new_tokens)
@@ -222,6 +272,11 @@ class Generator:
             raise ToolkitError("no prompt given.")
         if max_new_tokens < 1:
             raise ToolkitError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+        if layout.features:
+            if 1 + max_new_tokens > layout.context:
+                raise ToolkitError(f"max_new_tokens {max_new_tokens} is beyond what the model's decoder holds "
+                                   f"({layout.context - 1} tokens after its start token); lower it.")
+            return
         for i, ids in enumerate(prompts):
             if not len(ids):
                 raise ToolkitError(f"prompt {i + 1} of {len(prompts)} has no tokens; give at least one.")
@@ -250,7 +305,7 @@ class Generator:
             state = self._static.begin(stack) if self._static is not None else _GrowingCache(self._step, layout)
             logits = state.start(self._first_feeds(prompts))
             for step in range(max_new_tokens):
-                token = choose(logits)
+                token = choose(layout.rules.apply(logits, step, step + 1 == max_new_tokens))
                 yield token
                 finished |= np.isin(token, layout.eos_ids)
                 if finished.all() or (done is not None and all(done())) or step + 1 == max_new_tokens:
@@ -263,26 +318,38 @@ class Generator:
         layout, batch = self.layout, len(prompts)
         empty = np.zeros((batch, layout.heads, 0, layout.head_size), dtype=layout.past_dtype)
         feeds = {name: empty for name in layout.caches}
-        if self._encoder_step is not None:
+        if layout.features:
+            source = {self.source.name: np.stack(prompts).astype(self.source.dtype)}
+            feeds.update(self._encoder_step(source))
+            prompts = [list(layout.decoder_start)] * batch
+        elif self._encoder_step is not None:
             longest = max(len(p) for p in prompts)
             source = {"source_ids": np.array([list(p) + [layout.eos_token_id] * (longest - len(p)) for p in prompts], dtype=np.int64),
                       "source_mask": np.array([[1] * len(p) + [0] * (longest - len(p)) for p in prompts], dtype=np.int64)}
             feeds.update({name: value for name, value in (source | self._encoder_step(source)).items() if name in layout.inputs})
-            prompts = [[layout.eos_token_id]] * batch
+            prompts = [list(layout.decoder_start)] * batch
         longest = max(len(p) for p in prompts)
         mask = np.array([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], dtype=np.int64)
         feeds["input_ids"] = np.array([[layout.eos_token_id] * (longest - len(p)) + list(p) for p in prompts], dtype=np.int64)
         feeds["attention_mask"] = mask
-        feeds["position_ids"] = np.maximum(mask.cumsum(-1) - 1, 0)
+        if layout.positions:
+            feeds["position_ids"] = np.maximum(mask.cumsum(-1) - 1, 0)
         return feeds
 
-    def _encode(self, prompt: Any, index: int, count: int) -> list[int]:
+    def _encode(self, prompt: Any, index: int, count: int) -> list[int] | np.ndarray:
         where = f"prompt {index + 1} of {count}" if count > 1 else "the prompt"
+        if self.layout.features:
+            expected = tuple(self.source.shape[1:])
+            if not isinstance(prompt, np.ndarray) or prompt.shape != expected or prompt.dtype.kind != "f":
+                got = f"an array {prompt.shape} {prompt.dtype}" if isinstance(prompt, np.ndarray) else type(prompt).__name__
+                raise ToolkitError(f"{where}: {self.model.name} is a speech model; a prompt is its encoder's {self.source.name}, a float "
+                                   f"array {expected} (the feature extractor's output for one clip), got {got}.")
+            return prompt
         if not isinstance(prompt, str):
             raise ToolkitError(f"{where} must be text, got {type(prompt).__name__}.")
         if not prompt:
             raise ToolkitError(f"{where} is empty; give at least one character to continue.")
-        return self.tokenizer.encode(prompt)
+        return self.tokenizer.encode(prompt, special_tokens=self._source_special_tokens)
 
 
 def _step(model: Model, carried: set[str]) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
@@ -333,7 +400,7 @@ class _GrowingCache:
             **feeds,
             "input_ids": token[:, None].astype(np.int64),
             "attention_mask": np.concatenate([feeds["attention_mask"], np.ones((batch, 1), dtype=np.int64)], axis=1),
-            "position_ids": feeds["position_ids"][:, -1:] + 1,
+            **({"position_ids": feeds["position_ids"][:, -1:] + 1} if self.layout.positions else {}),
             **{name: self.outputs["present_" + name.removeprefix("past_")] for name in self.layout.caches},
         }
         self.outputs = self.step(self.feeds)

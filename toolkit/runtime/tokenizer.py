@@ -23,7 +23,7 @@ class ByteTokenizer:
     eos_ids = (256,)
     vocab_size = 257
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, special_tokens: bool = False) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -60,8 +60,10 @@ class HFTokenizer:
         self.eos_ids = tuple(eos_ids)
         self.eos_id = self.eos_ids[0]
 
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; with `special_tokens`, as the tokenizer's post-processor frames a
+        whole input (an encoder-decoder's source)."""
+        return self._tokenizer.encode(text, add_special_tokens=special_tokens).ids
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tokenizer.decode([i for i in ids if i not in self.eos_ids])
