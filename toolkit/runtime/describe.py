@@ -10,7 +10,7 @@ from toolkit.bundle import Bundle
 from toolkit.errors import ToolkitError
 from toolkit.runtime.session import cuda_status
 
-__all__ = ["describe"]
+__all__ = ["describe", "missed_gates"]
 
 
 def describe(path: str | Path) -> dict[str, Any]:
@@ -52,10 +52,10 @@ def _parity_summary(parity: dict[str, Any] | None) -> str:
     if "failed" in parity:  # it could not be checked at all
         return f"FAILED: {parity['failed']}"
     verdict = "passed" if parity["passed"] else "FAILED"
-    return f"{verdict} on {parity['runtime']} at {parity['checked_at']}" + ("" if parity["passed"] else f": {_why(parity)}")
+    return f"{verdict} on {parity['runtime']} at {parity['checked_at']}" + ("" if parity["passed"] else f": {missed_gates(parity)}")
 
 
-def _why(parity: dict[str, Any]) -> str:
+def missed_gates(parity: dict[str, Any]) -> str:
     """The gates a variant missed, in a line."""
     reasons = list(parity.get("errors") or [])[:2]
     reasons += [f"output {name}: max error {o['max_abs_err']:.3g} at a scale of {o['scale']:.3g}"
