@@ -171,6 +171,8 @@ def check(
     variant: list[str] | None = typer.Option(None, "--variant", help="Variant to check (repeatable; default: all)."),
     provider: Provider = typer.Option(Provider.cpu, help="Execution provider the variants run on."),
     json_file: Path | None = typer.Option(None, "--json", help="Also write the report as JSON to this file ('-' for stdout)."),
+    localize: bool = typer.Option(False, "--localize", help="For each variant that fails: run it beside fp32 on held-out inputs and name where its error leaves the tolerance and where it grows most (tensor, op, PyTorch module, value range)."),
+    bisect: bool = typer.Option(False, "--bisect", help="With --localize: expose one intermediate tensor per run in a binary search (⌈log2 N⌉+2 runs), for models whose intermediate tensors do not fit in memory at once."),
 ) -> None:
     """Check every variant's parity against the PyTorch reference; exit 1 if any fails.
 
@@ -178,17 +180,27 @@ def check(
     precision's tolerance profile, and accuracy for classifiers with a labelled eval set. The
     results are stored in the manifest.
     """
+    from toolkit.compile.localize import localize as localize_variant
     from toolkit.compile.parity import check as check_bundle
 
     records = check_bundle(bundle_dir, variants=variant, provider=provider.value, progress=_progress)
     passed = all(r["passed"] for r in records.values())
+    failing = [name for name, record in records.items() if not record["passed"] and name != "fp32"] if localize else []
+    localized = {name: localize_variant(bundle_dir, name, provider=provider.value, mode="bisect" if bisect else "all", progress=_progress)
+                 for name in failing}
+    console = err if str(json_file) == "-" else out
     if json_file is not None:
-        report = json.dumps({"bundle": str(bundle_dir), "passed": passed, "variants": records}, indent=2)
+        report = json.dumps({"bundle": str(bundle_dir), "passed": passed, "variants": records,
+                             **({"localize": {name: loc.to_json() for name, loc in localized.items()}} if localize else {})}, indent=2)
         if str(json_file) == "-":
             print(report)
         else:
             json_file.write_text(report + "\n")
-    render.parity_table(err if str(json_file) == "-" else out, records, f"parity: {bundle_dir}")
+    render.parity_table(console, records, f"parity: {bundle_dir}")
+    for loc in localized.values():
+        render.localization_table(console, loc)
+    if localize and not failing:
+        console.print("--localize: every checked variant passed (or only fp32 failed, which is the reference graph): nothing to localize")
     if not passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
 

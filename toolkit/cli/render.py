@@ -42,6 +42,26 @@ def parity_table(console: Console, records: dict[str, Any], title: str) -> None:
     console.print(f"{len(first['cases'])} cases per variant (seeds × sizes {', '.join(sizes)}); runtime {first['runtime']}")
 
 
+def localization_table(console: Console, localization: Any) -> None:
+    """Where a variant departs from its reference graph (toolkit.compile.localize)."""
+    loc = localization
+    table = Table("where", "tensor", "op", "PyTorch module", "max abs", "rel", "inputs' rel", "value range",
+                  title=f"localize {loc.variant} against {loc.reference}: {loc.bundle}")
+    rows = [("outputs", e) for e in loc.outputs]
+    if loc.first is not None:
+        rows.append(("first past tolerance", loc.first))
+    if loc.growth is not None and loc.growth != loc.first:
+        rows.append(("grows most", loc.growth))
+    for where, e in rows:
+        table.add_row(where, e.tensor, e.op, e.module or "—", f"{e.max_abs:.3g}", Text(f"{e.rel:.3g}", style="red" if e.rel > loc.tolerance else ""),
+                      "—" if e.inputs_rel is None else f"{e.inputs_rel:.3g}", e.cause or "—")
+    console.print(table)
+    if loc.first is None:
+        console.print(f"no tensor of {loc.variant} departs past rel {loc.tolerance:g} on {loc.inputs}")
+    console.print(f"{loc.matched} tensors matched, {len(loc.tensors)} measured in {loc.runs} onnxruntime runs (mode {loc.mode}) "
+                  f"on {loc.inputs}; a tensor departs past rel {loc.tolerance:g} (max abs error / max |{loc.reference}|)")
+
+
 def verdict(ok: bool) -> Text:
     return Text("pass", style="green") if ok else Text("FAIL", style="bold red")
 

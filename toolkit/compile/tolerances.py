@@ -22,7 +22,7 @@ from typing import Any
 
 from toolkit.errors import ToolkitError
 
-__all__ = ["Tolerance", "PROFILES", "profile"]
+__all__ = ["Tolerance", "PROFILES", "localize_tolerance", "profile"]
 
 
 @dataclass(frozen=True)
@@ -57,3 +57,15 @@ def profile(precision: str) -> Tolerance:
         return PROFILES[precision]
     except KeyError:
         raise ToolkitError(f"no tolerance profile for precision {precision!r}; known: {', '.join(PROFILES)}.") from None
+
+
+# Localizing a variant's error (toolkit.compile.localize): the error relative to its own scale past
+# which an intermediate tensor departs. fp32 and fp16 use their output tolerance; int8, which has
+# none, 5%: one int8 rounding of a tensor is 0.4% of its range, so 5% is an order of magnitude more
+# than a quantized layer's own rounding explains.
+_LOCALIZE_INT8_REL = 0.05
+
+
+def localize_tolerance(precision: str) -> float:
+    tolerance = profile(precision)
+    return tolerance.rel if tolerance.rel is not None else _LOCALIZE_INT8_REL

@@ -1,0 +1,90 @@
+"""Models with a deliberate precision fault in one known layer, for localizing and repairing
+variants: a plain stack of layers, with one layer's scale raised so that the squares of an RMS norm
+after it overflow fp16, or one channel made an outlier that per-tensor int8 cannot hold (the same
+function in exact arithmetic)."""
+
+import numpy as np
+import torch
+from torch import nn
+
+from toolkit import Dim, ModelSpec, TensorSpec
+
+WIDTH, DEPTH = 32, 6
+
+
+class Stack(nn.Module):
+    """x (batch, 16) → Linear + ReLU, DEPTH times → (batch, 8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(16 if i == 0 else WIDTH, WIDTH) for i in range(DEPTH))
+        self.head = nn.Linear(WIDTH, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+def _spec(module: nn.Module) -> ModelSpec:
+    def sample() -> dict[str, np.ndarray]:
+        return {"x": np.random.default_rng(1).standard_normal((64, 16)).astype(np.float32)}
+
+    def calibration(n: int) -> dict[str, np.ndarray]:
+        return {"x": np.random.default_rng(2).standard_normal((n, 16)).astype(np.float32)}
+
+    return ModelSpec(module=module.eval(), inputs=[TensorSpec("x", "float32", ("batch", 16))], outputs=["y"],
+                     dims=[Dim("batch", export=2, check=(1, 3))], task="regress", sample_data=sample, calibration_data=calibration)
+
+
+def _stack() -> Stack:
+    torch.manual_seed(0)
+    return Stack()
+
+
+def plain() -> ModelSpec:
+    return _spec(_stack())
+
+
+class RMSNorm(nn.Module):
+    """T5's norm: x / sqrt(mean(x²)), without a weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class Normed(nn.Module):
+    """The stack with an RMS norm after its third layer."""
+
+    def __init__(self, stack: Stack) -> None:
+        super().__init__()
+        self.layers, self.head, self.norm = stack.layers, stack.head, RMSNorm()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = torch.relu(layer(x))
+            if i == 2:
+                x = self.norm(x)
+        return self.head(x)
+
+
+def overflowing() -> ModelSpec:
+    """layers.2 scaled up 1000×: the norm after it makes the function the same at any scale, but its
+    squares pass fp16's 65504 (the layer's weights and outputs stay below it), as in T5."""
+    model = Normed(_stack())
+    with torch.no_grad():
+        model.layers[2].weight *= 1000.0
+        model.layers[2].bias *= 1000.0
+    return _spec(model)
+
+
+def outlier_channel() -> ModelSpec:
+    """Channel 5 of layers.2's output scaled up 500× and layers.3's weights reading it down as
+    much: the same function, but layers.3's input has one channel that per-tensor int8 resolves and
+    the other 31 it rounds to a few levels."""
+    model = _stack()
+    with torch.no_grad():
+        model.layers[2].weight[5] *= 500.0
+        model.layers[2].bias[5] *= 500.0
+        model.layers[3].weight[:, 5] /= 500.0
+    return _spec(model)
