@@ -1,6 +1,6 @@
 """Models with a deliberate precision fault in one known layer, for localizing and repairing
-variants: a plain stack of layers, with one layer's scale raised so that the squares of an RMS norm
-after it overflow fp16, or one channel made an outlier that per-tensor int8 cannot hold (the same
+variants: a plain stack of layers, with one layer's scale raised so that the squares of the RMS norm
+after it overflow fp16 (and five more norms that do not), or one channel made an outlier that per-tensor int8 cannot hold (the same
 function in exact arithmetic)."""
 
 import numpy as np
@@ -54,17 +54,15 @@ class RMSNorm(nn.Module):
 
 
 class Normed(nn.Module):
-    """The stack with an RMS norm after its third layer."""
+    """The stack with an RMS norm after every layer."""
 
     def __init__(self, stack: Stack) -> None:
         super().__init__()
-        self.layers, self.head, self.norm = stack.layers, stack.head, RMSNorm()
+        self.layers, self.head, self.norms = stack.layers, stack.head, nn.ModuleList(RMSNorm() for _ in stack.layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = torch.relu(layer(x))
-            if i == 2:
-                x = self.norm(x)
+        for layer, norm in zip(self.layers, self.norms, strict=True):
+            x = norm(torch.relu(layer(x)))
         return self.head(x)
 
 

@@ -291,17 +291,21 @@ def build(
     provider: Provider = typer.Option(Provider.cpu, help="Provider `opt` is made for and on which `best` is measured (auto: CUDA where available)."),
     select: bool = typer.Option(True, "--select/--no-select", help="Time the passing variants and record the fastest as `best`."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+    budget: float = typer.Option(300.0, "--budget", help="Seconds, in all, for repairing the quantized variants that fail their gates: other calibrations for int8-static, then the fewest nodes kept in fp32 that make a variant pass, found from where its error starts (`toolkit check --localize`). 0: no repair."),
 ) -> None:
-    """Export, optimize, quantize and check in one go, then record the fastest variant that passed
-    its gates as `best` (toolkit.load(DIR, variant="best")).
+    """Export, optimize, quantize and check in one go, repair the quantized variants that fail their
+    gates, then record the fastest variant that passed its gates as `best` (toolkit.load(DIR,
+    variant="best")).
 
-    Exit 1 if fp32 fails its parity check; other variants that fail their gates stay in the bundle,
-    marked failed, and are never chosen as best."""
+    Exit 1 if fp32 fails its parity check; other variants that fail their gates even after repair
+    stay in the bundle, marked failed, and are never chosen as best."""
     from toolkit.compile.pipeline import build as build_bundle
 
+    if budget < 0:
+        raise ToolkitError(f"--budget must be at least 0 seconds, got {budget:g}.")
     bundle = build_bundle(
         model, out_dir, preset=preset, name=name, static_cache=static_cache, modes=[m.value for m in mode] if mode else None, provider=_made_for(provider),
-        select=select, force=force, progress=_progress,
+        select=select, force=force, progress=_progress, repair_budget=budget,
     )
     manifest = bundle.manifest
     render.build_table(out, manifest, bundle.path)

@@ -85,10 +85,28 @@ def build_table(console: Console, manifest: Any, path: Any) -> None:
     console.print(table)
     for name, why in manifest.failed.items():
         console.print(Text(f"{name}: ", style="red") + Text(why))
+    for name, variant in manifest.variants.items():
+        repaired = (variant.recipe.get("options") or {}).get("repair")
+        if repaired:
+            console.print(Text(f"{name}: ", style="green" if repaired["passed"] else "red") + Text(_repair_line(repaired)))
     for name, why in (best.get("not_timed") or {}).items():
         console.print(Text(f"{name}: not timed on {best['provider']}: ", style="dim") + Text(why))
     if best:
         console.print(f"best: {best['variant']} on {best['provider']} ({best['threads']} threads, {best['cpu']}); rule: {best['rule']}")
+
+
+def _repair_line(repaired: dict[str, Any]) -> str:
+    """What a repair did (toolkit.compile.repair), in a line."""
+    tries = f"{len(repaired['attempts'])} attempts, {repaired['seconds']:.0f} s"
+    if not repaired["passed"]:
+        last = repaired["attempts"][-1]["gate"] if repaired["attempts"] else repaired.get("note") or "no attempt fit the budget"
+        return f"not repaired within {repaired['budget']:.0f} s ({tries}); last: {last}"
+    if not repaired["kept"]:
+        settings = repaired["attempts"][-1]["settings"]
+        return f"repaired by {', '.join(f'{k}={v}' for k, v in settings.items())} with no node kept in fp32 ({tries})"
+    fixed = f", where the fixed op-type list kept {repaired['fixed_list_nodes']}" if "fixed_list_nodes" in repaired else ""
+    kept = "; ".join(f"{k['node']} ({k['module'] or k['op']}: {k['why']})" for k in repaired["kept"])
+    return f"repaired keeping {len(repaired['kept'])} nodes in fp32{fixed} ({tries}): {kept}"
 
 
 def _gate_summary(record: dict[str, Any]) -> str:

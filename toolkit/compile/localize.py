@@ -38,8 +38,9 @@ import numpy as np
 from toolkit.bundle import Bundle
 from toolkit.compile.tolerances import localize_tolerance, profile
 from toolkit.errors import ToolkitError
+from toolkit.spec import ModelSpec
 
-__all__ = ["Localization", "TensorError", "localize"]
+__all__ = ["Localization", "TensorError", "growth", "localize", "module_path"]
 
 MODES = ("all", "bisect")
 _PREFIX = "variant/"
@@ -95,10 +96,12 @@ class Localization:
 
 
 def localize(bundle: str | Path | Bundle, variant: str, *, reference: str = "fp32", provider: str = "cpu", mode: str = "all",
-             feeds: Mapping[str, np.ndarray] | None = None, progress: Callable[[str], None] | None = None) -> Localization:
+             feeds: Mapping[str, np.ndarray] | None = None, spec: ModelSpec | None = None,
+             progress: Callable[[str], None] | None = None) -> Localization:
     """Runs `variant` and `reference` of the bundle side by side on `feeds` (default: the model's
-    held-out sample inputs, else check's first case) and finds where the variant's error leaves its
-    precision's tolerance and where it grows most. `mode`: "all" or "bisect" (module docstring)."""
+    held-out sample inputs, else check's first case, from `spec`, the bundle's PyTorch reference,
+    built here when not given) and finds where the variant's error leaves its precision's tolerance
+    and where it grows most. `mode`: "all" or "bisect" (module docstring)."""
     import onnx
 
     say = progress or (lambda _msg: None)
@@ -111,10 +114,10 @@ def localize(bundle: str | Path | Bundle, variant: str, *, reference: str = "fp3
     tolerance = localize_tolerance(precision)
     ref_proto = onnx.load(str(bundle.variant_path(reference)))
     var_proto = onnx.load(str(bundle.variant_path(variant)))
-    described, feeds = ("the given inputs", dict(feeds)) if feeds is not None else _default_feeds(bundle, say)
+    described, feeds = ("the given inputs", dict(feeds)) if feeds is not None else _default_feeds(bundle, spec, say)
     feeds = {t.name: np.asarray(feeds[t.name]).astype(t.dtype) for t in bundle.manifest.inputs}
     paired = _Paired(ref_proto, var_proto, provider)
-    graph = _ReferenceGraph(ref_proto, {o for n in var_proto.graph.node for o in n.output})
+    graph = _ReferenceGraph(ref_proto, variant_names(var_proto))
     outputs = [o.name for o in ref_proto.graph.output]
     say(f"running {variant} beside {reference} on {described} ({len(graph.order)} matched tensors, mode {mode})")
     # the outputs alone first: a run with intermediate tensors exposed keeps each in its own type
@@ -125,18 +128,18 @@ def localize(bundle: str | Path | Bundle, variant: str, *, reference: str = "fp3
     departs = any(e is not None and e.rel > tolerance for e in ends) or profile(precision).rel is None
     if not departs:
         say(f"no output of {variant} departs from {reference} past rel {tolerance:g} on these inputs: nothing to localize")
-        measured, first, growth = [], None, None
+        measured, first, grows = [], None, None
     elif mode == "all":
         values = paired.run(graph.order, feeds)
         measured = [e for e in (graph.error(name, values, precision, var_proto) for name in graph.order) if e is not None]
         measured = [_with_inputs(e, graph, {m.tensor: m for m in measured}) for e in measured]
         first = next((e for e in measured if e.rel > tolerance), None)
-        growth = max((e for e in measured if e.rel > tolerance), key=lambda e: _growth(e, tolerance), default=None)
+        grows = max((e for e in measured if e.rel > tolerance), key=lambda e: growth(e, tolerance), default=None)
     else:
         measured, first = _bisect(paired, graph, feeds, precision, var_proto, tolerance)
-        growth = first
+        grows = first
     return Localization(str(bundle.path), variant, reference, precision, tolerance, mode, described, paired.runs, len(graph.order),
-                        [e for e in ends if e is not None], first, growth, measured)
+                        [e for e in ends if e is not None], first, grows, measured)
 
 
 def _bisect(paired: _Paired, graph: _ReferenceGraph, feeds: dict[str, np.ndarray], precision: str, proto: Any,
@@ -170,7 +173,7 @@ def _bisect(paired: _Paired, graph: _ReferenceGraph, feeds: dict[str, np.ndarray
     return [measured[name] for name in graph.order if name in measured], first
 
 
-def _growth(error: TensorError, tolerance: float) -> float:
+def growth(error: TensorError, tolerance: float) -> float:
     """How many times the node multiplied the error it received (inputs never measured: none received)."""
     received = max(error.inputs_rel or 0.0, tolerance / 100)
     return 1.0 if math.isinf(error.rel) and math.isinf(received) else error.rel / received
@@ -185,13 +188,14 @@ class _ReferenceGraph:
     """The reference graph's tensors that the variant also computes, in topological order, with the
     node and module that make each."""
 
-    def __init__(self, proto: Any, variant_tensors: set[str]):
+    def __init__(self, proto: Any, variant: dict[str, str]):
         import onnx
 
+        self.variant = {name: _PREFIX + seen for name, seen in variant.items()}  # a tensor → where the variant's consumers read it
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
         self.types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.output]}
         self.producers = {o: n for n in proto.graph.node for o in n.output if o}
-        self.order = [o for n in proto.graph.node for o in n.output if o and o in variant_tensors]
+        self.order = [o for n in proto.graph.node for o in n.output if o and o in variant]
         self.initializers = {t.name: t for t in proto.graph.initializer}
 
     def is_float(self, name: str) -> bool:
@@ -204,9 +208,9 @@ class _ReferenceGraph:
         return [i for i in node.input if i and i in self.producers] if node is not None else []
 
     def error(self, name: str, values: Mapping[str, np.ndarray], precision: str, variant: Any) -> TensorError | None:
-        if name not in values or _PREFIX + name not in values:
+        if name not in values or self.variant.get(name) not in values:
             return None
-        expected, got = values[name], values[_PREFIX + name]
+        expected, got = values[name], values[self.variant[name]]
         if expected.dtype.kind != "f" or got.shape != expected.shape or not expected.size:
             return None
         expected, got = expected.astype(np.float64), got.astype(np.float64)
@@ -265,6 +269,20 @@ def _static_scale(variant: Any, name: str) -> float | None:
     return None
 
 
+def variant_names(proto: Any) -> dict[str, str]:
+    """Each tensor a node of the variant makes → the name under which its consumers read its value:
+    in a static int8 (QDQ) graph, the output of the DequantizeLinear that follows its QuantizeLinear
+    (the value with the variant's rounding and clipping; the QDQ quantizer also drops a Relu after a
+    quantized node and gives its output name to that node, whose own output then is not the Relu's)."""
+    quantized = {n.input[0]: n.output[0] for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+    dequantized = {n.input[0]: n.output[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    names = {o: o for n in proto.graph.node for o in n.output if o}
+    for tensor, q in quantized.items():
+        if tensor in names and q in dequantized:
+            names[tensor] = dequantized[q]
+    return names
+
+
 def module_path(node: Any) -> str:
     """The PyTorch module that made `node`: the dynamo exporter's name scopes, else the TorchScript
     exporter's node name."""
@@ -289,6 +307,7 @@ class _Paired:
         import onnx
         from onnx import compose, helper
 
+        seen = variant_names(variant)
         variant = compose.add_prefix(variant, _PREFIX)
         types = {i.name: i.type.tensor_type.elem_type for i in reference.graph.input}
         bridges = []
@@ -308,7 +327,7 @@ class _Paired:
         self.model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
                                        ir_version=max(reference.ir_version, variant.ir_version))
         self.model.functions.extend([*reference.functions, *variant.functions])
-        self.provider, self.runs = provider, 0
+        self.provider, self.runs, self.seen = provider, 0, seen
         self._large = self.model.ByteSize() > (1 << 31) - (1 << 26)
         self._onnx = onnx
 
@@ -319,7 +338,7 @@ class _Paired:
         from toolkit.runtime.session import new_session
 
         produced = {o for n in self.model.graph.node for o in n.output}
-        wanted = list(dict.fromkeys(n for name in names for n in (name, _PREFIX + name) if n in produced))
+        wanted = list(dict.fromkeys(n for name in names for n in (name, _PREFIX + self.seen.get(name, name)) if n in produced))
         del self.model.graph.output[:]
         self.model.graph.output.extend([helper.make_empty_tensor_value_info(name) for name in wanted])
         with tempfile.TemporaryDirectory(prefix="toolkit-localize-") as work:
@@ -334,15 +353,16 @@ class _Paired:
         return dict(zip(wanted, values, strict=True))
 
 
-def _default_feeds(bundle: Bundle, say: Callable[[str], None]) -> tuple[str, dict[str, np.ndarray]]:
+def _default_feeds(bundle: Bundle, spec: ModelSpec | None, say: Callable[[str], None]) -> tuple[str, dict[str, np.ndarray]]:
     """The model's held-out sample inputs (16 rows: every intermediate tensor of two graphs at once
     must fit in memory), else check's first case."""
     from toolkit.compile.parity import _case_feeds
     from toolkit.reference.source import resolve
     from toolkit.spec import shape_cases
 
-    say(f"building the PyTorch reference ({bundle.manifest.source.describe()}) for the inputs")
-    spec = resolve(bundle.manifest.source)
+    if spec is None:
+        say(f"building the PyTorch reference ({bundle.manifest.source.describe()}) for the inputs")
+        spec = resolve(bundle.manifest.source)
     if spec.sample_data is not None:
         sample = spec.sample_data()
         return f"{_ROWS} rows of the held-out sample inputs", {name: value[:_ROWS] for name, value in sample.items()}

@@ -25,6 +25,7 @@ import numpy as np
 
 from toolkit.bundle import Bundle
 from toolkit.compile._memory import release_memory
+from toolkit.compile.repair import DEFAULT_BUDGET
 from toolkit.errors import CheckFailed, ToolkitError
 from toolkit.spec import ModelSpec
 
@@ -73,9 +74,11 @@ def build(
     max_time: float = 1.0,
     force: bool = False,
     progress: Progress | None = None,
+    repair_budget: float = DEFAULT_BUDGET,
 ) -> Bundle:
-    """Builds every variant of `model` into a new bundle at `out`, checks them all, and (with
-    `select`) records the fastest passing one as `best`. `modes` defaults to int8, fp16, and
+    """Builds every variant of `model` into a new bundle at `out`, checks them all, repairs those
+    that fail their gates within `repair_budget` seconds in all (toolkit.compile.repair; 0: no
+    repair), and (with `select`) records the fastest passing one as `best`. `modes` defaults to int8, fp16, and
     int8-static where it applies (models with convolutions or a calibration set); `static_cache`
     (default: on for CUDA) exports a decoder's static-cache graph for CUDA graphs. A variant that
     fails (onnxruntime cannot load it, the quantizer crashes, its gates fail) is recorded as failed
@@ -110,10 +113,11 @@ def build(
         records = _check(context, [v for v in bundle.manifest.variants if v != "opt"])
         if records.get("int8") and not records["int8"]["passed"] and "failed" not in records["int8"]:
             _int8_fallback(context, records["int8"])
+        _repair(context, repair_budget)
         del context  # the reference is done with: the timing below needs its memory for sessions
     release_memory()
     if select:
-        select_best(bundle, provider=provider, max_time=max_time, progress=say)
+        select_best(bundle.path, provider=provider, max_time=max_time, progress=say)
     return Bundle.open(bundle.path)
 
 
@@ -206,6 +210,24 @@ def _int8(context: BuildContext) -> None:
     if left:
         context.say(f"int8 from opt leaves weights in fp32 ({', '.join(f'{op} {n}' for op, n in left.items())}): quantizing fp32 instead")
         _quantize(context, mode="int8")
+
+
+def _repair(context: BuildContext, budget: float) -> None:
+    """Repairs each quantized variant that fails its gates (one onnxruntime could load), within
+    `budget` seconds for all of them."""
+    import time
+
+    from toolkit.compile.repair import REPAIRABLE, repair
+
+    for name in REPAIRABLE:
+        record = context.bundle.manifest.variants[name].parity if name in context.bundle.manifest.variants else None
+        if budget <= 0 or not record or record.get("passed") or "failed" in record:
+            continue
+        started = time.monotonic()
+        context.say(f"{name} fails its gates: repairing it within {budget:.0f} s")
+        repair(context.bundle, name, budget=budget, reference=context.reference, progress=context.say, evidence=context.evidence,
+               scratch=context.scratch)
+        budget -= time.monotonic() - started
 
 
 def _int8_fallback(context: BuildContext, record: dict[str, Any]) -> None:

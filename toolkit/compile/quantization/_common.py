@@ -4,7 +4,7 @@ and the per-op report of what got quantized."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,3 +105,18 @@ def op_report(before: Path, after: Path) -> dict[str, dict[str, int]]:
 
     original, remaining = float_weighted(onnx.load(str(before))), float_weighted(onnx.load(str(after)))
     return {op: {"with_weights": n, "quantized": n - remaining[op], "float": remaining[op]} for op, n in sorted(original.items())}
+
+
+def resolve_nodes(model_file: Path, names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(node names, names found nowhere) for `names` given as node names or as the names of the
+    tensors the nodes make: tensor names survive the pre-processing that may rename nodes, and are
+    what toolkit.compile.localize reports."""
+    import onnx
+
+    if not names:
+        return [], []
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    nodes = {n.name for n in graph.node}
+    makers = {o: n.name for n in graph.node for o in n.output}
+    found = [name if name in nodes else makers.get(name) for name in names]
+    return list(dict.fromkeys(f for f in found if f)), [name for name, f in zip(names, found, strict=True) if not f]

@@ -35,7 +35,8 @@ class Int8Dynamic:
     keeps that many weighted MatMul/Gemm in fp32: those whose input activations are the most
     outlier-heavy (max|x| / rms(x) over `calibration_samples` inputs). `reduce_range` quantizes the
     weights to 7 bits; by default it is on where this x86 CPU has no VNNI, whose uint8 × int8
-    products saturate 16-bit sums with full-range weights."""
+    products saturate 16-bit sums with full-range weights. `exclude` names nodes kept in fp32 (what
+    a repair found, toolkit.compile.repair)."""
 
     mode: ClassVar[str] = "int8"
     precision: ClassVar[str] = "int8"
@@ -43,8 +44,10 @@ class Int8Dynamic:
     keep_float: int = 0
     calibration_samples: int = 128
     reduce_range: bool | None = None
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.keep_float < 0:
             raise ToolkitError(f"--keep-float must be at least 0, got {self.keep_float}.")
         _calibration(self.calibration_samples)
@@ -53,15 +56,17 @@ class Int8Dynamic:
 @dataclass(frozen=True)
 class Int8Static:
     """QDQ int8 with activation ranges calibrated on `calibration_samples` inputs (the model's own
-    calibration set where it has one)."""
+    calibration set where it has one); `exclude` names nodes kept in fp32."""
 
     mode: ClassVar[str] = "int8-static"
     precision: ClassVar[str] = "int8"
     calibration_samples: int = 128
     method: str = "minmax"
     per_channel: bool = False
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude", tuple(self.exclude))
         _calibration(self.calibration_samples)
         if self.method not in CALIBRATION_METHODS:
             raise ToolkitError(f"unknown calibration method {self.method!r}; choose one of {', '.join(CALIBRATION_METHODS)}.")
@@ -69,17 +74,20 @@ class Int8Static:
 
 @dataclass(frozen=True)
 class Fp16:
-    """Half precision, with the `keep_fp32` op types left in fp32. `io` "fp32" keeps the graph's float
-    inputs and outputs in fp32 (casts at the edges); "fp16" makes them fp16 too, so that a decoder's
-    cache stays fp16 from step to step (the variant's manifest entry records the dtypes)."""
+    """Half precision, with the `keep_fp32` op types and the `keep_nodes` nodes (by name: what a repair
+    found) left in fp32. `io` "fp32" keeps the graph's float inputs and outputs in fp32 (casts at the
+    edges); "fp16" makes them fp16 too, so that a decoder's cache stays fp16 from step to step (the
+    variant's manifest entry records the dtypes)."""
 
     mode: ClassVar[str] = "fp16"
     precision: ClassVar[str] = "fp16"
     keep_fp32: tuple[str, ...] = FP16_KEEP_FP32
     io: str = "fp32"
+    keep_nodes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32))
+        object.__setattr__(self, "keep_nodes", tuple(self.keep_nodes))
         if self.io not in FP16_IO:
             raise ToolkitError(f"--io must be one of {', '.join(FP16_IO)}, got {self.io!r}.")
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from toolkit._onnx import is_large
 from toolkit.compile._child import ChildFailed, run_child
-from toolkit.compile.quantization._common import QuantizeContext
+from toolkit.compile.quantization._common import QuantizeContext, resolve_nodes
 from toolkit.compile.quantization.configs import Fp16
 from toolkit.errors import ToolkitError
 
@@ -18,18 +18,21 @@ def quantize_fp16(context: QuantizeContext, config: Fp16, model_file: Path, targ
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
 
     edges = "inputs, outputs and " if config.io == "fp32" else ""
-    context.say(f"converting to fp16, keeping {edges}{', '.join(config.keep_fp32) or 'no op type'} in fp32")
+    chosen, unknown = resolve_nodes(model_file, config.keep_nodes)
+    nodes = f" and {len(chosen)} nodes" if chosen else ""
+    context.say(f"converting to fp16, keeping {edges}{', '.join(config.keep_fp32) or 'no op type'}{nodes} in fp32")
     block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(config.keep_fp32))
     try:  # in a child process: the converter holds the model several times over (toolkit.compile._child)
-        run_child(_CONVERT, str(model_file.resolve()), str(target.resolve()), config.io == "fp32", block, is_large(model_file),
-                  cwd=target.parent)
+        run_child(_CONVERT, str(model_file.resolve()), str(target.resolve()), config.io == "fp32", block, chosen,
+                  is_large(model_file), cwd=target.parent)
     except ChildFailed as exc:
         raise ToolkitError(f"onnxruntime's float16 converter failed on {model_file}: {exc}") from exc
-    return {"io": config.io, "kept_fp32": list(config.keep_fp32)}
+    return {"io": config.io, "kept_fp32": list(config.keep_fp32), **({"kept_nodes": chosen} if chosen else {}),
+            **({"kept_nodes_not_found": unknown} if unknown else {})}
 
 
 _CONVERT = """
-def main(model_file, target, keep_io_types, block, external):
+def main(model_file, target, keep_io_types, block, nodes, external):
     import os
 
     import onnx
@@ -37,7 +40,8 @@ def main(model_file, target, keep_io_types, block, external):
 
     from toolkit.compile.quantization.fp16 import drop_repeated_nodes
 
-    converted = convert_float_to_float16(onnx.load(model_file), keep_io_types=keep_io_types, op_block_list=block)
+    converted = convert_float_to_float16(onnx.load(model_file), keep_io_types=keep_io_types, op_block_list=block,
+                                         node_block_list=nodes or None)
     drop_repeated_nodes(converted.graph)
     onnx.save(converted, target, save_as_external_data=external, location=os.path.basename(target) + ".data")
 """

@@ -8,7 +8,13 @@ from typing import Any
 import numpy as np
 
 from toolkit._onnx import is_large
-from toolkit.compile.quantization._common import QuantizeContext, calibration_feeds, op_report, preprocess
+from toolkit.compile.quantization._common import (
+    QuantizeContext,
+    calibration_feeds,
+    op_report,
+    preprocess,
+    resolve_nodes,
+)
 from toolkit.compile.quantization.configs import DYNAMIC_OPS, Int8Dynamic
 
 __all__ = ["quantize_int8_dynamic", "saturating_cpu"]
@@ -24,7 +30,10 @@ def quantize_int8_dynamic(context: QuantizeContext, config: Int8Dynamic, model_f
     context.say(f"quantizing weights of {', '.join(DYNAMIC_OPS)} to int8 (dynamic activations)")
     # The quantizer rewrites a Gemm with constant weights as MatMul (+ Add) named `<gemm>_MatMul` before
     # it looks at the exclusions: a kept Gemm is excluded under both names.
-    excluded = [name for node, _ in kept for name in (node, f"{node}_MatMul")]
+    chosen, unknown = resolve_nodes(pre, config.exclude)
+    excluded = [name for node in [*(n for n, _ in kept), *chosen] for name in (node, f"{node}_MatMul")]
+    if chosen:
+        context.say(f"keeping {len(chosen)} nodes in fp32: {', '.join(chosen)}")
     reduce_range = config.reduce_range if config.reduce_range is not None else saturating_cpu()
     if reduce_range and config.reduce_range is None:
         context.say("this CPU has no VNNI: weights quantized to 7 bits, so that its uint8 × int8 products do not saturate")
@@ -38,6 +47,7 @@ def quantize_int8_dynamic(context: QuantizeContext, config: Int8Dynamic, model_f
         "weights": f"int8 symmetric per {'channel' if config.per_channel else 'tensor'}", "activations": "uint8, quantized per call",
         "op_types": list(DYNAMIC_OPS), "per_channel": config.per_channel, "reduce_range": reduce_range,
         "kept_float": [{"node": n, "outlier_score": round(score, 2)} for n, score in kept],
+        **({"excluded": chosen} if chosen else {}), **({"excluded_not_found": unknown} if unknown else {}),
         "ops": op_report(pre, target),
     }
 

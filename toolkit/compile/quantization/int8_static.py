@@ -9,7 +9,13 @@ import numpy as np
 
 from toolkit._onnx import is_large
 from toolkit.bundle import Bundle
-from toolkit.compile.quantization._common import QuantizeContext, calibration_feeds, op_report, preprocess
+from toolkit.compile.quantization._common import (
+    QuantizeContext,
+    calibration_feeds,
+    op_report,
+    preprocess,
+    resolve_nodes,
+)
 from toolkit.compile.quantization.configs import Int8Static
 from toolkit.spec import ModelSpec
 
@@ -26,6 +32,9 @@ def quantize_int8_static(context: QuantizeContext, config: Int8Static, model_fil
     )
 
     pre, options = preprocess(context, model_file)
+    chosen, unknown = resolve_nodes(pre, config.exclude)
+    if chosen:
+        context.say(f"keeping {len(chosen)} nodes in fp32: {', '.join(chosen)}")
     feeds, origin = calibration_feeds(context, config.calibration_samples)
     context.say(f"calibrating on {len(feeds)} samples from {origin} ({config.method}{', per channel' if config.per_channel else ''})")
 
@@ -40,10 +49,10 @@ def quantize_int8_static(context: QuantizeContext, config: Int8Static, model_fil
     quantize_static(
         str(pre), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
         calibrate_method=method[config.method], activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        use_external_data_format=is_large(pre),
+        use_external_data_format=is_large(pre), nodes_to_exclude=chosen,
     )
     return {
-        **options, "format": "QDQ", "per_channel": config.per_channel,
+        **options, "format": "QDQ", "per_channel": config.per_channel, **({"excluded": chosen} if chosen else {}), **({"excluded_not_found": unknown} if unknown else {}),
         "calibration": {"method": config.method, "samples": len(feeds), "data": origin},
         "ops": op_report(pre, target),
     }

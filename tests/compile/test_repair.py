@@ -1,0 +1,70 @@
+"""Repairing variants that fail their gates (toolkit.compile.repair) on deliberate faults in one
+known layer (tests/userpkg/faults.py): fp16 with fewer nodes in fp32 than the fixed op-type list,
+int8 and int8-static keeping the layers around an outlier channel, within a budget, every attempt
+recorded; and `build` repairing on its own."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from toolkit.bundle import Bundle
+from toolkit.compile import check, quantize, repair
+
+
+def _bundle(exported, tmp_path, model: str, **quantizations):
+    out = tmp_path / model.rpartition(":")[2]
+    shutil.copytree(exported(model, None), out)
+    for mode, options in quantizations.items():
+        quantize(out, mode=mode.replace("_", "-"), **options)
+    return out
+
+
+def test_fp16_is_repaired_with_fewer_nodes_in_fp32_than_the_fixed_list(exported, tmp_path):
+    bundle = _bundle(exported, tmp_path, "userpkg.faults:overflowing", fp16={})
+    assert not check(bundle, variants=["fp16"])["fp16"]["passed"]  # the fixed list casts the norm's squares to fp16
+    result = repair(bundle, "fp16")
+    variant = Bundle.open(bundle).manifest.variants["fp16"]
+    assert result["passed"] and variant.parity["passed"]
+    assert len(result["kept"]) < result["fixed_list_nodes"] == 12  # a Pow and a ReduceMean per norm
+    assert variant.recipe["options"]["repair"] == result and result["attempts"][-1]["passed"]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-static"])
+def test_int8_is_repaired_keeping_the_layers_of_the_outlier_channel(exported, tmp_path, mode):
+    bundle = _bundle(exported, tmp_path, "userpkg.faults:outlier_channel", **{mode.replace("-", "_"): {}})
+    assert not check(bundle, variants=[mode])[mode]["passed"]
+    result = repair(bundle, mode)
+    assert result["passed"] and Bundle.open(bundle).manifest.variants[mode].parity["passed"]
+    modules = {k["module"] for k in result["kept"]}
+    assert "layers.3" in modules and len(modules) <= 2  # the layer that reads the outlier channel (and, QDQ, the one that makes it)
+    ops = Bundle.open(bundle).manifest.variants[mode].recipe["options"]["ops"]["Gemm"]
+    assert ops["quantized"] >= ops["with_weights"] - 2
+    if mode == "int8-static":  # other calibrations were tried first, and recorded
+        assert [a["settings"]["method"] for a in result["attempts"][:2]] == ["entropy", "percentile"]
+
+
+def test_no_budget_no_attempt(exported, tmp_path):
+    bundle = _bundle(exported, tmp_path, "userpkg.faults:outlier_channel", int8={})
+    result = repair(bundle, "int8", budget=0)
+    assert not result["passed"] and result["attempts"] == []
+
+
+def test_a_variant_quantize_did_not_make_is_refused(exported, tmp_path):
+    from toolkit.errors import ToolkitError
+
+    bundle = _bundle(exported, tmp_path, "userpkg.faults:plain")
+    with pytest.raises(ToolkitError, match="variant 'fp32' was not made by quantize"):
+        repair(bundle, "fp32")
+
+
+@pytest.mark.slow
+def test_build_repairs_within_its_budget_and_says_what_it_kept(tmp_path, cli):
+    result = cli("build", "userpkg.faults:outlier_channel", "-o", tmp_path / "b", "--no-select", "--mode", "int8-static")
+    assert result.exit_code == 0, result.output
+    record = Bundle.open(tmp_path / "b").manifest.variants["int8-static"]
+    assert record.parity["passed"] and record.recipe["options"]["repair"]["passed"]
+    assert "int8-static: repaired keeping 2 nodes in fp32" in result.output and "layers.3" in result.output
+    unrepaired = cli("build", "userpkg.faults:outlier_channel", "-o", tmp_path / "c", "--no-select", "--mode", "int8-static", "--budget", "0")
+    assert unrepaired.exit_code == 0 and not Bundle.open(tmp_path / "c").manifest.variants["int8-static"].parity["passed"]

@@ -1,0 +1,204 @@
+"""Repairing a variant that fails its gates: `toolkit build` does it for fp16, int8 and int8-static
+within a time budget, and `repair(DIR, VARIANT)` does it on a bundle.
+
+1. int8-static first tries the other calibrations (entropy, percentile; per-channel weights), each
+   calibrated and checked: a range problem is cheaper to fix by measuring ranges better.
+2. Then the nodes to keep in fp32. toolkit.compile.localize runs the failing variant beside fp32 on
+   held-out inputs, and the tensors past the tolerance are ranked by how many times their node
+   multiplied the error it received, so that where an error is made ranks above where it is only
+   carried. The variant is made again keeping the top 1, 2, 4, ... of them in fp32 until it passes
+   its gates, then the smallest passing count between the last two is found by bisection. fp16
+   starts from no op type kept in fp32 (the fixed list it was first made with keeps every
+   normalisation, softmax and reduction), so that only the nodes this model needs stay in fp32.
+
+Every attempt (its settings, the nodes kept, the gate it missed, its seconds) is recorded in the
+variant's recipe under `repair`, with each kept node's module and the value range that explains it;
+a variant no attempt repairs within the budget stays failed, as its last attempt made it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from toolkit.bundle import Bundle
+from toolkit.compile.localize import Localization, TensorError, growth, localize, module_path
+from toolkit.compile.quantization import DYNAMIC_OPS, quantize
+from toolkit.errors import ToolkitError
+from toolkit.spec import ModelSpec
+
+__all__ = ["DEFAULT_BUDGET", "REPAIRABLE", "repair"]
+
+DEFAULT_BUDGET = 300.0  # seconds for all of a build's repairs: a few re-quantizations and checks of a mid-size model on 2 cores
+REPAIRABLE = ("fp16", "int8", "int8-static")
+_CALIBRATIONS = (("entropy", False), ("percentile", False), ("minmax", True), ("entropy", True))
+_BISECT_BYTES = 1 << 30  # larger variants are localized one exposed tensor at a time
+
+
+def repair(bundle: str | Path | Bundle, variant: str, *, budget: float = DEFAULT_BUDGET, provider: str = "cpu",
+           reference: ModelSpec | None = None, progress: Callable[[str], None] | None = None,
+           evidence: dict[Any, Any] | None = None, scratch: Path | None = None) -> dict[str, Any]:
+    """Makes `variant` again until it passes its gates or `budget` seconds are spent; returns the
+    repair record (also stored in the variant's recipe, under options.repair)."""
+    from toolkit.compile.parity import check
+    from toolkit.reference.source import resolve
+
+    say = progress or (lambda _msg: None)
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    recipe = bundle.variant(variant).recipe
+    mode = recipe.get("options", {}).get("mode")
+    if mode not in REPAIRABLE:
+        raise ToolkitError(f"variant {variant!r} was not made by quantize (its recipe: {recipe.get('stage')}); "
+                           f"repair remakes {', '.join(REPAIRABLE)}.")
+    if reference is None:
+        say(f"building the PyTorch reference ({bundle.manifest.source.describe()})")
+        reference = resolve(bundle.manifest.source)
+    evidence = {} if evidence is None else evidence
+    started = time.monotonic()
+    attempts: list[dict[str, Any]] = []
+    source = recipe["parent"]
+
+    def attempt(options: dict[str, Any], kept: list[TensorError]) -> bool:
+        from toolkit.runtime.describe import missed_gates
+
+        began = time.monotonic()
+        settings = {**options, **({"keep_nodes" if mode == "fp16" else "exclude": tuple(e.tensor for e in kept)} if kept else {})}
+        say(f"repairing {variant}: {_describe(settings, kept)}")
+        try:
+            quantize(bundle, mode=mode, source=source, reference=reference, progress=say, scratch=scratch, **settings)
+            record = check(bundle, variants=[variant], provider=provider, reference=reference, progress=say, evidence=evidence)[variant]
+            passed, gate = bool(record["passed"]), "passed" if record["passed"] else missed_gates(record)
+        except ToolkitError as exc:
+            passed, gate = False, f"could not be made: {exc}"
+        attempts.append({"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+                         "kept": [e.tensor for e in kept], "passed": passed, "gate": gate, "seconds": round(time.monotonic() - began, 1)})
+        return passed
+
+    def time_left() -> bool:
+        spent = time.monotonic() - started
+        return spent + (attempts[-1]["seconds"] if attempts else 0.0) <= budget
+
+    base = _base_options(mode, recipe["options"])
+    passed, kept, note = False, [], ""
+    if mode == "int8-static":
+        tried = (base["method"], base["per_channel"])
+        for method, per_channel in (c for c in _CALIBRATIONS if c != tried):
+            if not time_left():
+                break
+            if attempt({**base, "method": method, "per_channel": per_channel}, []):
+                passed, base = True, {**base, "method": method, "per_channel": per_channel}
+                break
+    if mode == "fp16" and not passed and time_left():
+        base = {**base, "keep_fp32": ()}
+        passed = attempt(base, [])
+    if not passed and time_left():
+        if mode == "int8-static":  # the calibrations tried replaced it: the nodes are searched from its own settings
+            attempt(base, [])
+        found = _localize(bundle, variant, provider, reference, say)
+        ranked = _ranked(found, mode, bundle)
+        say(f"repairing {variant}: {len(ranked)} candidate nodes to keep in fp32, where the error is made first")
+        if not ranked:
+            note = f"no node to keep in fp32: localize found no tensor of {variant} past a tenth of rel {found.tolerance:g} on {found.inputs}"
+        passed, kept = _search(ranked, lambda k: attempt(base, ranked[:k]), time_left)
+        if passed and attempts[-1]["kept"] != [e.tensor for e in kept]:
+            attempt(base, kept)  # the variant as the smallest passing set makes it
+    result = {"passed": passed, "kept": [_why(e) for e in kept], "attempts": attempts,
+              "seconds": round(time.monotonic() - started, 1), "budget": budget, **({"note": note} if note else {})}
+    if mode == "fp16":
+        result["fixed_list_nodes"] = _fixed_list_nodes(bundle, source, recipe["options"].get("kept_fp32", []))
+    bundle.manifest.variants[variant].recipe.setdefault("options", {})["repair"] = result
+    bundle.save()
+    say(f"{variant} {'repaired' if passed else 'not repaired'} in {result['seconds']:.0f} s after {len(attempts)} attempts"
+        + (f", {len(kept)} nodes kept in fp32" if passed else ""))
+    return result
+
+
+def _search(ranked: list[TensorError], passes: Callable[[int], bool], time_left: Callable[[], bool]) -> tuple[bool, list[TensorError]]:
+    """The smallest k for which keeping ranked[:k] passes: doubling until one passes, then bisection."""
+    failed, k, passing = 0, 1, None
+    while k <= len(ranked) and time_left():
+        if passes(k):
+            passing = k
+            break
+        failed = k
+        if k == len(ranked):
+            break
+        k = min(2 * k, len(ranked))
+    if passing is None:
+        return False, []
+    low = failed + 1
+    while low < passing and time_left():
+        middle = (low + passing) // 2
+        if passes(middle):
+            passing = middle
+        else:
+            low = middle + 1
+    return True, ranked[:passing]
+
+
+def _ranked(found: Localization, mode: str, bundle: Bundle) -> list[TensorError]:
+    """The candidates to keep in fp32, most error made first (ties in topological order). fp16: the
+    nodes of the tensors past the tolerance. int8: the weighted nodes (what a quantizer quantizes),
+    each scored by the largest growth among the tensors it reads, makes, and its consumers make: a
+    badly quantized input shows in what the node makes, or, in a QDQ graph, already in the tensor
+    it reads (the quantizer's rounding sits before the node)."""
+    import onnx
+
+    departing = {e.tensor: e for e in found.tensors if e.rel > found.tolerance}
+    if not departing:  # a task gate missed with every tensor within the tolerance: where the most error is made
+        departing = {e.tensor: e for e in found.tensors if e.rel > found.tolerance / 10}
+    score = {name: growth(e, found.tolerance) for name, e in departing.items()}
+    if mode == "fp16":
+        return sorted(departing.values(), key=lambda e: -score[e.tensor])
+    graph = onnx.load(str(bundle.variant_path(found.reference)), load_external_data=False).graph
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    weighted = [n for n in graph.node if n.op_type in (*DYNAMIC_OPS, "Conv", "ConvTranspose")]
+    candidates = []
+    for node in weighted:
+        near = [*node.input, *node.output, *(o for out in node.output for c in consumers.get(out, []) for o in c.output)]
+        best = max((score[name] for name in near if name in score), default=None)
+        if best is not None:
+            error = next(departing[name] for name in near if name in score and score[name] == best)
+            why = error.cause or f"the error reaches {error.rel:.3g} of the scale at {error.tensor}, {best:.0f}× what reaches that node"
+            candidates.append((best, replace(error, tensor=node.output[0], node=node.name, op=node.op_type, module=module_path(node), cause=why)))
+    return [e for _, e in sorted(candidates, key=lambda c: -c[0])]
+
+
+def _localize(bundle: Bundle, variant: str, provider: str, reference: ModelSpec, say: Callable[[str], None]) -> Localization:
+    large = bundle.variant_path(variant).stat().st_size > _BISECT_BYTES
+    return localize(bundle, variant, provider=provider, mode="bisect" if large else "all", spec=reference, progress=say)
+
+
+def _base_options(mode: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The quantize options the variant was made with, from its recipe."""
+    if mode == "fp16":
+        return {"io": options.get("io", "fp32"), "keep_fp32": tuple(options.get("kept_fp32", ()))}
+    if mode == "int8":
+        return {"per_channel": options.get("per_channel", True), "reduce_range": options.get("reduce_range")}
+    calibration = options.get("calibration", {})
+    return {"method": calibration.get("method", "minmax"), "per_channel": options.get("per_channel", False),
+            "calibration_samples": calibration.get("samples", 128)}
+
+
+def _describe(settings: dict[str, Any], kept: list[TensorError]) -> str:
+    shown = {k: v for k, v in settings.items() if k not in ("keep_nodes", "exclude")}
+    return ", ".join(f"{k}={v}" for k, v in shown.items()) + (f"; {len(kept)} nodes kept in fp32" if kept else "")
+
+
+def _why(error: TensorError) -> dict[str, Any]:
+    return {"tensor": error.tensor, "node": error.node, "op": error.op, "module": error.module, "rel": error.rel,
+            "why": error.cause or f"the error reaches {error.rel:.3g} of its scale here"}
+
+
+def _fixed_list_nodes(bundle: Bundle, source: str, op_types: list[str]) -> int:
+    """Nodes the fixed op-type list kept in fp32 in the variant's source graph."""
+    import onnx
+
+    graph = onnx.load(str(bundle.variant_path(source)), load_external_data=False).graph
+    return sum(node.op_type in op_types for node in graph.node)
