@@ -164,3 +164,17 @@ def test_an_encoder_decoders_bare_model_is_not_taken_for_an_encoder(tmp_path):
 
     with pytest.raises(ToolkitError, match=r"architecture T5Model \(an encoder-decoder\) is not supported.*encoder-decoders"):
         hf_spec(_saved_as(tmp_path, "t5", "T5Model"))
+
+
+@pytest.mark.slow
+def test_int8_quantizes_a_classifier_whose_head_is_a_gemm(exported, tmp_path):
+    """BERT's sequence head is a Gemm with a transposed weight, which the quantizer makes a MatMul
+    under the same name: the weight's shape the exporter recorded must not stop it."""
+    from toolkit.compile import quantize
+
+    bundle = tmp_path / "bert"
+    shutil.copytree(exported(f"hf:{hf_model('bert-sequence')}", None), bundle)
+    quantize(bundle, mode="int8")
+    from toolkit.bundle import Bundle
+
+    assert Bundle.open(bundle).manifest.variants["int8"].recipe["options"]["ops"]["Gemm"]["quantized"] == 2

@@ -76,9 +76,21 @@ import contextlib, io, os
 def main(model_file, target, skip_symbolic_shape, external):
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    import onnx
+
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its shape-inference failures
         quant_pre_process(model_file, target, skip_symbolic_shape=skip_symbolic_shape, save_as_external_data=external, all_tensors_to_one_file=True,
                           external_data_location=os.path.basename(target) + ".data")
+    # Shapes recorded for weights (the dynamo exporter writes them) go stale when the quantizer
+    # transposes a Gemm's weight into a MatMul's under the same name, and its shape inference then
+    # fails on them: a weight's shape is its own, so they go.
+    proto = onnx.load(target, load_external_data=False)
+    weights = {t.name for t in proto.graph.initializer}
+    kept = [v for v in proto.graph.value_info if v.name not in weights]
+    if len(kept) < len(proto.graph.value_info):
+        del proto.graph.value_info[:]
+        proto.graph.value_info.extend(kept)
+        onnx.save(proto, target)
 """
 
 
