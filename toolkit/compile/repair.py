@@ -141,10 +141,10 @@ def _search(ranked: list[TensorError], passes: Callable[[int], bool], time_left:
 
 def _ranked(found: Localization, mode: str, bundle: Bundle) -> list[TensorError]:
     """The candidates to keep in fp32, most error made first (ties in topological order). fp16: the
-    nodes of the tensors past the tolerance. int8: the weighted nodes (what a quantizer quantizes),
-    each scored by the largest growth among the tensors it reads, makes, and its consumers make: a
-    badly quantized input shows in what the node makes, or, in a QDQ graph, already in the tensor
-    it reads (the quantizer's rounding sits before the node)."""
+    nodes of the tensors past the tolerance. int8: the nodes its quantizer quantizes (dynamic: the
+    weighted ones; static: any), each scored by the largest growth among the tensors it reads, makes,
+    and its consumers make: a badly quantized input shows in what the node makes, or, in a QDQ graph,
+    already in the tensor it reads (the quantizer's rounding sits before the node)."""
     import onnx
 
     departing = {e.tensor: e for e in found.tensors if e.rel > found.tolerance}
@@ -158,9 +158,10 @@ def _ranked(found: Localization, mode: str, bundle: Bundle) -> list[TensorError]
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    weighted = [n for n in graph.node if n.op_type in (*DYNAMIC_OPS, "Conv", "ConvTranspose")]
+    # dynamic int8 quantizes weighted nodes only; static (QDQ) also the activations around Add, Gather, Softmax, ...
+    quantizable = [n for n in graph.node if mode == "int8-static" or n.op_type in (*DYNAMIC_OPS, "Conv", "ConvTranspose")]
     candidates = []
-    for node in weighted:
+    for node in quantizable:
         near = [*node.input, *node.output, *(o for out in node.output for c in consumers.get(out, []) for o in c.output)]
         best = max((score[name] for name in near if name in score), default=None)
         if best is not None:
