@@ -31,14 +31,16 @@ def test_fp16_is_repaired_with_fewer_nodes_in_fp32_than_the_fixed_list(exported,
     assert variant.recipe["options"]["repair"] == result and result["attempts"][-1]["passed"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int8", "int8-static"])
 def test_int8_is_repaired_keeping_the_layers_of_the_outlier_channel(exported, tmp_path, mode):
     bundle = _bundle(exported, tmp_path, "userpkg.faults:outlier_channel", **{mode.replace("-", "_"): {}})
     assert not check(bundle, variants=[mode])[mode]["passed"]
     result = repair(bundle, mode)
     assert result["passed"] and Bundle.open(bundle).manifest.variants[mode].parity["passed"]
-    modules = {k["module"] for k in result["kept"]}
-    assert "layers.3" in modules and len(modules) <= 2  # the layer that reads the outlier channel (and, QDQ, the one that makes it)
+    # the layer that reads the outlier channel; QDQ, also what makes it (layers.2 and its ReLU, whose
+    # output the quantizer would round)
+    assert "layers.3" in {k["module"] for k in result["kept"]} and len(result["kept"]) <= (1 if mode == "int8" else 3)
     ops = Bundle.open(bundle).manifest.variants[mode].recipe["options"]["ops"]["Gemm"]
     assert ops["quantized"] >= ops["with_weights"] - 2
     if mode == "int8-static":  # other calibrations were tried first, and recorded
@@ -46,8 +48,8 @@ def test_int8_is_repaired_keeping_the_layers_of_the_outlier_channel(exported, tm
 
 
 def test_no_budget_no_attempt(exported, tmp_path):
-    bundle = _bundle(exported, tmp_path, "userpkg.faults:outlier_channel", int8={})
-    result = repair(bundle, "int8", budget=0)
+    bundle = _bundle(exported, tmp_path, "userpkg.faults:overflowing", fp16={})
+    result = repair(bundle, "fp16", budget=0)
     assert not result["passed"] and result["attempts"] == []
 
 
