@@ -92,6 +92,10 @@ def test_a_speech_model_takes_features_and_says_what_shape_when_given_anything_e
     with pytest.raises(ToolkitError, match=r"got an array \(16, 99\) float32"):
         generator.generate(np.zeros((16, 99), np.float32))
     clips = _clips(2)
+    with pytest.raises(ToolkitError, match=r"max_new_tokens 64 is beyond what the model's decoder holds \(63 tokens after its start tokens\)"):
+        generator.generate(clips[0], max_new_tokens=64)
+    with pytest.raises(ToolkitError, match=r"prompt 2 of 2: .* got an array \(16, 50\) float32"):
+        greedy_tokens(generator, [clips[0], clips[1][:, :50]], 4)
     np.save(tmp_path / "clips.npy", clips)
     texts = generator.generate(clips, max_new_tokens=8)
     result = subprocess.run([sys.executable, "-m", "toolkit.cli", "generate", str(bundle), "--features", str(tmp_path / "clips.npy"),

@@ -65,7 +65,7 @@ def seq2seq_spec(path: Path, model: Any, tokenizer: Any, config: Any, architectu
     vocab = model.get_output_embeddings().weight.shape[0]
     decoder = _Decoder(model, layers, hidden.shape[-1], cache_argument, audio)
 
-    def steps(rows: int = 64) -> dict[str, np.ndarray]:
+    def steps(rows: int = _SAMPLE_ROWS) -> dict[str, np.ndarray]:
         """First decoder steps over real text (teacher-forced: the start tokens, then other sentences'
         tokens), on the reference encoder's memory of real sources: what the decoder's gates judge."""
         source = sources(rows)

@@ -266,16 +266,18 @@ class Generator:
         self._validate(prompts, max_new_tokens)
         return self._loop(prompts, max_new_tokens, (sampling or Sampling()).chooser(), done)
 
-    def _validate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    def _validate(self, prompts: Sequence[Sequence[int] | np.ndarray], max_new_tokens: int) -> None:
         layout = self.layout
         if not prompts:
             raise ToolkitError("no prompt given.")
         if max_new_tokens < 1:
             raise ToolkitError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+        if layout.encoder and len(layout.decoder_start) + max_new_tokens > layout.context:
+            raise ToolkitError(f"max_new_tokens {max_new_tokens} is beyond what the model's decoder holds "
+                               f"({layout.context - len(layout.decoder_start)} tokens after its start tokens); lower it.")
         if layout.features:
-            if 1 + max_new_tokens > layout.context:
-                raise ToolkitError(f"max_new_tokens {max_new_tokens} is beyond what the model's decoder holds "
-                                   f"({layout.context - 1} tokens after its start token); lower it.")
+            for i, features in enumerate(prompts):
+                self._check_features(features, f"prompt {i + 1} of {len(prompts)}" if len(prompts) > 1 else "the prompt")
             return
         for i, ids in enumerate(prompts):
             if not len(ids):
@@ -287,9 +289,6 @@ class Generator:
             if longest > layout.source_context:
                 raise ToolkitError(f"the longest prompt is {longest} tokens, beyond the model's source context of "
                                    f"{layout.source_context} tokens. Shorten it.")
-            if 1 + max_new_tokens > layout.context:
-                raise ToolkitError(f"max_new_tokens {max_new_tokens} is beyond what the model's decoder holds "
-                                   f"({layout.context - 1} tokens after its start token); lower it.")
         elif longest + max_new_tokens > layout.context:
             raise ToolkitError(
                 f"the longest prompt is {longest} tokens; with max_new_tokens {max_new_tokens} that is "
@@ -336,14 +335,17 @@ class Generator:
             feeds["position_ids"] = np.maximum(mask.cumsum(-1) - 1, 0)
         return feeds
 
+    def _check_features(self, prompt: Any, where: str) -> None:
+        expected = tuple(self.source.shape[1:])
+        if not isinstance(prompt, np.ndarray) or prompt.shape != expected or prompt.dtype.kind != "f":
+            got = f"an array {prompt.shape} {prompt.dtype}" if isinstance(prompt, np.ndarray) else type(prompt).__name__
+            raise ToolkitError(f"{where}: {self.model.name} is a speech model; a prompt is its encoder's {self.source.name}, a float "
+                               f"array {expected} (the feature extractor's output for one clip), got {got}.")
+
     def _encode(self, prompt: Any, index: int, count: int) -> list[int] | np.ndarray:
         where = f"prompt {index + 1} of {count}" if count > 1 else "the prompt"
         if self.layout.features:
-            expected = tuple(self.source.shape[1:])
-            if not isinstance(prompt, np.ndarray) or prompt.shape != expected or prompt.dtype.kind != "f":
-                got = f"an array {prompt.shape} {prompt.dtype}" if isinstance(prompt, np.ndarray) else type(prompt).__name__
-                raise ToolkitError(f"{where}: {self.model.name} is a speech model; a prompt is its encoder's {self.source.name}, a float "
-                                   f"array {expected} (the feature extractor's output for one clip), got {got}.")
+            self._check_features(prompt, where)
             return prompt
         if not isinstance(prompt, str):
             raise ToolkitError(f"{where} must be text, got {type(prompt).__name__}.")
