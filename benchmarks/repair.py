@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from serve_load import replace_section  # noqa: E402
 
 MINILM = "minilm"
-MODELS = ("mlp", "cnn", "lstm", "transformer", "gpt", "seq2seq", MINILM)
+MODELS = ("mlp", "cnn", "lstm", "encoder", "gpt", "seq2seq", MINILM)
 
 
 def main() -> int:

@@ -192,3 +192,13 @@ def test_cpu_sessions_keep_add_and_layer_norm_apart(exported, tmp_path):
         loaded[provider] = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
     assert "SkipLayerNormalization" in loaded[None]
     assert "SkipLayerNormalization" not in loaded["cpu"] and "LayerNormalization" in loaded["cpu"]
+
+
+def test_why_a_variant_failed_names_the_part_that_failed():
+    """An encoder-decoder's variant fails when its encoder part does, though its own gates pass."""
+    from toolkit.runtime.describe import missed_gates
+
+    record = {"passed": False, "errors": [], "outputs": {"logits": {"passed": True, "max_abs_err": 0.1, "scale": 1.0}},
+              "task_metric": {"metric": "next_token_agreement", "value": 0.97, "threshold": None, "passed": True},
+              "parts": {"encoder": {"passed": False}}}
+    assert missed_gates(record) == "its part encoder fails its gates (`toolkit inspect DIR/encoder`)"

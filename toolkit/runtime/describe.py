@@ -66,6 +66,9 @@ def missed_gates(parity: dict[str, Any]) -> str:
     accuracy = parity.get("accuracy") or {}
     if accuracy and not accuracy.get("passed", True):
         reasons.append(f"accuracy {accuracy['variant']:.2%} against the reference's {accuracy['reference']:.2%}")
+    parts = [name for name, part in (parity.get("parts") or {}).items() if not part.get("passed", True)]
+    if parts:
+        reasons.append(f"its part {', '.join(parts)} fails its gates (`toolkit inspect DIR/{parts[0]}`)")
     return "; ".join(reasons) or "see `toolkit check`"
 
 
