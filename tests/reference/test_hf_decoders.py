@@ -15,15 +15,10 @@ from toolkit import Generator
 from toolkit.bundle import Bundle
 from toolkit.runtime.generate import greedy_tokens
 
+from .greedy import PROMPTS, until_eos
+
 pytest.importorskip("transformers", reason="hf: models need transformers (pip install -e '.[test]')")
-PROMPTS = ["Return the value of", "If the", "Raise ValueError when the argument is not a"]
 NEW_TOKENS = 64
-
-
-def _until_eos(row, eos):
-    ids = [int(t) for t in row]
-    ends = [i for i, t in enumerate(ids) if t in eos]
-    return ids[: ends[0] + 1] if ends else ids
 
 
 @pytest.mark.parametrize("kind", [k if k == "llama" else pytest.param(k, marks=pytest.mark.slow) for k in ARCHITECTURES])
@@ -44,12 +39,12 @@ def test_greedy_tokens_equal_transformers_generate_alone_and_in_a_left_padded_ba
 
     for prompt in prompts:
         want = reference([prompt], [[1] * len(prompt)])
-        assert _until_eos(greedy_tokens(generator, [prompt], NEW_TOKENS)[0], eos) == _until_eos(want[0], eos)
+        assert until_eos(greedy_tokens(generator, [prompt], NEW_TOKENS)[0], eos) == until_eos(want[0], eos)
     longest = max(map(len, prompts))
     want = reference([[eos[0]] * (longest - len(p)) + p for p in prompts], [[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
     got = greedy_tokens(generator, prompts, NEW_TOKENS)
     for row, expected in zip(got, want, strict=True):
-        assert _until_eos(row, eos) == _until_eos(expected, eos)
+        assert until_eos(row, eos) == until_eos(expected, eos)
 
 
 def test_the_manifest_describes_a_decoder_with_its_cache_and_tokenizer(exported):

@@ -16,16 +16,11 @@ from toolkit.bundle import Bundle
 from toolkit.errors import ToolkitError
 from toolkit.runtime.generate import greedy_tokens
 
+from .greedy import PROMPTS, until_eos
+
 pytest.importorskip("transformers", reason="hf: models need transformers (pip install -e '.[test]')")
 SEQ2SEQ = ("bart", "t5", "whisper")
-PROMPTS = ["Return the value of", "If the", "Raise ValueError when the argument is not a"]
 NEW_TOKENS = 24
-
-
-def _until_eos(row, eos):
-    ids = [int(t) for t in row]
-    ends = [i for i, t in enumerate(ids) if t in eos]
-    return ids[: ends[0] + 1] if ends else ids
 
 
 def _clips(rows: int) -> np.ndarray:
@@ -62,11 +57,11 @@ def test_greedy_tokens_equal_transformers_generate_alone_and_in_a_batch(exported
         want = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, num_beams=1).numpy()[:, start:]
         alone = [model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, num_beams=1).numpy()[0, start:]
                  for p in prompts]
-    assert len({tuple(_until_eos(row, eos)) for row in want}) > 1  # the prompts lead to different tokens
+    assert len({tuple(until_eos(row, eos)) for row in want}) > 1  # the prompts lead to different tokens
     for prompt, expected in zip(prompts, alone, strict=True):
-        assert _until_eos(greedy_tokens(generator, [prompt], NEW_TOKENS)[0], eos) == _until_eos(expected, eos)
+        assert until_eos(greedy_tokens(generator, [prompt], NEW_TOKENS)[0], eos) == until_eos(expected, eos)
     for row, expected in zip(greedy_tokens(generator, prompts, NEW_TOKENS), want, strict=True):
-        assert _until_eos(row, eos) == _until_eos(expected, eos)
+        assert until_eos(row, eos) == until_eos(expected, eos)
 
 
 @pytest.mark.slow
