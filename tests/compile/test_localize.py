@@ -92,3 +92,8 @@ def test_check_localizes_the_variants_that_fail_as_a_table_and_as_json(faults):
     assert list(report["localize"]) == [variant] and report["localize"][variant]["first"]["module"] == module
     assert report["localize"][variant]["first"]["rel"] == "inf"  # an overflow, as JSON allows
     assert "first past tolerance" in result.stderr and "fp16 overflow" in result.stderr
+
+
+def test_bisect_without_localize_is_refused(cli, tmp_path):
+    result = cli("check", tmp_path, "--bisect")
+    assert result.exit_code == 2 and "--bisect is a way of localizing: give it with --localize." in result.output

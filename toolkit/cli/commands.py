@@ -183,6 +183,8 @@ def check(
     from toolkit.compile.localize import localize as localize_variant
     from toolkit.compile.parity import check as check_bundle
 
+    if bisect and not localize:
+        raise ToolkitError("--bisect is a way of localizing: give it with --localize.")
     records = check_bundle(bundle_dir, variants=variant, provider=provider.value, progress=_progress)
     passed = all(r["passed"] for r in records.values())
     failing = [name for name, record in records.items() if not record["passed"] and name != "fp32"] if localize else []
