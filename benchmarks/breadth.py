@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from peers import VENVS, _venv  # noqa: E402
-from serve_load import replace_section  # noqa: E402
+from serve_load import write_section  # noqa: E402
 
 from models.hf_causal import ARCHITECTURES, causal_lm  # noqa: E402
 from models.hf_heads import KINDS, hf_model  # noqa: E402
@@ -72,7 +72,7 @@ def main() -> int:
         "|---|---|---|---|---|---|---|---|",
         *(f"| {r['model']} | {r['architecture']} | {r.get('task', '—')} | {r.get('seconds', '—')} | {r.get('passed', '—')} | "
           f"{r.get('failed', '—')} | {r.get('greedy', '—')} | {r.get('optimum', 'not run')} |" for r in rows), ""])
-    args.results.write_text(replace_section(args.results.read_text() if args.results.exists() else "", section))
+    write_section(args.results, section)
     print(section)
     return 0
 

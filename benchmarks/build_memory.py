@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from serve_load import replace_section  # noqa: E402
+from serve_load import write_section  # noqa: E402
 
 from models.hf_causal import causal_lm  # noqa: E402
 
@@ -47,7 +47,7 @@ def main() -> int:
     lines += [f"| {seconds:.1f} | {stage} | {rss / 2**20:,.0f} |" for stage, (seconds, rss) in stages.items() if rss]
     section = "\n".join(lines) + "\n"
     results = ROOT / "benchmarks" / "RESULTS.md"
-    results.write_text(replace_section(results.read_text(), section))
+    write_section(results, section)
     print(section)
     return 0
 

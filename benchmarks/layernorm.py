@@ -17,7 +17,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from serve_load import replace_section  # noqa: E402
+from serve_load import write_section  # noqa: E402
 
 ROWS = (32, 1024)  # batch × seq: gpt and encoder at batch 1 and 32, seq 32
 WIDTHS = (128, 256, 384, 768, 1024)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {rows} | {width} | {fused:.1f} | {split:.1f} | {fused / split:.2f} |")
             print(lines[-1], file=sys.stderr)
     section = "\n".join(lines) + "\n"
-    args.out.write_text(replace_section(args.out.read_text() if args.out.exists() else "", section))
+    write_section(args.out, section)
     print(section)
     return 0
 

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from serve_load import replace_section  # noqa: E402
+from serve_load import write_section  # noqa: E402
 
 from models.hf_causal import causal_lm  # noqa: E402
 from toolkit.bench.report import machine  # noqa: E402
@@ -106,7 +106,7 @@ def _write_section(result: dict[str, Any], results: Path) -> None:
         "optimum and onnxruntime-genai fp32, toolkit's int8 against onnxruntime-genai's int4. A dash: the peer "
         "cannot export that architecture (onnxruntime-genai's builder has no GPT-2).", "",
         markdown(result["rows"]), *([""] + [result["note"]] if result.get("note") else []), ""])
-    results.write_text(replace_section(results.read_text() if results.exists() else "", section))
+    write_section(results, section)
     print(section)
 
 

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from serve_load import replace_section  # noqa: E402
+from serve_load import write_section  # noqa: E402
 
 MINILM = "minilm"
 MODELS = ("mlp", "cnn", "lstm", "encoder", "gpt", "seq2seq", MINILM, "vit", "convnext", "bert-token", "t5")
@@ -50,7 +50,7 @@ def main() -> int:
         "|---|---|---|---|---|---|---|",
         *(f"| {r['model']} | {r['before']} | {r['after']} | {r['variant']} | {r['kept']} | {r['latency']} | {r['seconds']} |" for r in rows),
         ""])
-    args.results.write_text(replace_section(args.results.read_text() if args.results.exists() else "", section))
+    write_section(args.results, section)
     print(section)
     return 0
 

@@ -209,6 +209,11 @@ def replace_section(document: str, section: str) -> str:
     return document[:start] + section + (document[end + 1 :] if end >= 0 else "")
 
 
+def write_section(path: Path, section: str) -> None:
+    """Replaces (or appends) `section` in the markdown file at `path`, which need not exist yet."""
+    path.write_text(replace_section(path.read_text() if path.exists() else "", section))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundles", type=Path, default=HERE / ".bundles", help="directory holding mlp/ and encoder/ bundles")
@@ -220,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no bundle at {', '.join(missing)}: run python benchmarks/run.py first, or toolkit build MODEL -o DIR")
     rows, direct = serve_load(bundles, seconds=args.seconds)
     section = markdown(rows, direct)
-    args.out.write_text(replace_section(args.out.read_text() if args.out.exists() else "", section))
+    write_section(args.out, section)
     (args.out.parent / "serve.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "direct": direct}, indent=2) + "\n")
     print(section)
     return 0

@@ -116,34 +116,35 @@ def localize(bundle: str | Path | Bundle, variant: str, *, reference: str = "fp3
     var_proto = onnx.load(str(bundle.variant_path(variant)))
     described, feeds = ("the given inputs", dict(feeds)) if feeds is not None else _default_feeds(bundle, spec, say)
     feeds = {t.name: np.asarray(feeds[t.name]).astype(t.dtype) for t in bundle.manifest.inputs}
-    paired = _Paired(ref_proto, var_proto, provider)
-    graph = _ReferenceGraph(ref_proto, variant_names(var_proto))
+    seen = variant_names(var_proto)
+    paired = _Paired(ref_proto, var_proto, provider, seen)
+    graph = _ReferenceGraph(ref_proto, seen, _static_scales(var_proto), precision)
     outputs = [o.name for o in ref_proto.graph.output]
     say(f"running {variant} beside {reference} on {described} ({len(graph.order)} matched tensors, mode {mode})")
     # the outputs alone first: a run with intermediate tensors exposed keeps each in its own type
     # (onnxruntime then cannot drop the casts around fp16 ops it runs in fp32), so where the outputs
     # are judged elementwise (fp16, fp32), only a departure the plain run shows is one to localize; an
     # int8 variant is judged by its task metric, which outputs within 5% can still fail (a near-tie)
-    ends = [graph.error(name, paired.run(outputs, feeds), precision, var_proto) for name in outputs]
+    values = paired.run(outputs, feeds)
+    ends = [graph.error(name, values) for name in outputs]
     departs = any(e is not None and e.rel > tolerance for e in ends) or profile(precision).rel is None
     if not departs:
         say(f"no output of {variant} departs from {reference} past rel {tolerance:g} on these inputs: nothing to localize")
         measured, first, grows = [], None, None
     elif mode == "all":
         values = paired.run(graph.order, feeds)
-        measured = [e for e in (graph.error(name, values, precision, var_proto) for name in graph.order) if e is not None]
+        measured = [e for e in (graph.error(name, values) for name in graph.order) if e is not None]
         measured = [_with_inputs(e, graph, {m.tensor: m for m in measured}) for e in measured]
         first = next((e for e in measured if e.rel > tolerance), None)
         grows = max((e for e in measured if e.rel > tolerance), key=lambda e: growth(e, tolerance), default=None)
     else:
-        measured, first = _bisect(paired, graph, feeds, precision, var_proto, tolerance)
+        measured, first = _bisect(paired, graph, feeds, tolerance)
         grows = first
     return Localization(str(bundle.path), variant, reference, precision, tolerance, mode, described, paired.runs, len(graph.order),
                         [e for e in ends if e is not None], first, grows, measured)
 
 
-def _bisect(paired: _Paired, graph: _ReferenceGraph, feeds: dict[str, np.ndarray], precision: str, proto: Any,
-            tolerance: float) -> tuple[list[TensorError], TensorError | None]:
+def _bisect(paired: _Paired, graph: _ReferenceGraph, feeds: dict[str, np.ndarray], tolerance: float) -> tuple[list[TensorError], TensorError | None]:
     """A binary search for the first tensor past the tolerance, one tensor a run (⌈log2 N⌉ runs),
     then a run for that tensor and its node's inputs, which also confirms it."""
     order = [name for name in graph.order if graph.is_float(name)]
@@ -153,7 +154,7 @@ def _bisect(paired: _Paired, graph: _ReferenceGraph, feeds: dict[str, np.ndarray
     low, high = 0, len(order) - 1
     while low < high:
         middle = (low + high) // 2
-        error = graph.error(order[middle], paired.run([order[middle]], feeds), precision, proto)
+        error = graph.error(order[middle], paired.run([order[middle]], feeds))
         if error is not None:
             measured[error.tensor] = error
         if error is not None and error.rel > tolerance:
@@ -164,7 +165,7 @@ def _bisect(paired: _Paired, graph: _ReferenceGraph, feeds: dict[str, np.ndarray
     inputs = [name for name in graph.inputs_of(found) if graph.is_float(name)]
     values = paired.run([found, *inputs], feeds)
     for name in (found, *inputs):
-        error = graph.error(name, values, precision, proto)
+        error = graph.error(name, values)
         if error is not None:
             measured[name] = error
     first = _with_inputs(measured[found], graph, measured) if found in measured and measured[found].rel > tolerance else None
@@ -188,9 +189,10 @@ class _ReferenceGraph:
     """The reference graph's tensors that the variant also computes, in topological order, with the
     node and module that make each."""
 
-    def __init__(self, proto: Any, variant: dict[str, str]):
+    def __init__(self, proto: Any, variant: dict[str, str], scales: dict[str, float], precision: str):
         import onnx
 
+        self.scales, self.precision = scales, precision  # a static variant's input scales; the variant's precision
         self.variant = {name: _PREFIX + seen for name, seen in variant.items()}  # a tensor → where the variant's consumers read it
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
         self.types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.output]}
@@ -207,7 +209,7 @@ class _ReferenceGraph:
         node = self.producers.get(name)
         return [i for i in node.input if i and i in self.producers] if node is not None else []
 
-    def error(self, name: str, values: Mapping[str, np.ndarray], precision: str, variant: Any) -> TensorError | None:
+    def error(self, name: str, values: Mapping[str, np.ndarray]) -> TensorError | None:
         if name not in values or self.variant.get(name) not in values:
             return None
         expected, got = values[name], values[self.variant[name]]
@@ -223,9 +225,10 @@ class _ReferenceGraph:
         scale = float(np.abs(np.where(sentinel, 0.0, expected)).max())
         node = self.producers[name]
         return TensorError(name, node.name, node.op_type, module_path(node), max_abs, max_abs / scale if scale > 0 else max_abs, scale,
-                           None, self._cause(node, values, expected, got, precision, variant))
+                           None, self._cause(node, values, expected, got))
 
-    def _cause(self, node: Any, values: Mapping[str, np.ndarray], expected: np.ndarray, got: np.ndarray, precision: str, variant: Any) -> str:
+    def _cause(self, node: Any, values: Mapping[str, np.ndarray], expected: np.ndarray, got: np.ndarray) -> str:
+        precision = self.precision
         if precision == "fp16":
             ranges = [(name, float(np.abs(values[name][np.abs(values[name]) < _SENTINEL]).max(initial=0.0)))
                       for name in (*node.input, node.output[0]) if name in values and values[name].dtype.kind == "f" and values[name].size]
@@ -238,7 +241,7 @@ class _ReferenceGraph:
             return ""
         for name in node.input:
             if name in values and values[name].dtype.kind == "f" and values[name].ndim >= 2 and name not in self.initializers:
-                cause = _int8_range(name, values[name], _static_scale(variant, name))
+                cause = _int8_range(name, values[name], self.scales.get(name))
                 if cause:
                     return cause
         return ""
@@ -258,15 +261,13 @@ def _int8_range(name: str, x: np.ndarray, scale: float | None) -> str:
     return ""
 
 
-def _static_scale(variant: Any, name: str) -> float | None:
-    """The scale of the QuantizeLinear that quantizes `name` in a static (QDQ) variant."""
+def _static_scales(variant: Any) -> dict[str, float]:
+    """Each tensor a static (QDQ) variant quantizes → the scale of its QuantizeLinear."""
     from onnx import numpy_helper
 
     initializers = {t.name: t for t in variant.graph.initializer}
-    for node in variant.graph.node:
-        if node.op_type == "QuantizeLinear" and node.input[0] == name and node.input[1] in initializers:
-            return float(numpy_helper.to_array(initializers[node.input[1]]).max())
-    return None
+    return {node.input[0]: float(numpy_helper.to_array(initializers[node.input[1]]).max())
+            for node in variant.graph.node if node.op_type == "QuantizeLinear" and node.input[1] in initializers}
 
 
 def variant_names(proto: Any) -> dict[str, str]:
@@ -303,11 +304,9 @@ def module_path(node: Any) -> str:
 class _Paired:
     """The reference and the variant in one model, so that one run computes tensors of both."""
 
-    def __init__(self, reference: Any, variant: Any, provider: str):
-        import onnx
+    def __init__(self, reference: Any, variant: Any, provider: str, seen: dict[str, str]):
         from onnx import compose, helper
 
-        seen = variant_names(variant)
         variant = compose.add_prefix(variant, _PREFIX)
         types = {i.name: i.type.tensor_type.elem_type for i in reference.graph.input}
         bridges = []
@@ -329,22 +328,22 @@ class _Paired:
         self.model.functions.extend([*reference.functions, *variant.functions])
         self.provider, self.runs, self.seen = provider, 0, seen
         self._large = self.model.ByteSize() > (1 << 31) - (1 << 26)
-        self._onnx = onnx
+        self._produced = {o for n in self.model.graph.node for o in n.output}
 
     def run(self, names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One run with `names` of both graphs as the outputs (those the variant lacks, of the reference only)."""
+        import onnx
         from onnx import helper
 
         from toolkit.runtime.session import new_session
 
-        produced = {o for n in self.model.graph.node for o in n.output}
-        wanted = list(dict.fromkeys(n for name in names for n in (name, _PREFIX + self.seen.get(name, name)) if n in produced))
+        wanted = list(dict.fromkeys(n for name in names for n in (name, _PREFIX + self.seen.get(name, name)) if n in self._produced))
         del self.model.graph.output[:]
         self.model.graph.output.extend([helper.make_empty_tensor_value_info(name) for name in wanted])
         with tempfile.TemporaryDirectory(prefix="toolkit-localize-") as work:
             if self._large:  # past protobuf's 2 GiB: the weights beside the graph
                 path = Path(work) / "paired.onnx"
-                self._onnx.save_model(self.model, str(path), save_as_external_data=True, location="paired.onnx.data")
+                onnx.save_model(self.model, str(path), save_as_external_data=True, location="paired.onnx.data")
                 session = new_session(str(path), self.provider)
             else:
                 session = new_session(self.model.SerializeToString(), self.provider)

@@ -21,7 +21,7 @@ a variant no attempt repairs within the budget stays failed, as its last attempt
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ __all__ = ["DEFAULT_BUDGET", "REPAIRABLE", "repair"]
 DEFAULT_BUDGET = 300.0  # seconds for all of a build's repairs: a few re-quantizations and checks of a mid-size model on 2 cores
 REPAIRABLE = ("fp16", "int8", "int8-static")
 _CALIBRATIONS = (("entropy", False), ("percentile", False), ("minmax", True), ("entropy", True))
+_WEIGHTED = (*DYNAMIC_OPS, "Conv", "ConvTranspose")  # the ops whose weights int8 quantizes
 _BISECT_BYTES = 1 << 30  # larger variants are localized one exposed tensor at a time
 
 
@@ -104,7 +105,7 @@ def repair(bundle: str | Path | Bundle, variant: str, *, budget: float = DEFAULT
         if mode != "fp16":
             # keeping more than half the weighted nodes in fp32 leaves a variant that pays for its
             # quantize and dequantize steps without the int8 products that would make up for them
-            ranked = ranked[: max(1, _weighted_nodes(bundle, source) // 2)]
+            ranked = ranked[: max(1, _nodes_of(bundle, source, _WEIGHTED) // 2)]
         say(f"repairing {variant}: {len(ranked)} candidate nodes to keep in fp32, where the error is made first")
         if not ranked:
             note = f"no node to keep in fp32: localize found no tensor of {variant} past a tenth of rel {found.tolerance:g} on {found.inputs}"
@@ -114,7 +115,7 @@ def repair(bundle: str | Path | Bundle, variant: str, *, budget: float = DEFAULT
     result = {"passed": passed, "kept": [_why(e) for e in kept], "attempts": attempts,
               "seconds": round(time.monotonic() - started, 1), "budget": budget, **({"note": note} if note else {})}
     if mode == "fp16":
-        result["fixed_list_nodes"] = _fixed_list_nodes(bundle, source, recipe["options"].get("kept_fp32", []))
+        result["fixed_list_nodes"] = _nodes_of(bundle, source, recipe["options"].get("kept_fp32", []))  # what the fixed op-type list kept
     bundle.manifest.variants[variant].recipe.setdefault("options", {})["repair"] = result
     bundle.save()
     say(f"{variant} {'repaired' if passed else 'not repaired'} in {result['seconds']:.0f} s after {len(attempts)} attempts"
@@ -165,7 +166,7 @@ def _ranked(found: Localization, mode: str, bundle: Bundle) -> list[TensorError]
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     # dynamic int8 quantizes weighted nodes only; static (QDQ) also the activations around Add, Gather, Softmax, ...
-    quantizable = [n for n in graph.node if mode == "int8-static" or n.op_type in (*DYNAMIC_OPS, "Conv", "ConvTranspose")]
+    quantizable = [n for n in graph.node if mode == "int8-static" or n.op_type in _WEIGHTED]
     candidates = []
     for node in quantizable:
         near = [*node.input, *node.output, *(o for out in node.output for c in consumers.get(out, []) for o in c.output)]
@@ -203,15 +204,8 @@ def _why(error: TensorError) -> dict[str, Any]:
             "why": error.cause or f"the error reaches {error.rel:.3g} of its scale here"}
 
 
-def _weighted_nodes(bundle: Bundle, source: str) -> int:
-    import onnx
-
-    graph = onnx.load(str(bundle.variant_path(source)), load_external_data=False).graph
-    return sum(node.op_type in (*DYNAMIC_OPS, "Conv", "ConvTranspose") for node in graph.node)
-
-
-def _fixed_list_nodes(bundle: Bundle, source: str, op_types: list[str]) -> int:
-    """Nodes the fixed op-type list kept in fp32 in the variant's source graph."""
+def _nodes_of(bundle: Bundle, source: str, op_types: Sequence[str]) -> int:
+    """How many nodes of the variant's source graph are of `op_types`."""
     import onnx
 
     graph = onnx.load(str(bundle.variant_path(source)), load_external_data=False).graph

@@ -14,7 +14,8 @@ from toolkit.reference.samples import sentences
 from toolkit.runtime.tokenizer import HF_TOKENIZER_FILE
 from toolkit.spec import Dim, ModelSpec, TensorSpec
 
-__all__ = ["causal_lm_spec", "eos_ids", "generation_config", "generation_rules", "group_attention", "text_config", "tokenizer_json"]
+__all__ = ["cache_argument", "cache_names", "cache_tensors", "causal_lm_spec", "dynamic_cache", "eos_ids", "generation_config",
+           "generation_rules", "group_attention", "returned_cache", "text_config", "tokenizer_json"]
 
 _SAMPLE_ROWS = 256
 
@@ -28,7 +29,7 @@ def causal_lm_spec(path: Path, model: Any, tokenizer: Any, config: Any, architec
     layers = text.num_hidden_layers
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_size = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    names = [f"{prefix}_{kind}_{i}" for prefix in ("past",) for i in range(layers) for kind in ("key", "value")]
+    names = cache_names("past", layers)
     cache = ("batch", kv_heads, "past", head_size)
     eos = eos_ids(path, config, tokenizer)
 
@@ -172,7 +173,6 @@ def _token_windows(tokenizer: Any, texts: list[str], rows: int, length: int) -> 
 
 
 def _CachedLM(model: Any, layers: int) -> Any:
-    import inspect
 
     import torch
     from torch import nn
@@ -185,19 +185,36 @@ def _CachedLM(model: Any, layers: int) -> Any:
             super().__init__()
             self.model = model
             # transformers 5.2x names the cache argument `cache` (`past_key_values` before)
-            self.cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+            self.cache_argument = cache_argument(model)
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor):
-            cache = _dynamic_cache(self.model.config, past)
+            cache = dynamic_cache(self.model.config, past)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                              **{self.cache_argument: cache})
-            grown = out.cache if "cache" in out else out.past_key_values
-            return (out.logits, *(t for kv in _cache_tensors(grown, layers) for t in kv))
+            return (out.logits, *(t for kv in cache_tensors(returned_cache(out), layers) for t in kv))
 
     return CachedLM()
 
 
-def _dynamic_cache(config: Any, flat: tuple[Any, ...]) -> Any:
+def cache_names(prefix: str, layers: int) -> list[str]:
+    """Flat cache tensor names: prefix_key_0, prefix_value_0, prefix_key_1, ..."""
+    return [f"{prefix}_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+
+
+def cache_argument(model: Any) -> str:
+    """The name `model.forward` takes its cache under: transformers 5.2x names it `cache`
+    (`past_key_values` before)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(out: Any) -> Any:
+    """The cache a transformers model output returns, under either name."""
+    return out.cache if "cache" in out else out.past_key_values
+
+
+def dynamic_cache(config: Any, flat: tuple[Any, ...]) -> Any:
     """transformers' DynamicCache holding each layer's (keys, values) from `flat`."""
     from transformers import DynamicCache
 
@@ -210,8 +227,8 @@ def _dynamic_cache(config: Any, flat: tuple[Any, ...]) -> Any:
     return cache
 
 
-def _cache_tensors(cache: Any, layers: int) -> list[tuple[Any, Any]]:
-    """Each layer's (keys, values) of a transformers cache, 4.x and 5.x alike."""
+def cache_tensors(cache: Any, layers: int | None = None) -> list[tuple[Any, Any]]:
+    """Each layer's (keys, values) of a transformers cache (the first `layers`), 4.x and 5.x alike."""
     if hasattr(cache, "layers"):
         return [(layer.keys, layer.values) for layer in cache.layers[:layers]]
     return list(zip(cache.key_cache, cache.value_cache, strict=True))[:layers]

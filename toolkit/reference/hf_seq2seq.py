@@ -15,14 +15,23 @@ so the decoder graph takes no position_ids.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from toolkit.errors import ToolkitError
-from toolkit.reference.hf_decoder import eos_ids, generation_config, generation_rules, tokenizer_json
+from toolkit.reference.hf_decoder import (
+    cache_argument,
+    cache_names,
+    cache_tensors,
+    dynamic_cache,
+    eos_ids,
+    generation_config,
+    generation_rules,
+    returned_cache,
+    tokenizer_json,
+)
 from toolkit.reference.samples import sentences, speech_like
 from toolkit.spec import Dim, ModelSpec, TensorSpec
 
@@ -37,7 +46,7 @@ def seq2seq_spec(path: Path, model: Any, tokenizer: Any, config: Any, architectu
     import torch
 
     start = _decoder_start(path, config)
-    cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    argument = cache_argument(model)
     if audio:
         features = _features(path)
         frames = _frames(model, config)
@@ -55,15 +64,15 @@ def seq2seq_spec(path: Path, model: Any, tokenizer: Any, config: Any, architectu
     with torch.inference_mode():
         hidden = model.get_encoder()(**_arguments(*(torch.from_numpy(v) for v in sources(1).values()))).last_hidden_state
         out = model(encoder_outputs=(hidden,), decoder_input_ids=torch.tensor([start]), use_cache=True)
-    grown = out.cache if "cache" in out else out.past_key_values
-    (_, heads, _, head_size), cross = _layers(grown.self_attention_cache)[0][0].shape, _layers(grown.cross_attention_cache)
+    grown = returned_cache(out)
+    (_, heads, _, head_size), cross = cache_tensors(grown.self_attention_cache)[0][0].shape, cache_tensors(grown.cross_attention_cache)
     layers = len(cross)
     memory_shape = ("batch", cross[0][0].shape[1], "source" if source_dims else cross[0][0].shape[2], cross[0][0].shape[3])
-    encoder = _Encoder(model, start, cache_argument)
-    past, memory = _names("past", layers), _names("memory", layers)
+    encoder = _Encoder(model, start, argument)
+    past, memory = cache_names("past", layers), cache_names("memory", layers)
     eos = eos_ids(path, config, tokenizer)
     vocab = model.get_output_embeddings().weight.shape[0]
-    decoder = _Decoder(model, layers, hidden.shape[-1], cache_argument, audio)
+    decoder = _Decoder(model, layers, hidden.shape[-1], argument, audio)
 
     def steps(rows: int = _SAMPLE_ROWS) -> dict[str, np.ndarray]:
         """First decoder steps over real text (teacher-forced: the start tokens, then other sentences'
@@ -99,7 +108,7 @@ def seq2seq_spec(path: Path, model: Any, tokenizer: Any, config: Any, architectu
             *(TensorSpec(name, "float32", ("batch", heads, "past", head_size)) for name in past),
             *(TensorSpec(name, "float32", memory_shape) for name in memory),
         ],
-        outputs=["logits", *_names("present", layers)],
+        outputs=["logits", *cache_names("present", layers)],
         dims=[batch, Dim("seq", max=context, export=4, check=(5, 3)), Dim("past", min=0, max=context, export=3, check=(0, 7)), *source_dims],
         task="generate",
         description=f"{architecture} from {path} (decoder with a KV cache, encoder as part 'encoder', reading {what})",
@@ -176,26 +185,7 @@ def _decoder_start(path: Path, config: Any) -> list[int]:
     return tokens
 
 
-def _names(prefix: str, layers: int) -> list[str]:
-    return [f"{prefix}_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
-
-
-def _layers(cache: Any) -> list[tuple[Any, Any]]:
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache, strict=True))
-
-
-def _cache(config: Any, flat: tuple[Any, ...]) -> Any:
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=config)
-    for layer, (keys, values) in enumerate(zip(flat[0::2], flat[1::2], strict=True)):
-        cache.update(keys, values, layer)
-    return cache
-
-
-def _Encoder(model: Any, start: list[int], cache_argument: str) -> Any:
+def _Encoder(model: Any, start: list[int], argument: str) -> Any:
     import torch
     from torch import nn
     from transformers import EncoderDecoderCache
@@ -212,16 +202,16 @@ def _Encoder(model: Any, start: list[int], cache_argument: str) -> Any:
         def forward(self, *source: torch.Tensor) -> tuple[torch.Tensor, ...]:
             arguments = _arguments(*source)
             hidden = self.model.get_encoder()(**arguments).last_hidden_state
-            cache = EncoderDecoderCache(_cache(self.model.config, ()), _cache(self.model.config, ()))
+            cache = EncoderDecoderCache(dynamic_cache(self.model.config, ()), dynamic_cache(self.model.config, ()))
             first = torch.tensor([start], dtype=torch.long).expand(hidden.shape[0], -1)
             mask = {"encoder_attention_mask": arguments["attention_mask"]} if "attention_mask" in arguments else {}
-            self.model.get_decoder()(input_ids=first, encoder_hidden_states=hidden, use_cache=True, **mask, **{cache_argument: cache})
-            return tuple(t for kv in _layers(cache.cross_attention_cache) for t in kv)
+            self.model.get_decoder()(input_ids=first, encoder_hidden_states=hidden, use_cache=True, **mask, **{argument: cache})
+            return tuple(t for kv in cache_tensors(cache.cross_attention_cache) for t in kv)
 
     return Encoder()
 
 
-def _Decoder(model: Any, layers: int, width: int, cache_argument: str, audio: bool) -> Any:
+def _Decoder(model: Any, layers: int, width: int, argument: str, audio: bool) -> Any:
     import torch
     from torch import nn
     from transformers import EncoderDecoderCache
@@ -238,13 +228,12 @@ def _Decoder(model: Any, layers: int, width: int, cache_argument: str, audio: bo
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *rest: torch.Tensor):
             source_mask, caches = (None, rest) if audio else (rest[0], rest[1:])
-            cache = EncoderDecoderCache(_cache(self.model.config, caches[: 2 * layers]), _cache(self.model.config, caches[2 * layers :]))
+            cache = EncoderDecoderCache(dynamic_cache(self.model.config, caches[: 2 * layers]), dynamic_cache(self.model.config, caches[2 * layers :]))
             cache.is_updated = dict.fromkeys(range(layers), True)
             unread = torch.zeros((input_ids.shape[0], caches[-1].shape[2], width), dtype=caches[-1].dtype)
             mask = {} if source_mask is None else {"attention_mask": source_mask}
             out = self.model(encoder_outputs=(unread,), decoder_input_ids=input_ids, decoder_attention_mask=attention_mask, use_cache=True,
-                             **mask, **{cache_argument: cache})
-            grown = out.cache if "cache" in out else out.past_key_values
-            return (out.logits, *(t for kv in _layers(grown.self_attention_cache)[:layers] for t in kv))
+                             **mask, **{argument: cache})
+            return (out.logits, *(t for kv in cache_tensors(returned_cache(out).self_attention_cache, layers) for t in kv))
 
     return Decoder()
