@@ -99,7 +99,7 @@ def _latency(bundle: Any, name: str, record: dict[str, Any]) -> str:
         unrepaired = Path(work) / "unrepaired"
         shutil.copytree(bundle.path, unrepaired)
         quantize(unrepaired, mode=bundle.manifest.variants[name].recipe["options"]["mode"],
-                 source=bundle.manifest.variants[name].recipe["parent"], **_original(name, record, first))
+                 source=bundle.manifest.variants[name].recipe["parent"], trust_source=True, **_original(name, record, first))  # built here
         target = Bundle.open(copy)
         made = Bundle.open(unrepaired)
         target.add_variant(f"{name}-unrepaired", made.variant_path(name), recipe={"stage": "benchmark", "parent": name},

@@ -203,7 +203,7 @@ def test_cuda_rows_bind_io_on_the_device_and_count_cpu_nodes(exported):
 
 def test_the_sizes_of_other_dims_are_shown(cli, exported, tmp_path):
     """A dim that is neither batch nor seq (here `length`) is timed at a size the table must say."""
-    result = cli("bench", exported("userpkg.toy:build"), "--batch", "1", "--max-time", "0.02", "--rounds", "2", "--csv", tmp_path / "rows.csv")
+    result = cli("bench", exported("userpkg.toy:build"), "--batch", "1", "--max-time", "0.02", "--rounds", "2", "--csv", tmp_path / "rows.csv", "--trust-source")
     assert result.exit_code == 0, result.output
     assert "other dims" in result.stdout and "length 5" in result.stdout
     lines = (tmp_path / "rows.csv").read_text().splitlines()

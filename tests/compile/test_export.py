@@ -262,7 +262,7 @@ def test_a_torchscript_module_goes_to_the_torchscript_exporter_and_says_why(tmp_
     assert not any("dynamo exporter failed" in m for m in said)  # not tried, so not reported as failed
     from toolkit.compile.parity import check
 
-    assert check(tmp_path / "b")["fp32"]["passed"]
+    assert check(tmp_path / "b", trust_source=True)["fp32"]["passed"]
 
 
 @pytest.mark.parametrize(("factory", "message"), [

@@ -4,11 +4,13 @@ export, optimize (fusion and onnxruntime's optimizer), quantize, check, load, pa
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
 
-from toolkit.bundle import Bundle
+from toolkit.bundle import Bundle, sha256_file
 from toolkit.errors import ToolkitError
 
 pytestmark = pytest.mark.slow  # builds with every stage: half a minute
@@ -32,7 +34,7 @@ def test_every_variant_keeps_its_weights_beside_its_graph_and_passes(large_bundl
         assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer if t.ByteSize() > 1024), name
         assert variant.bytes == sum((large_bundle / f).stat().st_size for f in (variant.file, f"{variant.file}.data"))
         assert variant.parity["passed"], (name, variant.parity)
-    assert not [p.name for p in large_bundle.iterdir() if p.name.startswith(".")]  # no staging left behind
+    assert [p.name for p in large_bundle.iterdir() if p.name.startswith(".")] == [".toolkit.lock"]  # no staging left behind
 
 
 def test_a_large_variant_runs_and_is_verified_with_its_weights(large_bundle, copy_of):
@@ -60,6 +62,12 @@ def test_triton_gets_the_weights_beside_the_graph(large_bundle, tmp_path):
     import onnxruntime as ort
 
     ort.InferenceSession(str(version / "1" / "model.onnx"), providers=["CPUExecutionProvider"])  # finds its weights
+    integrity = json.loads((version / "integrity.json").read_text())  # the manifest's record, checked on the copies
+    variant = Bundle.open(large_bundle).manifest.variants["int8"]
+    assert integrity["variant"] == "int8" and integrity["files"] == {
+        "1/model.onnx": {"sha256": variant.sha256, "bytes": (version / "1/model.onnx").stat().st_size},
+        "1/model.int8.onnx.data": {"sha256": variant.external_data[0]["sha256"], "bytes": variant.external_data[0]["bytes"]}}
+    assert sha256_file(version / "1/model.int8.onnx.data") == variant.external_data[0]["sha256"]
 
 
 def test_static_int8_calibrates_a_large_model(tmp_path, monkeypatch):

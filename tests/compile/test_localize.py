@@ -52,7 +52,7 @@ def faults(exported, tmp_path_factory):
 @pytest.mark.parametrize("fault", ["overflowing", "outlier", "corrupt"])
 def test_the_module_that_holds_the_fault_is_named_with_the_value_range_that_explains_it(faults, fault, mode):
     bundle, variant, module, cause = faults[fault]
-    found = localize(bundle, variant, mode=mode)
+    found = localize(bundle, variant, mode=mode, trust_source=True)
     assert found.first is not None and found.first.module == module, found.first
     assert found.first.rel > found.tolerance and (found.first.inputs_rel or 0.0) <= found.tolerance  # made here, not received
     assert found.growth.module == module
@@ -66,7 +66,7 @@ def test_the_module_that_holds_the_fault_is_named_with_the_value_range_that_expl
 def test_a_variant_within_its_tolerance_has_nothing_to_localize(exported, tmp_path):
     shutil.copytree(exported("userpkg.faults:plain", None), tmp_path / "plain")
     quantize(tmp_path / "plain", mode="fp16")
-    found = localize(tmp_path / "plain", "fp16")
+    found = localize(tmp_path / "plain", "fp16", trust_source=True)
     assert found.first is None and found.runs == 1 and all(e.rel <= found.tolerance for e in found.outputs)
 
 
@@ -75,7 +75,7 @@ def test_given_inputs_are_used_and_an_unknown_mode_or_the_reference_itself_is_re
 
     bundle, variant, module, _ = faults["outlier"]
     x = np.random.default_rng(5).standard_normal((4, 16)).astype(np.float32)
-    found = localize(bundle, variant, feeds={"x": x})
+    found = localize(bundle, variant, feeds={"x": x}, trust_source=True)
     assert found.inputs == "the given inputs" and found.first.module == module
     with pytest.raises(ToolkitError, match="unknown localize mode 'half'; choose all, bisect"):
         localize(bundle, variant, mode="half")
@@ -85,7 +85,7 @@ def test_given_inputs_are_used_and_an_unknown_mode_or_the_reference_itself_is_re
 
 def test_check_localizes_the_variants_that_fail_as_a_table_and_as_json(faults):
     bundle, variant, module, _ = faults["overflowing"]
-    result = subprocess.run([sys.executable, "-m", "toolkit.cli", "check", str(bundle), "--localize", "--json", "-"],
+    result = subprocess.run([sys.executable, "-m", "toolkit.cli", "check", str(bundle), "--localize", "--json", "-", "--trust-source"],
                             capture_output=True, text=True, env={**os.environ, "COLUMNS": "250"})
     assert result.returncode == 1, result.stderr  # fp16 fails its check
     report = json.loads(result.stdout)

@@ -80,8 +80,8 @@ def test_encoder_int8_agrees_with_the_reference(quantized):
 @pytest.mark.slow
 def test_a_variant_that_misses_its_gate_stays_marked_failed(exported, copy_of):
     path = copy_of(exported("userpkg.toy:outliers"))  # fails any per-tensor int8 by construction
-    quantize(path, mode="int8-static", calibration_samples=32)
-    record = check(path, variants=["int8-static"])["int8-static"]
+    quantize(path, mode="int8-static", calibration_samples=32, trust_source=True)
+    record = check(path, variants=["int8-static"], trust_source=True)["int8-static"]
     metric = record["task_metric"]
     assert metric["value"] < 0.99 and not metric["passed"] and not record["passed"]
     assert not Bundle.open(path).manifest.variants["int8-static"].parity["passed"]
@@ -126,7 +126,7 @@ def test_no_temporary_files_land_anywhere(exported, copy_of, tmp_path, monkeypat
     monkeypatch.chdir(work)
     quantize(path, mode="int8")
     assert list(work.iterdir()) == []
-    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.fp32.onnx", "model.int8.onnx"]
+    assert sorted(p.name for p in path.iterdir()) == [".toolkit.lock", "manifest.json", "model.fp32.onnx", "model.int8.onnx"]
 
 
 def test_quantized_variants_run_through_the_runtime(quantized):
@@ -158,14 +158,14 @@ def test_bad_quantize_requests(exported, copy_of, cli):
 @pytest.mark.slow
 def test_cli_quantize_exits_1_when_the_gate_fails(cli, exported, copy_of):
     path = copy_of(exported("userpkg.toy:outliers"))
-    result = cli("quantize", path, "--mode", "int8-static", "--calibration-samples", "32")
+    result = cli("quantize", path, "--mode", "int8-static", "--calibration-samples", "32", "--trust-source")
     assert result.exit_code == 1
     assert "top1_agreement" in result.stdout and "FAIL" in result.stdout
     assert "to try: --method entropy or percentile" in result.stderr  # the next step, not just the verdict
     assert re.search(r"parity: FAILED on onnxruntime .*: top1_agreement [0-9.]+ against a threshold of 0.99", cli("inspect", path).stdout)
-    failed = cli("quantize", path, "--mode", "int8")
+    failed = cli("quantize", path, "--mode", "int8", "--trust-source")
     assert failed.exit_code == 1 and "to try: --keep-float N" in failed.stderr
-    kept = cli("quantize", path, "--mode", "int8", "--keep-float", "1")  # its one MatMul in fp32: exact
+    kept = cli("quantize", path, "--mode", "int8", "--keep-float", "1", "--trust-source")  # its one MatMul in fp32: exact
     assert kept.exit_code == 0, kept.output
 
 
@@ -223,9 +223,9 @@ def test_int8_that_quantizes_nothing_is_not_made_and_says_what_would(exported, c
     (it would pass its gates and could become best as fp32 under an int8 name)."""
     path = copy_of(exported("userpkg.toy:convolutions"))
     with pytest.raises(ToolkitError, match=r"int8 from variant 'fp32' quantized no weights \(Conv 0/2\).*--mode int8-static"):
-        quantize(path, mode="int8")
+        quantize(path, mode="int8", trust_source=True)
     assert set(Bundle.open(path).manifest.variants) == {"fp32"}
     said = []
-    quantize(path, mode="int8-static", calibration_samples=64, progress=said.append)  # what does quantize convolutions
+    quantize(path, mode="int8-static", calibration_samples=64, progress=said.append, trust_source=True)  # what does quantize convolutions
     assert Bundle.open(path).manifest.variants["int8-static"].recipe["options"]["ops"]["Conv"]["quantized"] == 2
     assert "calibrating on 12 samples from the model's calibration set (minmax)" in said  # what it had, not what was asked

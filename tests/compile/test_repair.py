@@ -18,14 +18,14 @@ def _bundle(exported, tmp_path, model: str, **quantizations):
     out = tmp_path / model.rpartition(":")[2]
     shutil.copytree(exported(model, None), out)
     for mode, options in quantizations.items():
-        quantize(out, mode=mode.replace("_", "-"), **options)
+        quantize(out, mode=mode.replace("_", "-"), trust_source=True, **options)
     return out
 
 
 def test_fp16_is_repaired_with_fewer_nodes_in_fp32_than_the_fixed_list(exported, tmp_path):
     bundle = _bundle(exported, tmp_path, "userpkg.faults:overflowing", fp16={})
-    assert not check(bundle, variants=["fp16"])["fp16"]["passed"]  # the fixed list casts the norm's squares to fp16
-    result = repair(bundle, "fp16")
+    assert not check(bundle, variants=["fp16"], trust_source=True)["fp16"]["passed"]  # the fixed list casts the norm's squares to fp16
+    result = repair(bundle, "fp16", trust_source=True)
     variant = Bundle.open(bundle).manifest.variants["fp16"]
     assert result["passed"] and variant.parity["passed"]
     assert len(result["kept"]) < result["fixed_list_nodes"] == 12  # a Pow and a ReduceMean per norm
@@ -36,8 +36,8 @@ def test_fp16_is_repaired_with_fewer_nodes_in_fp32_than_the_fixed_list(exported,
 @pytest.mark.parametrize("mode", ["int8", "int8-static"])
 def test_int8_is_repaired_keeping_the_layers_of_the_outlier_channel(exported, tmp_path, mode):
     bundle = _bundle(exported, tmp_path, "userpkg.faults:outlier_channel", **{mode.replace("-", "_"): {}})
-    assert not check(bundle, variants=[mode])[mode]["passed"]
-    result = repair(bundle, mode)
+    assert not check(bundle, variants=[mode], trust_source=True)[mode]["passed"]
+    result = repair(bundle, mode, trust_source=True)
     assert result["passed"] and Bundle.open(bundle).manifest.variants[mode].parity["passed"]
     # the layer that reads the outlier channel; QDQ, also what makes it (layers.2 and its ReLU, whose
     # output the quantizer would round)
@@ -50,7 +50,7 @@ def test_int8_is_repaired_keeping_the_layers_of_the_outlier_channel(exported, tm
 
 def test_no_budget_no_attempt(exported, tmp_path):
     bundle = _bundle(exported, tmp_path, "userpkg.faults:overflowing", fp16={})
-    result = repair(bundle, "fp16", budget=0)
+    result = repair(bundle, "fp16", budget=0, trust_source=True)
     assert not result["passed"] and result["attempts"] == []
 
 

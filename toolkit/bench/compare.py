@@ -62,6 +62,7 @@ def bench(
     reference: Any = None,
     shapes: Sequence[Mapping[str, int]] | None = None,
     progress: Progress | None = None,
+    trust_source: bool = False,
 ) -> BenchReport:
     """Benchmarks `variants` (default: all) of the bundle on `providers` at every batch (× seq for
     models with a `seq` dim) and thread count (default: the CPUs this process may use), spending
@@ -69,9 +70,9 @@ def bench(
     from a captured CUDA graph (rows `<variant>+graph`). `reference` is the bundle's PyTorch reference
     (`ModelSpec`) if the caller has it built already. `shapes` lists the sizes to time instead of
     `batches` × `seqs` (e.g. a decoder's steps: {"batch": 1, "seq": 1, "past": 32}); dims they leave
-    out take their export size."""
+    out take their export size. `trust_source` vouches for the code the manifest's source names (see `bundle_reference`)."""
     say = progress or (lambda _msg: None)
-    bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    bundle = Bundle.of(bundle, trust_source=trust_source)
     manifest = bundle.manifest
     names = list(variants) if variants else list(manifest.variants)
     for name in names:
@@ -89,10 +90,10 @@ def bench(
         peaks["cpu int8"] = gemm_peak("cpu", threads=max(counts), dtype="int8")
     torch_kinds = [k for k, wanted in ((TORCH_EAGER, torch_eager), (TORCH_COMPILE, torch_compile)) if wanted]
     if torch_kinds and reference is None:
-        from toolkit.reference.source import resolve
+        from toolkit.reference.source import bundle_reference
 
         say("building the PyTorch reference")
-        reference = resolve(manifest.source)
+        reference = bundle_reference(bundle)
     if cuda_graph and "cuda" not in providers:
         raise ToolkitError("--cuda-graph needs the cuda provider (--providers cuda).")
     candidates = _candidates(bundle, names, providers, counts, reference.module if torch_kinds else None, torch_kinds, cuda_graph)

@@ -47,12 +47,12 @@ class GenerationRow:
 def bench_generation(path: str | Path, *, variants: Sequence[str] | None = None, batches: Sequence[int] = (1, 8),
                      prompt_tokens: int = 32, new_tokens: int = 64, rounds: int = 5, threads: int | None = None,
                      torch_eager: bool = True, provider: str = "cpu",
-                     progress: Callable[[str], None] | None = None) -> list[GenerationRow]:
+                     progress: Callable[[str], None] | None = None, trust_source: bool = False) -> list[GenerationRow]:
     """Greedy generation of `new_tokens` after a `prompt_tokens` prompt, for each batch size, on
     `provider` ("cpu" or "cuda"; torch eager runs on the same device). Each step's feeds and results
-    travel through the host, as `Generator` does."""
+    travel through the host, as `Generator` does. `trust_source` vouches for the code the manifest's source names (see `bundle_reference`)."""
     say = progress or (lambda _m: None)
-    bundle = Bundle.open(path)
+    bundle = Bundle.open(path, trust_source=trust_source)
     manifest = bundle.manifest
     names = list(variants) if variants else [v for v, rec in manifest.variants.items() if rec.parity is None or rec.parity["passed"]]
     for name in names:
@@ -64,7 +64,7 @@ def bench_generation(path: str | Path, *, variants: Sequence[str] | None = None,
 
             stack.enter_context(torch_threads(threads))  # process-wide in torch: put back when done
             say("building the PyTorch reference")
-            candidates[TORCH_EAGER] = reference_generator(bundle.path, device="cuda" if provider == "cuda" else "cpu")
+            candidates[TORCH_EAGER] = reference_generator(bundle, device="cuda" if provider == "cuda" else "cpu")
         for name in names:
             candidates[name] = Generator(bundle.path, variant=name, provider=provider, threads=threads)
         context = candidates[names[0] if names else TORCH_EAGER].layout.context

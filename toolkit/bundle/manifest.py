@@ -24,8 +24,8 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 def safe_name(text: str) -> str:
     """`text` as a bundle name that is safe in URLs and directory names (Triton's model repository):
-    letters, digits, '_', '.' and '-', not starting with '.' or '-'."""
-    return _UNSAFE.sub("-", text).strip("-.") or "model"
+    letters, digits, '_', '.' and '-', not starting with '.' or '-', at most 128 characters."""
+    return _UNSAFE.sub("-", text).strip("-.")[:128].rstrip("-.") or "model"
 
 
 @dataclass(frozen=True)

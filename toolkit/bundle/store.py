@@ -1,57 +1,78 @@
 """The bundle on disk: a directory with `manifest.json` and one ONNX file per variant; a model of several
 graphs (an encoder-decoder) keeps each further graph as a bundle of its own in a subdirectory (a part).
 
-The manifest is the single source of truth. Every write is atomic (temp file + rename), so a crash
-or Ctrl-C never leaves a bundle that looks valid but is not; loading a variant verifies its sha256.
+The manifest is the single source of truth, and it is not trusted as written: opening a bundle
+validates it and the directory (validate.py); loading a variant verifies the sha256 of every file
+it reads. Every write is atomic (temp file, fsync, rename, fsync of the directory), so a crash or
+Ctrl-C never leaves a bundle that looks valid but is not; writers hold the bundle's lock and merge
+their change into the manifest as it is on disk then (`Bundle.update`), so concurrent stages all land.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from toolkit.bundle.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, Variant
+from filelock import FileLock
+
+from toolkit.bundle.manifest import MANIFEST_NAME, Manifest, Variant
+from toolkit.bundle.validate import LOCK_NAME, check_directory, external_data_refused, is_safe_name, validate_manifest
 from toolkit.errors import ToolkitError
 
-__all__ = ["Bundle", "sha256_file", "staged_directory", "write_atomic"]
+__all__ = ["Bundle", "replace_directory", "sha256_file", "staged_directory", "write_atomic"]
+
+# How long a writer waits for another one on the same bundle (a quantization can take minutes).
+_LOCK_TIMEOUT_S = 3600.0
 
 
 class Bundle:
     """A bundle directory opened for reading and for adding or updating variants."""
 
-    def __init__(self, path: Path, manifest: Manifest):
+    def __init__(self, path: Path, manifest: Manifest, *, trusted_source: bool = False):
         self.path = path
         self.manifest = manifest
+        # Whether the user vouched for the code the manifest's source names (they named it themselves,
+        # or passed --trust-source): only then may the PyTorch reference be rebuilt from it.
+        self.trusted_source = trusted_source
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Bundle:
+    def open(cls, path: str | os.PathLike[str], *, trust_source: bool = False) -> Bundle:
+        """The bundle at `path`, its manifest validated and its directory checked (parts included), or a
+        ToolkitError naming what is wrong; `trust_source` vouches for the code its source names."""
         path = Path(path)
         manifest_path = path / MANIFEST_NAME
+        if manifest_path.is_symlink():
+            raise ToolkitError(f"bundle {path}: {MANIFEST_NAME} is a symbolic link; a bundle holds its files itself.")
         if not manifest_path.is_file():
             what = "does not exist" if not path.exists() else f"has no {MANIFEST_NAME}"
             raise ToolkitError(f"{path} is not a bundle: it {what}. Create one with `toolkit export MODEL -o {path}`.")
-        try:
-            data = json.loads(manifest_path.read_text())
-            version = data.get("format_version")
-            if version != FORMAT_VERSION:
-                raise ToolkitError(
-                    f"{manifest_path} has bundle format version {version}; this toolkit reads version "
-                    f"{FORMAT_VERSION}. Re-export the model with this toolkit."
-                )
-            return cls(path, Manifest.from_json(data))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ToolkitError(f"{manifest_path} is not a valid manifest ({type(exc).__name__}: {exc}).") from exc
+        with _reading(path):
+            manifest = _read_manifest(manifest_path)
+            check_directory(path, manifest)
+        for part in manifest.parts:
+            cls.open(path / part)
+        return cls(path, manifest, trusted_source=trust_source)
+
+    @classmethod
+    def of(cls, bundle: Bundle | str | os.PathLike[str], *, trust_source: bool = False) -> Bundle:
+        """`bundle` itself when it is one (trusted also when `trust_source`), else the bundle at that path."""
+        if isinstance(bundle, Bundle):
+            bundle.trusted_source |= trust_source
+            return bundle
+        return cls.open(bundle, trust_source=trust_source)
 
     def parts(self) -> list[Bundle]:
-        """The bundles of this model's other graphs (see `ModelSpec.parts`)."""
-        return [Bundle.open(self.path / part) for part in self.manifest.parts]
+        """The bundles of this model's other graphs (see `ModelSpec.parts`), as trusted as this one."""
+        return [Bundle.open(self.path / part, trust_source=self.trusted_source) for part in self.manifest.parts]
 
     def variant(self, name: str) -> Variant:
         try:
@@ -63,10 +84,14 @@ class Bundle:
     def variant_path(self, name: str, *, verify: bool = True) -> Path:
         """The ONNX file of a variant; with `verify`, refuses files whose sha256 does not match."""
         variant = self.variant(name)
+        path = self.path / variant.file
         if verify:
             for entry in [{"file": variant.file, "sha256": variant.sha256}, *variant.external_data]:
                 self._verify(entry["file"], entry["sha256"], f"variant {name!r}")
-        return self.path / variant.file
+            refused = external_data_refused(path, [e["file"] for e in variant.external_data])
+            if refused:
+                raise ToolkitError(f"bundle {self.path}: variant {name!r} ({variant.file}) is refused: {refused}.")
+        return path
 
     def asset_path(self, name: str) -> Path:
         """A file the bundle carries beside its graphs (a tokenizer), refused if its sha256 does not match."""
@@ -78,7 +103,7 @@ class Bundle:
 
     def _verify(self, file: str, sha256: str, what: str) -> None:
         path = self.path / file
-        if not path.is_file():
+        if not path.is_file() or path.is_symlink():
             raise ToolkitError(f"bundle {self.path}: {what} is missing its file {file}.")
         actual = sha256_file(path)
         if actual != sha256:
@@ -89,10 +114,12 @@ class Bundle:
 
     def add_variant(self, name: str, model_file: Path, *, recipe: dict[str, Any], precision: str, io: dict[str, str] | None = None) -> Variant:
         """Moves `model_file` (with the external data it reads, if any) into the bundle as variant
-        `name` (replacing one of that name) and saves the manifest; each file lands under its final
-        name only once complete, the weights before the graph that reads them."""
+        `name` (replacing one of that name) and records it in the manifest; each file lands under its
+        final name only once complete and synced, the weights before the graph that reads them."""
         from toolkit._onnx import is_large
 
+        if not is_safe_name(name):
+            raise ToolkitError(f"variant name {name!r}: use letters, digits, '_', '.' and '-' only (it names files and URLs).")
         file = f"model.{name}.onnx"
         staging = Path(tempfile.mkdtemp(dir=self.path, prefix=f".{file}.tmp-"))
         try:
@@ -105,22 +132,80 @@ class Bundle:
             else:
                 shutil.copyfile(model_file, staging / file)
                 external = []
+            entries = [{"file": e, "sha256": sha256_file(staging / e), "bytes": (staging / e).stat().st_size} for e in external]
+            variant = Variant(file=file, sha256=sha256_file(staging / file), recipe=recipe, precision=precision, io=io or {},
+                              bytes=(staging / file).stat().st_size + sum(e["bytes"] for e in entries), external_data=entries)
             for written in [*external, file]:
-                os.replace(staging / written, self.path / written)
+                _fsync(staging / written)
+            with self.lock():
+                for written in [*external, file]:
+                    os.replace(staging / written, self.path / written)
+                if not external:  # a variant of that name that had its weights beside it
+                    (self.path / f"{file}.data").unlink(missing_ok=True)
+                _fsync(self.path)
+                self._update_locked(lambda manifest: manifest.variants.__setitem__(name, variant))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        if not external:  # a variant of that name that had its weights beside it
-            (self.path / f"{file}.data").unlink(missing_ok=True)
-        entries = [{"file": e, "sha256": sha256_file(self.path / e), "bytes": (self.path / e).stat().st_size} for e in external]
-        path = self.path / file
-        variant = Variant(file=file, sha256=sha256_file(path), bytes=path.stat().st_size + sum(e["bytes"] for e in entries),
-                          recipe=recipe, precision=precision, io=io or {}, external_data=entries)
-        self.manifest.variants[name] = variant
-        self.save()
         return variant
 
+    def lock(self) -> FileLock:
+        """The bundle's writer lock (reentrant within a process): hold it to change the bundle."""
+        return _lock(self.path)
+
+    def update(self, change: Callable[[Manifest], Any]) -> Manifest:
+        """Applies `change` to the manifest as it is on disk now and saves it, under the bundle's lock:
+        what other processes recorded meanwhile (a variant, a parity result) is kept."""
+        with self.lock():
+            return self._update_locked(change)
+
+    def _update_locked(self, change: Callable[[Manifest], Any]) -> Manifest:
+        current = _read_manifest(self.path / MANIFEST_NAME)
+        change(current)
+        self.manifest = current
+        self.save()
+        return current
+
     def save(self) -> None:
+        """Writes this manifest as it is, atomically: for a bundle being created, which no one else writes."""
         write_atomic(self.path / MANIFEST_NAME, (json.dumps(self.manifest.to_json(), indent=2) + "\n").encode())
+
+
+def _read_manifest(path: Path) -> Manifest:
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ToolkitError(f"{path} is not a valid manifest: it is not JSON ({exc}).") from None
+    return validate_manifest(data, str(path))
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Holds the bundle's lock while its manifest and directory are read together, so that a writer's
+    files never show up unlisted; a bundle this process may not write (read-only) has no writer."""
+    try:
+        lock = _lock(path)
+        lock.acquire()
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _lock(path: Path) -> FileLock:
+    # one instance per bundle in a process, so that a writer may re-enter it (open, then update)
+    return FileLock(path / LOCK_NAME, timeout=_LOCK_TIMEOUT_S, is_singleton=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flushes a file's data, or a directory's entries (a rename within it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:
@@ -139,6 +224,7 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -153,6 +239,8 @@ def staged_directory(target: Path, *, overwrite: bool) -> Iterator[Path]:
     left exactly as it was.
     """
     target = Path(target)
+    if target.is_symlink():
+        raise ToolkitError(f"{target} is a symbolic link; refusing to replace what it points to. Give the directory itself.")
     if target.exists() and not overwrite:
         raise ToolkitError(f"{target} already exists; pass --force to replace it.")
     if target.exists() and not (target / MANIFEST_NAME).is_file() and any(target.iterdir()):
@@ -161,12 +249,41 @@ def staged_directory(target: Path, *, overwrite: bool) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
     try:
         yield staging
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-            os.replace(target, retired / "bundle")
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        replace_directory(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_directory(staging: Path, target: Path) -> None:
+    """Puts the complete directory `staging` in place of `target` (which may not exist) with no moment
+    where `target` is missing: one atomic exchange where the system has it (Linux's renameat2), then
+    the old contents are removed; synced to disk."""
+    if target.is_symlink():
+        raise ToolkitError(f"{target} is a symbolic link; refusing to replace what it points to. Give the directory itself.")
+    for path in staging.rglob("*"):
+        if path.is_file():
+            _fsync(path)
+    _fsync(staging)
+    if target.exists() and _exchange(staging, target):
+        shutil.rmtree(staging)  # now the old contents
+    elif target.exists():  # no atomic exchange here: two renames, the old kept until the new is in place
+        retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        os.replace(target, retired / "bundle")
+        os.replace(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+    _fsync(target.parent)
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two paths atomically (renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    libc_name = ctypes.util.find_library("c")
+    renameat2 = getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None) if libc_name else None
+    if renameat2 is None:
+        return False
+    at_cwd = -100
+    return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0

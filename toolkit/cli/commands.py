@@ -56,6 +56,9 @@ Cache = _choices("Cache", CACHES)
 ModelArgument = Annotated[str, typer.Argument(metavar="MODEL", help="A reference model (see `toolkit models`), package.module:factory, or hf:PATH (a local transformers model).")]
 OutOption = Annotated[Path, typer.Option("-o", "--out", help="Bundle directory to create.")]
 PresetOption = Annotated[str | None, typer.Option(help="Preset of a reference model (default: 'default').")]
+TrustSourceOption = Annotated[bool, typer.Option(
+    "--trust-source", help="Rebuild the PyTorch reference even when the manifest names a factory or a Hugging Face directory: that "
+    "imports and runs the code the bundle's author named. Without it only zoo models are rebuilt.")]
 NameOption = Annotated[str | None, typer.Option(help="Bundle name (in serving URLs and Triton repositories; default: from the model, e.g. the zoo name or the factory's module).")]
 
 # --debug, set by the group's callback for the command it runs (a ContextVar: CliRunner and threads
@@ -173,6 +176,7 @@ def check(
     json_file: Path | None = typer.Option(None, "--json", help="Also write the report as JSON to this file ('-' for stdout)."),
     localize: bool = typer.Option(False, "--localize", help="For each variant that fails: run it beside fp32 on held-out inputs and name where its error leaves the tolerance and where it grows most (tensor, op, PyTorch module, value range)."),
     bisect: bool = typer.Option(False, "--bisect", help="With --localize: expose one intermediate tensor per run in a binary search (⌈log2 N⌉+2 runs), for models whose intermediate tensors do not fit in memory at once."),
+    trust_source: TrustSourceOption = False,
 ) -> None:
     """Check every variant's parity against the PyTorch reference; exit 1 if any fails.
 
@@ -185,10 +189,11 @@ def check(
 
     if bisect and not localize:
         raise ToolkitError("--bisect is a way of localizing: give it with --localize.")
-    records = check_bundle(bundle_dir, variants=variant, provider=provider.value, progress=_progress)
+    records = check_bundle(bundle_dir, variants=variant, provider=provider.value, progress=_progress, trust_source=trust_source)
     passed = all(r["passed"] for r in records.values())
     failing = [name for name, record in records.items() if not record["passed"] and name != "fp32"] if localize else []
-    localized = {name: localize_variant(bundle_dir, name, provider=provider.value, mode="bisect" if bisect else "all", progress=_progress)
+    localized = {name: localize_variant(bundle_dir, name, provider=provider.value, mode="bisect" if bisect else "all", progress=_progress,
+                                        trust_source=trust_source)
                  for name in failing}
     console = err if str(json_file) == "-" else out
     if json_file is not None:
@@ -213,13 +218,16 @@ def optimize(
     provider: Provider = typer.Option(Provider.cpu, help="Execution provider the variant is made for (auto: CUDA where available). "
                                       "For the CPU, SkipLayerNormalization is split into Add + LayerNormalization, which run faster there."),
     check_parity: bool = typer.Option(True, "--check/--no-check", help="Check the new variant's parity right away."),
+    trust_source: TrustSourceOption = False,
 ) -> None:
     """Add variant `opt`: transformer fusions (encoder, gpt, or hinted user models) and onnxruntime's
     basic graph optimizations, saved offline. Exit 1 if its parity check fails."""
     from toolkit.compile.optimizer import optimize as optimize_bundle
 
+    if check_parity:
+        _reference_allowed(bundle_dir, trust_source)
     optimize_bundle(bundle_dir, provider=_made_for(provider), progress=_progress)
-    _check_new(bundle_dir, "opt", check_parity)
+    _check_new(bundle_dir, "opt", check_parity, trust_source=trust_source)
 
 
 def _made_for(provider: Provider) -> str:
@@ -244,18 +252,22 @@ def quantize(
     io: Fp16Io | None = typer.Option(None, help="fp16: fp32 keeps the graph's float inputs and outputs in fp32; fp16 makes them fp16 too (a decoder's cache stays fp16; for CUDA) (default: fp32)."),
     source: str = typer.Option("fp32", help="The fp32-precision variant to quantize (fp32, or opt for the fused graph)."),
     check_parity: bool = typer.Option(True, "--check/--no-check", help="Check the new variant right away."),
+    trust_source: TrustSourceOption = False,
 ) -> None:
     """Add variant int8, int8-static or fp16 from an fp32 variant, and judge it by its task's gates.
 
     Exit 1 if the new variant fails its gates; it stays in the bundle, marked failed."""
     from toolkit.compile.quantization import quantize as quantize_bundle
 
+    if check_parity:
+        _reference_allowed(bundle_dir, trust_source)
     kept = None if keep_fp32 is None else tuple(op.strip() for op in keep_fp32.split(",") if op.strip())
     quantize_bundle(
         bundle_dir, mode=mode.value, calibration_samples=calibration_samples, method=method.value if method else None,
         per_channel=per_channel, keep_float=keep_float, reduce_range=reduce_range, keep_fp32=kept, io=io.value if io else None, source=source, progress=_progress,
+        trust_source=trust_source,
     )
-    _check_new(bundle_dir, mode.value, check_parity, _NEXT_STEPS.get(mode.value))
+    _check_new(bundle_dir, mode.value, check_parity, _NEXT_STEPS.get(mode.value), trust_source=trust_source)
 
 
 # What to try when a quantized variant fails its gates, per mode.
@@ -268,13 +280,21 @@ _NEXT_STEPS = {
 }
 
 
-def _check_new(bundle_dir: Path, variant: str, check_parity: bool, next_steps: str | None = None) -> None:
+def _reference_allowed(bundle_dir: Path, trust_source: bool) -> None:
+    """Refuses, before any work, a stage whose check would rebuild a reference the user has not vouched for."""
+    from toolkit.bundle import Bundle
+    from toolkit.reference.source import refuse_untrusted
+
+    refuse_untrusted(Bundle.open(bundle_dir, trust_source=trust_source))
+
+
+def _check_new(bundle_dir: Path, variant: str, check_parity: bool, next_steps: str | None = None, *, trust_source: bool = False) -> None:
     if not check_parity:
         out.print(f"added variant {variant}; its parity is not checked yet (toolkit check {bundle_dir} --variant {variant})")
         return
     from toolkit.compile.parity import check as check_bundle
 
-    records = check_bundle(bundle_dir, variants=[variant], progress=_progress)
+    records = check_bundle(bundle_dir, variants=[variant], progress=_progress, trust_source=trust_source)
     render.parity_table(out, records, f"parity: {bundle_dir} variant {variant}")
     if not records[variant]["passed"]:
         if next_steps:
@@ -333,6 +353,7 @@ def bench(
     json_file: Path | None = typer.Option(None, "--json", help="Write the rows and the machine as JSON to this file ('-' for stdout)."),
     csv_file: Path | None = typer.Option(None, "--csv", help="Write the rows as CSV to this file."),
     plot_file: Path | None = typer.Option(None, "--plot", help="Draw p50 latency per variant and batch to this PNG (torch eager as the reference line)."),
+    trust_source: TrustSourceOption = False,
 ) -> None:
     """Time variants × providers × batch sizes (× thread counts) side by side with PyTorch, in interleaved rounds.
 
@@ -355,11 +376,13 @@ def bench(
 
             _progress(f"{target} is not a bundle: building one in a temporary directory")
             path = build_bundle(target, Path(tmp) / "bundle", preset=preset, select=False, progress=_progress).path
+            trust_source = True  # the user named the model
         report = run_bench(
             path, providers=chosen, variants=_csv_list(variants, "--variants") if variants else None,
             batches=_int_list(batch, "--batch"), seqs=_int_list(seq, "--seq") if seq else None,
             torch_eager=torch_eager, torch_compile=torch_compile, max_time=max_time, rounds=rounds, warmup=warmup,
             threads=_int_list(threads, "--threads") if threads else None, cuda_graph=cuda_graph, progress=_progress,
+            trust_source=trust_source,
         )
     if json_file is not None:
         text = json.dumps(report.to_json(), indent=2)
@@ -526,6 +549,7 @@ def serve(
     max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body accepted (413 beyond)."),
     threads: int | None = typer.Option(None, help="onnxruntime intra-op threads per model (default: the CPUs this process may use; `toolkit bench --threads 1,2` shows which count is fastest)."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="CUDA: capture each batch shape's run as a CUDA graph and replay it (one launch per request batch); decoders' generate routes use CUDA graphs on CUDA anyway."),
+    verify: Path | None = typer.Option(None, "--verify", metavar="PUB", help="Serve only bundles signed with this public key (PEM) and unchanged since (`toolkit sign`)."),
 ) -> None:
     """Serve bundles over the Open Inference Protocol (KServe v2 REST), with Triton's binary tensor and
     generate extensions, dynamic batching and Prometheus /metrics. Ctrl-C drains requests in flight."""
@@ -540,7 +564,7 @@ def serve(
 
     options = ServeOptions(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, timeout_ms=timeout_ms,
                            token=token, max_body_bytes=int(max_body_mb * (1 << 20)))
-    models = [load(d, variant=variant, provider=provider.value, threads=threads, cuda_graph=cuda_graph) for d in bundle_dirs]
+    models = [load(d, variant=variant, provider=provider.value, threads=threads, cuda_graph=cuda_graph, verify=verify) for d in bundle_dirs]
     where = f"http://{host}:{port}" if port else f"http://{host} on a free port (below)"
     for m in models:
         threads_note = f", {threads} thread" + "s" * (threads > 1) if threads else ""
@@ -566,6 +590,38 @@ def package(
     target = package_triton(bundle_dir, triton, variant=variant, max_batch=max_batch, max_delay_ms=max_delay_ms,
                             instances=instances, kind=kind, force=force)
     out.print(f"wrote {target}: config.pbtxt and 1/model.onnx; serve with `tritonserver --model-repository {triton}`")
+
+
+@_command
+def sign(
+    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle to sign."),
+    key: Path = typer.Option(..., "--key", metavar="KEY", help="Elliptic-curve private key, PEM (e.g. `openssl ecparam -name prime256v1 -genkey -noout -out key.pem`)."),
+    password: str | None = typer.Option(None, envvar="TOOLKIT_KEY_PASSWORD", show_envvar=True, help="The key's password, if it has one."),
+) -> None:
+    """Sign every file of a bundle (the manifest, graphs, weights, assets, parts) into DIR/model.sig,
+    offline with OpenSSF model-signing; `toolkit verify`, `toolkit.load(DIR, verify=PUB)` and
+    `toolkit serve --verify PUB` check it. Signs only a bundle whose files match their sha256."""
+    from toolkit.bundle.signing import sign as sign_bundle
+
+    signature = sign_bundle(bundle_dir, key, password=password)
+    out.print(f"signed {bundle_dir}: {signature}; verify with `toolkit verify {bundle_dir} --pub PUB`")
+
+
+@_command
+def verify(
+    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle to verify."),
+    pub: Path = typer.Option(..., "--pub", metavar="PUB", help="The signer's public key, PEM (`openssl ec -in key.pem -pubout -out key.pub`)."),
+) -> None:
+    """Check a bundle's signature against a public key and every file against it; exit 1 naming the
+    file that changed, or saying it is unsigned or signed by another key."""
+    from toolkit.bundle.signing import verify as verify_bundle
+
+    try:
+        verify_bundle(bundle_dir, pub)
+    except ToolkitError as exc:
+        err.print(f"error: {exc}")
+        raise typer.Exit(EXIT_CHECK_FAILED) from None
+    out.print(f"{bundle_dir}: signature verified; every file is as signed")
 
 
 def _read_inputs(pairs: list[str], names: list[str]) -> dict[str, np.ndarray]:

@@ -20,7 +20,18 @@ from typing import Any
 
 from toolkit import __version__
 from toolkit._scoped import logger_level
-from toolkit.bundle import MANIFEST_NAME, Bundle, Manifest, Source, Variant, safe_name, sha256_file, staged_directory
+from toolkit.bundle import (
+    MANIFEST_NAME,
+    SIGNATURE_NAME,
+    Bundle,
+    Manifest,
+    Source,
+    Variant,
+    is_safe_name,
+    safe_name,
+    sha256_file,
+    staged_directory,
+)
 from toolkit.compile.export_errors import check_signature, describe_failure
 from toolkit.errors import CheckFailed, ToolkitError
 from toolkit.reference.source import resolve, source_of, weights_sha256
@@ -77,7 +88,7 @@ def export(
                                 exporter=exporter, verbose=verbose, isolate=isolate, say=say)
     say(f"wrote {out} (variant fp32, {manifest.variants['fp32'].bytes / 1e6:.2f} MB, exporter "
         f"{manifest.variants['fp32'].recipe['options']['exporter']}{', parts ' + ', '.join(manifest.parts) if manifest.parts else ''})")
-    return Bundle.open(out)
+    return Bundle.open(out, trust_source=True)  # the caller named the model: its reference may be rebuilt
 
 
 def _export_into(directory: Path, source: Source, *, name: str | None, static_cache: bool, opset: int, exporter: str, verbose: bool,
@@ -86,7 +97,7 @@ def _export_into(directory: Path, source: Source, *, name: str | None, static_ca
     subdirectories; `name` (default: the spec's, else from the source) names it."""
     request = {"source": source.to_json(), "opset": opset, "exporter": exporter, "directory": str(directory), "verbose": verbose}
     info = _trace_isolated(request, say) if isolate else trace(**request, progress=say)
-    name = name or info["name"] or source.default_name()
+    name = name or (safe_name(info["name"]) if info["name"] else source.default_name())
     generation, parts = info["generation"], info["parts"]
     if generation and "static" in generation and not static_cache:
         parts = [p for p in parts if p != generation["static"]]
@@ -240,7 +251,7 @@ def _trace_isolated(request: dict[str, Any], say: Progress) -> dict[str, Any]:
 def _write_assets(assets: Mapping[str, bytes], directory: Path) -> list[str]:
     """Writes each asset into the bundle directory; → their names."""
     for name, content in assets.items():
-        if Path(name).name != name or name == MANIFEST_NAME or name.endswith(".onnx"):
+        if not is_safe_name(name) or name in (MANIFEST_NAME, SIGNATURE_NAME) or name.endswith(".onnx"):
             raise ToolkitError(f"asset name {name!r} must be a plain file name, not a graph or the manifest.")
         (directory / name).write_bytes(content)
     return list(assets)

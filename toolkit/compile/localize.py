@@ -97,17 +97,17 @@ class Localization:
 
 def localize(bundle: str | Path | Bundle, variant: str, *, reference: str = "fp32", provider: str = "cpu", mode: str = "all",
              feeds: Mapping[str, np.ndarray] | None = None, spec: ModelSpec | None = None,
-             progress: Callable[[str], None] | None = None) -> Localization:
+             progress: Callable[[str], None] | None = None, trust_source: bool = False) -> Localization:
     """Runs `variant` and `reference` of the bundle side by side on `feeds` (default: the model's
     held-out sample inputs, else check's first case, from `spec`, the bundle's PyTorch reference,
     built here when not given) and finds where the variant's error leaves its precision's tolerance
-    and where it grows most. `mode`: "all" or "bisect" (module docstring)."""
+    and where it grows most. `mode`: "all" or "bisect" (module docstring). `trust_source` vouches for the code the manifest's source names (see `bundle_reference`)."""
     import onnx
 
     say = progress or (lambda _msg: None)
     if mode not in MODES:
         raise ToolkitError(f"unknown localize mode {mode!r}; choose {', '.join(MODES)}.")
-    bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    bundle = Bundle.of(bundle, trust_source=trust_source)
     if variant == reference:
         raise ToolkitError(f"variant {variant!r} is the reference graph itself; localize another variant against it.")
     precision = bundle.variant(variant).precision
@@ -356,12 +356,12 @@ def _default_feeds(bundle: Bundle, spec: ModelSpec | None, say: Callable[[str], 
     """The model's held-out sample inputs (16 rows: every intermediate tensor of two graphs at once
     must fit in memory), else check's first case."""
     from toolkit.compile.parity import _case_feeds
-    from toolkit.reference.source import resolve
+    from toolkit.reference.source import bundle_reference
     from toolkit.spec import shape_cases
 
     if spec is None:
         say(f"building the PyTorch reference ({bundle.manifest.source.describe()}) for the inputs")
-        spec = resolve(bundle.manifest.source)
+        spec = bundle_reference(bundle)
     if spec.sample_data is not None:
         sample = spec.sample_data()
         return f"{_ROWS} rows of the held-out sample inputs", {name: value[:_ROWS] for name, value in sample.items()}

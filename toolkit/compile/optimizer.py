@@ -28,7 +28,8 @@ __all__ = ["optimize"]
 def optimize(bundle: str | Path | Bundle, *, source: str = "fp32", name: str = "opt", provider: str = "cpu",
              progress: Callable[[str], None] | None = None) -> Bundle:
     """Adds variant `name` optimized from variant `source` for `provider` ("cpu" or "cuda"), in the
-    bundle and in each of its parts; returns the bundle (parity not yet checked)."""
+    bundle and in each of its parts (the parts first: the bundle lists the variant only once every
+    graph it needs is in place); returns the bundle (parity not yet checked)."""
     import onnx
 
     from toolkit._onnx import save_model
@@ -36,7 +37,10 @@ def optimize(bundle: str | Path | Bundle, *, source: str = "fp32", name: str = "
     if provider not in PROVIDERS:
         raise ToolkitError(f"unknown provider {provider!r} to optimize for; choose {', '.join(PROVIDERS)}.")
     say = progress or (lambda _msg: None)
-    bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    bundle = Bundle.of(bundle)
+    for part in bundle.parts():
+        say(f"optimizing part {part.path.name}")
+        optimize(part, source=source, name=name, provider=provider, progress=progress)
     model_file = bundle.variant_path(source)
     options: dict[str, Any] = {"provider": provider, "graph_optimization_level": "basic"}
     with tempfile.TemporaryDirectory(prefix="toolkit-optimize-") as tmp:
@@ -63,9 +67,6 @@ def optimize(bundle: str | Path | Bundle, *, source: str = "fp32", name: str = "
         bundle.add_variant(name, optimized, recipe={"stage": "optimize", "options": options, "parent": source},
                            precision=bundle.variant(source).precision)
     say(f"added variant {name}: {options['nodes']['before']} → {options['nodes']['after']} nodes")
-    for part in bundle.parts():
-        say(f"optimizing part {part.path.name}")
-        optimize(part, source=source, name=name, provider=provider, progress=progress)
     return bundle
 
 

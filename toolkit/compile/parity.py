@@ -21,7 +21,7 @@ from toolkit.bundle import Bundle
 from toolkit.compile.tolerances import Tolerance, profile
 from toolkit.errors import CheckFailed, ToolkitError
 from toolkit.reference.run import reference_generator, run_reference
-from toolkit.reference.source import resolve, weights_sha256
+from toolkit.reference.source import bundle_reference, weights_sha256
 from toolkit.runtime.model import Model
 from toolkit.runtime.samples import make_feeds
 from toolkit.spec import ModelSpec, cache_axes, shape_cases
@@ -42,19 +42,20 @@ def check(
     reference: ModelSpec | None = None,
     progress: Callable[[str], None] | None = None,
     evidence: dict[Any, Any] | None = None,
+    trust_source: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Checks `variants` (default: all) of the bundle; returns and stores their parity records.
     `reference` is the bundle's PyTorch reference if the caller has built it already; `evidence`, a
     dict the caller keeps between checks of the same bundle and reference (a build), keeps the
-    reference's outputs so that they are computed once, not for every variant."""
+    reference's outputs so that they are computed once, not for every variant. `trust_source` vouches for the code the manifest's source names (see `bundle_reference`)."""
     say = progress or (lambda _msg: None)
-    bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    bundle = Bundle.of(bundle, trust_source=trust_source)
     names = list(variants) if variants else list(bundle.manifest.variants)
     for name in names:
         bundle.variant(name)  # unknown names fail before any work
     if reference is None:
         say(f"building the PyTorch reference ({bundle.manifest.source.describe()})")
-        reference = resolve(bundle.manifest.source)
+        reference = bundle_reference(bundle)
     parts = {}
     for part in bundle.parts():
         say(f"checking part {part.path.name}")
@@ -73,8 +74,7 @@ def check(
         if parts:
             records[name]["parts"] = {part: {"passed": part_records[name]["passed"]} for part, part_records in parts.items()}
             records[name]["passed"] &= all(p["passed"] for p in records[name]["parts"].values())
-        bundle.manifest.variants[name].parity = records[name]
-    bundle.save()
+    bundle.update(lambda manifest: [setattr(manifest.variants[name], "parity", record) for name, record in records.items()])
     return records
 
 

@@ -117,8 +117,8 @@ def build(
         del context  # the reference is done with: the timing below needs its memory for sessions
     release_memory()
     if select:
-        select_best(bundle.path, provider=provider, max_time=max_time, progress=say)
-    return Bundle.open(bundle.path)
+        select_best(bundle, provider=provider, max_time=max_time, progress=say)
+    return Bundle.open(bundle.path, trust_source=True)
 
 
 def _optimize(context: BuildContext, provider: str) -> bool:
@@ -151,8 +151,7 @@ def _quantize(context: BuildContext, **options: Any) -> Bundle | None:
 def _failed(context: BuildContext, variant: str, exc: ToolkitError) -> None:
     """Records that the build could not make `variant`, and why; the build goes on without it."""
     context.say(f"{variant} failed, going on without it: {exc}")
-    context.bundle.manifest.failed[variant] = str(exc)
-    context.bundle.save()
+    context.bundle.update(lambda manifest: manifest.failed.__setitem__(variant, str(exc)))
 
 
 def _check(context: BuildContext, variants: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -169,8 +168,7 @@ def _check(context: BuildContext, variants: Sequence[str]) -> dict[str, dict[str
         except ToolkitError as exc:
             context.say(f"variant {name} cannot be checked, recorded as failed: {exc}")
             records[name] = {"passed": False, "failed": str(exc)}
-            context.bundle.manifest.variants[name].parity = records[name]
-            context.bundle.save()
+            context.bundle.update(lambda manifest, name=name: setattr(manifest.variants[name], "parity", records[name]))
         finally:
             release_memory()  # one variant's session at a time
     return records
@@ -245,8 +243,7 @@ def _int8_fallback(context: BuildContext, record: dict[str, Any]) -> None:
         record = _check(context, ["int8"])["int8"]
         attempts.append(_attempt(keep, record))
         keep *= 2
-    context.bundle.manifest.variants["int8"].recipe["options"]["attempts"] = attempts
-    context.bundle.save()
+    context.bundle.update(lambda manifest: manifest.variants["int8"].recipe["options"].__setitem__("attempts", attempts))
 
 
 def _attempt(keep: int, record: dict[str, Any]) -> dict[str, Any]:
@@ -289,8 +286,7 @@ def select_best(bundle: str | Path | Bundle, *, provider: str = "cpu", max_time:
         "cpu": report.machine["cpu"],
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    bundle.manifest.best = best  # bench only reads the bundle: this manifest is still current
-    bundle.save()
+    bundle.update(lambda manifest: setattr(manifest, "best", best))
     say(f"best on {provider}: {choice}")
     return best
 

@@ -43,14 +43,14 @@ _BISECT_BYTES = 1 << 30  # larger variants are localized one exposed tensor at a
 
 def repair(bundle: str | Path | Bundle, variant: str, *, budget: float = DEFAULT_BUDGET, provider: str = "cpu",
            reference: ModelSpec | None = None, progress: Callable[[str], None] | None = None,
-           evidence: dict[Any, Any] | None = None, scratch: Path | None = None) -> dict[str, Any]:
+           evidence: dict[Any, Any] | None = None, scratch: Path | None = None, trust_source: bool = False) -> dict[str, Any]:
     """Makes `variant` again until it passes its gates or `budget` seconds are spent; returns the
-    repair record (also stored in the variant's recipe, under options.repair)."""
+    repair record (also stored in the variant's recipe, under options.repair). `trust_source` vouches for the code the manifest's source names (see `bundle_reference`)."""
     from toolkit.compile.parity import check
-    from toolkit.reference.source import resolve
+    from toolkit.reference.source import bundle_reference
 
     say = progress or (lambda _msg: None)
-    bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    bundle = Bundle.of(bundle, trust_source=trust_source)
     recipe = bundle.variant(variant).recipe
     mode = recipe.get("options", {}).get("mode")
     if mode not in REPAIRABLE:
@@ -58,7 +58,7 @@ def repair(bundle: str | Path | Bundle, variant: str, *, budget: float = DEFAULT
                            f"repair remakes {', '.join(REPAIRABLE)}.")
     if reference is None:
         say(f"building the PyTorch reference ({bundle.manifest.source.describe()})")
-        reference = resolve(bundle.manifest.source)
+        reference = bundle_reference(bundle)
     evidence = {} if evidence is None else evidence
     started = time.monotonic()
     attempts: list[dict[str, Any]] = []
@@ -116,8 +116,7 @@ def repair(bundle: str | Path | Bundle, variant: str, *, budget: float = DEFAULT
               "seconds": round(time.monotonic() - started, 1), "budget": budget, **({"note": note} if note else {})}
     if mode == "fp16":
         result["fixed_list_nodes"] = _nodes_of(bundle, source, recipe["options"].get("kept_fp32", []))  # what the fixed op-type list kept
-    bundle.manifest.variants[variant].recipe.setdefault("options", {})["repair"] = result
-    bundle.save()
+    bundle.update(lambda manifest: manifest.variants[variant].recipe.setdefault("options", {}).__setitem__("repair", result))
     say(f"{variant} {'repaired' if passed else 'not repaired'} in {result['seconds']:.0f} s after {len(attempts)} attempts"
         + (f", {len(kept)} nodes kept in fp32" if passed else ""))
     return result

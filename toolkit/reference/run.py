@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.bundle import Bundle
 from toolkit.errors import ToolkitError
 from toolkit.runtime.generate import Generator
 from toolkit.runtime.model import Model
@@ -30,16 +31,18 @@ def run_reference(spec: ModelSpec, feeds: Mapping[str, np.ndarray], device: str 
     return {name: value.cpu().numpy() for name, value in zip(spec.outputs, result, strict=True)}
 
 
-def reference_generator(path: str | os.PathLike[str], spec: ModelSpec | None = None, device: str = "cpu",
+def reference_generator(bundle: Bundle | str | os.PathLike[str], spec: ModelSpec | None = None, device: str = "cpu",
                         observe: Callable[[dict[str, np.ndarray]], None] | None = None) -> Generator:
     """The Generator's loop over the bundle's PyTorch reference (eager, on torch `device`), for parity
-    and benchmarks; `spec` (its `ModelSpec`) saves rebuilding it when the caller has it already.
+    and benchmarks; `spec` (its `ModelSpec`) saves rebuilding it when the caller has it already (a
+    bundle given by path rebuilds only a zoo model's: see `bundle_reference`).
     `observe` sees the outputs of every decoder step, in order (parity reads the logits each token
     was chosen from)."""
-    from toolkit.reference.source import resolve
+    from toolkit.reference.source import bundle_reference
 
-    generator = Generator(Model(path, provider="cpu"))
-    spec = spec if spec is not None else resolve(generator.model.bundle.manifest.source)
+    bundle = Bundle.of(bundle)
+    generator = Generator(Model(bundle.path, provider="cpu"))
+    spec = spec if spec is not None else bundle_reference(bundle)
     encoder = generator.layout.encoder
     step = _torch_step(spec, device)
     if observe is not None:

@@ -18,11 +18,11 @@ from types import ModuleType
 from typing import Any
 
 from toolkit._scoped import logging_disabled
-from toolkit.bundle import Source
+from toolkit.bundle import Bundle, Source
 from toolkit.errors import ToolkitError
 from toolkit.spec import ModelSpec
 
-__all__ = ["reference_models", "resolve", "source_of", "weights_sha256"]
+__all__ = ["bundle_reference", "refuse_untrusted", "reference_models", "resolve", "source_of", "weights_sha256"]
 
 
 def source_of(model: str, preset: str | None) -> Source:
@@ -64,6 +64,28 @@ def resolve(source: Source) -> ModelSpec:
         spec = spec.parts[source.part]
     spec.module.eval()
     return spec
+
+
+def bundle_reference(bundle: Bundle) -> ModelSpec:
+    """The PyTorch reference of `bundle`, rebuilt from its manifest's source. A bundle is data that
+    anyone may have written, so code it names (a factory, a Hugging Face directory) is run only when
+    the user vouched for it: they named the model themselves (`toolkit build MODEL`) or passed
+    --trust-source (`trust_source=True`); a zoo model is toolkit's own code."""
+    refuse_untrusted(bundle)
+    return resolve(bundle.manifest.source)
+
+
+def refuse_untrusted(bundle: Bundle) -> None:
+    """Raises, saying why and what to pass, when rebuilding `bundle`'s reference would run code that
+    the user has not vouched for (see `bundle_reference`)."""
+    source = bundle.manifest.source
+    if source.kind != "zoo" and not bundle.trusted_source:
+        doing = "imports and calls that code" if source.kind == "factory" else "loads that directory with transformers"
+        raise ToolkitError(
+            f"bundle {bundle.path} names its PyTorch reference {source.describe()}; rebuilding it {doing}, as named by whoever "
+            "wrote the manifest. If you trust this bundle's source, pass --trust-source (Python: trust_source=True). "
+            "(load, run, serve, inspect and package never rebuild the reference.)"
+        )
 
 
 def _zoo(name: str, preset: str) -> ModelSpec:

@@ -20,22 +20,28 @@ from toolkit.spec import TensorSpec
 __all__ = ["Model", "load"]
 
 def load(path: str | os.PathLike[str], *, variant: str | None = None, provider: str = "auto", threads: int | None = None,
-         cuda_graph: bool = False) -> Model:
+         cuda_graph: bool = False, verify: str | os.PathLike[str] | None = None) -> Model:
     """Opens a bundle's variant on `provider`: "auto" (CUDA when it works), "cpu" or "cuda".
 
     `variant` defaults to fp32; "best" is the fastest variant that passed its gates, as measured and
     recorded by `toolkit build` (on the provider named in the manifest's `best`). `cuda_graph` (CUDA
     only) opens the session for CUDA graphs: calls through `toolkit.runtime.graphs.CapturedRunner` then
-    replay one captured graph per input shape."""
-    return Model(path, variant=variant, provider=provider, threads=threads, cuda_graph=cuda_graph)
+    replay one captured graph per input shape. `verify`, a public key (PEM), refuses a bundle that
+    it did not sign or that changed since (`toolkit sign`; needs the sign extra)."""
+    return Model(path, variant=variant, provider=provider, threads=threads, cuda_graph=cuda_graph, verify=verify)
 
 
 class Model:
     """One variant of a bundle in an onnxruntime session. Safe to call from several threads."""
 
     def __init__(self, path: str | os.PathLike[str], *, variant: str | None = None, provider: str = "auto", threads: int | None = None,
-                 cuda_graph: bool = False):
-        self.bundle = Bundle.open(path)
+                 cuda_graph: bool = False, verify: str | os.PathLike[str] | None = None):
+        if verify is not None:
+            from toolkit.bundle.signing import verify as verify_signature
+
+            self.bundle = verify_signature(path, verify)
+        else:
+            self.bundle = Bundle.open(path)
         self.variant = _resolve_variant(self.bundle, variant)
         model_file = self.bundle.variant_path(self.variant)
         manifest = self.bundle.manifest

@@ -4,18 +4,22 @@ of a bundle, for when one machine is not enough:
     REPO/<name>/config.pbtxt     max_batch_size, inputs/outputs, dynamic_batching, instance_group
     REPO/<name>/1/model.onnx     the variant, as Triton's onnxruntime backend expects it (with the
                                  external-data file a large model reads beside it, under its own name)
+    REPO/<name>/integrity.json   what the bundle's manifest records of those files: sha256 and bytes,
+                                 checked on the copies (Triton ignores files beside the versions)
 
 A bundle's parts (an encoder-decoder's encoder) become models of their own beside it, REPO/<name>-<part>/.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from toolkit.bundle import replace_directory, sha256_file, write_atomic
 from toolkit.errors import ToolkitError
 from toolkit.runtime.model import Model
 from toolkit.serve.protocol import datatype
@@ -88,26 +92,32 @@ def package_triton(path: str | os.PathLike[str], repo: str | os.PathLike[str], *
         raise ToolkitError(f"max_batch must be >= 0 and instances >= 1, got {max_batch} and {instances}.")
     if kind not in ("KIND_AUTO", "KIND_GPU", "KIND_CPU"):
         raise ToolkitError(f"instance kind must be KIND_AUTO, KIND_GPU or KIND_CPU, got {kind!r}.")
-    model = Model(path, variant=variant, provider="cpu")  # opening it proves the variant loads
+    model = Model(path, variant=variant, provider="cpu")  # validated and verified; opening it proves the variant loads
     repo = Path(repo)
-    target = repo / model.name
+    target = repo / model.name  # a safe name (the manifest is validated): one directory inside REPO
+    if target.is_symlink() or target.exists() and not (target / "config.pbtxt").is_file():
+        raise ToolkitError(f"{target} exists and is not a Triton model directory; refusing to replace it. Choose another REPO.")
     if target.exists() and not force:
         raise ToolkitError(f"{target} already exists; pass --force to replace it.")
     repo.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{model.name}-", dir=repo))
+    staging = Path(tempfile.mkdtemp(prefix=f".{model.name}.staging-", dir=repo))
     try:
         (staging / "1").mkdir()
-        shutil.copyfile(model.bundle.variant_path(model.variant), staging / "1" / "model.onnx")
-        for entry in model.bundle.variant(model.variant).external_data:  # read beside the graph, by the name it records
-            shutil.copyfile(model.bundle.path / entry["file"], staging / "1" / entry["file"])
+        record = model.bundle.variant(model.variant)
+        files = {"1/model.onnx": {"sha256": record.sha256, "file": record.file},
+                 **{f"1/{e['file']}": e for e in record.external_data}}  # read beside the graph, by the name it records
+        for copy, entry in files.items():
+            shutil.copyfile(model.bundle.path / entry["file"], staging / copy)
+            if sha256_file(staging / copy) != entry["sha256"]:
+                raise ToolkitError(f"{model.bundle.path / entry['file']} changed while it was being copied; package again.")
+        integrity = {"bundle": model.name, "variant": model.variant,
+                     "files": {copy: {"sha256": e["sha256"], "bytes": (staging / copy).stat().st_size} for copy, e in files.items()}}
+        write_atomic(staging / "integrity.json", (json.dumps(integrity, indent=2) + "\n").encode())
         config = model_config(model, max_batch=max_batch, max_delay_ms=max_delay_ms, instances=instances, kind=kind)
-        (staging / "config.pbtxt").write_text(to_pbtxt(config))
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
+        write_atomic(staging / "config.pbtxt", to_pbtxt(config).encode())
+        replace_directory(staging, target)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     for part in model.bundle.parts():
         package_triton(part.path, repo, variant=model.variant, max_batch=max_batch, max_delay_ms=max_delay_ms,
                        instances=instances, kind=kind, force=force)

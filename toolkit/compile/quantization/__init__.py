@@ -74,13 +74,16 @@ def quantize(
     reference: ModelSpec | None = None,
     progress: Callable[[str], None] | None = None,
     scratch: Path | None = None,
+    trust_source: bool = False,
     **options: Any,
 ) -> Bundle:
     """Adds the variant named after the scheme (`config`, or `mode` with the scheme's `options`:
     see configs.py), quantized from variant `source`, in the bundle and in each of its parts; returns
     the bundle (parity not yet checked). `reference` is the model's PyTorch reference, if the caller
     has it built already (calibration data comes from it); `scratch`, a directory the caller keeps
-    between quantizations of one build, where work they share is kept (pre-processed models)."""
+    between quantizations of one build, where work they share is kept (pre-processed models).
+    `trust_source` vouches for the code the manifest's source names (see `bundle_reference`). Parts are quantized first: the bundle lists the
+    variant only once every graph it needs is in place."""
     if config is None:
         if mode is None:
             raise ToolkitError(f"give a quantization mode ({', '.join(MODES)}) or a config.")
@@ -88,9 +91,12 @@ def quantize(
     elif mode is not None or options:
         raise ToolkitError("give either a config or a mode with its options, not both.")
     say = progress or (lambda _msg: None)
-    bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    bundle = Bundle.of(bundle, trust_source=trust_source)
     if bundle.variant(source).precision != "fp32":
         raise ToolkitError(f"variant {source!r} is {bundle.variant(source).precision}; quantize from an fp32 variant.")
+    for part in bundle.parts():
+        say(f"quantizing part {part.path.name}")
+        quantize(part, config=config, source=source, progress=progress, scratch=scratch)
     model_file = bundle.variant_path(source)
     with tempfile.TemporaryDirectory(prefix="toolkit-quantize-") as tmp, logger_level(None, logging.ERROR):
         # (the quantizer logs every node it skips at INFO/WARNING)
@@ -113,7 +119,4 @@ def quantize(
         bundle.add_variant(config.mode, out, recipe={"stage": "quantize", "options": {"mode": config.mode, **options}, "parent": source},
                            precision=config.precision, io=_io_changes(bundle, out))
     say(f"added variant {config.mode} ({bundle.manifest.variants[config.mode].bytes / 1e6:.2f} MB, from {bundle.variant(source).bytes / 1e6:.2f} MB)")
-    for part in bundle.parts():
-        say(f"quantizing part {part.path.name}")
-        quantize(part, config=config, source=source, progress=progress, scratch=scratch)
     return bundle

@@ -37,9 +37,9 @@ class QuantizeContext:
     @property
     def reference(self) -> ModelSpec:
         if self._reference is None:
-            from toolkit.reference.source import resolve
+            from toolkit.reference.source import bundle_reference
 
-            self._reference = resolve(self.bundle.manifest.source)
+            self._reference = bundle_reference(self.bundle)
         return self._reference
 
 
