@@ -5,6 +5,8 @@ sending Triton binary-tensor requests encoded once up front (so the client costs
 
     python benchmarks/serve_load.py        # uses the bundles python benchmarks/run.py built; writes
                                            # the "## Serving" section of benchmarks/RESULTS.md
+    python benchmarks/serve_load.py --soak # the server under hostile traffic (see `soak`); writes
+                                           # "## Serving under hostile traffic" and serve_soak.json
 """
 
 from __future__ import annotations
@@ -101,14 +103,14 @@ def _batches(address: str, model: str) -> tuple[float, float]:
     return value("toolkit_batch_size_sum"), value("toolkit_batch_size_count")
 
 
-def _server(bundles: list[Path], max_batch: int) -> tuple[subprocess.Popen, str]:
+def _server(bundles: list[Path], max_batch: int, *extra: str) -> tuple[subprocess.Popen, str]:
     import httpx
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "toolkit.cli", "serve", *map(str, bundles), "--port", str(port), "--provider", "cpu",
-               "--max-batch", str(max_batch)]
+               "--max-batch", str(max_batch), *extra]
     process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while True:
@@ -162,6 +164,186 @@ def serve_load(bundles: dict[str, Path], *, seconds: float = 3.0, concurrency=CO
         feeds = make_feeds(models["encoder"].inputs, {"batch": batch, "seq": 32}, 0)
         direct[f"encoder_rows_per_s_batch{batch}"] = batch * 1000 / _direct_ms(models["encoder"], feeds, seconds)
     return rows, direct
+
+
+# --- soak: good requests mixed with hostile clients -------------------------------------------------
+
+SOAK_MIX = {"good": 0.6, "malformed": 0.1, "oversized": 0.1, "slow": 0.1, "disconnect": 0.1}
+SOAK_BODY_MB = 1  # the server's --max-body-mb in the soak, so that an oversized body costs the clients little
+
+
+@dataclass
+class SoakCounts:
+    sent: dict[str, int]
+    correct: int = 0
+    wrong: int = 0  # a good request answered with other values or status, a bad one with anything but its 4xx
+    lost: dict[str, int] | None = None  # no answer where one was due (connection reset, timeout), by kind
+    refused: int = 0  # 503: admission or queue full (an answer, not a loss)
+    latencies: list[float] | None = None
+
+
+async def _exchange(host: str, port: int, payload: bytes, *, pause_after: int | None = None, pause_s: float = 0.0,
+                    hang_up: bool = False) -> tuple[int | None, bytes]:
+    """One request on its own connection: (status, body), or (None, b"") when there is no answer.
+    `pause_after` bytes are sent, then the rest after `pause_s` (a slow sender), or never (`hang_up`)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        try:
+            if pause_after is None:
+                writer.write(payload)
+            else:
+                writer.write(payload[:pause_after])
+                await writer.drain()
+                if hang_up:
+                    return None, b""
+                await asyncio.sleep(pause_s)
+                writer.write(payload[pause_after:])
+            await writer.drain()
+        except ConnectionError:  # the server answered early (413 on the declared length) and closed: read what it said
+            pass
+        status_line = await asyncio.wait_for(reader.readline(), 30)
+        if not status_line:
+            return None, b""
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        return int(status_line.split()[1]), await reader.readexactly(length)
+    except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+        return None, b""
+    finally:
+        writer.close()
+
+
+def _http(address: str, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": address, "Content-Length": str(len(body)), "Connection": "close", **headers}.items())
+    return f"POST {path} HTTP/1.1\r\n{head}\r\n".encode() + body
+
+
+async def _mixed(address: str, goods: list[tuple[bytes, dict[str, str], np.ndarray]], mix: dict[str, float], concurrency: int, seconds: float,
+                 seed: int = 0) -> SoakCounts:
+    host, port = address.split(":")
+    path = "/v2/models/mlp/infer"
+    malformed = _http(address, path, b'{"inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32", "data": [NaN]}]}', {})
+    oversized = _http(address, path, b"{" + b" " * (SOAK_BODY_MB << 20) + b"}", {})
+    counts = SoakCounts(sent=dict.fromkeys(mix, 0), latencies=[], lost={})
+    kinds, weights = list(mix), list(mix.values())
+
+    def judge(kind: str, status: int | None, body: bytes, expected: np.ndarray | None) -> None:
+        if kind == "disconnect":
+            return
+        if status is None:
+            counts.lost[kind] = counts.lost.get(kind, 0) + 1
+        elif status == 503:
+            counts.refused += 1
+        elif kind in ("good", "slow"):
+            ok = status == 200 and _output(body, expected.shape) is not None and np.allclose(_output(body, expected.shape), expected, rtol=1e-4, atol=1e-5)
+            counts.correct, counts.wrong = counts.correct + ok, counts.wrong + (not ok)
+        else:
+            ok = status == {"malformed": 400, "oversized": 413}[kind] and b'"error"' in body
+            counts.correct, counts.wrong = counts.correct + ok, counts.wrong + (not ok)
+
+    async def worker(index: int, until: float) -> None:
+        rng = np.random.default_rng(seed * 1000 + index)
+        while time.perf_counter() < until:
+            kind = kinds[rng.choice(len(kinds), p=weights)]
+            counts.sent[kind] += 1
+            body, headers, expected = goods[int(rng.integers(len(goods)))]
+            good = _http(address, path, body, headers)
+            start = time.perf_counter()
+            if kind == "good":
+                status, answer = await _exchange(host, int(port), good)
+                if status == 200:
+                    counts.latencies.append(time.perf_counter() - start)
+            elif kind == "slow":
+                status, answer = await _exchange(host, int(port), good, pause_after=len(good) // 3, pause_s=float(rng.uniform(0.5, 2.0)))
+            elif kind == "disconnect":
+                status, answer = await _exchange(host, int(port), good, pause_after=len(good) // 2, hang_up=True)
+            else:
+                status, answer = await _exchange(host, int(port), malformed if kind == "malformed" else oversized)
+            judge(kind, status, answer, expected)
+
+    until = time.perf_counter() + seconds
+    await asyncio.gather(*(worker(i, until) for i in range(concurrency)))
+    return counts
+
+
+def _output(body: bytes, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The binary output at the end of a response whose JSON header asked for binary_data_output."""
+    size = int(np.prod(shape)) * 4
+    return np.frombuffer(body[-size:], dtype="<f4").reshape(shape) if len(body) > size else None
+
+
+def soak(bundle: Path, *, seconds: float = 60.0, clean_seconds: float = 20.0, concurrency: int = 64) -> dict:
+    """`toolkit serve` (its own process) under `concurrency` clients for `seconds`, mixing good
+    requests with malformed, oversized, slow-sending and disconnecting ones (SOAK_MIX), after a
+    clean run of good requests only; the server's RSS before, between and after."""
+    import psutil
+
+    from toolkit.runtime.model import Model
+
+    model = Model(bundle, provider="cpu")
+    goods = []
+    for seed in range(16):
+        body, headers, feeds = _request(model, seed)
+        goods.append((body, headers, model.run(feeds)["logits"]))
+    process, address = _server([bundle], 32, "--max-body-mb", str(SOAK_BODY_MB))
+    try:
+        server = psutil.Process(process.pid)
+        asyncio.run(_mixed(address, goods, {"good": 1.0}, concurrency, 3.0))  # warm-up
+        rss = {"before": server.memory_info().rss}
+        clean = asyncio.run(_mixed(address, goods, {"good": 1.0}, concurrency, clean_seconds, seed=1))
+        rss["after clean"] = server.memory_info().rss
+        soaked = asyncio.run(_mixed(address, goods, SOAK_MIX, concurrency, seconds, seed=2))
+        time.sleep(2.0)  # slow senders' last requests finish
+        rss["after soak"] = server.memory_info().rss
+        alive = process.poll() is None
+    finally:
+        process.terminate()
+        process.wait(30)
+
+    def summary(counts: SoakCounts) -> dict:
+        lat = counts.latencies or [float("nan")]
+        return {"sent": counts.sent, "sent_total": sum(counts.sent.values()), "correct": counts.correct, "wrong": counts.wrong,
+                "lost": sum(counts.lost.values()), "lost_by_kind": counts.lost, "refused_503": counts.refused, "good_answered": len(counts.latencies or []),
+                "p50_ms": float(np.percentile(lat, 50) * 1000), "p99_ms": float(np.percentile(lat, 99) * 1000)}
+
+    return {"seconds": seconds, "clean_seconds": clean_seconds, "concurrency": concurrency, "mix": SOAK_MIX, "body_limit_mb": SOAK_BODY_MB,
+            "clean": summary(clean), "soak": summary(soaked), "rss_mb": {k: round(v / 2**20, 1) for k, v in rss.items()},
+            "server_alive": alive}
+
+
+def soak_markdown(result: dict) -> str:
+    clean, soaked, rss = result["clean"], result["soak"], result["rss_mb"]
+    mix = ", ".join(f"{k} {v:.0%}" for k, v in result["mix"].items())
+    lines = [
+        "## Serving under hostile traffic",
+        "",
+        f"Written by `python benchmarks/serve_load.py --soak`: `toolkit serve` (mlp, CPU, `--max-body-mb {result['body_limit_mb']}`) in "
+        f"its own process; {result['concurrency']} clients over loopback, each request on its own connection. A clean run of good "
+        f"requests only ({result['clean_seconds']:.0f} s), then {result['seconds']:.0f} s of a mix: {mix}. Good: a binary-tensor request "
+        "whose output is checked against the runtime; malformed: a NaN token (400 due); oversized: a body past the limit (413 due); "
+        "slow: a good request whose body stalls 0.5–2 s after its first third; disconnect: half a body, then the client hangs up.",
+        "",
+        "| run | requests sent | answered correctly | wrong answers | lost | refused (503) | good p50 ms | good p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, run in (("clean", clean), ("soak", soaked)):
+        lines.append(f"| {name} | {run['sent_total']:,} | {run['correct']:,} | {run['wrong']} | {run['lost']} | {run['refused_503']} | "
+                     f"{run['p50_ms']:.2f} | {run['p99_ms']:.2f} |")
+    lines += ["", f"Sent in the soak, by kind: {', '.join(f'{k} {v:,}' for k, v in soaked['sent'].items())}. "
+              f"Good requests' p50 under the soak over the clean run: {soaked['p50_ms'] / clean['p50_ms']:.2f}×, p99 "
+              f"{soaked['p99_ms'] / clean['p99_ms']:.2f}× (in the clean run every client sends good requests back to back and "
+              "saturates the CPUs; in the soak part of the clients wait on slow sends or send cheap bad requests, so fewer good "
+              "ones compete at once: the soak's lower latency is less load, and the point is that bad traffic did not raise it). "
+              f"Server RSS: {rss['before']:.0f} MB after warm-up, "
+              f"{rss['after clean']:.0f} MB after the clean run, {rss['after soak']:.0f} MB after the soak; the server "
+              f"{'was still serving' if result['server_alive'] else 'HAD DIED'} at the end.",
+              "",
+              f"Targets: wrong answers 0 ({'met' if soaked['wrong'] == 0 and clean['wrong'] == 0 else 'not met'}), lost 0 "
+              f"({'met' if soaked['lost'] == 0 and clean['lost'] == 0 else 'not met'})."]
+    return "\n".join(lines) + "\n"
 
 
 def markdown(rows: list[LoadRow], direct: dict[str, float]) -> str:
@@ -219,7 +401,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundles", type=Path, default=HERE / ".bundles", help="directory holding mlp/ and encoder/ bundles")
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per cell")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--soak", action="store_true", help="the server under hostile traffic instead (mlp, 60 s, concurrency 64)")
+    parser.add_argument("--soak-seconds", type=float, default=60.0)
     args = parser.parse_args(argv)
+    if args.soak:
+        if not (args.bundles / "mlp" / "manifest.json").is_file():
+            parser.error(f"no bundle at {args.bundles / 'mlp'}: run python benchmarks/run.py first, or toolkit build mlp -o DIR")
+        result = soak(args.bundles / "mlp", seconds=args.soak_seconds)
+        write_section(args.out, soak_markdown(result))
+        (args.out.parent / "serve_soak.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(soak_markdown(result))
+        return 0
     bundles = {name: args.bundles / name for name in MODELS}
     if missing := [str(p) for p in bundles.values() if not (p / "manifest.json").is_file()]:
         parser.error(f"no bundle at {', '.join(missing)}: run python benchmarks/run.py first, or toolkit build MODEL -o DIR")

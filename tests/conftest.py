@@ -19,6 +19,10 @@ TESTS = Path(__file__).parent
 ROOT = TESTS.parent
 ZOO = ["mlp", "cnn", "lstm", "encoder", "gpt", "seq2seq"]
 
+# hypothesis keeps its example database and caches under the test cache, not in the working directory.
+_CACHE = os.environ.get("TOOLKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "toolkit"
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(Path(_CACHE) / "hypothesis"))
+
 # The user package (`userpkg.toy:FACTORY`) must import here and in subprocesses.
 sys.path.insert(0, str(TESTS))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))

@@ -535,7 +535,7 @@ def _feature_clips(path: Path) -> list[Any]:
 
 @_command
 def serve(
-    bundle_dirs: list[Path] = typer.Argument(..., metavar="DIR...", help="Bundles to serve, each under its manifest name."),
+    bundle_dirs: list[Path] | None = typer.Argument(None, metavar="DIR...", help="Bundles to serve, each under its manifest name (or none, with --repository)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes the server beyond this machine."),
     port: int = typer.Option(8000, help="TCP port (0: a free one, printed once the server has started)."),
     variant: str | None = typer.Option(None, help="Variant of every bundle (default fp32; 'best' after toolkit build)."),
@@ -550,6 +550,9 @@ def serve(
     threads: int | None = typer.Option(None, help="onnxruntime intra-op threads per model (default: the CPUs this process may use; `toolkit bench --threads 1,2` shows which count is fastest)."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="CUDA: capture each batch shape's run as a CUDA graph and replay it (one launch per request batch); decoders' generate routes use CUDA graphs on CUDA anyway."),
     verify: Path | None = typer.Option(None, "--verify", metavar="PUB", help="Serve only bundles signed with this public key (PEM) and unchanged since (`toolkit sign`)."),
+    repository: list[Path] | None = typer.Option(None, "--repository", metavar="REPO", help="A directory of bundles (REPO/<name>/) that POST /v2/repository/models/<name>/load and /unload may load and unload while serving (repeatable)."),
+    max_in_flight: int = typer.Option(256, "--max-in-flight", help="Requests being read, queued or run at once, all models together (503 beyond)."),
+    max_in_flight_mb: float = typer.Option(2048.0, "--max-in-flight-mb", help="Memory those requests may hold at once, a JSON body counted at 8× its size (503 beyond)."),
 ) -> None:
     """Serve bundles over the Open Inference Protocol (KServe v2 REST), with Triton's binary tensor and
     generate extensions, dynamic batching and Prometheus /metrics. Ctrl-C drains requests in flight."""
@@ -563,14 +566,24 @@ def serve(
     from toolkit.serve.app import serve as run_server
 
     options = ServeOptions(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, timeout_ms=timeout_ms,
-                           token=token, max_body_bytes=int(max_body_mb * (1 << 20)))
-    models = [load(d, variant=variant, provider=provider.value, threads=threads, cuda_graph=cuda_graph, verify=verify) for d in bundle_dirs]
+                           token=token, max_body_bytes=int(max_body_mb * (1 << 20)), max_in_flight=max_in_flight,
+                           max_in_flight_bytes=int(max_in_flight_mb * (1 << 20)), repository=tuple(repository or ()))
+    missing = [str(r) for r in options.repository if not r.is_dir()]
+    if missing:
+        raise ToolkitError(f"--repository {missing[0]} is not a directory.")
+    if not bundle_dirs and not options.repository:
+        raise ToolkitError("give the bundles to serve (DIR...), or a --repository to load them from.")
+
+    def loader(path: Path) -> Any:
+        return load(path, variant=variant, provider=provider.value, threads=threads, cuda_graph=cuda_graph, verify=verify)
+
+    models = [loader(d) for d in bundle_dirs or []]
     where = f"http://{host}:{port}" if port else f"http://{host} on a free port (below)"
     for m in models:
         threads_note = f", {threads} thread" + "s" * (threads > 1) if threads else ""
         graphs = ", CUDA graphs" if m.cuda_graph else ""
         err.print(f"serving {m.name} ({m.variant} on {m.provider}{threads_note}{graphs}) at {where}/v2/models/{m.name}")
-    run_server(models, host=host, port=port, options=options)
+    run_server(models, host=host, port=port, options=options, loader=loader)
 
 
 @_command

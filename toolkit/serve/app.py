@@ -1,31 +1,52 @@
 """`toolkit serve`: bundles behind the Open Inference Protocol (KServe v2) REST API, on Starlette
-and uvicorn, with dynamic batching, Triton's binary tensor and generate extensions, a bearer token,
-a body size limit, Prometheus metrics and a JSON access log.
+and uvicorn, with dynamic batching, Triton's binary tensor and generate extensions, Triton's model
+repository API, a bearer token, a body size limit, Prometheus metrics and a JSON access log.
+
+What keeps it standing under hostile or faulty traffic:
+- every malformed request gets a 4xx naming the problem (protocol.py); an internal error gets a 500
+  with a request id, its details only in the server's log;
+- admission before any work: requests in flight and the bytes they hold (a JSON body counted at
+  its in-memory size, about 8× its text) are bounded, and a request past either limit gets 503;
+  infer and generate alike pass through it, the readiness check and their deadline;
+- decoding, validation and encoding run off the event loop (a thread pool sized to the machine; a
+  large JSON body in a child process, since parsing it holds the GIL: decoder_process.py), so
+  health probes answer while a big request is being decoded;
+- the batcher isolates a failing request and restarts its loop if it dies (batching.py), readiness
+  false meanwhile.
 
 `create_app` builds the ASGI app from loaded models (what tests and embedders use); `serve` runs it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import json
 import logging
+import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from toolkit.bundle import MANIFEST_NAME, is_safe_name
 from toolkit.errors import ToolkitError
 from toolkit.runtime.generate import Generator, Sampling
 from toolkit.runtime.graphs import CapturedRunner
 from toolkit.runtime.model import Model
 from toolkit.serve.auth import BearerToken
-from toolkit.serve.batching import DeadlinePassed, DynamicBatcher, Overloaded
+from toolkit.serve.batching import BatcherFailed, DeadlinePassed, DynamicBatcher, Overloaded
+from toolkit.serve.decoder_process import DecoderProcess
 from toolkit.serve.metrics import Metrics, Observed
 from toolkit.serve.protocol import (
     HEADER_LENGTH,
     GenerateRequest,
     ProtocolError,
+    UnencodableOutput,
     datatype,
     decode_generate_request,
     decode_request,
@@ -36,8 +57,12 @@ from toolkit.serve.triton import batch_first, model_config
 
 __all__ = ["EXTENSIONS", "ServeOptions", "create_app", "serve"]
 
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "generate"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "generate"]
 _VERSION = "1"
+_JSON_EXPANSION = 8  # bytes a JSON body holds in memory while decoded, per byte of text (Python lists of floats)
+_JSON_IN_PROCESS = 1 << 20  # JSON headers past this are parsed in a worker process: json.loads holds the GIL
+_log = logging.getLogger("toolkit.serve")
+Loader = Callable[[Path], Model]
 
 
 @dataclass(frozen=True)
@@ -49,10 +74,16 @@ class ServeOptions:
     token: str | None = None
     max_body_bytes: int = 64 << 20
     max_graphs: int = 64  # models loaded with cuda_graph=True: input shapes captured at most, the rest run uncaptured
+    max_in_flight: int = 256  # requests being read, queued or run at once, all models together
+    max_in_flight_bytes: int = 2 << 30  # what those requests may hold in memory at once
+    max_generations: int = 4  # generate requests running at once per model (each holds a session's threads)
+    repository: tuple[Path, ...] = field(default_factory=tuple)  # directories whose bundles /v2/repository may load
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_queue < 1 or self.max_delay_ms < 0 or self.max_body_bytes < 1 or self.max_graphs < 1:
-            raise ToolkitError("max-batch, max-queue and max-graphs must be >= 1, max-delay-ms >= 0 and the body limit positive.")
+        if min(self.max_batch, self.max_queue, self.max_graphs, self.max_in_flight, self.max_generations) < 1 \
+                or self.max_delay_ms < 0 or self.max_body_bytes < 1 or self.max_in_flight_bytes < 1:
+            raise ToolkitError("max-batch, max-queue, max-graphs, max-in-flight and max-generations must be >= 1, max-delay-ms >= 0 "
+                               "and the byte limits positive.")
         if self.token is not None and not self.token:
             raise ToolkitError("the bearer token must not be empty.")
 
@@ -63,19 +94,61 @@ class _HTTPError(Exception):
         self.status = status
 
 
+class _Admission:
+    """Requests in flight and the bytes they hold, both bounded: past either, 503 at once. A request
+    larger than the whole byte budget is admitted when nothing else is in flight (else it never could)."""
+
+    def __init__(self, max_requests: int, max_bytes: int, on_reject: Callable[[str], None]):
+        self.max_requests, self.max_bytes, self._on_reject = max_requests, max_bytes, on_reject
+        self.requests = 0
+        self.bytes = 0
+
+    @asynccontextmanager
+    async def request(self) -> AsyncIterator[_Held]:
+        if self.requests >= self.max_requests:
+            self._on_reject("requests")
+            raise _HTTPError(503, f"the server has {self.requests} requests in flight, its limit; retry later.")
+        self.requests += 1
+        held = _Held(self)
+        try:
+            yield held
+        finally:
+            self.requests -= 1
+            self.bytes -= held.bytes
+
+    def reserve(self, held: _Held, size: int) -> None:
+        if self.bytes + size > self.max_bytes and self.bytes - held.bytes > 0:
+            self._on_reject("bytes")
+            raise _HTTPError(503, f"the requests in flight hold {self.bytes:,} bytes; this one needs {size:,} more, past the "
+                                  f"server's limit of {self.max_bytes:,}; retry later.")
+        self.bytes += size
+        held.bytes += size
+
+
+class _Held:
+    def __init__(self, admission: _Admission):
+        self.admission, self.bytes = admission, 0
+
+    def reserve(self, size: int) -> None:
+        self.admission.reserve(self, size)
+
+
 class _Served:
     """One model as served: its runtime, its batcher, its metadata and (for decoders) its Generator."""
 
-    def __init__(self, model: Model, options: ServeOptions, metrics: Metrics):
+    def __init__(self, model: Model, options: ServeOptions, metrics: Metrics, path: Path | None = None):
         self.model = model
         self.name = model.name
+        self.path = path
         # A session opened for CUDA graphs replays one captured graph per batch shape it has seen.
         run = CapturedRunner(model, limit=options.max_graphs).run if model.cuda_graph else model.run_validated
         self.batcher = DynamicBatcher(
             run, batch_axis=batch_first(model), max_batch=options.max_batch, max_delay_s=options.max_delay_ms / 1000,
-            max_queue=options.max_queue, on_batch=metrics.batch_size.labels(self.name).observe,
+            max_queue=options.max_queue, on_batch=lambda rows: metrics.batch_run(self.name, rows),
+            on_run=lambda queued, compute: metrics.request_run(self.name, queued, compute),
         )
         self.generator = Generator(model) if model.bundle.manifest.generation else None
+        self.generations = asyncio.Semaphore(options.max_generations)
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -90,19 +163,20 @@ class _Served:
 class _Routes:
     """The protocol's routes over the served models; each handler is a small method."""
 
-    def __init__(self, models: Sequence[Model], options: ServeOptions, metrics: Metrics):
-        self.options, self.metrics = options, metrics
+    def __init__(self, models: Sequence[Model], options: ServeOptions, metrics: Metrics, loader: Loader | None):
+        self.options, self.metrics, self.loader = options, metrics, loader
         self.served: dict[str, _Served] = {}
-        for model in models:
-            if model.name in self.served:
-                raise ToolkitError(f"two bundles are both named {model.name!r}; serve them from separate servers or rename one.")
-            self.served[model.name] = _Served(model, options, metrics)
+        self._models = list(models)
         self.ready = False
+        self.admission = _Admission(options.max_in_flight, options.max_in_flight_bytes, lambda why: metrics.rejected.labels(reason=why).inc())
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.threads = ThreadPoolExecutor(max_workers=max(2, threads), thread_name_prefix="toolkit-serve")
+        self.decoder = DecoderProcess()  # started on the first large JSON body
 
     @asynccontextmanager
     async def lifespan(self, app: Any):
-        for s in self.served.values():
-            s.batcher.start()
+        for model in self._models:  # batchers and semaphores belong to the server's event loop
+            self._add(model, None)
         self.ready = True
         try:
             yield
@@ -110,12 +184,26 @@ class _Routes:
             self.ready = False
             for s in self.served.values():  # uvicorn has drained the connections; finish what was queued
                 await s.batcher.close()
+            self.threads.shutdown(wait=False)
+            self.decoder.close()
+
+    def _add(self, model: Model, path: Path | None) -> None:
+        if model.name in self.served:
+            raise ToolkitError(f"two bundles are both named {model.name!r}; serve them from separate servers or rename one.")
+        served = _Served(model, self.options, self.metrics, path)
+        served.batcher.start()
+        self.served[model.name] = served
+
+    def is_ready(self) -> bool:
+        return self.ready and all(s.batcher.healthy for s in self.served.values())
 
     def routes(self) -> list[Any]:
         from starlette.routing import Route
 
         routes = [Route("/v2/health/live", self.live), Route("/v2/health/ready", self.server_ready), Route("/v2", self.server_metadata),
-                  Route("/metrics", self.prometheus)]
+                  Route("/metrics", self.prometheus), Route("/v2/repository/index", self.repository_index, methods=["POST"]),
+                  Route("/v2/repository/models/{model}/load", self.repository_load, methods=["POST"]),
+                  Route("/v2/repository/models/{model}/unload", self.repository_unload, methods=["POST"])]
         for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
             routes += [
                 Route(prefix, self.model_metadata), Route(prefix + "/ready", self.model_ready), Route(prefix + "/config", self.configuration),
@@ -127,30 +215,52 @@ class _Routes:
     def find(self, request: Any) -> _Served:
         name = request.path_params["model"]
         if name not in self.served:
-            raise _HTTPError(404, f"unknown model {name!r}; this server has {', '.join(self.served) or 'none'}.")
+            shown = name if len(name) <= 64 else name[:61] + "..."
+            raise _HTTPError(404, f"unknown model {shown!r}; this server has {', '.join(self.served) or 'none'}.")
         version = request.path_params.get("version")
         if version not in (None, _VERSION):
-            raise _HTTPError(404, f"model {name!r} has no version {version!r}; its only version is {_VERSION}.")
+            raise _HTTPError(404, f"model {name!r} has no version {version[:20]!r}; its only version is {_VERSION}.")
         return self.served[name]
 
-    async def body_of(self, request: Any) -> bytes:
+    def _ready_for(self, s: _Served) -> None:
+        if not (self.ready and s.batcher.healthy):
+            self.metrics.rejected.labels(reason="not ready").inc()
+            raise _HTTPError(503, f"model {s.name!r} is not ready (starting, stopping, or restarting after a failure); retry later.")
+
+    async def body_of(self, request: Any, held: _Held, *, json_body: bool) -> bytes:
+        """The body, within the size limit, its bytes reserved as they arrive (× the JSON expansion)."""
         limit = self.options.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
+        if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
+            await self._drain(request, int(declared))
             raise _HTTPError(413, f"the body is {int(declared)} bytes; this server accepts at most {limit}.")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise _HTTPError(413, f"the body exceeds {limit} bytes, this server's limit.")
+            held.reserve(len(chunk) * (_JSON_EXPANSION if json_body else 1))
             chunks.append(chunk)
         return b"".join(chunks)
+
+    async def _drain(self, request: Any, declared: int) -> None:
+        """Reads and drops an oversized body that is not far past the limit, so that the client, still
+        sending, reads its 413: closing on unread bytes resets the connection, and the answer with it."""
+        if declared > 2 * self.options.max_body_bytes:
+            return
+        with contextlib.suppress(Exception):  # a client that hung up: nothing left to tell it
+            async for _ in request.stream():
+                pass
+
+    async def _off_loop(self, function: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.threads, function, *args)
 
     async def live(self, request: Any) -> Any:
         return _json({"live": True})
 
     async def server_ready(self, request: Any) -> Any:
-        return _json({"ready": self.ready}, 200 if self.ready else 503)
+        ready = self.is_ready()
+        return _json({"ready": ready}, 200 if ready else 503)
 
     async def server_metadata(self, request: Any) -> Any:
         from toolkit import __version__
@@ -161,8 +271,9 @@ class _Routes:
         return _json(self.find(request).metadata())
 
     async def model_ready(self, request: Any) -> Any:
-        self.find(request)
-        return _json({"name": request.path_params["model"], "ready": self.ready}, 200 if self.ready else 503)
+        s = self.find(request)
+        ready = self.ready and s.batcher.healthy
+        return _json({"name": s.name, "ready": ready}, 200 if ready else 503)
 
     async def configuration(self, request: Any) -> Any:
         o = self.options
@@ -172,73 +283,102 @@ class _Routes:
         from starlette.responses import Response
 
         s = self.find(request)
-        if not self.ready:
-            raise _HTTPError(503, "the server is not ready.")
-        body = await self.body_of(request)
-        try:
-            parsed = decode_request(body, request.headers.get(HEADER_LENGTH), s.model.inputs, s.model.outputs)
-            feeds = s.model.validate(parsed.inputs)
-        except (ProtocolError, ToolkitError) as exc:
-            raise _HTTPError(400, str(exc)) from None
-        results = await self._run_batched(s, feeds, parsed.parameters.get("timeout"))
-        if parsed.outputs is not None:
-            results = {name: results[name] for name in parsed.outputs}
-        content, header_length = encode_response(s.name, parsed, results)
-        if header_length is None:
+        self._ready_for(s)
+        header_length = request.headers.get(HEADER_LENGTH)
+        async with self.admission.request() as held:
+            body = await self.body_of(request, held, json_body=header_length is None)
+            json_bytes = len(body) if header_length is None or not (header_length.isascii() and header_length.isdigit()) \
+                else min(int(header_length), len(body))
+            decode = self.decoder.decode if json_bytes > _JSON_IN_PROCESS else functools.partial(self._off_loop, decode_request)
+            try:
+                parsed = await decode(body, header_length, s.model.inputs, s.model.outputs, self.options.max_body_bytes * _JSON_EXPANSION)
+                feeds = await self._off_loop(s.model.validate, parsed.inputs)
+            except ProtocolError as exc:
+                raise _HTTPError(exc.status, str(exc)) from None
+            except ToolkitError as exc:
+                raise _HTTPError(400, str(exc)) from None
+            results = await self._run_batched(s, feeds, parsed.parameters.get("timeout"))
+            if parsed.outputs is not None:
+                results = {name: results[name] for name in parsed.outputs}
+            try:
+                content, header_length_out = await self._off_loop(encode_response, s.name, parsed, results)
+            except UnencodableOutput as exc:
+                raise _HTTPError(500, str(exc)) from None
+        if header_length_out is None:
             return Response(content, media_type="application/json")
-        return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+        return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length_out)})
+
+    def _deadline(self, timeout_us: Any) -> float | None:
+        """The request's deadline (time.monotonic): Triton's parameters.timeout in µs, or the server's."""
+        if isinstance(timeout_us, (int, float)) and not isinstance(timeout_us, bool) and 0 < timeout_us < 1e13:
+            return time.monotonic() + timeout_us / 1e6
+        return time.monotonic() + self.options.timeout_ms / 1000 if self.options.timeout_ms else None
 
     async def _run_batched(self, s: _Served, feeds: dict[str, Any], timeout_us: Any) -> dict[str, Any]:
-        """Runs `feeds` through the model's batcher, within the request's deadline (Triton's
-        parameters.timeout, in µs) or the server's."""
-        if isinstance(timeout_us, (int, float)) and timeout_us > 0:
-            wait = timeout_us / 1e6
-        else:
-            wait = self.options.timeout_ms / 1000 if self.options.timeout_ms else None
+        """Runs `feeds` through the model's batcher, within the request's deadline."""
         self.metrics.queue_depth.labels(s.name).set(s.batcher.depth + 1)
         try:
-            return await s.batcher.submit(feeds, deadline=None if wait is None else time.monotonic() + wait)
-        except (Overloaded, DeadlinePassed) as exc:
+            return await s.batcher.submit(feeds, deadline=self._deadline(timeout_us))
+        except (Overloaded, DeadlinePassed, BatcherFailed) as exc:
             raise _HTTPError(503, str(exc)) from None
-        except ToolkitError as exc:
-            raise _HTTPError(500, str(exc)) from None
         finally:
             self.metrics.queue_depth.labels(s.name).set(s.batcher.depth)
 
-    async def _generation(self, request: Any) -> tuple[_Served, GenerateRequest]:
+    @asynccontextmanager
+    async def _generation(self, request: Any) -> AsyncIterator[tuple[_Served, GenerateRequest]]:
+        """A generate request through the same rules as infer: readiness, admission, then a slot among
+        the model's running generations, waited for no longer than the deadline."""
         s = self.find(request)
         if s.generator is None:
             raise _HTTPError(400, f"model {s.name!r} is not a decoder with a KV cache; generate needs one (the reference gpt is).")
-        try:
-            return s, decode_generate_request(await self.body_of(request))
-        except ProtocolError as exc:
-            raise _HTTPError(400, str(exc)) from None
+        self._ready_for(s)
+        async with self.admission.request() as held:
+            try:
+                g = decode_generate_request(await self.body_of(request, held, json_body=True))
+            except ProtocolError as exc:
+                raise _HTTPError(exc.status, str(exc)) from None
+            deadline = self._deadline(None)
+            try:
+                await asyncio.wait_for(s.generations.acquire(), None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise _HTTPError(503, f"model {s.name!r} is busy generating ({self.options.max_generations} at once); retry later.") from None
+            try:
+                yield s, g
+            finally:
+                s.generations.release()
 
     async def generate(self, request: Any) -> Any:
-        from starlette.concurrency import run_in_threadpool
-
-        s, g = await self._generation(request)
-        try:
-            text = await run_in_threadpool(s.generator.generate, g.text, **_arguments(g))
-        except ToolkitError as exc:
-            raise _HTTPError(400, str(exc)) from None
+        async with self._generation(request) as (s, g):
+            try:
+                text = await self._off_loop(lambda: s.generator.generate(g.text, **_arguments(g)))
+            except ToolkitError as exc:
+                raise _HTTPError(400, str(exc)) from None
         return _json({"model_name": s.name, "model_version": _VERSION, "text_output": text})
 
     async def generate_stream(self, request: Any) -> Any:
         from starlette.responses import StreamingResponse
 
-        s, g = await self._generation(request)
+        slot = self._generation(request)
+        s, g = await slot.__aenter__()
         try:
             pieces = s.generator.stream(g.text, **_arguments(g))  # validates now: bad input is a 400, not a broken stream
         except ToolkitError as exc:
+            await slot.__aexit__(None, None, None)
             raise _HTTPError(400, str(exc)) from None
+        except BaseException:
+            await slot.__aexit__(None, None, None)
+            raise
 
-        def events() -> Iterator[str]:
+        async def events() -> AsyncIterator[str]:
+            from starlette.concurrency import iterate_in_threadpool
+
             try:
-                for piece in pieces:
+                async for piece in iterate_in_threadpool(pieces):
                     yield f"data: {json.dumps({'model_name': s.name, 'model_version': _VERSION, 'text_output': piece})}\n\n"
             except ToolkitError as exc:
                 yield f"data: {json.dumps({'error': str(exc)})}\n\n"
+            finally:
+                await slot.__aexit__(None, None, None)  # the slot and the admission, held for the whole stream
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -247,6 +387,52 @@ class _Routes:
 
         content, media_type = self.metrics.exposition()
         return Response(content, media_type=media_type)
+
+    # --- Triton's model repository extension ---------------------------------------------------------
+
+    def _available(self) -> dict[str, Path]:
+        """Bundles the repository directories hold, by directory name."""
+        found: dict[str, Path] = {}
+        for root in self.options.repository:
+            for path in sorted(root.iterdir()) if root.is_dir() else []:
+                if is_safe_name(path.name) and (path / MANIFEST_NAME).is_file() and not path.is_symlink():
+                    found.setdefault(path.name, path)
+        return found
+
+    async def repository_index(self, request: Any) -> Any:
+        index = [{"name": name, "version": _VERSION, "state": "READY" if s.batcher.healthy else "UNAVAILABLE"}
+                 for name, s in self.served.items()]
+        index += [{"name": name, "version": _VERSION, "state": "UNAVAILABLE", "reason": "unloaded"}
+                  for name in self._available() if name not in self.served]
+        return _json(index)
+
+    async def repository_load(self, request: Any) -> Any:
+        name = request.path_params["model"]
+        if name in self.served:
+            return _json({})
+        path = self._available().get(name)
+        if path is None or self.loader is None:
+            where = ", ".join(map(str, self.options.repository)) or "none given (toolkit serve --repository DIR)"
+            raise _HTTPError(404, f"no bundle named {name[:64]!r} in the model repository ({where}).")
+        try:
+            model = await self._off_loop(self.loader, path)
+        except ToolkitError as exc:
+            raise _HTTPError(400, f"bundle {path} cannot be loaded: {exc}") from None
+        if model.name != name:
+            raise _HTTPError(400, f"bundle {path} is named {model.name!r} in its manifest, not {name!r}; rename the directory.")
+        if name not in self.served:  # another load of the same model may have finished first
+            self._add(model, path)
+        _log.info("loaded %s from %s", name, path)
+        return _json({})
+
+    async def repository_unload(self, request: Any) -> Any:
+        name = request.path_params["model"]
+        s = self.served.pop(name, None)
+        if s is None:
+            raise _HTTPError(404, f"model {name[:64]!r} is not loaded.")
+        await s.batcher.close()  # what it had accepted is answered first
+        _log.info("unloaded %s", name)
+        return _json({})
 
 
 def _arguments(g: GenerateRequest) -> dict[str, Any]:
@@ -261,8 +447,17 @@ def _json(content: Any, status: int = 200) -> Any:
     return JSONResponse(content, status_code=status)
 
 
-def create_app(models: Sequence[Model], options: ServeOptions | None = None) -> Any:
-    """The ASGI app serving `models` (by manifest name; names must be unique)."""
+def _internal_error(request: Any, exc: Exception) -> Any:
+    """A 500 that says nothing of the server's insides: the request id, and the details in the log."""
+    request_id = request.scope.get("state", {}).get("request_id", "-")
+    _log.error("request %s (%s %s) failed", request_id, request.method, request.url.path, exc_info=exc)
+    return _json({"error": f"internal error; the server's log has its details under request id {request_id}.",
+                  "request_id": request_id}, 500)
+
+
+def create_app(models: Sequence[Model], options: ServeOptions | None = None, loader: Loader | None = None) -> Any:
+    """The ASGI app serving `models` (by manifest name; names must be unique); `loader(path)` opens a
+    bundle of `options.repository` when /v2/repository/models/{name}/load asks for it."""
     try:
         import prometheus_client  # noqa: F401
         import starlette  # noqa: F401
@@ -271,23 +466,28 @@ def create_app(models: Sequence[Model], options: ServeOptions | None = None) -> 
     from starlette.applications import Starlette
 
     options = options or ServeOptions()
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise ToolkitError(f"two bundles are both named {twice!r}; serve them from separate servers or rename one.")
     metrics = Metrics()
-    routes = _Routes(models, options, metrics)
+    routes = _Routes(models, options, metrics, loader)
     app = Starlette(routes=routes.routes(), lifespan=routes.lifespan, exception_handlers={
         _HTTPError: lambda request, exc: _json({"error": str(exc)}, exc.status),
-        404: lambda request, exc: _json({"error": f"no route {request.url.path}"}, 404),
-        405: lambda request, exc: _json({"error": f"{request.method} is not allowed on {request.url.path}"}, 405),
-        Exception: lambda request, exc: _json({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500),
+        404: lambda request, exc: _json({"error": f"no route {request.url.path[:200]}"}, 404),
+        405: lambda request, exc: _json({"error": f"{request.method} is not allowed on {request.url.path[:200]}"}, 405),
+        Exception: _internal_error,
     })
-    return Observed(app, metrics, BearerToken(options.token) if options.token is not None else None)
+    return Observed(app, metrics, lambda: routes.served.keys(), BearerToken(options.token) if options.token is not None else None)
 
 
 def serve(models: Sequence[Model], *, host: str = "127.0.0.1", port: int = 8000, options: ServeOptions | None = None,
-          log_level: str = "info") -> None:
+          loader: Loader | None = None, log_level: str = "info") -> None:
     """Serves until interrupted; on SIGINT/SIGTERM stops accepting and finishes requests in flight."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = uvicorn.Config(create_app(models, options), host=host, port=port, log_level=log_level, access_log=False,
+    config = uvicorn.Config(create_app(models, options, loader), host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=30)
-    uvicorn.Server(config).run()
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(config).run()

@@ -5,19 +5,29 @@ Requests merge only with requests of the same shape past the batch axis (a seque
 of other lengths wait for their own batch), up to `max_batch` rows, waiting at most `max_delay_s`
 after the oldest. The queue is bounded (a full one refuses at once), a request whose deadline passes
 while it waits is dropped unrun, and `close()` finishes everything already accepted.
+
+One bad request does not fail its batch: when a merged batch fails, its members run again one by
+one, so only the one at fault hears the error. The loop is supervised: if it dies, every request
+waiting gets `BatcherFailed` at once, `healthy` is False (the server's readiness) until the loop has
+restarted, after a short pause that doubles while it keeps dying.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["DynamicBatcher", "Overloaded", "DeadlinePassed"]
+__all__ = ["BatcherFailed", "DeadlinePassed", "DynamicBatcher", "Overloaded"]
+
+_log = logging.getLogger("toolkit.serve")
+_RESTART_S = (1.0, 8.0)  # the first pause before a dead loop restarts, and the longest
 
 Feeds = Mapping[str, np.ndarray]
 Results = dict[str, np.ndarray]
@@ -29,6 +39,10 @@ class Overloaded(Exception):
 
 class DeadlinePassed(Exception):
     """The request waited past its deadline and was dropped without running: answered 503."""
+
+
+class BatcherFailed(Exception):
+    """The batching loop died while the request waited (it restarts): answered 503."""
 
 
 @dataclass
@@ -45,10 +59,12 @@ class DynamicBatcher:
     """Runs `run(feeds) -> results` for one model on its own worker thread, one batch at a time.
 
     `batch_axis`: every input and output has the batch on axis 0 (otherwise requests run one by one).
-    `on_batch(rows)` is told the size of each batch run (for metrics)."""
+    `on_batch(rows)` is told the size of each batch run, `on_run(queued_s, compute_s)` each request's
+    time in the queue and in its batch's run (for metrics)."""
 
     def __init__(self, run: Callable[[Feeds], Results], *, batch_axis: bool, max_batch: int = 32, max_delay_s: float = 0.002,
-                 max_queue: int = 256, on_batch: Callable[[int], None] | None = None):
+                 max_queue: int = 256, on_batch: Callable[[int], None] | None = None,
+                 on_run: Callable[[list[float], float], None] | None = None):
         if max_batch < 1 or max_queue < 1 or max_delay_s < 0:
             raise ValueError(f"max_batch and max_queue must be >= 1 and max_delay_s >= 0, got {max_batch}, {max_queue}, {max_delay_s}")
         self._run = run
@@ -57,6 +73,8 @@ class DynamicBatcher:
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
         self._on_batch = on_batch or (lambda rows: None)
+        self._on_run = on_run or (lambda queued, compute: None)
+        self.healthy = True
         self._waiting: list[_Waiting] = []
         self._arrival = asyncio.Event()
         self._closing = False
@@ -68,7 +86,7 @@ class DynamicBatcher:
         return len(self._waiting)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._task = asyncio.get_running_loop().create_task(self._supervise())
 
     async def close(self) -> None:
         """Refuses new requests, runs those already queued, then stops."""
@@ -94,8 +112,25 @@ class DynamicBatcher:
         self._arrival.set()
         return await waiting.future
 
+    async def _supervise(self) -> None:
+        pause = _RESTART_S[0]
+        while True:
+            try:
+                return await self._loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                _log.exception("the batching loop died; failing the requests waiting, restarting in %.1f s", pause)
+                self.healthy = False
+                waiting, self._waiting = self._waiting, []
+                for w in waiting:
+                    if not w.future.done():
+                        w.future.set_exception(BatcherFailed("the server's batching loop failed while this request waited; retry"))
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _RESTART_S[1])
+                self.healthy = True
+
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self._waiting:
                 if self._closing:
@@ -104,25 +139,34 @@ class DynamicBatcher:
                 await self._arrival.wait()
                 continue
             batch = await self._gather()
-            if not batch:
-                continue
+            if batch:
+                await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list[_Waiting]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        try:
             feeds = batch[0].feeds if len(batch) == 1 else {
                 name: np.concatenate([w.feeds[name] for w in batch]) for name in batch[0].feeds
             }
-            self._on_batch(sum(w.rows for w in batch))
-            try:
-                results = await loop.run_in_executor(self._executor, self._run, feeds)
-            except Exception as exc:  # every caller in the batch hears what went wrong
+            results = await loop.run_in_executor(self._executor, self._run, feeds)
+        except Exception as exc:
+            if len(batch) > 1:  # one member may be at fault: each runs alone, and only the bad one fails
                 for w in batch:
-                    if not w.future.done():
-                        w.future.set_exception(exc)
-                continue
-            start = 0
-            for w in batch:
-                if not w.future.done():  # a caller that went away is skipped
-                    own = results if len(batch) == 1 else {k: v[start : start + w.rows] for k, v in results.items()}
-                    w.future.set_result(own)
-                start += w.rows
+                    await self._run_batch([w])
+            elif not batch[0].future.done():
+                batch[0].future.set_exception(exc)
+            return
+        elapsed = time.monotonic() - started
+        with _quietly("the batch callbacks"):
+            self._on_batch(sum(w.rows for w in batch))
+            self._on_run([started - w.arrived for w in batch], elapsed)
+        start = 0
+        for w in batch:
+            if not w.future.done():  # a caller that went away is skipped
+                own = results if len(batch) == 1 else {k: v[start : start + w.rows] for k, v in results.items()}
+                w.future.set_result(own)
+            start += w.rows
 
     async def _gather(self) -> list[_Waiting]:
         """Waits until the oldest request's delay is up or a full batch of its kind is there, then
@@ -145,10 +189,19 @@ class DynamicBatcher:
                 continue
             if w.deadline is not None and now > w.deadline:
                 w.future.set_exception(DeadlinePassed(f"the request waited {now - w.arrived:.3f} s, past its deadline; it was not run"))
-            elif w.signature == first.signature and rows + w.rows <= self.max_batch:
+            elif w.signature == first.signature and (not batch or rows + w.rows <= self.max_batch):  # a request past max_batch runs alone
                 batch.append(w)
                 rows += w.rows
             else:
                 rest.append(w)
         self._waiting = rest
         return batch
+
+
+@contextlib.contextmanager
+def _quietly(what: str) -> Iterator[None]:
+    """Logs and swallows an exception from metrics callbacks: they must not fail requests or the loop."""
+    try:
+        yield
+    except Exception:
+        _log.exception("%s failed; the requests are answered anyway", what)

@@ -1,5 +1,11 @@
 """Prometheus metrics of one server (a registry per app: two servers in one process do not share
-counts) and the ASGI middleware that records them with a JSON access log."""
+counts) and the ASGI middleware that records them with a JSON access log.
+
+Two sets side by side: Triton's own counters under Triton's names (`nv_inference_*`, cumulative
+microseconds), so that dashboards made for Triton work unchanged, and toolkit's histograms
+(`toolkit_*`: latency, batch sizes, queue depth). Label sets are bounded: a model label is a model
+this server serves, or `_unknown` (a 404, a probe for names), never a raw URL segment.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,28 @@ import datetime
 import json
 import logging
 import time
-from collections.abc import Mapping
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-__all__ = ["Metrics", "Observed"]
+__all__ = ["UNKNOWN_MODEL", "Metrics", "Observed"]
 
 _access = logging.getLogger("toolkit.access")
-_MODEL_ROUTES = ("infer", "generate", "generate_stream", "ready", "config")
+_MODEL_ROUTES = ("infer", "generate", "generate_stream", "ready", "config", "load", "unload")
+_INFERENCE_ROUTES = ("infer", "generate", "generate_stream")
+UNKNOWN_MODEL = "_unknown"
+# Triton's inference counters: name → help (Triton's words).
+_TRITON = {
+    "nv_inference_request_success": "Number of successful inference requests, all batch sizes",
+    "nv_inference_request_failure": "Number of failed inference requests, all batch sizes",
+    "nv_inference_count": "Number of inferences performed (does not include cached requests)",
+    "nv_inference_exec_count": "Number of model executions performed (does not include cached requests)",
+    "nv_inference_request_duration_us": "Cumulative inference request duration in microseconds (includes cached requests)",
+    "nv_inference_queue_duration_us": "Cumulative inference queuing duration in microseconds (includes cached requests)",
+    "nv_inference_compute_infer_duration_us": "Cumulative compute inference duration in microseconds (does not include cached requests)",
+}
+_VERSION = "1"
 
 
 class Metrics:
@@ -29,45 +50,79 @@ class Metrics:
         self.batch_size = Histogram("toolkit_batch_size", "Rows per inference run, after dynamic batching.", ["model"],
                                     registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.queue_depth = Gauge("toolkit_queue_depth", "Requests waiting for a batch.", ["model"], registry=self.registry)
+        self.rejected = Counter("toolkit_rejected", "Requests refused before any work, by reason (admission, readiness).",
+                                ["reason"], registry=self.registry)
+        self._triton: dict[str, dict[str, float]] = {name: defaultdict(float) for name in _TRITON}
+
+    def batch_run(self, model: str, rows: int) -> None:
+        """One execution of `rows` rows (after dynamic batching)."""
+        self.batch_size.labels(model).observe(rows)
+        self._triton["nv_inference_count"][model] += rows
+        self._triton["nv_inference_exec_count"][model] += 1
+
+    def request_run(self, model: str, queued_s: list[float], compute_s: float) -> None:
+        """The requests of one batch: each one's time in the queue, and the batch's compute time."""
+        self._triton["nv_inference_queue_duration_us"][model] += sum(queued_s) * 1e6
+        self._triton["nv_inference_compute_infer_duration_us"][model] += compute_s * 1e6 * len(queued_s)
+
+    def inference_request(self, model: str, ok: bool, seconds: float) -> None:
+        self._triton["nv_inference_request_success" if ok else "nv_inference_request_failure"][model] += 1
+        self._triton["nv_inference_request_duration_us"][model] += seconds * 1e6
 
     def exposition(self) -> tuple[bytes, str]:
         """The metrics in Prometheus' text format, and its content type."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        lines = []
+        for name, help_text in _TRITON.items():  # written here: prometheus_client would name a counter <name>_total
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+            lines += [f'{name}{{model="{model}",version="{_VERSION}"}} {value:.17g}' for model, value in sorted(self._triton[name].items())]
+        return generate_latest(self.registry) + ("\n".join(lines) + "\n").encode(), CONTENT_TYPE_LATEST
 
 
 class Observed:
-    """ASGI middleware: `guard` (e.g. the bearer token) first, then per-model request counts and
-    latency, and one JSON access-log line per request."""
+    """ASGI middleware: a request id (the `x-request-id` header, echoed in errors and the log),
+    `guard` (e.g. the bearer token), then per-model request counts and latency, and one JSON
+    access-log line per request. `served()` names the models being served (bounds the labels)."""
 
-    def __init__(self, app: Any, metrics: Metrics, guard: Any = None):
-        self.app, self.metrics, self.guard = app, metrics, guard
+    def __init__(self, app: Any, metrics: Metrics, served: Callable[[], Collection[str]], guard: Any = None):
+        self.app, self.metrics, self.served, self.guard = app, metrics, served, guard
 
     async def __call__(self, scope: Mapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         status = {"code": 500}
+        request_id = uuid.uuid4().hex[:16]
+        scope = {**scope, "state": {**scope.get("state", {}), "request_id": request_id}}
 
         async def observe(message: Mapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
             await send(message)
 
-        if self.guard is None or await self.guard(scope, observe):
-            await self.app(scope, receive, observe)
-        self._record(scope, status["code"], time.perf_counter() - start)
+        try:
+            if self.guard is None or await self.guard(scope, observe):
+                await self.app(scope, receive, observe)
+        finally:
+            self._record(scope, status["code"], time.perf_counter() - start, request_id)
 
-    def _record(self, scope: Mapping[str, Any], status: int, elapsed: float) -> None:
+    def _record(self, scope: Mapping[str, Any], status: int, elapsed: float, request_id: str) -> None:
         path = scope["path"]
         parts = path.split("/")
-        model = parts[3] if len(parts) > 3 and parts[1:3] == ["v2", "models"] else ""
+        named = parts[3] if len(parts) > 3 and parts[1:3] in (["v2", "models"], ["v2", "repository"]) else ""
+        if parts[1:3] == ["v2", "repository"]:
+            named = parts[4] if len(parts) > 4 and parts[3] == "models" else ""
+        served = named in self.served()
+        model = named if served else (UNKNOWN_MODEL if named else "")
         route = parts[-1] if model and parts[-1] in _MODEL_ROUTES else "other"
         if model:
             self.metrics.requests.labels(model, route, str(status)).inc()
             self.metrics.latency.labels(model, route).observe(elapsed)
+        if served and route in _INFERENCE_ROUTES:
+            self.metrics.inference_request(model, 200 <= status < 300, elapsed)
         client = scope.get("client") or ("", 0)
         _access.info(json.dumps({"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
-                                 "method": scope["method"], "path": path, "status": status, "ms": round(elapsed * 1000, 3),
-                                 "model": model, "client": client[0]}))
+                                 "id": request_id, "method": scope["method"], "path": path[:200], "status": status,
+                                 "ms": round(elapsed * 1000, 3), "model": model, "client": client[0]}))

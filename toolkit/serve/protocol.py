@@ -6,12 +6,17 @@ Binary extension (as Triton and `tritonclient` speak it): the body starts with a
 `Inference-Header-Content-Length` bytes; each input with `parameters.binary_data_size` takes that
 many raw little-endian bytes from what follows, in input order. Outputs go back in binary when the
 request asks (`outputs[i].parameters.binary_data` or `parameters.binary_data_output`).
+
+Every request is checked strictly: JSON only (no NaN or Infinity tokens), shape arithmetic in exact
+integers under a byte limit, data cast only where no value changes (1.9 is not an INT64, 2**63 is
+not either). Anything else is a `ProtocolError` naming the field, answered 400.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +24,8 @@ import numpy as np
 
 from toolkit.spec import TensorSpec
 
-__all__ = ["GENERATE_PARAMETERS", "HEADER_LENGTH", "GenerateRequest", "InferRequest", "ProtocolError", "datatype", "decode_generate_request",
-           "decode_request", "dims", "encode_response"]
+__all__ = ["GENERATE_PARAMETERS", "HEADER_LENGTH", "GenerateRequest", "InferRequest", "ProtocolError", "UnencodableOutput", "datatype",
+           "decode_generate_request", "decode_request", "dims", "encode_response"]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 _DATATYPES = {
@@ -31,7 +36,16 @@ _DATATYPES = {
 
 
 class ProtocolError(ValueError):
-    """A request the protocol rejects: answered 400 with this message."""
+    """A request the protocol rejects: answered with `status` (400, or 413 past a size limit) and this message."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class UnencodableOutput(ValueError):
+    """An output JSON cannot carry (NaN or Infinity): the answer says so and how to get it in binary."""
+
 
 
 def datatype(dtype: str) -> str:
@@ -53,19 +67,23 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
-def decode_request(body: bytes, header_length: str | None, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> InferRequest:
-    """Parses an infer request against the model's inputs: names, datatypes, shapes, data sizes."""
+def decode_request(body: bytes, header_length: str | None, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                   max_bytes: int = 1 << 30) -> InferRequest:
+    """Parses an infer request against the model's inputs: names, datatypes, shapes (each input at
+    most `max_bytes`), data sizes and values."""
     if header_length is None:
         header, binary = body, b""
     else:
-        try:
-            size = int(header_length)
-        except ValueError:
-            raise ProtocolError(f"{HEADER_LENGTH} must be an integer, got {header_length!r}.") from None
+        if not (header_length.isascii() and header_length.isdigit()) or len(header_length) > 19:
+            raise ProtocolError(f"{HEADER_LENGTH} must be a byte count, got {header_length[:40]!r}.")
+        size = int(header_length)
         if not 0 < size <= len(body):
             raise ProtocolError(f"{HEADER_LENGTH} is {size}, but the body has {len(body)} bytes.")
         header, binary = body[:size], body[size:]
     request = _json_object(header, "inputs", list, 'an "inputs" list')
+    _optional(request, "id", str, "a string")
+    _optional(request, "parameters", dict, "an object")
+    _optional(request, "outputs", list, "a list of objects with a name")
     expected = {t.name: t for t in inputs}
     arrays: dict[str, np.ndarray] = {}
     offset = 0
@@ -81,12 +99,18 @@ def decode_request(body: bytes, header_length: str | None, inputs: Sequence[Tens
         if tensor.get("datatype") != want:
             raise ProtocolError(f"input {name!r}: datatype must be {want}, got {tensor.get('datatype')!r}.")
         shape = tensor.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise ProtocolError(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}.")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in shape):
+            raise ProtocolError(f"input {name!r}: shape must be a list of integers in [0, 2**63), got {_short(shape)}.")
+        _optional(tensor, "parameters", dict, "an object", f"input {name!r}: ")
         dtype = np.dtype(expected[name].dtype)
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)  # exact: a product past int64 must not wrap around
+        if count * dtype.itemsize > max_bytes:
+            raise ProtocolError(f"input {name!r}: shape {_short(shape)} of {want} is {count * dtype.itemsize:,} bytes, past this "
+                                f"server's limit of {max_bytes:,}.", status=413)
         size = (tensor.get("parameters") or {}).get("binary_data_size")
         if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int):
+                raise ProtocolError(f"input {name!r}: binary_data_size must be an integer, got {_short(size)}.")
             if size != count * dtype.itemsize:
                 raise ProtocolError(
                     f"input {name!r}: binary_data_size is {size} bytes, but shape {shape} of {want} needs {count * dtype.itemsize}."
@@ -109,27 +133,79 @@ def decode_request(body: bytes, header_length: str | None, inputs: Sequence[Tens
     )
 
 
+def _not_json(token: str) -> Any:
+    raise ValueError(f"{token} is not JSON (the protocol's JSON has no NaN or Infinity; send such data in binary)")
+
+
 def _json_object(text: bytes, key: str, kind: type, what: str) -> dict[str, Any]:
     """The request's JSON object, which must hold `key` of type `kind` (`what` in the message)."""
     try:
-        request = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"the request is not valid JSON: {exc}.") from None
+        request = json.loads(text, parse_constant=_not_json)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise ProtocolError(f"the request is not valid JSON: {str(exc)[:200]}.") from None
     if not isinstance(request, dict) or not isinstance(request.get(key), kind):
         raise ProtocolError(f"the request must be a JSON object with {what}.")
     return request
 
 
+def _optional(container: Mapping[str, Any], key: str, kind: type, what: str, where: str = "") -> None:
+    value = container.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise ProtocolError(f'{where}"{key}" must be {what}, got {_short(value)}.')
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _from_json(name: str, data: Any, dtype: np.dtype, count: int) -> np.ndarray:
+    """JSON data as `dtype`, only where every value stays what it was: no float into an integer type,
+    no integer out of its range, no number where a BOOL goes, nothing past a float type's range."""
     if data is None:
         raise ProtocolError(f'input {name!r} has neither "data" nor parameters.binary_data_size.')
     try:
-        value = np.asarray(data, dtype=dtype).reshape(-1)  # flat or nested, row-major
-    except (TypeError, ValueError) as exc:
-        raise ProtocolError(f"input {name!r}: data does not read as {dtype.name}: {exc}.") from None
+        value = np.asarray(data).reshape(-1)  # flat or nested, row-major; the dtype JSON gave
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        raise ProtocolError(f"input {name!r}: data must be a list (flat or nested evenly) of {datatype(dtype.name)} values.") from None
     if value.size != count:
         raise ProtocolError(f"input {name!r}: data has {value.size} elements, the shape needs {count}.")
-    return value
+    if count == 0:
+        return value.astype(dtype)
+    got, want = value.dtype.kind, datatype(dtype.name)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if got not in "iu":  # floats, or integers numpy could not hold in one integer type (past 64 bits, or mixed signs)
+            values = np.asarray(data, dtype=object).reshape(-1)
+            wrong = next((v for v in values if not _is_int(v)), None)
+            if wrong is not None:
+                raise ProtocolError(f"input {name!r}: {want} data must be integers, got {_short(wrong)}.")
+            low, high = min(values), max(values)
+        else:
+            low, high = int(value.min()), int(value.max())
+        if low < info.min or high > info.max:
+            raise ProtocolError(f"input {name!r}: {low if low < info.min else high} is out of the {want} range [{info.min}, {info.max}].")
+    elif dtype.kind == "f":
+        if got not in "iuf":
+            raise ProtocolError(f"input {name!r}: {want} data must be numbers, got {_offending(data, lambda v: _is_int(v) or isinstance(v, float))}.")
+        with np.errstate(over="ignore"):
+            cast = value.astype(dtype)
+        if not np.isfinite(cast).all():
+            raise ProtocolError(f"input {name!r}: data holds a number past the {want} range.")
+        return cast
+    elif got != "b":
+        raise ProtocolError(f"input {name!r}: {want} data must be true or false, got {_offending(data, lambda v: isinstance(v, bool))}.")
+    return value.astype(dtype)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _offending(data: Any, fits: Callable[[Any], bool]) -> str:
+    """The first value of `data` (flat or nested) that does not fit, for the message."""
+    values = np.asarray(data, dtype=object).reshape(-1)
+    return _short(next((v for v in values if not fits(v)), values[0]))
 
 
 def _requested_outputs(request: Mapping[str, Any], outputs: Sequence[TensorSpec]) -> list[str] | None:
@@ -140,8 +216,11 @@ def _requested_outputs(request: Mapping[str, Any], outputs: Sequence[TensorSpec]
     names = []
     for item in wanted:
         name = item.get("name") if isinstance(item, dict) else None
-        if name not in known:
-            raise ProtocolError(f"unknown output {name!r}; the model has {', '.join(known)}.")
+        if not isinstance(name, str) or name not in known:
+            raise ProtocolError(f"unknown output {_short(name)}; the model has {', '.join(known)}.")
+        if names.count(name):
+            raise ProtocolError(f"output {name!r} is asked for twice.")
+        _optional(item, "parameters", dict, "an object", f"output {name!r}: ")
         names.append(name)
     return names
 
@@ -166,12 +245,15 @@ def encode_response(model: str, request: InferRequest, results: Mapping[str, np.
             tensor["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise UnencodableOutput(f"output {name!r} holds NaN or Infinity, which JSON cannot carry: ask for it in binary "
+                                        "(outputs[].parameters.binary_data, or parameters.binary_data_output).")
             tensor["data"] = value.reshape(-1).tolist()
         tensors.append(tensor)
     response: dict[str, Any] = {"model_name": model, "model_version": "1", "outputs": tensors}
     if request.id is not None:
         response["id"] = request.id
-    header = json.dumps(response, separators=(",", ":")).encode()
+    header = json.dumps(response, separators=(",", ":"), allow_nan=False).encode()
     if not chunks:
         return header, None
     return header + b"".join(chunks), len(header)
@@ -218,10 +300,18 @@ def decode_generate_request(body: bytes) -> GenerateRequest:
     )
 
 
+# What each numeric generation parameter may be: [low, high] (the sampler checks the finer rules).
+_RANGES = {"max_tokens": (1, 2**31 - 1), "top_k": (1, 2**31 - 1), "seed": (0, 2**63 - 1), "temperature": (0.0, 1e6), "top_p": (0.0, 1.0)}
+
+
 def _number(parameters: Mapping[str, Any], name: str, kind: type, default: Any) -> Any:
     value = parameters.get(name, default)
     if value is None or value is default:
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
-        raise ProtocolError(f"{name!r} must be {'an integer' if kind is int else 'a number'}, got {value!r}.")
+    integral = isinstance(value, int) or isinstance(value, float) and value.is_integer()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not integral):
+        raise ProtocolError(f"{name!r} must be {'an integer' if kind is int else 'a number'}, got {_short(value)}.")
+    low, high = _RANGES[name]
+    if not low <= value <= high:
+        raise ProtocolError(f"{name!r} must lie in [{low}, {high}], got {_short(value)}.")
     return kind(value)

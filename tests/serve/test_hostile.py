@@ -1,0 +1,255 @@
+"""`toolkit serve` under hostile and faulty traffic: a bad request co-batched with good ones fails
+alone, a dead batching loop answers 503 and restarts, health probes answer while a large body is
+decoded, unknown models cannot grow the metrics, admission refuses past its limits, internals never
+reach the client, outputs JSON cannot carry are refused clearly, and models load and unload through
+Triton's repository API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from toolkit.runtime.model import Model
+from toolkit.serve.app import ServeOptions
+from toolkit.serve.batching import DynamicBatcher
+
+from .test_serve import TOKEN, running
+
+
+@pytest.fixture(scope="module")
+def mlp(exported):
+    return Model(exported("mlp"), provider="cpu")
+
+
+def _binary(name: str, value: np.ndarray, *, binary_output: bool) -> tuple[bytes, dict[str, str]]:
+    header = json.dumps({"inputs": [{"name": name, "shape": list(value.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": value.nbytes}}],
+                         "parameters": {"binary_data_output": binary_output}}).encode()
+    return header + value.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
+
+
+def test_a_failing_request_co_batched_with_good_ones_fails_alone():
+    runs = []
+
+    def run(feeds):
+        runs.append(len(feeds["x"]))
+        if np.isnan(feeds["x"]).any():
+            raise ValueError("a NaN row")
+        return {"y": feeds["x"] * 2}
+
+    async def main():
+        batcher = DynamicBatcher(run, batch_axis=True, max_batch=8, max_delay_s=0.2)
+        batcher.start()
+        good = [np.full((1, 2), float(i)) for i in range(3)]
+        results = await asyncio.gather(*(batcher.submit({"x": x}) for x in [good[0], np.full((1, 2), np.nan), *good[1:]]),
+                                       return_exceptions=True)
+        await batcher.close()
+        return good, results
+
+    good, results = asyncio.run(main())
+    assert isinstance(results[1], ValueError)
+    for x, result in zip(good, [results[0], *results[2:]], strict=True):
+        np.testing.assert_array_equal(result["y"], x * 2)
+    assert runs == [4, 1, 1, 1, 1]  # the merged batch failed, then each member ran alone
+
+
+def test_a_dead_batching_loop_answers_503_turns_unready_and_restarts(mlp, monkeypatch):
+    gather = DynamicBatcher._gather
+    failures = []
+
+    async def dies_once(self):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("the loop's own bug")
+        return await gather(self)
+
+    body, headers = _binary("x", np.zeros((1, 784), np.float32), binary_output=False)
+    with running([mlp], ServeOptions()) as address:
+        monkeypatch.setattr(DynamicBatcher, "_gather", dies_once)
+        failed = httpx.post(f"http://{address}/v2/models/mlp/infer", content=body, headers=headers)
+        assert failed.status_code == 503 and "batching loop failed" in failed.json()["error"]
+        assert httpx.get(f"http://{address}/v2/health/ready").status_code == 503
+        assert httpx.get(f"http://{address}/v2/models/mlp/ready").json()["ready"] is False
+        deadline = time.monotonic() + 10
+        while httpx.get(f"http://{address}/v2/health/ready").status_code != 200:
+            assert time.monotonic() < deadline, "the loop did not restart"
+            time.sleep(0.05)
+        assert httpx.post(f"http://{address}/v2/models/mlp/infer", content=body, headers=headers).status_code == 200
+
+
+def test_liveness_answers_quickly_while_a_large_json_body_is_decoded(mlp):
+    rows = 3000
+    body = json.dumps({"inputs": [{"name": "x", "shape": [rows, 784], "datatype": "FP32",
+                                   "data": np.round(np.random.default_rng(0).random(rows * 784), 6).tolist()}]}).encode()
+    assert len(body) > 16 << 20
+    with running([mlp], ServeOptions()) as address:
+        done = {}
+        poster = threading.Thread(target=lambda: done.setdefault("response", httpx.post(
+            f"http://{address}/v2/models/mlp/infer", content=body, headers={"content-type": "application/json"}, timeout=120)))
+        latencies = []
+        with httpx.Client() as client:
+            client.get(f"http://{address}/v2/health/live")  # the connection is open before the timing starts
+            poster.start()
+            while poster.is_alive():
+                start = time.perf_counter()
+                assert client.get(f"http://{address}/v2/health/live").status_code == 200
+                latencies.append(time.perf_counter() - start)
+                time.sleep(0.01)
+        poster.join()
+    assert done["response"].status_code == 200, done["response"].text[:300]
+    assert len(latencies) > 10 and max(latencies) < 0.1, sorted(latencies)[-5:]
+
+
+def test_requests_to_unknown_models_do_not_grow_the_metrics(mlp):
+    with running([mlp], ServeOptions()) as address, httpx.Client() as client:
+        def series() -> set[str]:
+            text = client.get(f"http://{address}/metrics").text
+            return {line.rsplit(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+        client.post(f"http://{address}/v2/models/probe/infer", content=b"{}")
+        before = series()
+        for i in range(1000):
+            assert client.post(f"http://{address}/v2/models/m{i}/infer", content=b"{}").status_code == 404
+        after = series()
+    assert after == before and any('model="_unknown"' in s for s in after)
+
+
+def test_triton_counters_are_exposed_under_tritons_names(mlp):
+    body, headers = _binary("x", np.zeros((2, 784), np.float32), binary_output=True)
+    with running([mlp], ServeOptions()) as address:
+        for _ in range(3):
+            assert httpx.post(f"http://{address}/v2/models/mlp/infer", content=body, headers=headers).status_code == 200
+        httpx.post(f"http://{address}/v2/models/mlp/infer", content=b"{}")
+        text = httpx.get(f"http://{address}/metrics").text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line.startswith("nv_")}
+    key = '{model="mlp",version="1"}'
+    assert values["nv_inference_request_success" + key] == 3 and values["nv_inference_request_failure" + key] == 1
+    assert values["nv_inference_count" + key] == 6 and 1 <= values["nv_inference_exec_count" + key] <= 3
+    for name in ("request_duration_us", "queue_duration_us", "compute_infer_duration_us"):
+        assert values[f"nv_inference_{name}{key}"] > 0
+    assert "# TYPE nv_inference_request_success counter" in text
+
+
+def test_an_internal_error_says_only_its_request_id(mlp, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret detail of the server")
+
+    body, headers = _binary("x", np.zeros((1, 784), np.float32), binary_output=False)
+    with running([mlp], ServeOptions()) as address:
+        monkeypatch.setattr(Model, "validate", broken)
+        response = httpx.post(f"http://{address}/v2/models/mlp/infer", content=body, headers=headers)
+    assert response.status_code == 500 and "secret" not in response.text and "RuntimeError" not in response.text
+    assert response.json()["request_id"] == response.headers["x-request-id"] and "request id" in response.json()["error"]
+
+
+def test_an_output_json_cannot_carry_is_refused_saying_how_to_get_it(mlp):
+    body, headers = _binary("x", np.full((1, 784), np.nan, np.float32), binary_output=False)
+    with running([mlp], ServeOptions()) as address:
+        response = httpx.post(f"http://{address}/v2/models/mlp/infer", content=body, headers=headers)
+        assert response.status_code == 500 and "holds NaN or Infinity, which JSON cannot carry" in response.json()["error"]
+        binary, headers = _binary("x", np.full((1, 784), np.nan, np.float32), binary_output=True)
+        assert httpx.post(f"http://{address}/v2/models/mlp/infer", content=binary, headers=headers).status_code == 200
+
+
+def test_admission_refuses_past_the_requests_in_flight():
+    """One request holds the only slot while its body trickles in; the next is refused at once."""
+    from toolkit.serve.app import _Admission
+
+    rejected = []
+
+    async def main():
+        admission = _Admission(max_requests=1, max_bytes=100, on_reject=rejected.append)
+        async with admission.request() as held:
+            held.reserve(60)
+            with pytest.raises(Exception, match="1 requests in flight, its limit"):
+                async with admission.request():
+                    pass
+        async with admission.request() as first:
+            first.reserve(500)  # alone, a request larger than the budget is admitted
+        assert admission.requests == 0 and admission.bytes == 0
+
+    asyncio.run(main())
+    assert rejected == ["requests"]
+
+
+def test_a_slow_sender_holds_its_slot_and_the_next_request_gets_503(mlp):
+    body, headers = _binary("x", np.zeros((1, 784), np.float32), binary_output=False)
+    with running([mlp], ServeOptions(max_in_flight=1)) as address:
+        host, port = address.split(":")
+        slow = socket.create_connection((host, int(port)))
+        head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": address, "Content-Length": len(body), **headers}.items())
+        slow.sendall(f"POST /v2/models/mlp/infer HTTP/1.1\r\n{head}\r\n".encode() + body[:100])
+        time.sleep(0.3)
+        refused = httpx.post(f"http://{address}/v2/models/mlp/infer", content=body, headers=headers)
+        assert refused.status_code == 503 and "in flight" in refused.json()["error"]
+        slow.sendall(body[100:])
+        assert b" 200 " in slow.recv(100)
+        slow.close()
+        assert httpx.get(f"http://{address}/v2/health/live").elapsed.total_seconds() < 1
+
+
+def test_models_load_and_unload_through_the_repository_api(exported, tmp_path):
+    from toolkit.runtime.model import load
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(exported("mlp"), repo / "mlp")
+    body, headers = _binary("x", np.zeros((1, 784), np.float32), binary_output=False)
+    options = ServeOptions(repository=(repo,), token=TOKEN)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with running([], options, loader=lambda path: load(path, provider="cpu")) as address:
+        url = f"http://{address}/v2/repository"
+        assert httpx.post(f"{url}/index").status_code == 401  # behind the token
+        assert httpx.post(f"{url}/index", headers=auth).json() == [{"name": "mlp", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}]
+        assert httpx.post(f"http://{address}/v2/models/mlp/infer", content=body, headers=headers | auth).status_code == 404
+        assert httpx.post(f"{url}/models/mlp/load", headers=auth).status_code == 200
+        assert httpx.post(f"{url}/index", headers=auth).json() == [{"name": "mlp", "version": "1", "state": "READY"}]
+        assert httpx.post(f"http://{address}/v2/models/mlp/infer", content=body, headers=headers | auth).status_code == 200
+        assert httpx.post(f"{url}/models/mlp/unload", headers=auth).status_code == 200
+        assert httpx.post(f"http://{address}/v2/models/mlp/infer", content=body, headers=headers | auth).status_code == 404
+        missing = httpx.post(f"{url}/models/resnet/load", headers=auth)
+        assert missing.status_code == 404 and "no bundle named 'resnet' in the model repository" in missing.json()["error"]
+
+
+def test_a_request_with_more_rows_than_a_batch_runs_alone():
+    async def main():
+        batcher = DynamicBatcher(lambda feeds: {"y": feeds["x"] + 1}, batch_axis=True, max_batch=2, max_delay_s=0.05)
+        batcher.start()
+        result = await asyncio.wait_for(batcher.submit({"x": np.zeros((5, 1))}), 10)
+        await batcher.close()
+        return result
+
+    assert asyncio.run(main())["y"].shape == (5, 1)
+
+
+def test_generate_passes_admission_and_waits_for_a_slot_no_longer_than_its_deadline(exported, monkeypatch):
+    from toolkit.runtime.generate import Generator
+
+    release = threading.Event()
+    original = Generator.generate
+
+    def held(self, *args, **kwargs):
+        release.wait(30)
+        return original(self, *args, **kwargs)
+
+    gpt = Model(exported("gpt"), provider="cpu")
+    with running([gpt], ServeOptions(max_generations=1, timeout_ms=200)) as address:
+        monkeypatch.setattr(Generator, "generate", held)
+        url = f"http://{address}/v2/models/gpt/generate"
+        first = {}
+        holder = threading.Thread(target=lambda: first.setdefault("r", httpx.post(url, json={"text_input": "a", "max_tokens": 2}, timeout=60)))
+        holder.start()
+        time.sleep(0.3)  # the first holds the model's only generation slot
+        busy = httpx.post(url, json={"text_input": "b", "max_tokens": 2})
+        assert busy.status_code == 503 and "busy generating (1 at once)" in busy.json()["error"]
+        release.set()
+        holder.join()
+        assert first["r"].status_code == 200
