@@ -64,6 +64,12 @@ def _external_data_outside(bundle: Path) -> None:
     _manifest(bundle, lambda data: _fp32(data).update(sha256=sha256_file(bundle / "model.fp32.onnx")))
 
 
+def _lock_file(bundle: Path) -> Path:
+    """The bundle's lock file, removed: a link to the victim takes its name (the lock is opened for writing)."""
+    (bundle / ".toolkit.lock").unlink(missing_ok=True)
+    return bundle / ".toolkit.lock"
+
+
 def _flip_byte(bundle: Path) -> None:
     with open(bundle / "model.fp32.onnx", "r+b") as f:
         f.seek(-64, os.SEEK_END)
@@ -95,6 +101,8 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
     "wrong-typed sha256": (lambda b: _manifest(b, lambda d: _fp32(d).__setitem__("sha256", 12)), r"variants\.fp32\.sha256 must be a sha256 .* got number 12"),
     "asset outside": (lambda b: _manifest(b, lambda d: d.__setitem__("assets", {"../tokenizer.json": {"sha256": "0" * 64, "bytes": 1}})),
                       r"assets key must be a plain file name"),
+    "lock symlink": (lambda b: _lock_file(b).symlink_to(b.parent / "victim" / "keep.txt"), r"\.toolkit\.lock is a link or not a regular file"),
+    "lock hardlink": (lambda b: os.link(b.parent / "victim" / "keep.txt", _lock_file(b)), r"\.toolkit\.lock is a link or not a regular file"),
     "encoder not a part": (lambda b: _manifest(b, lambda d: d.__setitem__("generation", {"encoder": "../enc"})),
                            r"generation\.encoder names part '\.\./enc', which is not among the bundle's parts"),
 }

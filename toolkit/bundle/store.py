@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -195,8 +196,14 @@ def _reading(path: Path) -> Iterator[None]:
 
 
 def _lock(path: Path) -> FileLock:
+    lock_file = path / LOCK_NAME
+    # the lock file is opened for writing: a link planted under its name must not lead that write outside the bundle
+    with contextlib.suppress(FileNotFoundError):
+        info = lock_file.lstat()
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+            raise ToolkitError(f"bundle {path}: {LOCK_NAME} is a link or not a regular file; remove it (it holds no data).")
     # one instance per bundle in a process, so that a writer may re-enter it (open, then update)
-    return FileLock(path / LOCK_NAME, timeout=_LOCK_TIMEOUT_S, is_singleton=True)
+    return FileLock(lock_file, timeout=_LOCK_TIMEOUT_S, is_singleton=True)
 
 
 def _fsync(path: Path) -> None:

@@ -102,7 +102,7 @@ def check_directory(path: Path, manifest: Manifest) -> None:
             elif name in files or name in (SIGNATURE_NAME, LOCK_NAME):
                 if not stat.S_ISREG(info.st_mode):
                     raise ToolkitError(f"bundle {path}: {name} is not a regular file.")
-                if info.st_nlink > 1 and name != LOCK_NAME:
+                if info.st_nlink > 1:
                     raise ToolkitError(f"bundle {path}: {name} is a hard link ({info.st_nlink} names for one file), so it may be a "
                                        "file outside the bundle; copy the bundle with `cp -r`, not `cp -l`.")
             else:
