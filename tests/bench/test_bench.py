@@ -201,6 +201,13 @@ def test_cuda_rows_bind_io_on_the_device_and_count_cpu_nodes(exported):
     assert "cuda" in available_providers()
 
 
+def test_a_factory_bundle_is_timed_with_torch_only_when_its_source_is_trusted(cli, exported):
+    refused = cli("bench", exported("userpkg.toy:build"), "--batch", "1", "--max-time", "0.02", "--rounds", "2")
+    assert refused.exit_code == 2 and "--trust-source" in refused.stderr and "--no-torch" in refused.stderr
+    alone = cli("bench", exported("userpkg.toy:build"), "--batch", "1", "--max-time", "0.02", "--rounds", "2", "--no-torch")
+    assert alone.exit_code == 0, alone.output
+
+
 def test_the_sizes_of_other_dims_are_shown(cli, exported, tmp_path):
     """A dim that is neither batch nor seq (here `length`) is timed at a size the table must say."""
     result = cli("bench", exported("userpkg.toy:build"), "--batch", "1", "--max-time", "0.02", "--rounds", "2", "--csv", tmp_path / "rows.csv", "--trust-source")

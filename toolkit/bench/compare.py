@@ -93,7 +93,10 @@ def bench(
         from toolkit.reference.source import bundle_reference
 
         say("building the PyTorch reference")
-        reference = bundle_reference(bundle)
+        try:
+            reference = bundle_reference(bundle)
+        except ToolkitError as exc:
+            raise ToolkitError(f"{exc} Or time the variants alone, without the PyTorch baseline: --no-torch.") from None
     if cuda_graph and "cuda" not in providers:
         raise ToolkitError("--cuda-graph needs the cuda provider (--providers cuda).")
     candidates = _candidates(bundle, names, providers, counts, reference.module if torch_kinds else None, torch_kinds, cuda_graph)
