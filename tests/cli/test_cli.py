@@ -81,6 +81,9 @@ def test_run_single_input_takes_a_bare_file(cli, exported, tmp_path):
         (["run", "{mlp}", "-i", "y={tmp}/f64.npy"], "error: unknown input 'y'; mlp takes x (float32 [batch, 784])."),
         (["run", "{mlp}", "--example", "--provider", "tpu"], "'tpu' is not one of 'auto', 'cpu', 'cuda'."),
         (["export", "mlp"], "Missing option '-o' / '--out'."),
+        (["serve"], "error: give the bundles to serve (DIR...), or a --repository to load them from."),
+        (["serve", "--repository", "{tmp}/nowhere"], "error: --repository {tmp}/nowhere is not a directory."),
+        (["verify", "{mlp}", "--pub", "{tmp}/missing.pub"], "--pub {tmp}/missing.pub: no such file."),
     ],
 )
 def test_bad_input_exits_2_with_a_message(cli, exported, tmp_path, args, message):

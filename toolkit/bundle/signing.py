@@ -14,9 +14,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from toolkit.bundle.manifest import MANIFEST_NAME
 from toolkit.bundle.store import Bundle
 from toolkit.bundle.validate import LOCK_NAME, SIGNATURE_NAME, is_transient
-from toolkit.errors import ToolkitError
+from toolkit.errors import CheckFailed, ToolkitError
 
 __all__ = ["sign", "verify"]
 
@@ -40,16 +41,20 @@ def sign(path: str | os.PathLike[str], key: str | os.PathLike[str], *, password:
 
 def verify(path: str | os.PathLike[str], public_key: str | os.PathLike[str]) -> Bundle:
     """Checks that the bundle at `path` is signed by `public_key` (PEM) and that no file changed since;
-    → the bundle, opened. A ToolkitError names what failed: no signature, another key, which file changed."""
+    → the bundle, opened. A CheckFailed names what failed: no signature, another key, which file changed
+    (a ToolkitError: no such key file, not a bundle)."""
     _, _, verifying = _model_signing()
+    public_key = _existing(public_key, "--pub")
     root = Path(path).resolve()
+    if not (root / MANIFEST_NAME).is_file():
+        Bundle.open(root)  # says what is there instead of a bundle
     signature = root / SIGNATURE_NAME
     if not signature.is_file():
-        raise ToolkitError(f"bundle {path} is not signed (no {SIGNATURE_NAME}); sign it with `toolkit sign {path} --key KEY`.")
+        raise CheckFailed(f"bundle {path} is not signed (no {SIGNATURE_NAME}); sign it with `toolkit sign {path} --key KEY`.")
     try:
-        verifying.Config().use_elliptic_key_verifier(public_key=_existing(public_key, "--pub")).verify(root, signature)
+        verifying.Config().use_elliptic_key_verifier(public_key=public_key).verify(root, signature)
     except ValueError as exc:  # model-signing reports every failure as ValueError (json's errors are ValueErrors)
-        raise ToolkitError(f"bundle {path} fails signature verification: {_explain(str(exc))}") from None
+        raise CheckFailed(f"bundle {path} fails signature verification: {_explain(str(exc))}") from None
     bundle = Bundle.open(root)
     _verify_records(bundle)
     return bundle
