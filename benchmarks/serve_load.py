@@ -70,15 +70,9 @@ async def _load(address: str, path: str, body: bytes, headers: dict[str, str], c
             while time.perf_counter() < until:
                 start = time.perf_counter()
                 writer.write(request)
-                status = await reader.readline()
-                length = 0
-                while (line := await reader.readline()) not in (b"\r\n", b""):
-                    name, _, value = line.decode("latin-1").partition(":")
-                    if name.lower() == "content-length":
-                        length = int(value)
-                await reader.readexactly(length)
-                if b" 200 " not in status:
-                    raise RuntimeError(f"{path}: {status.decode().strip()}")
+                status, _ = await _response(reader)
+                if status != 200:
+                    raise RuntimeError(f"{path}: HTTP {status}")
                 if record:
                     latencies.append(time.perf_counter() - start)
         finally:
@@ -89,6 +83,19 @@ async def _load(address: str, path: str, body: bytes, headers: dict[str, str], c
     until = time.perf_counter() + seconds
     await asyncio.gather(*(worker(until, True) for _ in range(concurrency)))
     return latencies
+
+
+async def _response(reader: asyncio.StreamReader) -> tuple[int | None, bytes]:
+    """One HTTP/1.1 response: (status, body), or (None, b"") when the connection closed first."""
+    status_line = await reader.readline()
+    if not status_line:
+        return None, b""
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    return int(status_line.split()[1]), await reader.readexactly(length)
 
 
 def _batches(address: str, model: str) -> tuple[float, float]:
@@ -201,15 +208,7 @@ async def _exchange(host: str, port: int, payload: bytes, *, pause_after: int | 
             await writer.drain()
         except ConnectionError:  # the server answered early (413 on the declared length) and closed: read what it said
             pass
-        status_line = await asyncio.wait_for(reader.readline(), 30)
-        if not status_line:
-            return None, b""
-        length = 0
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            if name.lower() == "content-length":
-                length = int(value)
-        return int(status_line.split()[1]), await reader.readexactly(length)
+        return await asyncio.wait_for(_response(reader), 30)
     except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
         return None, b""
     finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import hashlib
 import json
 import os
@@ -286,10 +287,15 @@ def replace_directory(staging: Path, target: Path) -> None:
 _RENAME_EXCHANGE = 2
 
 
+@functools.cache
+def _renameat2() -> Any:
+    libc_name = ctypes.util.find_library("c")  # runs a subprocess: once per process
+    return getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None) if libc_name else None
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swaps two paths atomically (renameat2 RENAME_EXCHANGE); False where the system cannot."""
-    libc_name = ctypes.util.find_library("c")
-    renameat2 = getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None) if libc_name else None
+    renameat2 = _renameat2()
     if renameat2 is None:
         return False
     at_cwd = -100

@@ -136,10 +136,9 @@ class _Held:
 class _Served:
     """One model as served: its runtime, its batcher, its metadata and (for decoders) its Generator."""
 
-    def __init__(self, model: Model, options: ServeOptions, metrics: Metrics, path: Path | None = None):
+    def __init__(self, model: Model, options: ServeOptions, metrics: Metrics):
         self.model = model
         self.name = model.name
-        self.path = path
         # A session opened for CUDA graphs replays one captured graph per batch shape it has seen.
         run = CapturedRunner(model, limit=options.max_graphs).run if model.cuda_graph else model.run_validated
         self.batcher = DynamicBatcher(
@@ -176,7 +175,7 @@ class _Routes:
     @asynccontextmanager
     async def lifespan(self, app: Any):
         for model in self._models:  # batchers and semaphores belong to the server's event loop
-            self._add(model, None)
+            self._add(model)
         self.ready = True
         try:
             yield
@@ -187,15 +186,17 @@ class _Routes:
             self.threads.shutdown(wait=False)
             self.decoder.close()
 
-    def _add(self, model: Model, path: Path | None) -> None:
+    def _add(self, model: Model) -> None:
         if model.name in self.served:
             raise ToolkitError(f"two bundles are both named {model.name!r}; serve them from separate servers or rename one.")
-        served = _Served(model, self.options, self.metrics, path)
+        served = _Served(model, self.options, self.metrics)
+        self.metrics.add_model(model.name)
         served.batcher.start()
         self.served[model.name] = served
 
-    def is_ready(self) -> bool:
-        return self.ready and all(s.batcher.healthy for s in self.served.values())
+    def is_ready(self, s: _Served | None = None) -> bool:
+        """The server's readiness, or one model's: started, not stopping, and the batching loops running."""
+        return self.ready and all(m.batcher.healthy for m in ([s] if s else self.served.values()))
 
     def routes(self) -> list[Any]:
         from starlette.routing import Route
@@ -223,7 +224,7 @@ class _Routes:
         return self.served[name]
 
     def _ready_for(self, s: _Served) -> None:
-        if not (self.ready and s.batcher.healthy):
+        if not self.is_ready(s):
             self.metrics.rejected.labels(reason="not ready").inc()
             raise _HTTPError(503, f"model {s.name!r} is not ready (starting, stopping, or restarting after a failure); retry later.")
 
@@ -272,7 +273,7 @@ class _Routes:
 
     async def model_ready(self, request: Any) -> Any:
         s = self.find(request)
-        ready = self.ready and s.batcher.healthy
+        ready = self.is_ready(s)
         return _json({"name": s.name, "ready": ready}, 200 if ready else 503)
 
     async def configuration(self, request: Any) -> Any:
@@ -421,7 +422,7 @@ class _Routes:
         if model.name != name:
             raise _HTTPError(400, f"bundle {path} is named {model.name!r} in its manifest, not {name!r}; rename the directory.")
         if name not in self.served:  # another load of the same model may have finished first
-            self._add(model, path)
+            self._add(model)
         _log.info("loaded %s from %s", name, path)
         return _json({})
 

@@ -54,6 +54,14 @@ class Metrics:
                                 ["reason"], registry=self.registry)
         self._triton: dict[str, dict[str, float]] = {name: defaultdict(float) for name in _TRITON}
 
+    def add_model(self, model: str) -> None:
+        """Every per-model series at zero from the moment `model` is served, as Triton exposes them: a
+        dashboard's rate() has a start, and a scrape before the first request sees the model."""
+        self.batch_size.labels(model)
+        self.queue_depth.labels(model).set(0)
+        for counts in self._triton.values():
+            counts[model] += 0
+
     def batch_run(self, model: str, rows: int) -> None:
         """One execution of `rows` rows (after dynamic batching)."""
         self.batch_size.labels(model).observe(rows)
@@ -111,9 +119,12 @@ class Observed:
     def _record(self, scope: Mapping[str, Any], status: int, elapsed: float, request_id: str) -> None:
         path = scope["path"]
         parts = path.split("/")
-        named = parts[3] if len(parts) > 3 and parts[1:3] in (["v2", "models"], ["v2", "repository"]) else ""
-        if parts[1:3] == ["v2", "repository"]:
-            named = parts[4] if len(parts) > 4 and parts[3] == "models" else ""
+        if parts[1:3] == ["v2", "models"] and len(parts) > 3:  # /v2/models/{m}/...
+            named = parts[3]
+        elif parts[1:4] == ["v2", "repository", "models"] and len(parts) > 4:  # /v2/repository/models/{m}/load
+            named = parts[4]
+        else:
+            named = ""
         served = named in self.served()
         model = named if served else (UNKNOWN_MODEL if named else "")
         route = parts[-1] if model and parts[-1] in _MODEL_ROUTES else "other"
