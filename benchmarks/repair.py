@@ -115,12 +115,12 @@ def _latency(bundle: Any, name: str, record: dict[str, Any]) -> str:
 
 def _original(name: str, record: dict[str, Any], first: dict[str, Any]) -> dict[str, Any]:
     """The settings the variant had before repair: fp16's fixed op-type list, int8's own settings."""
-    from toolkit.compile.quantization import FP16_KEEP_FP32
+    from toolkit.compile.quantization import FP16_KEEP_FP32, Int8Static
 
     if name == "fp16":
         return {"io": first.get("io", "fp32"), "keep_fp32": FP16_KEEP_FP32}
     return {k: v for k, v in first.items() if k in ("per_channel", "reduce_range", "calibration_samples")} | \
-        ({"method": "minmax", "per_channel": False} if name == "int8-static" else {})
+        ({"method": Int8Static.method, "per_channel": Int8Static.per_channel} if name == "int8-static" else {})
 
 
 def _shapes(bundle: Any) -> list[dict[str, int]]:

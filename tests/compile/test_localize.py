@@ -83,6 +83,31 @@ def test_given_inputs_are_used_and_an_unknown_mode_or_the_reference_itself_is_re
         localize(bundle, "fp32")
 
 
+def test_the_rows_compared_are_the_held_out_rows_where_the_variant_departs_most(faults):
+    """Its gates are judged on every held-out row: the failing case may be in any of them."""
+    bundle, variant, module, _ = faults["outlier"]
+    found = localize(bundle, variant, trust_source=True)
+    assert found.inputs.startswith("the 16 of 64 held-out sample rows where int8's outputs depart most")
+    first_rows = localize(bundle, variant, feeds={"x": np.random.default_rng(1).standard_normal((16, 16)).astype(np.float32)}, trust_source=True)
+    assert first_rows.outputs[0].rel < found.outputs[0].rel  # the first 16 rows of the same sample are not the worst
+    assert found.first.module == module
+
+
+def test_candidates_whose_error_reaches_a_departing_output_rank_first():
+    from onnx import TensorProto, helper
+
+    from toolkit.compile.repair import _reaching_outputs
+
+    node = lambda op, x, y: helper.make_node(op, [x], [y], name=y)  # noqa: E731
+    graph = helper.make_graph([node("Relu", "x", "a"), node("Relu", "a", "b"), node("Relu", "b", "y"), node("Relu", "a", "c"), node("Relu", "c", "z")],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("y", "z")])
+    # b departs and so does the output y after it; c departs but z, after it, does not: attenuated
+    assert _reaching_outputs(graph, {"b", "y", "c"}, ["y"]) == {"b", "y"}
+    assert _reaching_outputs(graph, {"a", "b", "c"}, []) == set()
+    assert _reaching_outputs(graph, {"a", "y"}, ["y"], unmeasured={"b"}) == {"a", "y"}  # through what was not compared
+
+
 def test_check_localizes_the_variants_that_fail_as_a_table_and_as_json(faults):
     bundle, variant, module, _ = faults["overflowing"]
     result = subprocess.run([sys.executable, "-m", "toolkit.cli", "check", str(bundle), "--localize", "--json", "-", "--trust-source"],

@@ -191,30 +191,38 @@ def test_fp16_with_fp16_inputs_and_outputs_records_their_dtypes_and_keeps_parity
     assert generator.layout.past_dtype == "float16" and len(generator.generate("If the", max_new_tokens=8)) > 0
 
 
-def test_weights_take_7_bits_where_the_cpu_would_saturate_full_range_int8(exported, copy_of, monkeypatch):
-    from toolkit.compile.quantization import int8_dynamic
+@pytest.mark.parametrize("mode", ["int8", "int8-static"])
+def test_weights_take_7_bits_where_the_cpu_would_saturate_full_range_int8(exported, copy_of, monkeypatch, mode):
+    """Both int8 modes run onnxruntime's uint8 × int8 kernels, so both need 7-bit weights there."""
+    from onnx import numpy_helper
+
+    from toolkit.compile.quantization import _common
 
     path = copy_of(exported("mlp"))
     for saturates in (True, False):
-        monkeypatch.setattr(int8_dynamic, "saturating_cpu", lambda saturates=saturates: saturates)
-        options = quantize(path, mode="int8").variant("int8").recipe["options"]
+        monkeypatch.setattr(_common, "saturating_cpu", lambda saturates=saturates: saturates)
+        options = quantize(path, mode=mode, calibration_samples=16).variant(mode).recipe["options"]
         assert options["reduce_range"] is saturates
-    assert quantize(path, mode="int8", reduce_range=False).variant("int8").recipe["options"]["reduce_range"] is False
+        if mode == "int8-static":  # the weights the graph holds are what the recipe says
+            graph = onnx.load(str(path / f"model.{mode}.onnx")).graph
+            weights = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and t.dims]
+            assert weights and max(int(abs(w.astype(int)).max()) for w in weights) == (64 if saturates else 127)
+    assert quantize(path, mode=mode, reduce_range=False, calibration_samples=16).variant(mode).recipe["options"]["reduce_range"] is False
 
 
 def test_a_cpu_is_saturating_when_it_is_x86_without_vnni(monkeypatch, tmp_path):
     import platform
 
-    from toolkit.compile.quantization import int8_dynamic
+    from toolkit.compile.quantization import _common
 
     cpuinfo = tmp_path / "cpuinfo"
-    monkeypatch.setattr(int8_dynamic, "Path", lambda _p: cpuinfo)
+    monkeypatch.setattr(_common, "Path", lambda _p: cpuinfo)
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     for flags, saturates in (("fpu avx2 fma", True), ("fpu avx2 avx512f avx512_vnni", False), ("fpu avx2 avx_vnni", False)):
         cpuinfo.write_text(f"processor : 0\nflags\t\t: {flags}\n")
-        assert int8_dynamic.saturating_cpu() is saturates
+        assert _common.saturating_cpu() is saturates
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
-    assert int8_dynamic.saturating_cpu() is False
+    assert _common.saturating_cpu() is False
 
 
 @pytest.mark.slow  # exports or quantizes a model
@@ -228,4 +236,4 @@ def test_int8_that_quantizes_nothing_is_not_made_and_says_what_would(exported, c
     said = []
     quantize(path, mode="int8-static", calibration_samples=64, progress=said.append, trust_source=True)  # what does quantize convolutions
     assert Bundle.open(path).manifest.variants["int8-static"].recipe["options"]["ops"]["Conv"]["quantized"] == 2
-    assert "calibrating on 12 samples from the model's calibration set (minmax)" in said  # what it had, not what was asked
+    assert "calibrating on 12 samples from the model's calibration set (minmax, per channel)" in said  # what it had, not what was asked

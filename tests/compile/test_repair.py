@@ -44,8 +44,8 @@ def test_int8_is_repaired_keeping_the_layers_of_the_outlier_channel(exported, tm
     assert "layers.3" in {k["module"] for k in result["kept"]} and len(result["kept"]) <= (1 if mode == "int8" else 3)
     ops = Bundle.open(bundle).manifest.variants[mode].recipe["options"]["ops"]["Gemm"]
     assert ops["quantized"] >= ops["with_weights"] - 2
-    if mode == "int8-static":  # other calibrations were tried first, and recorded
-        assert [a["settings"]["method"] for a in result["attempts"][:2]] == ["entropy", "percentile"]
+    # keeping one node first, then the most int8 may keep (half its 7 Gemms), then bisection: few attempts
+    assert len(result["attempts"]) <= 4 and all(a["kept"] for a in result["attempts"])
 
 
 def test_no_budget_no_attempt(exported, tmp_path):
@@ -69,3 +69,41 @@ def test_build_repairs_and_says_what_it_kept(tmp_path, cli):
     record = Bundle.open(tmp_path / "b").manifest.variants["int8-static"]
     assert record.parity["passed"] and record.recipe["options"]["repair"]["passed"]
     assert re.search(r"int8-static: repaired keeping [1-3] nodes in fp32 .*layers\.3", result.output)
+
+
+@pytest.mark.parametrize(("passing", "tried", "found"), [
+    (range(1, 9), [1], 1),  # the first node is the fault
+    (range(5, 9), [1, 8, 5, 3, 4], 5),  # then all it may keep, then bisection
+    ((), [1, 8], None),  # bound to fail: stops after two attempts
+])
+def test_the_search_for_nodes_to_keep_stops_when_the_most_it_may_keep_fails(passing, tried, found):
+    from toolkit.compile.repair import _search
+
+    made = []
+    result = _search(8, lambda k: made.append(k) or k in passing, lambda: True)
+    assert made == tried and result == ((True, found, False) if found else (False, 0, True))
+
+
+def test_another_calibration_is_tried_only_for_the_range_problem_it_fixes():
+    from toolkit.compile.localize import Localization, TensorError
+    from toolkit.compile.repair import _calibrations
+
+    def found(cause: str) -> Localization:
+        error = TensorError("relu_3", "n", "Relu", "", 1.0, 0.6, 1.0, 0.01, cause, "relu_2")
+        return Localization("b", "int8-static", "fp32", "int8", 0.05, "all", "", 1, 1, [], error, error, [error])
+
+    saturated, outlier = "int8 saturation: relu_2 reaches 55, past its calibrated range ±49", "int8 outlier channel: relu_2 channel 5 reaches 55"
+    base = {"method": "minmax", "per_channel": True}
+    assert _calibrations(found(saturated), base, None) == []  # minmax's range is already the calibration data's
+    assert [c for c, _ in _calibrations(found(saturated), {**base, "method": "percentile"}, None)] == [{"method": "minmax"}]
+    assert [c for c, _ in _calibrations(found(outlier), base, None)] == [{"method": "percentile"}]
+    assert _calibrations(found(""), base, None) == []  # no range problem: no calibration can help
+
+
+def test_a_repair_that_stopped_bound_to_fail_says_so_not_that_time_ran_out():
+    from toolkit.cli.render import _repair_line
+
+    attempts = [{"gate": "min_cosine 0.1855 against a threshold of 0.99", "settings": {}}] * 3
+    line = _repair_line({"passed": False, "attempts": attempts, "seconds": 63, "budget": 300, "kept": [],
+                         "note": "bound to fail: keeping all 24 candidate nodes in fp32 (the most it may keep) missed its gates too"})
+    assert line.startswith("not repaired (3 attempts, 63 s): bound to fail: keeping all 24") and "within" not in line

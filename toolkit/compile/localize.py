@@ -45,9 +45,13 @@ __all__ = ["Localization", "TensorError", "growth", "localize", "module_path"]
 MODES = ("all", "bisect")
 _PREFIX = "variant/"
 _FP16_MAX = 65504.0
-_ROWS = 16
+_ROWS = 16  # rows the intermediate tensors are compared on: every one of two graphs at once must fit in memory
+_CHUNK, _DECODER_CHUNK = 64, 8  # rows a run of the outputs alone takes (a decoder's are logits over its vocabulary)
 _SENTINEL = float(np.finfo(np.float32).max) / 2
 _OUTLIER_RATIO = 20.0  # one channel's range this many times the median channel's: per-tensor int8 keeps the others few levels
+# ops whose inputs hold their channels on axis 1 (NCHW, NCL), not last as a transformer's activations do
+_WEIGHTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "LSTM", "GRU", "Attention")
+_CHANNELS_FIRST = ("Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "MaxPool", "AveragePool", "GlobalAveragePool")
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class TensorError:
     scale: float  # max |fp32|
     inputs_rel: float | None  # the largest rel among the node's matched inputs; None where none was measured
     cause: str = ""  # the value range that explains it, where one does
+    culprit: str = ""  # the tensor whose range the cause names (an input of the node, or of the weighted node before it)
 
 
 @dataclass
@@ -114,8 +119,11 @@ def localize(bundle: str | Path | Bundle, variant: str, *, reference: str = "fp3
     tolerance = localize_tolerance(precision)
     ref_proto = onnx.load(str(bundle.variant_path(reference)))
     var_proto = onnx.load(str(bundle.variant_path(variant)))
+    given = feeds
     described, feeds = ("the given inputs", dict(feeds)) if feeds is not None else _default_feeds(bundle, spec, say)
     feeds = {t.name: np.asarray(feeds[t.name]).astype(t.dtype) for t in bundle.manifest.inputs}
+    if given is None and len({len(v) for v in feeds.values()}) != 1:  # not rows of one batch: the first rows
+        feeds = {name: value[:_ROWS] for name, value in feeds.items()}
     seen = variant_names(var_proto)
     paired = _Paired(ref_proto, var_proto, provider, seen)
     graph = _ReferenceGraph(ref_proto, seen, _static_scales(var_proto), precision)
@@ -125,14 +133,18 @@ def localize(bundle: str | Path | Bundle, variant: str, *, reference: str = "fp3
     # (onnxruntime then cannot drop the casts around fp16 ops it runs in fp32), so where the outputs
     # are judged elementwise (fp16, fp32), only a departure the plain run shows is one to localize; an
     # int8 variant is judged by its task metric, which outputs within 5% can still fail (a near-tie)
-    values = paired.run(outputs, feeds)
-    ends = [graph.error(name, values) for name in outputs]
+    ends, worst = _outputs_pass(paired, graph, outputs, feeds, _DECODER_CHUNK if bundle.manifest.task == "generate" else _CHUNK)
+    if given is None and len(worst) > _ROWS:  # the held-out rows where the variant departs most: its failing cases
+        keep = np.sort(worst[:_ROWS])
+        feeds = {name: value[keep] for name, value in feeds.items()}
+        described = f"the {_ROWS} of {len(worst)} {described} where {variant}'s outputs depart most"
     departs = any(e is not None and e.rel > tolerance for e in ends) or profile(precision).rel is None
     if not departs:
         say(f"no output of {variant} departs from {reference} past rel {tolerance:g} on these inputs: nothing to localize")
         measured, first, grows = [], None, None
     elif mode == "all":
         values = paired.run(graph.order, feeds)
+        ends = [graph.error(name, values) for name in outputs]
         measured = [e for e in (graph.error(name, values) for name in graph.order) if e is not None]
         measured = [_with_inputs(e, graph, {m.tensor: m for m in measured}) for e in measured]
         first = next((e for e in measured if e.rel > tolerance), None)
@@ -142,6 +154,37 @@ def localize(bundle: str | Path | Bundle, variant: str, *, reference: str = "fp3
         grows = first
     return Localization(str(bundle.path), variant, reference, precision, tolerance, mode, described, paired.runs, len(graph.order),
                         [e for e in ends if e is not None], first, grows, measured)
+
+
+def _outputs_pass(paired: _Paired, graph: _ReferenceGraph, outputs: list[str], feeds: dict[str, np.ndarray],
+                  chunk: int) -> tuple[list[TensorError | None], np.ndarray]:
+    """The outputs' errors over all of `feeds` (per output, the chunk of `chunk` rows where it is
+    largest), and the rows ordered from the one whose outputs depart most (empty where the feeds are
+    not rows of a batch)."""
+    rows = {len(v) for v in feeds.values() if np.ndim(v)}
+    if len(rows) != 1 or rows == {0}:
+        values = paired.run(outputs, feeds)
+        return [graph.error(name, values) for name in outputs], np.arange(0)
+    (total,) = rows
+    ends: list[TensorError | None] = [None] * len(outputs)
+    row_error = {name: np.zeros(total) for name in outputs}
+    scale = dict.fromkeys(outputs, 0.0)
+    for start in range(0, total, chunk):
+        values = paired.run(outputs, {k: v[start : start + chunk] for k, v in feeds.items()})
+        for i, name in enumerate(outputs):
+            error = graph.error(name, values)
+            if error is not None and (ends[i] is None or error.rel > ends[i].rel):
+                ends[i] = error
+            if error is None or values[name].ndim == 0:
+                continue
+            expected, got = values[name].astype(np.float64), values[graph.variant[name]].astype(np.float64)
+            kept = np.abs(expected) < _SENTINEL
+            with np.errstate(invalid="ignore", over="ignore"):
+                diff = np.nan_to_num(np.where(kept, np.abs(got - expected), 0.0), nan=np.inf, posinf=np.inf)
+            row_error[name][start : start + len(diff)] = diff.reshape(len(diff), -1).max(axis=1)
+            scale[name] = max(scale[name], float(np.abs(np.where(kept, expected, 0.0)).max()))
+    worst = np.max([row_error[name] / (scale[name] or 1.0) for name in outputs], axis=0)
+    return ends, np.argsort(-worst, kind="stable")
 
 
 def _bisect(paired: _Paired, graph: _ReferenceGraph, feeds: dict[str, np.ndarray], tolerance: float) -> tuple[list[TensorError], TensorError | None]:
@@ -225,9 +268,10 @@ class _ReferenceGraph:
         scale = float(np.abs(np.where(sentinel, 0.0, expected)).max())
         node = self.producers[name]
         return TensorError(name, node.name, node.op_type, module_path(node), max_abs, max_abs / scale if scale > 0 else max_abs, scale,
-                           None, self._cause(node, values, expected, got))
+                           None, *self._cause(node, values, expected, got))
 
-    def _cause(self, node: Any, values: Mapping[str, np.ndarray], expected: np.ndarray, got: np.ndarray) -> str:
+    def _cause(self, node: Any, values: Mapping[str, np.ndarray], expected: np.ndarray, got: np.ndarray) -> tuple[str, str]:
+        """The value range that explains a tensor's error, and the tensor it names."""
         precision = self.precision
         if precision == "fp16":
             ranges = [(name, float(np.abs(values[name][np.abs(values[name]) < _SENTINEL]).max(initial=0.0)))
@@ -235,24 +279,38 @@ class _ReferenceGraph:
             past = [(name, peak) for name, peak in ranges if peak > _FP16_MAX]
             if past or not np.isfinite(got).all():
                 name, peak = max(past, key=lambda p: p[1]) if past else (node.output[0], float(np.abs(expected).max()))
-                return f"fp16 overflow: {name} reaches {peak:.4g} in fp32, past fp16's largest {_FP16_MAX:.0f}"
-            return ""
+                return f"fp16 overflow: {name} reaches {peak:.4g} in fp32, past fp16's largest {_FP16_MAX:.0f}", name
+            return "", ""
         if precision != "int8":
-            return ""
-        for name in node.input:
-            if name in values and values[name].dtype.kind == "f" and values[name].ndim >= 2 and name not in self.initializers:
-                cause = _int8_range(name, values[name], self.scales.get(name))
-                if cause:
-                    return cause
-        return ""
+            return "", ""
+        for reader in self._readers(node):
+            for name in reader.input:
+                if name in values and values[name].dtype.kind == "f" and values[name].ndim >= 2 and name not in self.initializers:
+                    cause = _int8_range(name, values[name], self.scales.get(name), 1 if reader.op_type in _CHANNELS_FIRST else -1)
+                    if cause:
+                        return cause, name
+        return "", ""
+
+    def _readers(self, node: Any) -> list[Any]:
+        """`node`, and the nodes before it while each has one computed input (an activation after a
+        Gemm or Conv): the quantizer rounds what the first of them reads, and the error shows after
+        the last."""
+        chain = [node]
+        while len(chain) < 4:
+            computed = [i for i in chain[-1].input if i in self.producers and i not in self.initializers]
+            if len(computed) != 1 or chain[-1].op_type in _WEIGHTED_OPS:
+                break
+            chain.append(self.producers[computed[0]])
+        return chain
 
 
-def _int8_range(name: str, x: np.ndarray, scale: float | None) -> str:
-    """An int8 input's range problem: a calibrated scale it saturates, or an outlier channel."""
+def _int8_range(name: str, x: np.ndarray, scale: float | None, axis: int) -> str:
+    """An int8 input's range problem: a calibrated scale it saturates, or an outlier channel (its
+    channels along `axis`)."""
     peak = float(np.abs(x[np.abs(x) < _SENTINEL]).max(initial=0.0))
     if scale is not None and peak > 128 * scale * 1.05:
         return f"int8 saturation: {name} reaches {peak:.4g}, past its calibrated range ±{127 * scale:.4g}"
-    channels = np.abs(np.where(np.abs(x) < _SENTINEL, x, 0.0).reshape(-1, x.shape[-1])).max(axis=0)
+    channels = np.abs(np.moveaxis(np.where(np.abs(x) < _SENTINEL, x, 0.0), axis, -1).reshape(-1, x.shape[axis])).max(axis=0)
     median = float(np.median(channels))
     if median > 0 and channels.max() / median > _OUTLIER_RATIO:
         channel = int(channels.argmax())
@@ -327,34 +385,39 @@ class _Paired:
                                        ir_version=max(reference.ir_version, variant.ir_version))
         self.model.functions.extend([*reference.functions, *variant.functions])
         self.provider, self.runs, self.seen = provider, 0, seen
+        self._last: tuple[list[str], Any] = ([], None)
         self._large = self.model.ByteSize() > (1 << 31) - (1 << 26)
         self._produced = {o for n in self.model.graph.node for o in n.output}
 
     def run(self, names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One run with `names` of both graphs as the outputs (those the variant lacks, of the reference only)."""
+        wanted = list(dict.fromkeys(n for name in names for n in (name, _PREFIX + self.seen.get(name, name)) if n in self._produced))
+        if self._last[0] != wanted:  # the same outputs run on chunk after chunk of rows: one session for them
+            self._last = (wanted, None)
+            self._last = (wanted, self._session(wanted))
+        self.runs += 1
+        values = self._last[1].run(wanted, dict(feeds))
+        return dict(zip(wanted, values, strict=True))
+
+    def _session(self, wanted: list[str]) -> Any:
         import onnx
         from onnx import helper
 
         from toolkit.runtime.session import new_session
 
-        wanted = list(dict.fromkeys(n for name in names for n in (name, _PREFIX + self.seen.get(name, name)) if n in self._produced))
         del self.model.graph.output[:]
         self.model.graph.output.extend([helper.make_empty_tensor_value_info(name) for name in wanted])
         with tempfile.TemporaryDirectory(prefix="toolkit-localize-") as work:
             if self._large:  # past protobuf's 2 GiB: the weights beside the graph
                 path = Path(work) / "paired.onnx"
                 onnx.save_model(self.model, str(path), save_as_external_data=True, location="paired.onnx.data")
-                session = new_session(str(path), self.provider)
-            else:
-                session = new_session(self.model.SerializeToString(), self.provider)
-        self.runs += 1
-        values = session.run(wanted, dict(feeds))
-        return dict(zip(wanted, values, strict=True))
+                return new_session(str(path), self.provider)
+            return new_session(self.model.SerializeToString(), self.provider)
 
 
 def _default_feeds(bundle: Bundle, spec: ModelSpec | None, say: Callable[[str], None]) -> tuple[str, dict[str, np.ndarray]]:
-    """The model's held-out sample inputs (16 rows: every intermediate tensor of two graphs at once
-    must fit in memory), else check's first case."""
+    """The model's held-out sample inputs (all its rows: localize picks those where the variant
+    departs most), else check's first case."""
     from toolkit.compile.parity import _case_feeds
     from toolkit.reference.source import bundle_reference
     from toolkit.spec import shape_cases
@@ -363,8 +426,7 @@ def _default_feeds(bundle: Bundle, spec: ModelSpec | None, say: Callable[[str], 
         say(f"building the PyTorch reference ({bundle.manifest.source.describe()}) for the inputs")
         spec = bundle_reference(bundle)
     if spec.sample_data is not None:
-        sample = spec.sample_data()
-        return f"{_ROWS} rows of the held-out sample inputs", {name: value[:_ROWS] for name, value in sample.items()}
+        return "held-out sample rows", spec.sample_data()
     sizes = shape_cases(bundle.manifest.dims)[0]
     return f"check's first case {sizes}", _case_feeds(spec, sizes, 0, generation=bundle.manifest.generation)
 

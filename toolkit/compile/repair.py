@@ -1,21 +1,25 @@
 """Repairing a variant that fails its gates: `toolkit build` does it for fp16, int8 and int8-static
 within a time budget, and `repair(DIR, VARIANT)` does it on a bundle.
 
-1. int8-static first tries the other calibrations (entropy, percentile; per-channel weights), each
-   calibrated and checked: a range problem is cheaper to fix by measuring ranges better.
-2. Then the nodes to keep in fp32. toolkit.compile.localize runs the failing variant beside fp32 on
-   held-out inputs, and the tensors past the tolerance are ranked by how many times their node
-   multiplied the error it received, so that where an error is made ranks above where it is only
-   carried. The variant is made again keeping the top 1, 2, 4, ... of them in fp32 until it passes
-   its gates, then the smallest passing count between the last two is found by bisection. int8
-   keeps at most half as many nodes as the graph has weighted ones: past that, its quantize and
-   dequantize steps cost more than its int8 products save, and the variant is bound to lose to fp32. fp16
-   starts from no op type kept in fp32 (the fixed list it was first made with keeps every
+1. toolkit.compile.localize runs the failing variant beside fp32 on held-out inputs once; what it
+   finds picks the attempts, so that a variant no attempt can fix costs few.
+2. int8-static: another calibration, only where localize saw a range problem it could fix: a
+   tensor past its calibrated range (a clipping method's range was too narrow: minmax), an outlier
+   channel or tail that a min-max range spends int8's levels on (percentile), a weighted node whose
+   weights share one scale (per channel).
+3. Then the nodes to keep in fp32, ranked by how many times their node multiplied the error it
+   received, so that where an error is made ranks above where it is only carried. The variant is made
+   again keeping the first one, then the most it may keep: if that fails too the variant is bound to
+   fail and the search stops; else the smallest passing count between them is found by bisection.
+   int8 keeps at most half as many nodes as the graph has weighted ones: past that, its quantize and
+   dequantize steps cost more than its int8 products save, and the variant is bound to lose to fp32.
+   fp16 starts from no op type kept in fp32 (the fixed list it was first made with keeps every
    normalisation, softmax and reduction), so that only the nodes this model needs stay in fp32.
 
-Every attempt (its settings, the nodes kept, the gate it missed, its seconds) is recorded in the
-variant's recipe under `repair`, with each kept node's module and the value range that explains it;
-a variant no attempt repairs within the budget stays failed, as its last attempt made it.
+Every attempt (its settings and why they were tried, the nodes kept, the gate it missed, its
+seconds) is recorded in the variant's recipe under `repair`, with each kept node's module and the
+value range that explains it; a variant no attempt repairs within the budget stays failed, as its
+last attempt made it.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ __all__ = ["DEFAULT_BUDGET", "REPAIRABLE", "repair"]
 
 DEFAULT_BUDGET = 300.0  # seconds for all of a build's repairs: a few re-quantizations and checks of a mid-size model on 2 cores
 REPAIRABLE = ("fp16", "int8", "int8-static")
-_CALIBRATIONS = (("entropy", False), ("percentile", False), ("minmax", True), ("entropy", True))
 _WEIGHTED = (*DYNAMIC_OPS, "Conv", "ConvTranspose")  # the ops whose weights int8 quantizes
 _BISECT_BYTES = 1 << 30  # larger variants are localized one exposed tensor at a time
 
@@ -64,12 +67,12 @@ def repair(bundle: str | Path | Bundle, variant: str, *, budget: float = DEFAULT
     attempts: list[dict[str, Any]] = []
     source = recipe["parent"]
 
-    def attempt(options: dict[str, Any], kept: list[TensorError]) -> bool:
+    def attempt(options: dict[str, Any], kept: list[TensorError], why: str = "") -> bool:
         from toolkit.runtime.describe import missed_gates
 
         began = time.monotonic()
         settings = {**options, **({"keep_nodes" if mode == "fp16" else "exclude": tuple(e.tensor for e in kept)} if kept else {})}
-        say(f"repairing {variant}: {_describe(settings, kept)}")
+        say(f"repairing {variant}: {_describe(settings, kept)}" + (f" ({why})" if why else ""))
         try:
             quantize(bundle, mode=mode, source=source, reference=reference, progress=say, scratch=scratch, **settings)
             record = check(bundle, variants=[variant], provider=provider, reference=reference, progress=say, evidence=evidence)[variant]
@@ -77,7 +80,8 @@ def repair(bundle: str | Path | Bundle, variant: str, *, budget: float = DEFAULT
         except ToolkitError as exc:
             passed, gate = False, f"could not be made: {exc}"
         attempts.append({"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
-                         "kept": [e.tensor for e in kept], "passed": passed, "gate": gate, "seconds": round(time.monotonic() - began, 1)})
+                         "kept": [e.tensor for e in kept], **({"why": why} if why else {}), "passed": passed, "gate": gate,
+                         "seconds": round(time.monotonic() - began, 1)})
         return passed
 
     def time_left() -> bool:
@@ -86,32 +90,18 @@ def repair(bundle: str | Path | Bundle, variant: str, *, budget: float = DEFAULT
 
     base = _base_options(mode, recipe["options"])
     passed, kept, note = False, [], ""
-    if mode == "int8-static":
-        tried = (base["method"], base["per_channel"])
-        for method, per_channel in (c for c in _CALIBRATIONS if c != tried):
-            if not time_left():
-                break
-            if attempt({**base, "method": method, "per_channel": per_channel}, []):
-                passed, base = True, {**base, "method": method, "per_channel": per_channel}
-                break
-    if mode == "fp16" and not passed and time_left():
+    if mode == "fp16" and time_left():
         base = {**base, "keep_fp32": ()}
-        passed = attempt(base, [])
+        passed = attempt(base, [], "no op type kept in fp32: only the nodes this model needs will be")
     if not passed and time_left():
-        if mode == "int8-static":  # the calibrations tried replaced it: the nodes are searched from its own settings
-            attempt(base, [])
         found = _localize(bundle, variant, provider, reference, say)
-        ranked = _ranked(found, mode, bundle)
-        if mode != "fp16":
-            # keeping more than half the weighted nodes in fp32 leaves a variant that pays for its
-            # quantize and dequantize steps without the int8 products that would make up for them
-            ranked = ranked[: max(1, _nodes_of(bundle, source, _WEIGHTED) // 2)]
-        say(f"repairing {variant}: {len(ranked)} candidate nodes to keep in fp32, where the error is made first")
-        if not ranked:
-            note = f"no node to keep in fp32: localize found no tensor of {variant} past a tenth of rel {found.tolerance:g} on {found.inputs}"
-        passed, kept = _search(ranked, lambda k: attempt(base, ranked[:k]), time_left)
-        if passed and attempts[-1]["kept"] != [e.tensor for e in kept]:
-            attempt(base, kept)  # the variant as the smallest passing set makes it
+        if mode == "int8-static":
+            for change, why in _calibrations(found, base, bundle):
+                if time_left() and attempt({**base, **change}, [], why):
+                    passed, base = True, {**base, **change}
+                    break
+        if not passed and time_left():
+            passed, kept, note = _keep_nodes(found, mode, bundle, source, lambda k: attempt(base, k), time_left, say)
     result = {"passed": passed, "kept": [_why(e) for e in kept], "attempts": attempts,
               "seconds": round(time.monotonic() - started, 1), "budget": budget, **({"note": note} if note else {})}
     if mode == "fp16":
@@ -122,27 +112,73 @@ def repair(bundle: str | Path | Bundle, variant: str, *, budget: float = DEFAULT
     return result
 
 
-def _search(ranked: list[TensorError], passes: Callable[[int], bool], time_left: Callable[[], bool]) -> tuple[bool, list[TensorError]]:
-    """The smallest k for which keeping ranked[:k] passes: doubling until one passes, then bisection."""
-    failed, k, passing = 0, 1, None
-    while k <= len(ranked) and time_left():
-        if passes(k):
-            passing = k
-            break
-        failed = k
-        if k == len(ranked):
-            break
-        k = min(2 * k, len(ranked))
-    if passing is None:
-        return False, []
-    low = failed + 1
-    while low < passing and time_left():
-        middle = (low + passing) // 2
+def _keep_nodes(found: Localization, mode: str, bundle: Bundle, source: str, attempt: Callable[[list[TensorError]], bool],
+                time_left: Callable[[], bool], say: Callable[[str], None]) -> tuple[bool, list[TensorError], str]:
+    """The fewest of localize's ranked nodes to keep in fp32 for the variant to pass (see the module's
+    docstring), and a note where none could be found."""
+    ranked = _ranked(found, mode, bundle)
+    if mode != "fp16":
+        # keeping more than half the weighted nodes in fp32 leaves a variant that pays for its
+        # quantize and dequantize steps without the int8 products that would make up for them
+        ranked = ranked[: max(1, _nodes_of(bundle, source, _WEIGHTED) // 2)]
+    say(f"repairing {found.variant}: {len(ranked)} candidate nodes to keep in fp32, where the error is made first")
+    if not ranked:
+        return False, [], f"no node to keep in fp32: localize found no tensor of {found.variant} past a tenth of rel {found.tolerance:g} on {found.inputs}"
+    made: list[int] = []
+
+    def passes(k: int) -> bool:
+        made.append(k)
+        return attempt(ranked[:k])
+
+    passed, count, bound = _search(len(ranked), passes, time_left)
+    if passed and made[-1] != count:
+        attempt(ranked[:count])  # the variant as the smallest passing set makes it
+    note = f"bound to fail: keeping all {len(ranked)} candidate nodes in fp32 (the most it may keep) missed its gates too" if bound else ""
+    return passed, ranked[:count], note
+
+
+def _search(n: int, passes: Callable[[int], bool], time_left: Callable[[], bool]) -> tuple[bool, int, bool]:
+    """The smallest k ≤ n that passes, and whether the search found none can: k = 1 first (one node is
+    often the fault), then n (if that fails, no k can: the search stops), then bisection between."""
+    if not n or not time_left():
+        return False, 0, False
+    if passes(1):
+        return True, 1, False
+    if n == 1:
+        return False, 0, True
+    if not time_left():
+        return False, 0, False
+    if not passes(n):
+        return False, 0, True
+    low, high = 2, n  # k = high passes, every k below low fails
+    while low < high and time_left():
+        middle = (low + high) // 2
         if passes(middle):
-            passing = middle
+            high = middle
         else:
             low = middle + 1
-    return True, ranked[:passing]
+    return True, high, False
+
+
+def _calibrations(found: Localization, base: dict[str, Any], bundle: Bundle) -> list[tuple[dict[str, Any], str]]:
+    """Other calibrations for int8-static, each where localize saw the range problem it fixes."""
+    departing = [e for e in found.tensors if e.rel > found.tolerance]
+    changes = []
+    saturated = next((e for e in departing if e.cause.startswith("int8 saturation")), None)
+    if saturated is not None and base["method"] != "minmax":
+        changes.append(({"method": "minmax"}, f"{saturated.cause}: a range as wide as the calibration data's"))
+    spread = next((e for e in departing if e.cause.startswith("int8 outlier")), None)
+    if spread is not None and base["method"] == "minmax":
+        changes.append(({"method": "percentile"}, f"{spread.cause}: a range that clips the rarest values"))
+    if not base["per_channel"]:
+        import onnx
+
+        graph = onnx.load(str(bundle.variant_path(found.reference)), load_external_data=False).graph
+        weighted = {o for n in graph.node if n.op_type in _WEIGHTED for o in n.output}
+        hit = next((e for e in departing if e.tensor in weighted), None)
+        if hit is not None:
+            changes.append(({"per_channel": True}, f"{hit.tensor} ({hit.op}) departs: a weight scale per output channel"))
+    return changes
 
 
 def _ranked(found: Localization, mode: str, bundle: Bundle) -> list[TensorError]:
@@ -150,16 +186,31 @@ def _ranked(found: Localization, mode: str, bundle: Bundle) -> list[TensorError]
     nodes of the tensors past the tolerance. int8: the nodes its quantizer quantizes (dynamic: the
     weighted ones; static: any), each scored by the largest growth among the tensors it reads, makes,
     and its consumers make: a badly quantized input shows in what the node makes, or, in a QDQ graph,
-    already in the tensor it reads (the quantizer's rounding sits before the node)."""
+    already in the tensor it reads (the quantizer's rounding sits before the node). Errors that reach
+    a departing output through departing tensors rank above those the graph attenuates on the way."""
     import onnx
 
-    departing = {e.tensor: e for e in found.tensors if e.rel > found.tolerance}
+    limit = found.tolerance
+    departing = {e.tensor: e for e in found.tensors if e.rel > limit}
     if not departing:  # a task gate missed with every tensor within the tolerance: where the most error is made
-        departing = {e.tensor: e for e in found.tensors if e.rel > found.tolerance / 10}
+        limit = found.tolerance / 10
+        departing = {e.tensor: e for e in found.tensors if e.rel > limit}
     score = {name: growth(e, found.tolerance) for name, e in departing.items()}
     if mode == "fp16":
         return sorted(departing.values(), key=lambda e: -score[e.tensor])
     graph = onnx.load(str(bundle.variant_path(found.reference)), load_external_data=False).graph
+    unmeasured = {o for n in graph.node for o in n.output} - {e.tensor for e in found.tensors}
+    reaching = _reaching_outputs(graph, set(departing), [e.tensor for e in found.outputs if e.rel > limit], unmeasured)
+    for e in list(departing.values()) if mode == "int8-static" else []:
+        # a tensor whose range explains an error downstream (an outlier channel that a later node reads
+        # down) may itself look accurate against its own scale; QDQ rounds it where it is made, so its
+        # makers are candidates too (dynamic int8 rounds only what its weighted nodes read)
+        if e.culprit and score[e.tensor] > score.get(e.culprit, 0.0):
+            score[e.culprit], departing[e.culprit] = score[e.tensor], e
+            if e.tensor in reaching:
+                reaching.add(e.culprit)
+    # an error that reaches a departing output ranks first: one the graph attenuates on the way misses no gate
+    rank = {name: (name in reaching, value) for name, value in score.items()}
     consumers: dict[str, list[Any]] = {}
     for node in graph.node:
         for name in node.input:
@@ -169,12 +220,28 @@ def _ranked(found: Localization, mode: str, bundle: Bundle) -> list[TensorError]
     candidates = []
     for node in quantizable:
         near = [*node.input, *node.output, *(o for out in node.output for c in consumers.get(out, []) for o in c.output)]
-        best = max((score[name] for name in near if name in score), default=None)
+        best = max((rank[name] for name in near if name in rank), default=None)
         if best is not None:
-            error = next(departing[name] for name in near if name in score and score[name] == best)
-            why = error.cause or f"the error reaches {error.rel:.3g} of the scale at {error.tensor}, {best:.0f}× what reaches that node"
+            error = next(departing[name] for name in near if name in rank and rank[name] == best)
+            why = error.cause or f"the error reaches {error.rel:.3g} of the scale at {error.tensor}, {best[1]:.0f}× what reaches that node"
             candidates.append((best, replace(error, tensor=node.output[0], node=node.name, op=node.op_type, module=module_path(node), cause=why)))
-    return [e for _, e in sorted(candidates, key=lambda c: -c[0])]
+    return [e for _, e in sorted(candidates, key=lambda c: (not c[0][0], -c[0][1]))]
+
+
+def _reaching_outputs(graph: Any, departing: set[str], outputs: list[str], unmeasured: set[str] = frozenset()) -> set[str]:
+    """The departing tensors from which a departing output is reached through departing tensors, or
+    tensors the variant does not compute apart (a Gemm's output that a QDQ graph fuses with its Relu)."""
+    producers = {o: n for n in graph.node for o in n.output}
+    passable = departing | set(unmeasured)
+    reached, frontier = set(), [name for name in outputs if name in departing]
+    while frontier:
+        name = frontier.pop()
+        if name in reached:
+            continue
+        reached.add(name)
+        node = producers.get(name)
+        frontier += [i for i in (node.input if node is not None else ()) if i in passable]
+    return reached & departing
 
 
 def _localize(bundle: Bundle, variant: str, provider: str, reference: ModelSpec, say: Callable[[str], None]) -> Localization:
@@ -189,7 +256,7 @@ def _base_options(mode: str, options: dict[str, Any]) -> dict[str, Any]:
     if mode == "int8":
         return {"per_channel": options.get("per_channel", True), "reduce_range": options.get("reduce_range")}
     calibration = options.get("calibration", {})
-    return {"method": calibration.get("method", "minmax"), "per_channel": options.get("per_channel", False),
+    return {"method": calibration.get("method", "minmax"), "per_channel": options.get("per_channel", False), "reduce_range": options.get("reduce_range"),
             "calibration_samples": calibration.get("samples", 128)}
 
 

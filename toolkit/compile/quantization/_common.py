@@ -18,7 +18,7 @@ from toolkit.errors import ToolkitError
 from toolkit.runtime.samples import make_feeds
 from toolkit.spec import ModelSpec
 
-__all__ = ["QuantizeContext", "calibration_feeds", "op_report", "preprocess"]
+__all__ = ["QuantizeContext", "calibration_feeds", "op_report", "preprocess", "reduced_range", "saturating_cpu"]
 
 _WEIGHTED_OPS = ("MatMul", "Gemm", "LSTM", "Conv", "Attention")
 
@@ -132,3 +132,28 @@ def resolve_nodes(model_file: Path, names: Sequence[str]) -> tuple[list[str], li
     makers = {o: n.name for n in graph.node for o in n.output}
     found = [name if name in nodes else makers.get(name) for name in names]
     return list(dict.fromkeys(f for f in found if f)), [name for name, f in zip(names, found, strict=True) if not f]
+
+
+def saturating_cpu() -> bool:
+    """Whether this is an x86 CPU without VNNI: onnxruntime's uint8 × int8 kernels there sum pairs of
+    products in 16 bits (AVX2's vpmaddubsw), which saturates with full-range int8 weights."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool(flags) and not ({"avx512_vnni", "avx_vnni"} & set(flags.split()))
+
+
+def reduced_range(asked: bool | None, say: Callable[[str], None]) -> bool:
+    """Whether to quantize weights to 7 bits: as asked, else where this CPU would saturate. Dynamic
+    and static (QDQ) int8 run the same uint8 × int8 kernels, so both need it there."""
+    if asked is not None:
+        return asked
+    if saturating_cpu():
+        say("this CPU has no VNNI: weights quantized to 7 bits, so that its uint8 × int8 products do not saturate")
+        return True
+    return False

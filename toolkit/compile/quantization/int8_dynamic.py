@@ -13,11 +13,12 @@ from toolkit.compile.quantization._common import (
     calibration_feeds,
     op_report,
     preprocess,
+    reduced_range,
     resolve_nodes,
 )
 from toolkit.compile.quantization.configs import DYNAMIC_OPS, Int8Dynamic
 
-__all__ = ["quantize_int8_dynamic", "saturating_cpu"]
+__all__ = ["quantize_int8_dynamic"]
 
 
 def quantize_int8_dynamic(context: QuantizeContext, config: Int8Dynamic, model_file: Path, target: Path) -> dict[str, Any]:
@@ -34,9 +35,7 @@ def quantize_int8_dynamic(context: QuantizeContext, config: Int8Dynamic, model_f
     excluded = [name for node in [*(n for n, _ in kept), *chosen] for name in (node, f"{node}_MatMul")]
     if chosen:
         context.say(f"keeping {len(chosen)} nodes in fp32: {', '.join(chosen)}")
-    reduce_range = config.reduce_range if config.reduce_range is not None else saturating_cpu()
-    if reduce_range and config.reduce_range is None:
-        context.say("this CPU has no VNNI: weights quantized to 7 bits, so that its uint8 × int8 products do not saturate")
+    reduce_range = reduced_range(config.reduce_range, context.say)
     quantize_dynamic(
         str(pre), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=list(DYNAMIC_OPS),
         per_channel=config.per_channel, reduce_range=reduce_range, nodes_to_exclude=excluded,
@@ -50,20 +49,6 @@ def quantize_int8_dynamic(context: QuantizeContext, config: Int8Dynamic, model_f
         **({"excluded": chosen} if chosen else {}), **({"excluded_not_found": unknown} if unknown else {}),
         "ops": op_report(pre, target),
     }
-
-
-def saturating_cpu() -> bool:
-    """Whether this is an x86 CPU without VNNI: onnxruntime's uint8 × int8 kernels there sum pairs of
-    products in 16 bits (AVX2's vpmaddubsw), which saturates with full-range int8 weights."""
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
-        return False
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return bool(flags) and not ({"avx512_vnni", "avx_vnni"} & set(flags.split()))
 
 
 def _outlier_ranking(context: QuantizeContext, model_file: Path, samples: int) -> list[tuple[str, float]]:

@@ -14,6 +14,7 @@ from toolkit.compile.quantization._common import (
     calibration_feeds,
     op_report,
     preprocess,
+    reduced_range,
     resolve_nodes,
 )
 from toolkit.compile.quantization.configs import Int8Static
@@ -35,6 +36,7 @@ def quantize_int8_static(context: QuantizeContext, config: Int8Static, model_fil
     chosen, unknown = resolve_nodes(pre, config.exclude)
     if chosen:
         context.say(f"keeping {len(chosen)} nodes in fp32: {', '.join(chosen)}")
+    reduce_range = reduced_range(config.reduce_range, context.say)
     feeds, origin = calibration_feeds(context, config.calibration_samples)
     context.say(f"calibrating on {len(feeds)} samples from {origin} ({config.method}{', per channel' if config.per_channel else ''})")
 
@@ -47,12 +49,12 @@ def quantize_int8_static(context: QuantizeContext, config: Int8Static, model_fil
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
     quantize_static(
-        str(pre), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=config.per_channel,
+        str(pre), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=config.per_channel, reduce_range=reduce_range,
         calibrate_method=method[config.method], activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         use_external_data_format=is_large(pre), nodes_to_exclude=chosen,
     )
     return {
-        **options, "format": "QDQ", "per_channel": config.per_channel, **({"excluded": chosen} if chosen else {}), **({"excluded_not_found": unknown} if unknown else {}),
+        **options, "format": "QDQ", "per_channel": config.per_channel, "reduce_range": reduce_range, **({"excluded": chosen} if chosen else {}), **({"excluded_not_found": unknown} if unknown else {}),
         "calibration": {"method": config.method, "samples": len(feeds), "data": origin},
         "ops": op_report(pre, target),
     }
