@@ -393,7 +393,7 @@ class _Paired:
         """One run with `names` of both graphs as the outputs (those the variant lacks, of the reference only)."""
         wanted = list(dict.fromkeys(n for name in names for n in (name, _PREFIX + self.seen.get(name, name)) if n in self._produced))
         if self._last[0] != wanted:  # the same outputs run on chunk after chunk of rows: one session for them
-            self._last = (wanted, None)
+            self._last = (wanted, None)  # the old session freed before the new one is built: two may not fit
             self._last = (wanted, self._session(wanted))
         self.runs += 1
         values = self._last[1].run(wanted, dict(feeds))
