@@ -7,6 +7,8 @@ sending Triton binary-tensor requests encoded once up front (so the client costs
                                            # the "## Serving" section of benchmarks/RESULTS.md
     python benchmarks/serve_load.py --soak # the server under hostile traffic (see `soak`); writes
                                            # "## Serving under hostile traffic" and serve_soak.json
+    python benchmarks/serve_load.py --ray  # native against Ray Serve with 1 and 2 replicas; writes
+                                           # "## Serving on Ray" and serve_ray.json
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -56,12 +60,13 @@ def _request(model, seed: int = 0) -> tuple[bytes, dict[str, str], dict]:
     return head + b"".join(v.tobytes() for v in feeds.values()), {HEADER_LENGTH: str(len(head))}, feeds
 
 
-async def _load(address: str, path: str, body: bytes, headers: dict[str, str], concurrency: int, seconds: float) -> list[float]:
+async def _load(address: str, path: str, body: bytes, headers: dict[str, str], concurrency: int, seconds: float,
+                method: str = "POST") -> list[float]:
     """`concurrency` keep-alive connections, each sending the same pre-built request back to back (as
     wrk does): a Python HTTP client would cost more CPU than the server it measures."""
     host, port = address.split(":")
     head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": address, "Content-Length": str(len(body)), **headers}.items())
-    request = f"POST {path} HTTP/1.1\r\n{head}\r\n".encode() + body
+    request = f"{method} {path} HTTP/1.1\r\n{head}\r\n".encode() + body
     latencies: list[float] = []
 
     async def worker(until: float, record: bool) -> None:
@@ -171,6 +176,93 @@ def serve_load(bundles: dict[str, Path], *, seconds: float = 3.0, concurrency=CO
         feeds = make_feeds(models["encoder"].inputs, {"batch": batch, "seq": 32}, 0)
         direct[f"encoder_rows_per_s_batch{batch}"] = batch * 1000 / _direct_ms(models["encoder"], feeds, seconds)
     return rows, direct
+
+
+# --- Ray Serve against the native backend ----------------------------------------------------------
+
+RAY_OVERHEAD_TARGET_MS = 2.0  # mlp at concurrency 1, Ray's p50 over the native server's
+RAY_BACKENDS = {"native": (), "ray, 1 replica": ("--backend", "ray", "--replicas", "1"),
+                "ray, 2 replicas": ("--backend", "ray", "--replicas", "2")}
+
+
+@dataclass
+class RayRow:
+    backend: str
+    model: str
+    concurrency: int
+    requests: int
+    items_per_s: float
+    p50_ms: float
+    p99_ms: float
+
+
+def ray_load(bundles: dict[str, Path], *, seconds: float = 3.0, concurrency=(1, 32)) -> tuple[list[RayRow], dict[str, float]]:
+    """Each backend in turn, one server at a time (batching on): rows, and what the way in costs alone,
+    with no model replica involved: /v2/health/live, its p50 in ms at concurrency 1 ("<backend> p50")
+    and its req/s at the highest concurrency ("<backend>", the ceiling of Ray's proxy and ingress)."""
+    from toolkit.runtime.model import Model
+
+    requests = {name: _request(Model(path, provider="cpu")) for name, path in bundles.items()}
+    rows, ceiling = [], {}
+    for backend, flags in RAY_BACKENDS.items():
+        process, address = _server(list(bundles.values()), 32, *flags)
+        try:
+            for name in bundles:
+                body, headers, _ = requests[name]
+                for c in concurrency:
+                    latencies = asyncio.run(_load(address, f"/v2/models/{name}/infer", body, headers, c, seconds))
+                    rows.append(RayRow(backend, name, c, len(latencies), len(latencies) / seconds,
+                                       float(np.percentile(latencies, 50) * 1000), float(np.percentile(latencies, 99) * 1000)))
+                    print(f"  {backend} {name} c={c}: {rows[-1].items_per_s:,.0f}/s p50 {rows[-1].p50_ms:.2f} ms", file=sys.stderr)
+            probes = asyncio.run(_load(address, "/v2/health/live", b"", {}, 1, seconds, method="GET"))
+            ceiling[f"{backend} p50"] = float(np.percentile(probes, 50) * 1000)
+            if backend != "native":
+                probes = asyncio.run(_load(address, "/v2/health/live", b"", {}, max(concurrency), seconds, method="GET"))
+                ceiling[backend] = len(probes) / seconds
+        finally:
+            process.send_signal(signal.SIGINT)  # the Ray backend stops the instance it started on SIGINT/SIGTERM
+            process.wait(60)
+    return rows, ceiling
+
+
+def ray_markdown(rows: list[RayRow], ceiling: dict[str, float], cpus: int) -> str:
+    def row(backend: str, model: str, c: int) -> RayRow:
+        return next(r for r in rows if (r.backend, r.model, r.concurrency) == (backend, model, c))
+
+    lines = [
+        "## Serving on Ray",
+        "",
+        f"Written by `python benchmarks/serve_load.py --ray` on {cpus} CPUs: `toolkit serve` with the native backend, then "
+        "`--backend ray --replicas 1` and `--replicas 2` (a local Ray instance sized to the machine, the CPUs shared among "
+        "the replicas), one server at a time, batching on (`--max-batch 32`); clients as in \"Serving\" (one row per "
+        "request, Triton binary tensors, keep-alive connections).",
+        "",
+        "| model | concurrency | " + " | ".join(f"{b} req/s (p50 / p99 ms)" for b in RAY_BACKENDS) + " |",
+        "|---|---|" + "---|" * len(RAY_BACKENDS),
+    ]
+    for model in dict.fromkeys(r.model for r in rows):
+        for c in sorted({r.concurrency for r in rows}):
+            cells = [row(b, model, c) for b in RAY_BACKENDS]
+            lines.append(f"| {model} | {c} | " + " | ".join(f"{r.items_per_s:,.0f} ({r.p50_ms:.2f} / {r.p99_ms:.2f})" for r in cells) + " |")
+    native, ray_one = row("native", "mlp", 1), row("ray, 1 replica", "mlp", 1)
+    added = ray_one.p50_ms - native.p50_ms
+    top = max(r.concurrency for r in rows)
+    lines += ["", f"- Ray's per-request overhead, mlp at concurrency 1: p50 {ray_one.p50_ms:.2f} ms against the native "
+              f"{native.p50_ms:.2f} ms, +{added:.2f} ms (goal < {RAY_OVERHEAD_TARGET_MS:.0f} ms): "
+              f"{'met' if added < RAY_OVERHEAD_TARGET_MS else 'not met'}. A request crosses two Ray hops the native server "
+              "does not have: Ray's HTTP proxy to the ingress replica, and the ingress to the model replica through a "
+              f"deployment handle. The first alone, /v2/health/live at concurrency 1 (no model): p50 "
+              f"{ceiling['ray, 1 replica p50']:.2f} ms on Ray against {ceiling['native p50']:.2f} ms native."]
+    for model in dict.fromkeys(r.model for r in rows):
+        one = row("ray, 1 replica", model, top).items_per_s
+        two = row("ray, 2 replicas", model, top).items_per_s
+        gate = min(v for k, v in ceiling.items() if not k.endswith(" p50"))
+        lines.append(f"- {model}, concurrency {top}: 2 replicas give {two / one:.2f}× the throughput of 1 on these {cpus} CPUs, "
+                     f"which both replicas and Ray's own processes share. Projection for 2 replicas on 2 such machines: "
+                     f"min(2 × {one:,.0f}, proxy-and-ingress ceiling {gate:,.0f}) = {min(2 * one, gate):,.0f} req/s, assuming "
+                     "each replica gets the CPUs one replica had here, and one ingress replica (its ceiling: /v2/health/live "
+                     f"at concurrency {top}, no model involved) stays in front.")
+    return "\n".join(lines) + "\n"
 
 
 # --- soak: good requests mixed with hostile clients -------------------------------------------------
@@ -402,7 +494,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--soak", action="store_true", help="the server under hostile traffic instead (mlp, 60 s, concurrency 64)")
     parser.add_argument("--soak-seconds", type=float, default=60.0)
+    parser.add_argument("--ray", action="store_true", help="the native backend against Ray Serve with 1 and 2 replicas instead")
     args = parser.parse_args(argv)
+    if args.ray:
+        bundles = {name: args.bundles / name for name in MODELS}
+        rows, ceiling = ray_load(bundles, seconds=args.seconds)
+        section = ray_markdown(rows, ceiling, len(os.sched_getaffinity(0)))
+        write_section(args.out, section)
+        (args.out.parent / "serve_ray.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "ceiling": ceiling}, indent=2) + "\n")
+        print(section)
+        return 0
     if args.soak:
         if not (args.bundles / "mlp" / "manifest.json").is_file():
             parser.error(f"no bundle at {args.bundles / 'mlp'}: run python benchmarks/run.py first, or toolkit build mlp -o DIR")

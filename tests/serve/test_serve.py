@@ -52,21 +52,77 @@ def running(models, options, loader=None):
         sock.close()
 
 
+# The conformance tests run against both backends; Ray's start-up costs seconds, so its half is slow,
+# and on one xdist worker (--dist loadgroup) so that one Ray instance serves the whole module.
+BACKENDS = ["native", pytest.param("ray", marks=[pytest.mark.slow, pytest.mark.xdist_group("ray")])]
+RAY_REPLICA = {"num_cpus": 0.25, "threads": 1, "provider": "cpu"}  # every deployment of the module fits Ray's 2 CPUs
+
+
 @pytest.fixture(scope="module")
 def models(exported):
     return {name: Model(exported(name), provider="cpu") for name in ("mlp", "encoder", "gpt")}
 
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def server(models):
-    with running(list(models.values()), ServeOptions(max_batch=16, max_delay_ms=20)) as address:
+def ray_http():
+    """One Ray instance for the module, sized as CI's machine, its Serve proxy on a free loopback port;
+    shut down at the end, leaving no process behind."""
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 << 20)
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@contextmanager
+def deployed(port, name, bundles, options, **ray_options):
+    """The bundles served by Ray under /NAME (/ for "server"), yielding the address clients use."""
+    from ray import serve
+
+    from toolkit.serve.ray_backend import RayOptions, application
+
+    prefix = "/" if name == "server" else f"/{name}"
+    serve.run(application(bundles, options, RayOptions(**RAY_REPLICA | ray_options)), name=name, route_prefix=prefix)
+    try:
+        yield f"127.0.0.1:{port}{prefix.rstrip('/')}"
+    finally:
+        serve.delete(name)
+
+
+@contextmanager
+def serving(backend, request, models, options):
+    if backend == "native":
+        with running(models, options) as address:
+            yield address
+    else:
+        name = "server" if options.token is None else "guarded"
+        with deployed(request.getfixturevalue("ray_http"), name, [m.bundle.path for m in models], options) as address:
+            yield address
+
+
+@pytest.fixture(scope="module")
+def server(backend, models, request):
+    with serving(backend, request, list(models.values()), ServeOptions(max_batch=16, max_delay_ms=20)) as address:
         yield address
 
 
 @pytest.fixture(scope="module")
-def guarded(models):
+def guarded(backend, models, request):
     """A server with a bearer token and a 4 KiB body limit."""
-    with running([models["mlp"]], ServeOptions(token=TOKEN, max_body_bytes=4096)) as address:
+    with serving(backend, request, [models["mlp"]], ServeOptions(token=TOKEN, max_body_bytes=4096)) as address:
         yield address
 
 
@@ -368,3 +424,49 @@ def test_cli_serves_and_drains_a_request_in_flight_on_sigterm(exported):
     access = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert {"method": "POST", "path": "/v2/models/mlp/infer", "status": 200}.items() <= access[-1].items()
     assert "serving mlp (fp32 on cpu, 1 thread)" in log
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_a_ray_replica_killed_under_load_costs_at_most_503s_and_is_replaced(ray_http, models):
+    import ray
+    from ray import serve
+
+    model = models["mlp"]
+    feeds = _feeds(model, batch=1, seed=3)
+    want = model.run(feeds)["logits"]
+    body = {"inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32", "data": feeds["x"].ravel().tolist()}]}
+    # requests wait in the replicas for their batch to fill: some are in flight on the one killed
+    with deployed(ray_http, "kill", [model.bundle.path], ServeOptions(max_batch=4, max_delay_ms=300), replicas=2) as address:
+        statuses, stop = [], threading.Event()
+
+        def client():
+            while not stop.is_set():
+                response = httpx.post(f"http://{address}/v2/models/mlp/infer", json=body, timeout=30)  # a hang fails here
+                statuses.append(response.status_code)
+                if response.status_code == 200:
+                    got = np.asarray(response.json()["outputs"][0]["data"], dtype=np.float32).reshape(want.shape)
+                    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+                else:
+                    assert response.status_code == 503 and "retry" in response.json()["error"], response.text
+
+        replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("SERVE_REPLICA::kill#mlp#")]
+        assert len(replicas) == 2, replicas
+        with ThreadPoolExecutor(4) as pool:
+            clients = [pool.submit(client) for _ in range(4)]
+            while len(statuses) < 20:
+                time.sleep(0.05)
+            ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+            served = len(statuses)
+            while len(statuses) < served + 40:
+                assert not any(c.done() for c in clients), [c.result() for c in clients if c.done()]
+                time.sleep(0.05)
+            stop.set()
+            for c in clients:
+                c.result(timeout=60)
+        assert set(statuses) <= {200, 503} and statuses[-10:].count(200) == 10, statuses
+        deadline = time.monotonic() + 60  # Ray Serve starts a replacement
+        while serve.status().applications["kill"].deployments["mlp"].replica_states.get("RUNNING", 0) < 2:
+            assert time.monotonic() < deadline, serve.status().applications["kill"].deployments["mlp"]
+            time.sleep(0.5)
+        assert httpx.post(f"http://{address}/v2/models/mlp/infer", json=body, timeout=30).status_code == 200

@@ -46,6 +46,7 @@ def _choices(name: str, values: Sequence[str]) -> type[Enum]:
 
 Exporter = _choices("Exporter", EXPORTERS)
 Provider = _choices("Provider", ("auto", *PROVIDERS))
+Backend = _choices("Backend", ("native", "ray"))
 Mode = _choices("Mode", MODES)
 Method = _choices("Method", CALIBRATION_METHODS)
 Fp16Io = _choices("Fp16Io", FP16_IO)
@@ -553,9 +554,17 @@ def serve(
     repository: list[Path] | None = typer.Option(None, "--repository", metavar="REPO", help="A directory of bundles (REPO/<name>/) that POST /v2/repository/models/<name>/load and /unload may load and unload while serving (repeatable)."),
     max_in_flight: int = typer.Option(256, "--max-in-flight", help="Requests being read, queued or run at once, all models together (503 beyond)."),
     max_in_flight_mb: float = typer.Option(2048.0, "--max-in-flight-mb", help="Memory those requests may hold at once, a JSON body counted at 8× its size (503 beyond)."),
+    backend: Backend = typer.Option(Backend.native, help="native: this process (uvicorn). ray: Ray Serve, each bundle a deployment of "
+                                    "replicas, on this machine or a cluster (--address); needs the ray extra. Same routes either way."),
+    replicas: int | None = typer.Option(None, "--replicas", help="ray: replicas per bundle (default 1)."),
+    autoscale: str | None = typer.Option(None, "--autoscale", metavar="MIN:MAX", help="ray: scale each bundle's replicas between MIN and MAX on requests in flight."),
+    address: str | None = typer.Option(None, "--address", help="ray: join this Ray cluster (HOST:PORT of `ray start --head`, or 'auto') instead of starting one sized to this machine."),
+    num_cpus: float | None = typer.Option(None, "--num-cpus-per-replica", help="ray: CPUs each replica reserves (default: the cluster's CPUs shared among all replicas; its whole part is also the replica's onnxruntime threads unless --threads)."),
+    num_gpus: float | None = typer.Option(None, "--num-gpus-per-replica", help="ray: GPUs each replica reserves (default 0; fractions share a GPU)."),
 ) -> None:
     """Serve bundles over the Open Inference Protocol (KServe v2 REST), with Triton's binary tensor and
-    generate extensions, dynamic batching and Prometheus /metrics. Ctrl-C drains requests in flight."""
+    generate extensions, dynamic batching and Prometheus /metrics. Ctrl-C drains requests in flight.
+    `--backend ray` runs the models in Ray Serve replicas behind the same routes."""
     import importlib.util
 
     missing = [m for m in ("uvicorn", "starlette") if importlib.util.find_spec(m) is None]
@@ -568,6 +577,15 @@ def serve(
     options = ServeOptions(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, timeout_ms=timeout_ms,
                            token=token, max_body_bytes=int(max_body_mb * (1 << 20)), max_in_flight=max_in_flight,
                            max_in_flight_bytes=int(max_in_flight_mb * (1 << 20)), repository=tuple(repository or ()))
+    ray_flags = {"--replicas": replicas, "--autoscale": autoscale, "--address": address, "--num-cpus-per-replica": num_cpus,
+                 "--num-gpus-per-replica": num_gpus}
+    if backend == Backend.ray:
+        _serve_with_ray(bundle_dirs or [], host, port, options, variant=variant, provider=provider.value, threads=threads,
+                        verify=verify, cuda_graph=cuda_graph, **{k.strip("-").replace("-", "_"): v for k, v in ray_flags.items()})
+        return
+    given = [flag for flag, value in ray_flags.items() if value is not None]
+    if given:
+        raise ToolkitError(f"{given[0]} is an option of the Ray backend; add --backend ray.")
     missing = [str(r) for r in options.repository if not r.is_dir()]
     if missing:
         raise ToolkitError(f"--repository {missing[0]} is not a directory.")
@@ -584,6 +602,30 @@ def serve(
         graphs = ", CUDA graphs" if m.cuda_graph else ""
         err.print(f"serving {m.name} ({m.variant} on {m.provider}{threads_note}{graphs}) at {where}/v2/models/{m.name}")
     run_server(models, host=host, port=port, options=options, loader=loader)
+
+
+def _serve_with_ray(bundle_dirs: list[Path], host: str, port: int, options: Any, *, variant: str | None, provider: str,
+                    threads: int | None, verify: Path | None, cuda_graph: bool, replicas: int | None, autoscale: str | None,
+                    address: str | None, num_cpus_per_replica: float | None, num_gpus_per_replica: float | None) -> None:
+    if cuda_graph:
+        raise ToolkitError("--cuda-graph is native-only; the Ray backend runs each replica's session without CUDA graphs.")
+    if replicas is not None and autoscale is not None:
+        raise ToolkitError("give --replicas or --autoscale, not both.")
+    bounds = None
+    if autoscale is not None:
+        low, _, high = autoscale.partition(":")
+        if not (low.isdigit() and high.isdigit()):
+            raise ToolkitError(f"--autoscale takes MIN:MAX, two whole numbers (e.g. 1:4), got {autoscale!r}.")
+        bounds = (int(low), int(high))
+    from toolkit.serve.ray_backend import RayOptions, serve_with_ray
+
+    ray_options = RayOptions(replicas=replicas or 1, autoscale=bounds, num_cpus=num_cpus_per_replica,
+                             num_gpus=num_gpus_per_replica or 0.0, variant=variant, provider=provider, threads=threads,
+                             verify=str(verify) if verify else None)
+    where = "the cluster at " + address if address else "a local Ray instance"
+    err.print(f"serving {', '.join(map(str, bundle_dirs))} with Ray Serve on {where}, "
+              f"{f'{bounds[0]} to {bounds[1]}' if bounds else ray_options.replicas} replica(s) each")
+    serve_with_ray(bundle_dirs, host=host, port=port, options=options, ray_options=ray_options, address=address)
 
 
 @_command

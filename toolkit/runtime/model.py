@@ -17,7 +17,7 @@ from toolkit.errors import ToolkitError
 from toolkit.runtime.session import open_session, ort_message
 from toolkit.spec import TensorSpec
 
-__all__ = ["Model", "load"]
+__all__ = ["Model", "Signature", "load"]
 
 def load(path: str | os.PathLike[str], *, variant: str | None = None, provider: str = "auto", threads: int | None = None,
          cuda_graph: bool = False, verify: str | os.PathLike[str] | None = None) -> Model:
@@ -31,67 +31,23 @@ def load(path: str | os.PathLike[str], *, variant: str | None = None, provider: 
     return Model(path, variant=variant, provider=provider, threads=threads, cuda_graph=cuda_graph, verify=verify)
 
 
-class Model:
-    """One variant of a bundle in an onnxruntime session. Safe to call from several threads."""
+class Signature:
+    """What a bundle's variant takes and returns, and the checks on its inputs, without a session: a
+    server's front end validates requests with it while the model runs elsewhere (another process,
+    another machine). Picklable."""
 
-    def __init__(self, path: str | os.PathLike[str], *, variant: str | None = None, provider: str = "auto", threads: int | None = None,
-                 cuda_graph: bool = False, verify: str | os.PathLike[str] | None = None):
-        if verify is not None:
-            from toolkit.bundle.signing import verify as verify_signature
-
-            self.bundle = verify_signature(path, verify)
-        else:
-            self.bundle = Bundle.open(path)
-        self.variant = _resolve_variant(self.bundle, variant)
-        model_file = self.bundle.variant_path(self.variant)
-        manifest = self.bundle.manifest
-        variant_record = self.bundle.variant(self.variant)
+    def __init__(self, bundle: Bundle, variant: str | None = None):
+        self.bundle = bundle
+        self.variant = _resolve_variant(bundle, variant)
+        manifest = bundle.manifest
+        variant_record = bundle.variant(self.variant)
         self.inputs: tuple[TensorSpec, ...] = tuple(variant_record.tensors(manifest.inputs))
         self.outputs: tuple[TensorSpec, ...] = tuple(variant_record.tensors(manifest.outputs))
         self._dims = {d.name: d for d in manifest.dims}
-        self._session, self.provider, self.provider_note = open_session(model_file, provider, threads, cuda_graph=cuda_graph)
-        self.cuda_graph = cuda_graph and self.provider == "cuda"
-
-    @property
-    def session(self) -> Any:
-        """The underlying onnxruntime.InferenceSession, for what this class does not wrap (IO binding)."""
-        return self._session
 
     @property
     def name(self) -> str:
         return self.bundle.manifest.name
-
-    def run(self, feeds: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Runs one inference; returns {output name: array} for `outputs` (default: all)."""
-        arrays = self.validate(feeds)
-        names = [o.name for o in self.outputs] if outputs is None else list(outputs)
-        unknown = [n for n in names if n not in {o.name for o in self.outputs}]
-        if unknown:
-            raise ToolkitError(f"unknown output {unknown[0]!r}; {self.name} has outputs {', '.join(o.name for o in self.outputs)}.")
-        return self.run_validated(arrays, names)
-
-    def run_validated(self, arrays: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """`run` without the checks, for feeds that `validate` returned or that the caller built to the
-        spec itself (a decoding loop, a batch merged from validated requests)."""
-        names = [o.name for o in self.outputs] if outputs is None else list(outputs)
-        try:
-            values = self._session.run(names, arrays)
-        except Exception as exc:  # onnxruntime's own exception types are not importable portably
-            raise ToolkitError(f"onnxruntime failed running {self.name} ({self.variant}): {ort_message(exc)}") from exc
-        return dict(zip(names, values, strict=True))
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """`model(x)` for a single-input model, `model(name=value, ...)` otherwise; returns the
-        array for a single-output model, else a dict."""
-        if args:
-            if len(args) != 1 or kwargs or len(self.inputs) != 1:
-                raise ToolkitError(
-                    f"{self.name} takes inputs {_describe_all(self.inputs)}; pass them by name: "
-                    f"model({', '.join(t.name + '=...' for t in self.inputs)}) or model.run({{...}})."
-                )
-            kwargs = {self.inputs[0].name: args[0]}
-        result = self.run(kwargs)
-        return next(iter(result.values())) if len(result) == 1 else result
 
     def cast(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """`feeds` with float arrays in the float dtype this variant's inputs take (an fp16 variant
@@ -161,6 +117,59 @@ class Model:
                     f"input {spec.name!r}: {what} must lie in [0, {spec.high}), got values in [{low}, {high}]."
                 )
         return np.ascontiguousarray(value)
+
+class Model(Signature):
+    """One variant of a bundle in an onnxruntime session. Safe to call from several threads."""
+
+    def __init__(self, path: str | os.PathLike[str], *, variant: str | None = None, provider: str = "auto", threads: int | None = None,
+                 cuda_graph: bool = False, verify: str | os.PathLike[str] | None = None):
+        if verify is not None:
+            from toolkit.bundle.signing import verify as verify_signature
+
+            bundle = verify_signature(path, verify)
+        else:
+            bundle = Bundle.open(path)
+        super().__init__(bundle, variant)
+        model_file = self.bundle.variant_path(self.variant)
+        self._session, self.provider, self.provider_note = open_session(model_file, provider, threads, cuda_graph=cuda_graph)
+        self.cuda_graph = cuda_graph and self.provider == "cuda"
+
+    @property
+    def session(self) -> Any:
+        """The underlying onnxruntime.InferenceSession, for what this class does not wrap (IO binding)."""
+        return self._session
+
+    def run(self, feeds: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Runs one inference; returns {output name: array} for `outputs` (default: all)."""
+        arrays = self.validate(feeds)
+        names = [o.name for o in self.outputs] if outputs is None else list(outputs)
+        unknown = [n for n in names if n not in {o.name for o in self.outputs}]
+        if unknown:
+            raise ToolkitError(f"unknown output {unknown[0]!r}; {self.name} has outputs {', '.join(o.name for o in self.outputs)}.")
+        return self.run_validated(arrays, names)
+
+    def run_validated(self, arrays: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """`run` without the checks, for feeds that `validate` returned or that the caller built to the
+        spec itself (a decoding loop, a batch merged from validated requests)."""
+        names = [o.name for o in self.outputs] if outputs is None else list(outputs)
+        try:
+            values = self._session.run(names, arrays)
+        except Exception as exc:  # onnxruntime's own exception types are not importable portably
+            raise ToolkitError(f"onnxruntime failed running {self.name} ({self.variant}): {ort_message(exc)}") from exc
+        return dict(zip(names, values, strict=True))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """`model(x)` for a single-input model, `model(name=value, ...)` otherwise; returns the
+        array for a single-output model, else a dict."""
+        if args:
+            if len(args) != 1 or kwargs or len(self.inputs) != 1:
+                raise ToolkitError(
+                    f"{self.name} takes inputs {_describe_all(self.inputs)}; pass them by name: "
+                    f"model({', '.join(t.name + '=...' for t in self.inputs)}) or model.run({{...}})."
+                )
+            kwargs = {self.inputs[0].name: args[0]}
+        result = self.run(kwargs)
+        return next(iter(result.values())) if len(result) == 1 else result
 
     def close(self) -> None:
         self._session = None

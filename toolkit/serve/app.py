@@ -55,7 +55,7 @@ from toolkit.serve.protocol import (
 )
 from toolkit.serve.triton import batch_first, model_config
 
-__all__ = ["EXTENSIONS", "ServeOptions", "create_app", "serve"]
+__all__ = ["EXTENSIONS", "ServeOptions", "Unavailable", "create_app", "protocol_app", "serve"]
 
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "generate"]
 _VERSION = "1"
@@ -134,11 +134,17 @@ class _Held:
 
 
 class _Served:
-    """One model as served: its runtime, its batcher, its metadata and (for decoders) its Generator."""
+    """One model served in this process: its runtime, its batcher and (for decoders) its Generator.
 
-    def __init__(self, model: Model, options: ServeOptions, metrics: Metrics):
-        self.model = model
+    What the routes ask of a served model (an endpoint; ray_backend.py has the other kind, a model
+    running in Ray Serve replicas): `signature` (inputs, outputs, validate), `healthy`, `depth`,
+    `run(feeds, deadline)`, `generates`, `generate(text, arguments)`, `stream(text, arguments)`,
+    `start()`, `close()`. An endpoint raises `Unavailable` for what the client should retry (503)."""
+
+    def __init__(self, model: Model, options: ServeOptions, metrics: Metrics, off_loop: Callable[..., Any]):
+        self.signature = model
         self.name = model.name
+        self._off_loop = off_loop
         # A session opened for CUDA graphs replays one captured graph per batch shape it has seen.
         run = CapturedRunner(model, limit=options.max_graphs).run if model.cuda_graph else model.run_validated
         self.batcher = DynamicBatcher(
@@ -146,26 +152,69 @@ class _Served:
             max_queue=options.max_queue, on_batch=lambda rows: metrics.batch_run(self.name, rows),
             on_run=lambda queued, compute: metrics.request_run(self.name, queued, compute),
         )
-        self.generator = Generator(model) if model.bundle.manifest.generation else None
-        self.generations = asyncio.Semaphore(options.max_generations)
+        self._generator = Generator(model) if model.bundle.manifest.generation else None
 
-    def metadata(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "versions": [_VERSION],
-            "platform": "onnxruntime_onnx",
-            "inputs": [{"name": t.name, "datatype": datatype(t.dtype), "shape": dims(t.shape)} for t in self.model.inputs],
-            "outputs": [{"name": t.name, "datatype": datatype(t.dtype), "shape": dims(t.shape)} for t in self.model.outputs],
-        }
+    @property
+    def healthy(self) -> bool:
+        return self.batcher.healthy
+
+    @property
+    def depth(self) -> int:
+        return self.batcher.depth
+
+    @property
+    def generates(self) -> bool:
+        return self._generator is not None
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    async def close(self) -> None:
+        await self.batcher.close()  # what it had accepted is answered first
+
+    async def run(self, feeds: dict[str, Any], deadline: float | None) -> dict[str, Any]:
+        try:
+            return await self.batcher.submit(feeds, deadline=deadline)
+        except (Overloaded, DeadlinePassed, BatcherFailed) as exc:
+            raise Unavailable(str(exc)) from None
+
+    async def generate(self, text: str, arguments: dict[str, Any]) -> str:
+        return await self._off_loop(lambda: self._generator.generate(text, **arguments))
+
+    async def stream(self, text: str, arguments: dict[str, Any]) -> AsyncIterator[str]:
+        """The pieces of a generation; bad arguments raise ToolkitError here, before the first piece."""
+        from starlette.concurrency import iterate_in_threadpool
+
+        return iterate_in_threadpool(self._generator.stream(text, **arguments))
+
+
+class Unavailable(Exception):
+    """A served model cannot take the request now (its queue is full, its deadline passed, its replica
+    died): answered 503, for the client to retry."""
+
+
+def _metadata(s: Any) -> dict[str, Any]:
+    return {
+        "name": s.name,
+        "versions": [_VERSION],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": t.name, "datatype": datatype(t.dtype), "shape": dims(t.shape)} for t in s.signature.inputs],
+        "outputs": [{"name": t.name, "datatype": datatype(t.dtype), "shape": dims(t.shape)} for t in s.signature.outputs],
+    }
 
 
 class _Routes:
     """The protocol's routes over the served models; each handler is a small method."""
 
-    def __init__(self, models: Sequence[Model], options: ServeOptions, metrics: Metrics, loader: Loader | None):
+    def __init__(self, sources: Sequence[Any], options: ServeOptions, metrics: Metrics, loader: Loader | None,
+                 endpoint: Callable[[Any, Metrics], Any] | None = None):
+        """`sources`: what `endpoint(source, metrics)` turns into a served model, in the server's event
+        loop (by default a loaded Model, served in this process)."""
         self.options, self.metrics, self.loader = options, metrics, loader
-        self.served: dict[str, _Served] = {}
-        self._models = list(models)
+        self.served: dict[str, Any] = {}
+        self.generations: dict[str, asyncio.Semaphore] = {}
+        self._sources = list(sources)
+        self._endpoint = endpoint or (lambda model, metrics: _Served(model, options, metrics, self._off_loop))
         self.ready = False
         self.admission = _Admission(options.max_in_flight, options.max_in_flight_bytes, lambda why: metrics.rejected.labels(reason=why).inc())
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -174,29 +223,30 @@ class _Routes:
 
     @asynccontextmanager
     async def lifespan(self, app: Any):
-        for model in self._models:  # batchers and semaphores belong to the server's event loop
-            self._add(model)
+        for source in self._sources:  # batchers and semaphores belong to the server's event loop
+            self._add(source)
         self.ready = True
         try:
             yield
         finally:
             self.ready = False
             for s in self.served.values():  # uvicorn has drained the connections; finish what was queued
-                await s.batcher.close()
+                await s.close()
             self.threads.shutdown(wait=False)
             self.decoder.close()
 
-    def _add(self, model: Model) -> None:
-        if model.name in self.served:
-            raise ToolkitError(f"two bundles are both named {model.name!r}; serve them from separate servers or rename one.")
-        served = _Served(model, self.options, self.metrics)
-        self.metrics.add_model(model.name)
-        served.batcher.start()
-        self.served[model.name] = served
+    def _add(self, source: Any) -> None:
+        served = self._endpoint(source, self.metrics)
+        if served.name in self.served:
+            raise ToolkitError(f"two bundles are both named {served.name!r}; serve them from separate servers or rename one.")
+        self.metrics.add_model(served.name)
+        served.start()
+        self.generations[served.name] = asyncio.Semaphore(self.options.max_generations)
+        self.served[served.name] = served
 
-    def is_ready(self, s: _Served | None = None) -> bool:
-        """The server's readiness, or one model's: started, not stopping, and the batching loops running."""
-        return self.ready and all(m.batcher.healthy for m in ([s] if s else self.served.values()))
+    def is_ready(self, s: Any = None) -> bool:
+        """The server's readiness, or one model's: started, not stopping, and every served model healthy."""
+        return self.ready and all(m.healthy for m in ([s] if s else self.served.values()))
 
     def routes(self) -> list[Any]:
         from starlette.routing import Route
@@ -213,7 +263,7 @@ class _Routes:
             ]
         return routes
 
-    def find(self, request: Any) -> _Served:
+    def find(self, request: Any) -> Any:
         name = request.path_params["model"]
         if name not in self.served:
             shown = name if len(name) <= 64 else name[:61] + "..."
@@ -223,7 +273,7 @@ class _Routes:
             raise _HTTPError(404, f"model {name!r} has no version {version[:20]!r}; its only version is {_VERSION}.")
         return self.served[name]
 
-    def _ready_for(self, s: _Served) -> None:
+    def _ready_for(self, s: Any) -> None:
         if not self.is_ready(s):
             self.metrics.rejected.labels(reason="not ready").inc()
             raise _HTTPError(503, f"model {s.name!r} is not ready (starting, stopping, or restarting after a failure); retry later.")
@@ -269,7 +319,7 @@ class _Routes:
         return _json({"name": "toolkit", "version": __version__, "extensions": EXTENSIONS})
 
     async def model_metadata(self, request: Any) -> Any:
-        return _json(self.find(request).metadata())
+        return _json(_metadata(self.find(request)))
 
     async def model_ready(self, request: Any) -> Any:
         s = self.find(request)
@@ -278,7 +328,7 @@ class _Routes:
 
     async def configuration(self, request: Any) -> Any:
         o = self.options
-        return _json(model_config(self.find(request).model, max_batch=o.max_batch, max_delay_ms=o.max_delay_ms, instances=1))
+        return _json(model_config(self.find(request).signature, max_batch=o.max_batch, max_delay_ms=o.max_delay_ms, instances=1))
 
     async def infer(self, request: Any) -> Any:
         from starlette.responses import Response
@@ -292,8 +342,9 @@ class _Routes:
                 else min(int(header_length), len(body))
             decode = self.decoder.decode if json_bytes > _JSON_IN_PROCESS else functools.partial(self._off_loop, decode_request)
             try:
-                parsed = await decode(body, header_length, s.model.inputs, s.model.outputs, self.options.max_body_bytes * _JSON_EXPANSION)
-                feeds = await self._off_loop(s.model.validate, parsed.inputs)
+                parsed = await decode(body, header_length, s.signature.inputs, s.signature.outputs,
+                                      self.options.max_body_bytes * _JSON_EXPANSION)
+                feeds = await self._off_loop(s.signature.validate, parsed.inputs)
             except ProtocolError as exc:
                 raise _HTTPError(exc.status, str(exc)) from None
             except ToolkitError as exc:
@@ -315,22 +366,22 @@ class _Routes:
             return time.monotonic() + timeout_us / 1e6
         return time.monotonic() + self.options.timeout_ms / 1000 if self.options.timeout_ms else None
 
-    async def _run_batched(self, s: _Served, feeds: dict[str, Any], timeout_us: Any) -> dict[str, Any]:
+    async def _run_batched(self, s: Any, feeds: dict[str, Any], timeout_us: Any) -> dict[str, Any]:
         """Runs `feeds` through the model's batcher, within the request's deadline."""
-        self.metrics.queue_depth.labels(s.name).set(s.batcher.depth + 1)
+        self.metrics.queue_depth.labels(s.name).set(s.depth + 1)
         try:
-            return await s.batcher.submit(feeds, deadline=self._deadline(timeout_us))
-        except (Overloaded, DeadlinePassed, BatcherFailed) as exc:
+            return await s.run(feeds, self._deadline(timeout_us))
+        except Unavailable as exc:
             raise _HTTPError(503, str(exc)) from None
         finally:
-            self.metrics.queue_depth.labels(s.name).set(s.batcher.depth)
+            self.metrics.queue_depth.labels(s.name).set(s.depth)
 
     @asynccontextmanager
-    async def _generation(self, request: Any) -> AsyncIterator[tuple[_Served, GenerateRequest]]:
+    async def _generation(self, request: Any) -> AsyncIterator[tuple[Any, GenerateRequest]]:
         """A generate request through the same rules as infer: readiness, admission, then a slot among
         the model's running generations, waited for no longer than the deadline."""
         s = self.find(request)
-        if s.generator is None:
+        if not s.generates:
             raise _HTTPError(400, f"model {s.name!r} is not a decoder with a KV cache; generate needs one (the reference gpt is).")
         self._ready_for(s)
         async with self.admission.request() as held:
@@ -339,21 +390,24 @@ class _Routes:
             except ProtocolError as exc:
                 raise _HTTPError(exc.status, str(exc)) from None
             deadline = self._deadline(None)
+            slots = self.generations[s.name]
             try:
-                await asyncio.wait_for(s.generations.acquire(), None if deadline is None else max(0.0, deadline - time.monotonic()))
+                await asyncio.wait_for(slots.acquire(), None if deadline is None else max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 raise _HTTPError(503, f"model {s.name!r} is busy generating ({self.options.max_generations} at once); retry later.") from None
             try:
                 yield s, g
             finally:
-                s.generations.release()
+                slots.release()
 
     async def generate(self, request: Any) -> Any:
         async with self._generation(request) as (s, g):
             try:
-                text = await self._off_loop(lambda: s.generator.generate(g.text, **_arguments(g)))
+                text = await s.generate(g.text, _arguments(g))
             except ToolkitError as exc:
                 raise _HTTPError(400, str(exc)) from None
+            except Unavailable as exc:
+                raise _HTTPError(503, str(exc)) from None
         return _json({"model_name": s.name, "model_version": _VERSION, "text_output": text})
 
     async def generate_stream(self, request: Any) -> Any:
@@ -362,21 +416,19 @@ class _Routes:
         slot = self._generation(request)
         s, g = await slot.__aenter__()
         try:
-            pieces = s.generator.stream(g.text, **_arguments(g))  # validates now: bad input is a 400, not a broken stream
-        except ToolkitError as exc:
+            pieces = await s.stream(g.text, _arguments(g))  # validates now: bad input is a 400, not a broken stream
+        except (ToolkitError, Unavailable) as exc:
             await slot.__aexit__(None, None, None)
-            raise _HTTPError(400, str(exc)) from None
+            raise _HTTPError(400 if isinstance(exc, ToolkitError) else 503, str(exc)) from None
         except BaseException:
             await slot.__aexit__(None, None, None)
             raise
 
         async def events() -> AsyncIterator[str]:
-            from starlette.concurrency import iterate_in_threadpool
-
             try:
-                async for piece in iterate_in_threadpool(pieces):
+                async for piece in pieces:
                     yield f"data: {json.dumps({'model_name': s.name, 'model_version': _VERSION, 'text_output': piece})}\n\n"
-            except ToolkitError as exc:
+            except (ToolkitError, Unavailable) as exc:
                 yield f"data: {json.dumps({'error': str(exc)})}\n\n"
             finally:
                 await slot.__aexit__(None, None, None)  # the slot and the admission, held for the whole stream
@@ -401,7 +453,7 @@ class _Routes:
         return found
 
     async def repository_index(self, request: Any) -> Any:
-        index = [{"name": name, "version": _VERSION, "state": "READY" if s.batcher.healthy else "UNAVAILABLE"}
+        index = [{"name": name, "version": _VERSION, "state": "READY" if s.healthy else "UNAVAILABLE"}
                  for name, s in self.served.items()]
         index += [{"name": name, "version": _VERSION, "state": "UNAVAILABLE", "reason": "unloaded"}
                   for name in self._available() if name not in self.served]
@@ -431,7 +483,7 @@ class _Routes:
         s = self.served.pop(name, None)
         if s is None:
             raise _HTTPError(404, f"model {name[:64]!r} is not loaded.")
-        await s.batcher.close()  # what it had accepted is answered first
+        await s.close()  # what it had accepted is answered first
         _log.info("unloaded %s", name)
         return _json({})
 
@@ -459,6 +511,13 @@ def _internal_error(request: Any, exc: Exception) -> Any:
 def create_app(models: Sequence[Model], options: ServeOptions | None = None, loader: Loader | None = None) -> Any:
     """The ASGI app serving `models` (by manifest name; names must be unique); `loader(path)` opens a
     bundle of `options.repository` when /v2/repository/models/{name}/load asks for it."""
+    return protocol_app(models, options or ServeOptions(), loader=loader)
+
+
+def protocol_app(sources: Sequence[Any], options: ServeOptions, *, loader: Loader | None = None,
+                 endpoint: Callable[[Any, Metrics], Any] | None = None) -> Any:
+    """The protocol's ASGI app over `sources`, each turned into a served model by `endpoint` (default:
+    a loaded Model served in this process): one protocol, whichever backend runs the models."""
     try:
         import prometheus_client  # noqa: F401
         import starlette  # noqa: F401
@@ -466,13 +525,12 @@ def create_app(models: Sequence[Model], options: ServeOptions | None = None, loa
         raise ToolkitError(f"serving needs the serve extra ({exc.name} is missing): pip install 'toolkit[serve]'.") from None
     from starlette.applications import Starlette
 
-    options = options or ServeOptions()
-    names = [m.name for m in models]
+    names = [source.name for source in sources]
     if len(set(names)) != len(names):
         twice = next(n for n in names if names.count(n) > 1)
         raise ToolkitError(f"two bundles are both named {twice!r}; serve them from separate servers or rename one.")
     metrics = Metrics()
-    routes = _Routes(models, options, metrics, loader)
+    routes = _Routes(sources, options, metrics, loader, endpoint)
     app = Starlette(routes=routes.routes(), lifespan=routes.lifespan, exception_handlers={
         _HTTPError: lambda request, exc: _json({"error": str(exc)}, exc.status),
         404: lambda request, exc: _json({"error": f"no route {request.url.path[:200]}"}, 404),

@@ -7,6 +7,8 @@ import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from toolkit.serve.metrics import route_path
+
 __all__ = ["BearerToken"]
 
 _OPEN_PREFIX = "/v2/health/"
@@ -19,7 +21,7 @@ class BearerToken:
         self._expected = f"Bearer {token}".encode()
 
     async def __call__(self, scope: Mapping[str, Any], send: Callable[[Mapping[str, Any]], Awaitable[None]]) -> bool:
-        if scope["path"].startswith(_OPEN_PREFIX) or self.authorized(scope):
+        if route_path(scope).startswith(_OPEN_PREFIX) or self.authorized(scope):
             return True
         body = json.dumps({"error": "missing or wrong bearer token (send `Authorization: Bearer <token>`)."}).encode()
         await send({"type": "http.response.start", "status": 401,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["BatcherFailed", "DeadlinePassed", "DynamicBatcher", "Overloaded"]
+__all__ = ["BatcherFailed", "DeadlinePassed", "DynamicBatcher", "Overloaded", "run_merged"]
 
 _log = logging.getLogger("toolkit.serve")
 _RESTART_S = (1.0, 8.0)  # the first pause before a dead loop restarts, and the longest
@@ -102,11 +102,7 @@ class DynamicBatcher:
             raise Overloaded("the server is shutting down")
         if len(self._waiting) >= self.max_queue:
             raise Overloaded(f"the queue is full ({self.max_queue} requests waiting); retry later")
-        rows = len(next(iter(feeds.values()))) if self._batch_axis and feeds else 1
-        if rows > self.max_batch:  # larger than any batch: runs alone
-            signature: tuple = ("alone", id(feeds))
-        else:
-            signature = tuple((name, value.shape[1:], value.dtype.str) for name, value in sorted(feeds.items()))
+        rows, signature = _rows_and_signature(feeds, self._batch_axis, self.max_batch)
         waiting = _Waiting(feeds, rows, signature, deadline, time.monotonic(), asyncio.get_running_loop().create_future())
         self._waiting.append(waiting)
         self._arrival.set()
@@ -146,10 +142,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         try:
-            feeds = batch[0].feeds if len(batch) == 1 else {
-                name: np.concatenate([w.feeds[name] for w in batch]) for name in batch[0].feeds
-            }
-            results = await loop.run_in_executor(self._executor, self._run, feeds)
+            results = await loop.run_in_executor(self._executor, self._run, _merge([w.feeds for w in batch]))
         except Exception as exc:
             if len(batch) > 1:  # one member may be at fault: each runs alone, and only the bad one fails
                 for w in batch:
@@ -161,12 +154,9 @@ class DynamicBatcher:
         with _quietly("the batch callbacks"):
             self._on_batch(sum(w.rows for w in batch))
             self._on_run([started - w.arrived for w in batch], elapsed)
-        start = 0
-        for w in batch:
+        for w, own in zip(batch, _split(results, [w.rows for w in batch]), strict=True):
             if not w.future.done():  # a caller that went away is skipped
-                own = results if len(batch) == 1 else {k: v[start : start + w.rows] for k, v in results.items()}
                 w.future.set_result(own)
-            start += w.rows
 
     async def _gather(self) -> list[_Waiting]:
         """Waits until the oldest request's delay is up or a full batch of its kind is there, then
@@ -196,6 +186,56 @@ class DynamicBatcher:
                 rest.append(w)
         self._waiting = rest
         return batch
+
+
+def run_merged(run: Callable[[Feeds], Results], requests: list[Feeds], *, batch_axis: bool, max_batch: int) -> list[Results | Exception]:
+    """Each request's results (or its exception) when `requests`, which arrived together, run merged
+    as the batcher merges them: requests of the same shape past the batch axis, up to `max_batch`
+    rows per run; a merged run that fails runs its members again one by one, so only the one at fault
+    fails. For a backend that gathers the requests itself (Ray Serve's @serve.batch)."""
+    answers: list[Results | Exception | None] = [None] * len(requests)
+    groups: dict[tuple, list[list[int]]] = {}
+    for i, feeds in enumerate(requests):
+        rows, signature = _rows_and_signature(feeds, batch_axis, max_batch)
+        runs = groups.setdefault(signature, [[]])
+        if runs[-1] and sum(_rows(requests[j], batch_axis) for j in runs[-1]) + rows > max_batch:
+            runs.append([])
+        runs[-1].append(i)
+    for run_of in (members for runs in groups.values() for members in runs):
+        try:
+            results = run(_merge([requests[i] for i in run_of]))
+            for i, own in zip(run_of, _split(results, [_rows(requests[i], batch_axis) for i in run_of]), strict=True):
+                answers[i] = own
+        except Exception as exc:
+            if len(run_of) == 1:
+                answers[run_of[0]] = exc
+                continue
+            for i in run_of:
+                answers[i] = run_merged(run, [requests[i]], batch_axis=batch_axis, max_batch=max_batch)[0]
+    return answers  # type: ignore[return-value]
+
+
+def _rows(feeds: Feeds, batch_axis: bool) -> int:
+    return len(next(iter(feeds.values()))) if batch_axis and feeds else 1
+
+
+def _rows_and_signature(feeds: Feeds, batch_axis: bool, max_batch: int) -> tuple[int, tuple]:
+    """A request's rows, and what it must share with others to merge with them."""
+    rows = _rows(feeds, batch_axis)
+    if rows > max_batch or not batch_axis:  # larger than any batch, or no batch axis: runs alone
+        return rows, ("alone", id(feeds))
+    return rows, tuple((name, value.shape[1:], value.dtype.str) for name, value in sorted(feeds.items()))
+
+
+def _merge(requests: list[Feeds]) -> Feeds:
+    return requests[0] if len(requests) == 1 else {name: np.concatenate([r[name] for r in requests]) for name in requests[0]}
+
+
+def _split(results: Results, rows: list[int]) -> list[Results]:
+    if len(rows) == 1:
+        return [results]
+    bounds = np.cumsum([0, *rows])
+    return [{k: v[start:end] for k, v in results.items()} for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 @contextlib.contextmanager

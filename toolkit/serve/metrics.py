@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-__all__ = ["UNKNOWN_MODEL", "Metrics", "Observed"]
+__all__ = ["UNKNOWN_MODEL", "Metrics", "Observed", "route_path"]
 
 _access = logging.getLogger("toolkit.access")
 _MODEL_ROUTES = ("infer", "generate", "generate_stream", "ready", "config", "load", "unload")
@@ -88,6 +88,13 @@ class Metrics:
         return generate_latest(self.registry) + ("\n".join(lines) + "\n").encode(), CONTENT_TYPE_LATEST
 
 
+def route_path(scope: Mapping[str, Any]) -> str:
+    """The request's path within the app: without the prefix it is mounted under (ASGI's root_path,
+    e.g. a Ray Serve route prefix), which the ASGI spec leaves in `path`."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 class Observed:
     """ASGI middleware: a request id (the `x-request-id` header, echoed in errors and the log),
     `guard` (e.g. the bearer token), then per-model request counts and latency, and one JSON
@@ -117,7 +124,7 @@ class Observed:
             self._record(scope, status["code"], time.perf_counter() - start, request_id)
 
     def _record(self, scope: Mapping[str, Any], status: int, elapsed: float, request_id: str) -> None:
-        path = scope["path"]
+        path = route_path(scope)
         parts = path.split("/")
         if parts[1:3] == ["v2", "models"] and len(parts) > 3:  # /v2/models/{m}/...
             named = parts[3]
