@@ -1,6 +1,6 @@
 """toolkit against the peers a user would pick instead, on Hugging Face decoders: optimum-onnx's
 ORTModelForCausalLM (with its KV cache) and onnxruntime-genai's model builder (fp32, and int4 beside
-toolkit's int8), interleaved in one run on this machine.
+toolkit's int4 and int8), interleaved in one run on this machine.
 
 The models are seeded-random GPT-2 small and a LLaMA-style model of the same size, built offline from
 configs (models/hf_causal.py). Every runtime decodes greedily exactly `new` tokens (end-of-text
@@ -50,7 +50,7 @@ VENVS = {
     "genai": ["onnxruntime-genai", "onnx_ir", "onnxscript", "transformers>=5"],
 }
 PEERS = {"optimum": "optimum", "genai-fp32": "genai", "genai-int4": "genai"}  # peer → environment
-TOOLKIT_VARIANTS = {"toolkit-fp32": "fp32", "toolkit-opt": "opt", "toolkit-int8": "int8"}  # fp32: the export as it is; opt: fused
+TOOLKIT_VARIANTS = {"toolkit-fp32": "fp32", "toolkit-opt": "opt", "toolkit-int8": "int8", "toolkit-int4": "int4"}  # fp32: the export as it is; opt: fused
 PROMPT_TOKENS = 32
 
 
@@ -103,7 +103,7 @@ def _write_section(result: dict[str, Any], results: Path) -> None:
         "prompts, greedy, exactly `new` tokens. Each cell: decode ms/token (time to first token in ms, share of greedy "
         f"tokens equal to transformers' generate()), medians of {settings['rounds']} interleaved rounds. toolkit-fp32 "
         "is the export as it is, toolkit-opt the fused graph; the last column compares decode speed: fp32 against "
-        "optimum and onnxruntime-genai fp32, toolkit's int8 against onnxruntime-genai's int4. A dash: the peer "
+        "optimum and onnxruntime-genai fp32, toolkit's int4 (and int8) against onnxruntime-genai's int4. A dash: the peer "
         "cannot export that architecture (onnxruntime-genai's builder has no GPT-2).", "",
         markdown(result["rows"]), *([""] + [result["note"]] if result.get("note") else []), ""])
     write_section(results, section)
@@ -172,9 +172,15 @@ def _runners(kind: str, model_dir: Path, work: Path, python: dict[str, Path], th
     from toolkit.compile import build
 
     bundle = work / "toolkit"
+    say = lambda m: print("  " + m, flush=True)  # noqa: E731
     if not (bundle / "manifest.json").is_file():
-        print(f"toolkit build hf:{model_dir} (int8)", flush=True)
-        build(f"hf:{model_dir}", bundle, modes=["int8"], select=False, force=True, progress=lambda m: print("  " + m, flush=True))
+        print(f"toolkit build hf:{model_dir} (int8, int4)", flush=True)
+        build(f"hf:{model_dir}", bundle, modes=["int8", "int4"], select=False, force=True, progress=say)
+    elif "int4" not in Bundle.open(bundle).manifest.variants:  # a bundle built before int4 existed: int4 as build makes it
+        from toolkit.compile import check, quantize
+
+        quantize(bundle, mode="int4", source="opt", progress=say, trust_source=True)
+        check(bundle, variants=["int4"], progress=say, trust_source=True)
     passed = {n for n, v in Bundle.open(bundle).manifest.variants.items() if v.parity and v.parity["passed"]}
     runners: dict[str, Any] = {label: _Toolkit(bundle, variant, threads) for label, variant in TOOLKIT_VARIANTS.items() if variant in passed}
     for peer, venv in PEERS.items():
@@ -231,11 +237,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         text = [f"{c['decode_ms_per_token']:.2f} ({c['ttft_ms']:.0f}, {c['token_agreement']:.2f})" if (c := cells.get(n)) else "-"
                 for n in names]
         ratios = []
-        for ours, theirs in ((("toolkit-fp32", "toolkit-opt"), ("optimum", "genai-fp32")), (("toolkit-int8",), ("genai-int4",))):
+        for label, ours, theirs in (("fp32", ("toolkit-fp32", "toolkit-opt"), ("optimum", "genai-fp32")),
+                                    ("int4", ("toolkit-int4",), ("genai-int4",)), ("int8 vs int4", ("toolkit-int8",), ("genai-int4",))):
             mine = [cells[o]["decode_ms_per_token"] for o in ours if o in cells]
             peers = [cells[p]["decode_ms_per_token"] for p in theirs if p in cells]
             if mine and peers:
-                ratios.append(f"{'fp32' if 'toolkit-fp32' in ours else 'int8 vs int4'} {min(mine) / min(peers):.2f}×")
+                ratios.append(f"{label} {min(mine) / min(peers):.2f}×")
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(text) + f" | {', '.join(ratios)} |")
     return "\n".join(lines)
 

@@ -111,8 +111,8 @@ def test_build_cli_ends_in_a_table_naming_best(cli, tmp_path):
 def test_build_refuses_an_unknown_mode(tmp_path):
     from toolkit.compile.pipeline import build
 
-    with pytest.raises(ToolkitError, match="unknown quantization mode 'int4'"):
-        build("mlp", tmp_path / "x", preset="tiny", modes=["int4"])
+    with pytest.raises(ToolkitError, match="unknown quantization mode 'int2'"):
+        build("mlp", tmp_path / "x", preset="tiny", modes=["int2"])
     assert not (tmp_path / "x").exists()
 
 

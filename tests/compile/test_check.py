@@ -102,8 +102,8 @@ def test_tolerance_profiles_are_data_in_one_place():
     fp32 = profile("fp32")
     assert fp32.allows(1e-5 + 1e-4 * 10, scale=10) and not fp32.allows(2e-3, scale=10)
     assert profile("int8").allows(1.0, scale=1.0)  # judged by task metrics, not elementwise
-    with pytest.raises(ToolkitError, match="no tolerance profile for precision 'int4'"):
-        profile("int4")
+    with pytest.raises(ToolkitError, match="no tolerance profile for precision 'int2'"):
+        profile("int2")
 
 
 def test_a_greedy_divergence_is_allowed_only_at_a_near_tie():

@@ -22,12 +22,13 @@ def large_bundle(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("TOOLKIT_EXTERNAL_DATA_BYTES", "4096")
-        return build("gpt", tmp_path_factory.mktemp("large") / "gpt", preset="tiny", modes=["int8", "fp16"], select=False).path
+        return build("gpt", tmp_path_factory.mktemp("large") / "gpt", preset="tiny", modes=["int8", "fp16", "int4"], select=False).path
 
 
 def test_every_variant_keeps_its_weights_beside_its_graph_and_passes(large_bundle):
     bundle = Bundle.open(large_bundle)
-    assert set(bundle.manifest.variants) == {"fp32", "opt", "int8", "fp16"}
+    assert set(bundle.manifest.variants) == {"fp32", "opt", "int8", "fp16", "int4"}
+    assert bundle.manifest.variants["int4"].recipe["parent"] == "opt"  # attention stays fused around the packed weights
     for name, variant in bundle.manifest.variants.items():
         assert [e["file"] for e in variant.external_data] == [f"{variant.file}.data"], name
         graph = onnx.load(str(large_bundle / variant.file), load_external_data=False)

@@ -142,8 +142,8 @@ def test_quantized_variants_run_through_the_runtime(quantized):
 
 def test_bad_quantize_requests(exported, copy_of, cli):
     path = copy_of(exported("mlp"))
-    with pytest.raises(ToolkitError, match="unknown quantization mode 'int4'; choose one of int8, int8-static, fp16"):
-        quantize(path, mode="int4")
+    with pytest.raises(ToolkitError, match="unknown quantization mode 'int2'; choose one of int8, int8-static, fp16, int4"):
+        quantize(path, mode="int2")
     with pytest.raises(ToolkitError, match="--calibration-samples must be at least 1, got 0"):
         quantize(path, mode="int8-static", calibration_samples=0)
     with pytest.raises(ToolkitError, match="unknown calibration method 'median'"):
@@ -151,8 +151,8 @@ def test_bad_quantize_requests(exported, copy_of, cli):
     quantize(path, mode="fp16")
     with pytest.raises(ToolkitError, match="variant 'fp16' is fp16; quantize from an fp32 variant"):
         quantize(path, mode="int8", source="fp16")
-    result = cli("quantize", path, "--mode", "int4")
-    assert result.exit_code == 2 and "'int4' is not one of" in result.output
+    result = cli("quantize", path, "--mode", "int2")
+    assert result.exit_code == 2 and "'int2' is not one of" in result.output
 
 
 @pytest.mark.slow
@@ -237,3 +237,73 @@ def test_int8_that_quantizes_nothing_is_not_made_and_says_what_would(exported, c
     quantize(path, mode="int8-static", calibration_samples=64, progress=said.append, trust_source=True)  # what does quantize convolutions
     assert Bundle.open(path).manifest.variants["int8-static"].recipe["options"]["ops"]["Conv"]["quantized"] == 2
     assert "calibrating on 12 samples from the model's calibration set (minmax, per channel)" in said  # what it had, not what was asked
+
+
+# --- int4 ------------------------------------------------------------------------------------------
+
+
+def _ops(path, variant):
+    graph = onnx.load(str(Bundle.open(path).variant_path(variant))).graph
+    weights = {t.name for t in graph.initializer}
+    return graph, {n.name: n for n in graph.node}, weights
+
+
+@pytest.mark.parametrize("algo", ["rtn", "hqq", pytest.param("gptq", marks=pytest.mark.slow)])
+def test_int4_packs_every_matmul_weight_but_the_head_and_keeps_the_decoder_agreeing(exported, copy_of, algo):
+    path = copy_of(exported("gpt"))
+    quantize(path, mode="int4", algo=algo)
+    variant = Bundle.open(path).manifest.variants["int4"]
+    options = variant.recipe["options"]
+    assert variant.precision == "int4" and options["algo"] == algo and options["block_size"] == 32
+    graph, nodes, weights = _ops(path, "int4")
+    packed = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert packed and all(next(a.i for a in n.attribute if a.name == "block_size") == 32 for n in packed)
+    assert all(next(a.i for a in n.attribute if a.name == "accuracy_level") == 4 for n in packed)
+    # what stays float is the head, the MatMul that makes the logits, and nothing else
+    float_matmuls = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    weighted = [n for n in graph.node if n.op_type in ("MatMul", "MatMulNBits") and n.input[1] in weights]
+    assert [n.name for n in float_matmuls] == options["kept_float"] == [weighted[-1].name]  # a decoder's head comes last
+    assert options["ops"]["MatMul"] == {"with_weights": len(packed) + 1, "quantized": len(packed), "float": 1}
+    record = check(path, variants=["int4"])["int4"]
+    metric = record["task_metric"]
+    assert record["passed"] and metric["metric"] == "next_token_agreement" and metric["value"] >= 0.9
+    assert record["greedy"]["token_agreement"] >= 0.5  # the tiny gpt is trained: its greedy text survives int4
+
+
+def test_int4_can_quantize_the_head_too_and_takes_its_options(exported, copy_of, cli):
+    path = copy_of(exported("gpt"))
+    result = cli("quantize", path, "--mode", "int4", "--quantize-head", "--block-size", "16", "--accuracy-level", "0", "--no-check")
+    assert result.exit_code == 0, result.output
+    graph, _, weights = _ops(path, "int4")
+    assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    packed = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert all(next(a.i for a in n.attribute if a.name == "block_size") == 16 for n in packed)
+    assert not any(a.name == "accuracy_level" for n in packed for a in n.attribute)  # 0: the provider's choice
+    fp32, _, _ = _ops(path, "fp32")
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in fp32.initializer}
+    matmul_bytes = sum(arrays[n.input[1]].nbytes for n in fp32.node if n.op_type == "MatMul" and n.input[1] in arrays)
+    # 4 bits a weight, and a scale and zero point per 16: under a quarter of the fp32 bytes of what was packed
+    bundle = Bundle.open(path)
+    assert bundle.variant("fp32").bytes - bundle.variant("int4").bytes > 0.75 * matmul_bytes
+
+
+def test_int4_refuses_a_model_without_matmul_weights_and_bad_options_leaving_the_bundle_as_it_was(exported, copy_of):
+    path = copy_of(exported("mlp"))
+    before = (path / "manifest.json").read_bytes()
+    with pytest.raises(ToolkitError, match=r"mlp has no MatMul with a constant weight \(its weighted ops: Gemm ×3\); int4 does not apply"):
+        quantize(path, mode="int4")
+    for options, message in (({"block_size": 24}, "--block-size must be a power of two >= 16"),
+                             ({"accuracy_level": 5}, "--accuracy-level must be 0"),
+                             ({"algo": "awq"}, "unknown int4 algorithm 'awq'; choose one of rtn, hqq, gptq"),
+                             ({"method": "entropy"}, "--method does not apply to --mode int4")):
+        with pytest.raises(ToolkitError, match=re.escape(message)):
+            quantize(path, mode="int4", **options)
+    assert (path / "manifest.json").read_bytes() == before and sorted(p.name for p in path.iterdir() if p.suffix == ".onnx") == ["model.fp32.onnx"]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_build_tries_int4_for_transformers_only(exported, name):
+    from toolkit.compile.quantization import int4_applies
+
+    reason = int4_applies(Bundle.open(exported(name)))
+    assert (reason is not None) == (name in ("encoder", "gpt", "seq2seq")), reason

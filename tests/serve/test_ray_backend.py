@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -18,6 +16,7 @@ import pytest
 import ray.exceptions
 from ray.serve.exceptions import BackPressureError
 
+from tests.serve.cli_server import cli_server
 from toolkit.errors import ToolkitError
 from toolkit.runtime.model import Model, Signature
 from toolkit.serve.app import ServeOptions, Unavailable
@@ -135,16 +134,8 @@ def test_cli_refuses_ray_flags_that_do_not_fit(cli, exported, args, message):
 @pytest.mark.slow
 @pytest.mark.xdist_group("ray")
 def test_cli_serves_with_ray_and_leaves_no_process_behind_on_sigterm(exported):
-    server = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", str(exported("mlp")), "--backend", "ray", "--port", "0",
-                               "--provider", "cpu", "--replicas", "2"], stderr=subprocess.PIPE, text=True)
-    log = []
-    try:
-        for line in server.stderr:
-            log.append(line)
-            if started := re.search(r"with Ray Serve at (http://\S+)", line):
-                break
-        assert started, "".join(log)
-        url = started.group(1)
+    args = [exported("mlp"), "--backend", "ray", "--port", "0", "--provider", "cpu", "--replicas", "2"]
+    with cli_server(args, r"with Ray Serve at (http://\S+)") as (server, url, log):
         response = httpx.post(f"{url}/v2/models/mlp/infer", timeout=30, json={
             "inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32", "data": [0.5] * 784}]})
         assert response.status_code == 200, response.text
@@ -154,6 +145,4 @@ def test_cli_serves_with_ray_and_leaves_no_process_behind_on_sigterm(exported):
         assert server.wait(60) == 0
         _, alive = psutil.wait_procs(children, timeout=30)
         assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
-    finally:
-        server.kill()
     assert "2 replica(s) each" in "".join(log)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import socket
 import threading
 import time
@@ -17,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.serve.cli_server import cli_server
 from toolkit.runtime.model import Model
 from toolkit.runtime.samples import make_feeds
 from toolkit.serve.app import ServeOptions, create_app
@@ -396,21 +396,11 @@ def test_package_writes_an_encoder_decoder_as_two_models(cli, exported, tmp_path
 @pytest.mark.slow
 def test_cli_serves_and_drains_a_request_in_flight_on_sigterm(exported):
     import signal
-    import subprocess
-    import sys
 
     # --port 0 takes a free port (uvicorn prints which once it has started); a long batching delay
     # keeps the request queued while the server is told to stop.
-    server = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", str(exported("mlp")), "--port", "0",
-                               "--provider", "cpu", "--threads", "1", "--max-delay-ms", "3000"], stderr=subprocess.PIPE, text=True)
-    log = []
-    try:
-        for line in server.stderr:
-            log.append(line)
-            if started := re.search(r"Uvicorn running on (http://\S+)", line):
-                break
-        assert started, "".join(log)
-        url = started.group(1)
+    args = [exported("mlp"), "--port", "0", "--provider", "cpu", "--threads", "1", "--max-delay-ms", "3000"]
+    with cli_server(args, r"Uvicorn running on (http://\S+)") as (server, url, log):
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(httpx.post, f"{url}/v2/models/mlp/infer", json=_mlp_request(), timeout=30)
             while 'toolkit_queue_depth{model="mlp"} 1.0' not in httpx.get(f"{url}/metrics").text:
@@ -418,8 +408,6 @@ def test_cli_serves_and_drains_a_request_in_flight_on_sigterm(exported):
             server.send_signal(signal.SIGTERM)
             assert pending.result().status_code == 200
         assert server.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
-    finally:
-        server.kill()
     log = "".join(log) + server.stderr.read()
     access = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert {"method": "POST", "path": "/v2/models/mlp/infer", "status": 200}.items() <= access[-1].items()

@@ -21,7 +21,7 @@ from rich.text import Text
 from toolkit import __version__
 from toolkit.cli import render
 from toolkit.compile.exporter import DEFAULT_OPSET, EXPORTERS
-from toolkit.compile.quantization.configs import CALIBRATION_METHODS, FP16_IO, MODES
+from toolkit.compile.quantization.configs import CALIBRATION_METHODS, FP16_IO, INT4_ALGOS, MODES
 from toolkit.errors import EXIT_CHECK_FAILED, ToolkitError
 from toolkit.runtime.generate import CACHES
 from toolkit.runtime.session import PROVIDERS
@@ -50,6 +50,7 @@ Backend = _choices("Backend", ("native", "ray"))
 Mode = _choices("Mode", MODES)
 Method = _choices("Method", CALIBRATION_METHODS)
 Fp16Io = _choices("Fp16Io", FP16_IO)
+Int4Algo = _choices("Int4Algo", INT4_ALGOS)
 Cache = _choices("Cache", CACHES)
 
 
@@ -243,19 +244,24 @@ def _made_for(provider: Provider) -> str:
 @_command
 def quantize(
     bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle directory."),
-    mode: Mode = typer.Option(..., help="int8: dynamic (weights int8, activations per call); int8-static: QDQ with calibration; fp16: half precision."),
-    calibration_samples: int | None = typer.Option(None, help="int8, int8-static: samples from the model's calibration set (or sample inputs) (default: 128)."),
+    mode: Mode = typer.Option(..., help="int8: dynamic (weights int8, activations per call); int8-static: QDQ with calibration; fp16: half precision; "
+                              "int4: MatMul weights in int4 blocks (MatMulNBits), for transformers."),
+    calibration_samples: int | None = typer.Option(None, help="int8, int8-static, int4 --algo gptq: samples from the model's calibration set (or sample inputs) (default: 128; gptq 32)."),
     method: Method | None = typer.Option(None, help="int8-static: calibration method (default: minmax)."),
     per_channel: bool | None = typer.Option(None, "--per-channel/--per-tensor", help="int8, int8-static: weight scales per output channel or per tensor (default: per channel)."),
     keep_float: int | None = typer.Option(None, help="int8: keep this many MatMul/Gemm in fp32, those with the most outlier-heavy inputs on calibration data (default: 0)."),
     reduce_range: bool | None = typer.Option(None, "--reduce-range/--full-range", help="int8, int8-static: 7-bit weights, which x86 CPUs without VNNI need (their uint8 × int8 sums saturate) (default: on such a CPU)."),
     keep_fp32: str | None = typer.Option(None, help="fp16: comma-separated op types kept in fp32 (default: LayerNormalization, Softmax, reductions, Pow, Exp); '' keeps none."),
     io: Fp16Io | None = typer.Option(None, help="fp16: fp32 keeps the graph's float inputs and outputs in fp32; fp16 makes them fp16 too (a decoder's cache stays fp16; for CUDA) (default: fp32)."),
+    block_size: int | None = typer.Option(None, "--block-size", help="int4: input rows per block sharing a scale, a power of two >= 16 (default: 32)."),
+    algo: Int4Algo | None = typer.Option(None, help="int4: rtn rounds to nearest, hqq fits scales to the weights, gptq corrects rounding errors on calibration inputs (default: rtn)."),
+    accuracy_level: int | None = typer.Option(None, "--accuracy-level", help="int4: MatMulNBits' compute type: 4 int8 activations (fastest on CPUs), 0 the provider's choice, 1 fp32 (default: 4)."),
+    keep_head: bool | None = typer.Option(None, "--keep-head/--quantize-head", help="int4: leave the MatMuls that make a graph output (a language model's head) in float (default: keep)."),
     source: str = typer.Option("fp32", help="The fp32-precision variant to quantize (fp32, or opt for the fused graph)."),
     check_parity: bool = typer.Option(True, "--check/--no-check", help="Check the new variant right away."),
     trust_source: TrustSourceOption = False,
 ) -> None:
-    """Add variant int8, int8-static or fp16 from an fp32 variant, and judge it by its task's gates.
+    """Add variant int8, int8-static, fp16 or int4 from an fp32 variant, and judge it by its task's gates.
 
     Exit 1 if the new variant fails its gates; it stays in the bundle, marked failed."""
     from toolkit.compile.quantization import quantize as quantize_bundle
@@ -266,7 +272,7 @@ def quantize(
     quantize_bundle(
         bundle_dir, mode=mode.value, calibration_samples=calibration_samples, method=method.value if method else None,
         per_channel=per_channel, keep_float=keep_float, reduce_range=reduce_range, keep_fp32=kept, io=io.value if io else None, source=source, progress=_progress,
-        trust_source=trust_source,
+        block_size=block_size, algo=algo.value if algo else None, accuracy_level=accuracy_level, keep_head=keep_head, trust_source=trust_source,
     )
     _check_new(bundle_dir, mode.value, check_parity, _NEXT_STEPS.get(mode.value), trust_source=trust_source)
 
@@ -278,6 +284,8 @@ _NEXT_STEPS = {
     "int8-static": "--method entropy or percentile (calibration ranges that clip outliers), --per-channel, "
                    "--calibration-samples with more rows; or --mode int8 (dynamic activations)",
     "fp16": "--keep-fp32 with more op types kept in fp32 (e.g. Add,Mul for residual sums that overflow)",
+    "int4": "--algo hqq or gptq (scales fitted to the weights, or to calibration inputs), a smaller --block-size, "
+            "or --mode int8",
 }
 
 

@@ -78,13 +78,14 @@ def build(
 ) -> Bundle:
     """Builds every variant of `model` into a new bundle at `out`, checks them all, repairs those
     that fail their gates within `repair_budget` seconds in all (toolkit.compile.repair; 0: no
-    repair), and (with `select`) records the fastest passing one as `best`. `modes` defaults to int8, fp16, and
-    int8-static where it applies (models with convolutions or a calibration set); `static_cache`
+    repair), and (with `select`) records the fastest passing one as `best`. `modes` defaults to int8, fp16,
+    int8-static where it applies (models with convolutions or a calibration set) and int4 where it
+    does (transformers); `static_cache`
     (default: on for CUDA) exports a decoder's static-cache graph for CUDA graphs. A variant that
     fails (onnxruntime cannot load it, the quantizer crashes, its gates fail) is recorded as failed
     with the reason, and the build goes on."""
     from toolkit.compile.exporter import export
-    from toolkit.compile.quantization import MODES, static_applies
+    from toolkit.compile.quantization import MODES, int4_applies, static_applies
     from toolkit.reference.source import resolve
 
     say = progress or (lambda _msg: None)
@@ -98,13 +99,16 @@ def build(
     with tempfile.TemporaryDirectory(prefix="toolkit-build-") as scratch:
         context = BuildContext(bundle, resolve(bundle.manifest.source), say, Path(scratch))
         if modes is None:
-            reason = static_applies(bundle, context.reference)
-            modes = ("int8", "int8-static", "fp16") if reason else ("int8", "fp16")
+            reason, packs = static_applies(bundle, context.reference), int4_applies(bundle)
+            modes = ("int8", *(["int8-static"] if reason else []), "fp16", *(["int4"] if packs else []))
             say("int8-static: " + (reason or "skipped (no convolutions and no calibration set: dynamic int8 is the int8 path)"))
+            say("int4: " + (packs or "skipped (not a transformer with MatMul weights: int4 is for those)"))
         opt_passed = _optimize(context, provider)
         for mode in modes:
             if mode == "int8" and opt_passed:
                 _int8(context)
+            elif mode == "int4" and opt_passed:
+                _quantize(context, mode="int4", source=_weights_source(context, "int4"))
             elif mode == "fp16" and provider == "cuda" and opt_passed:
                 _fp16_for_cuda(context)
             else:
@@ -189,15 +193,9 @@ def _int8(context: BuildContext) -> None:
     int8 from the export's graph (benchmarks/RESULTS.md). Where a fused op holds weights the
     quantizer leaves in fp32 (BERT's `Attention` with its QKV projection), int8 comes from the
     export's graph instead."""
-    import onnx
-
     from toolkit.compile.quantization import DYNAMIC_OPS
 
-    graph = onnx.load(str(context.bundle.variant_path("opt")), load_external_data=False).graph
-    weights = {t.name for t in graph.initializer}
-    fused = sum(n.op_type == "Attention" and n.domain == "com.microsoft" and n.input[1] in weights for n in graph.node)
-    if fused:
-        context.say(f"int8 from fp32: opt's {fused} fused Attention hold their QKV weights, which the quantizer leaves in fp32")
+    if _weights_source(context, "int8") == "fp32":
         _quantize(context, mode="int8")
         return
     bundle = _quantize(context, mode="int8", source="opt")
@@ -208,6 +206,20 @@ def _int8(context: BuildContext) -> None:
     if left:
         context.say(f"int8 from opt leaves weights in fp32 ({', '.join(f'{op} {n}' for op, n in left.items())}): quantizing fp32 instead")
         _quantize(context, mode="int8")
+
+
+def _weights_source(context: BuildContext, mode: str) -> str:
+    """opt, unless a fused op there holds weights the quantizer leaves in fp32 (BERT's `Attention`
+    with its QKV projection): then fp32."""
+    import onnx
+
+    graph = onnx.load(str(context.bundle.variant_path("opt")), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    fused = sum(n.op_type == "Attention" and n.domain == "com.microsoft" and n.input[1] in weights for n in graph.node)
+    if fused:
+        context.say(f"{mode} from fp32: opt's {fused} fused Attention hold their QKV weights, which the quantizer leaves in fp32")
+        return "fp32"
+    return "opt"
 
 
 def _repair(context: BuildContext, budget: float) -> None:

@@ -48,6 +48,8 @@ PROFILES = {
         Tolerance("fp32", rel=1e-4, atol=1e-5, max_accuracy_drop=0.005),
         Tolerance("fp16", rel=1e-2, atol=1e-3, max_accuracy_drop=0.01),
         Tolerance("int8", rel=None, atol=0.0, max_accuracy_drop=0.01, min_top1_agreement=0.99, min_cosine=0.99, max_score_rel=0.05),
+        # int4 weights are judged as int8 ones are: by the task, with the same bars.
+        Tolerance("int4", rel=None, atol=0.0, max_accuracy_drop=0.01, min_top1_agreement=0.99, min_cosine=0.99, max_score_rel=0.05),
     )
 }
 

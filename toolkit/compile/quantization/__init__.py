@@ -1,4 +1,5 @@
-"""Stage `quantize`: an fp32 variant → `int8` (dynamic), `int8-static` (QDQ, calibrated) or `fp16`.
+"""Stage `quantize`: an fp32 variant → `int8` (dynamic), `int8-static` (QDQ, calibrated), `fp16` or
+`int4` (weight-only MatMulNBits).
 
 Each scheme is a frozen config (configs.py) and a handler registered for it here; adding a scheme
 is a new config and handler, not new branches. Every handler works in a private temporary directory
@@ -25,22 +26,25 @@ from toolkit.compile.quantization.configs import (
     FP16_KEEP_FP32_FUSED,
     MODES,
     Fp16,
+    Int4,
     Int8Dynamic,
     Int8Static,
     QuantConfig,
     config_for,
 )
 from toolkit.compile.quantization.fp16 import quantize_fp16
+from toolkit.compile.quantization.int4 import int4_applies, quantize_int4
 from toolkit.compile.quantization.int8_dynamic import quantize_int8_dynamic
 from toolkit.compile.quantization.int8_static import quantize_int8_static, static_applies
 from toolkit.errors import ToolkitError
 from toolkit.spec import ModelSpec
 
-__all__ = ["CALIBRATION_METHODS", "DYNAMIC_OPS", "FP16_IO", "FP16_KEEP_FP32", "FP16_KEEP_FP32_FUSED", "MODES", "Fp16", "Int8Dynamic", "Int8Static", "QuantConfig",
-           "QuantizeContext", "config_for", "quantize", "static_applies"]
+__all__ = ["CALIBRATION_METHODS", "DYNAMIC_OPS", "FP16_IO", "FP16_KEEP_FP32", "FP16_KEEP_FP32_FUSED", "MODES", "Fp16", "Int4", "Int8Dynamic", "Int8Static", "QuantConfig",
+           "QuantizeContext", "config_for", "int4_applies", "quantize", "static_applies"]
 
 Handler = Callable[[QuantizeContext, Any, Path, Path], dict[str, Any]]
-HANDLERS: dict[type, Handler] = {Int8Dynamic: quantize_int8_dynamic, Int8Static: quantize_int8_static, Fp16: quantize_fp16}
+HANDLERS: dict[type, Handler] = {Int8Dynamic: quantize_int8_dynamic, Int8Static: quantize_int8_static, Fp16: quantize_fp16,
+                                 Int4: quantize_int4}
 
 
 def _io_changes(bundle: Bundle, model_file: Path) -> dict[str, str]:

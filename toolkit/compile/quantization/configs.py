@@ -9,10 +9,11 @@ from typing import Any, ClassVar
 
 from toolkit.errors import ToolkitError
 
-__all__ = ["CALIBRATION_METHODS", "CONFIGS", "DYNAMIC_OPS", "FP16_IO", "FP16_KEEP_FP32", "FP16_KEEP_FP32_FUSED", "MODES", "Fp16", "Int8Dynamic", "Int8Static",
-           "QuantConfig", "config_for"]
+__all__ = ["CALIBRATION_METHODS", "CONFIGS", "DYNAMIC_OPS", "FP16_IO", "FP16_KEEP_FP32", "FP16_KEEP_FP32_FUSED", "INT4_ALGOS", "MODES", "Fp16",
+           "Int4", "Int8Dynamic", "Int8Static", "QuantConfig", "config_for"]
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+INT4_ALGOS = ("rtn", "hqq", "gptq")
 # Overflow-prone in fp16: normalisations and reductions accumulate past 65504, softmax's exp too.
 FP16_KEEP_FP32 = ("LayerNormalization", "SkipLayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Exp")
 # For a graph whose layer norms, softmax and attention are fused kernels that accumulate in fp32
@@ -96,8 +97,42 @@ class Fp16:
             raise ToolkitError(f"--io must be one of {', '.join(FP16_IO)}, got {self.io!r}.")
 
 
-QuantConfig = Int8Dynamic | Int8Static | Fp16
-CONFIGS: dict[str, type] = {c.mode: c for c in (Int8Dynamic, Int8Static, Fp16)}
+@dataclass(frozen=True)
+class Int4:
+    """Weight-only int4 of MatMul weights, onnxruntime's MatMulNBits: each block of `block_size`
+    input rows of a weight column shares a scale and a zero point; activations stay float.
+
+    `algo`: "rtn" rounds each block to its nearest levels; "hqq" fits the scales and zero points to
+    the weights (half-quadratic quantization, no data); "gptq" corrects each column for the rounding
+    of the ones before it, weighed by `calibration_samples` inputs. `accuracy_level` is MatMulNBits'
+    compute type: 4 quantizes the activations to int8 inside the kernel (the fastest on CPUs), 0
+    lets the provider choose. `keep_head` leaves the MatMuls that make a graph output (a language
+    model's head) in float, where an int4 error lands on the logits directly; `exclude` names other
+    nodes kept in float."""
+
+    mode: ClassVar[str] = "int4"
+    precision: ClassVar[str] = "int4"
+    block_size: int = 32
+    algo: str = "rtn"
+    accuracy_level: int = 4
+    keep_head: bool = True
+    calibration_samples: int = 32
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        _calibration(self.calibration_samples)
+        if self.algo not in INT4_ALGOS:
+            raise ToolkitError(f"unknown int4 algorithm {self.algo!r}; choose one of {', '.join(INT4_ALGOS)}.")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ToolkitError(f"--block-size must be a power of two >= 16 (MatMulNBits' blocks), got {self.block_size}.")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ToolkitError(f"--accuracy-level must be 0 (the provider's choice), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8), "
+                               f"got {self.accuracy_level}.")
+
+
+QuantConfig = Int8Dynamic | Int8Static | Fp16 | Int4
+CONFIGS: dict[str, type] = {c.mode: c for c in (Int8Dynamic, Int8Static, Fp16, Int4)}
 MODES = tuple(CONFIGS)
 
 

@@ -1,0 +1,27 @@
+"""`toolkit serve` in a subprocess, for the tests that need the real command line and its signals."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+
+@contextmanager
+def cli_server(args: Sequence[Any], ready: str) -> Iterator[tuple[subprocess.Popen, str, list[str]]]:
+    """`toolkit serve ARGS`, yielding (process, URL, stderr lines so far) once a line of its stderr
+    matches `ready` (group 1: the URL); killed on the way out."""
+    server = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", *map(str, args)], stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+    try:
+        for line in server.stderr:
+            log.append(line)
+            if started := re.search(ready, line):
+                break
+        assert started, "".join(log)
+        yield server, started.group(1), log
+    finally:
+        server.kill()
