@@ -14,6 +14,9 @@ from toolkit.compile.parity import check
 from toolkit.compile.pipeline import choose_best, select_best, timed_variants
 from toolkit.errors import ToolkitError
 
+# the module fixture below is built once per xdist worker that runs one of these tests: one worker (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("build-cnn")
+
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):

@@ -13,7 +13,8 @@ import pytest
 from toolkit.bundle import Bundle, sha256_file
 from toolkit.errors import ToolkitError
 
-pytestmark = pytest.mark.slow  # builds with every stage: half a minute
+# builds with every stage, half a minute: on one xdist worker (--dist loadgroup), not once on each
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("large-gpt")]
 
 
 @pytest.fixture(scope="module")

