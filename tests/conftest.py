@@ -141,3 +141,21 @@ def nothing_lands_in_the_working_directory():
     yield
     stray = sorted(str(p) for p in set(Path.cwd().iterdir()) - before if p.name != ".pytest_cache")
     assert not stray, f"files left in the working directory: {stray}"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """`--dist loadgroup` sends an xdist_group's tests to one worker by suffixing their node ids with
+    "@group"; pytest-xdist 3.8 sets `item._nodeid`, which pytest 9 no longer reads (the id is `_id`),
+    so each group was silently split over the workers and its module fixture made on each. Done here
+    where xdist's own suffix did not take."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    try:
+        from _pytest.nodeid import coerce_node_id  # pytest >= 9; before, xdist's own suffix works
+    except ImportError:
+        return
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")})
+        if groups and "@" not in item.nodeid:
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(groups)}")
