@@ -120,6 +120,16 @@ def test_application_refuses_bad_bundles_before_anything_is_deployed(exported, t
         application([exported("mlp")], ServeOptions(repository=(tmp_path,)))
 
 
+def test_replicas_the_cluster_could_never_place_are_refused_before_anything_is_deployed(exported, monkeypatch):
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(ToolkitError, match=r"1 bundle\(s\) × 3 replica\(s\) × 1 CPU \(--num-cpus-per-replica\) need 3 CPU; the Ray cluster has 2"):
+        application([exported("mlp")], ray_options=RayOptions(replicas=3, num_cpus=1))
+    with pytest.raises(ToolkitError, match=r"× 1 GPU \(--num-gpus-per-replica\) need 1 GPU; the Ray cluster has 0"):
+        application([exported("mlp")], ray_options=RayOptions(num_gpus=1))
+    application([exported("mlp")], ray_options=RayOptions(replicas=3))  # by default the 2 CPUs are shared among the 3
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--replicas", "2"], "--replicas is an option of the Ray backend; add --backend ray"),
     (["--backend", "ray", "--autoscale", "1-4"], "--autoscale takes MIN:MAX"),

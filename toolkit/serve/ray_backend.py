@@ -255,7 +255,6 @@ def application(paths: Sequence[str | os.PathLike[str]], options: ServeOptions |
         name = Signature(bundle, ray_options.variant).name
         if name in names:
             raise ToolkitError(f"two bundles are both named {name!r}; serve them from separate servers or rename one.")
-        deployment = ModelReplica.options(name=name, **ray_options.deployment_options(options))
         names[name] = str(Path(path).resolve())
     if not names:
         raise ToolkitError("nothing to serve: name at least one bundle.")
