@@ -589,7 +589,8 @@ def serve(
                  "--num-gpus-per-replica": num_gpus}
     if backend == Backend.ray:
         _serve_with_ray(bundle_dirs or [], host, port, options, variant=variant, provider=provider.value, threads=threads,
-                        verify=verify, cuda_graph=cuda_graph, **{k.strip("-").replace("-", "_"): v for k, v in ray_flags.items()})
+                        verify=verify, cuda_graph=cuda_graph, replicas=replicas, autoscale=autoscale, address=address, num_cpus=num_cpus,
+                        num_gpus=num_gpus)
         return
     given = [flag for flag, value in ray_flags.items() if value is not None]
     if given:
@@ -614,7 +615,7 @@ def serve(
 
 def _serve_with_ray(bundle_dirs: list[Path], host: str, port: int, options: Any, *, variant: str | None, provider: str,
                     threads: int | None, verify: Path | None, cuda_graph: bool, replicas: int | None, autoscale: str | None,
-                    address: str | None, num_cpus_per_replica: float | None, num_gpus_per_replica: float | None) -> None:
+                    address: str | None, num_cpus: float | None, num_gpus: float | None) -> None:
     if cuda_graph:
         raise ToolkitError("--cuda-graph is native-only; the Ray backend runs each replica's session without CUDA graphs.")
     if replicas is not None and autoscale is not None:
@@ -627,8 +628,8 @@ def _serve_with_ray(bundle_dirs: list[Path], host: str, port: int, options: Any,
         bounds = (int(low), int(high))
     from toolkit.serve.ray_backend import RayOptions, serve_with_ray
 
-    ray_options = RayOptions(replicas=replicas or 1, autoscale=bounds, num_cpus=num_cpus_per_replica,
-                             num_gpus=num_gpus_per_replica or 0.0, variant=variant, provider=provider, threads=threads,
+    ray_options = RayOptions(replicas=replicas or 1, autoscale=bounds, num_cpus=num_cpus,
+                             num_gpus=num_gpus or 0.0, variant=variant, provider=provider, threads=threads,
                              verify=str(verify) if verify else None)
     where = "the cluster at " + address if address else "a local Ray instance"
     err.print(f"serving {', '.join(map(str, bundle_dirs))} with Ray Serve on {where}, "

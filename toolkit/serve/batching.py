@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["BatcherFailed", "DeadlinePassed", "DynamicBatcher", "Overloaded", "run_merged"]
+__all__ = ["BatcherFailed", "DeadlinePassed", "DynamicBatcher", "Overloaded", "request_rows", "run_merged"]
 
 _log = logging.getLogger("toolkit.serve")
 _RESTART_S = (1.0, 8.0)  # the first pause before a dead loop restarts, and the longest
@@ -194,17 +194,17 @@ def run_merged(run: Callable[[Feeds], Results], requests: list[Feeds], *, batch_
     rows per run; a merged run that fails runs its members again one by one, so only the one at fault
     fails. For a backend that gathers the requests itself (Ray Serve's @serve.batch)."""
     answers: list[Results | Exception | None] = [None] * len(requests)
+    rows = [request_rows(feeds, batch_axis) for feeds in requests]
     groups: dict[tuple, list[list[int]]] = {}
     for i, feeds in enumerate(requests):
-        rows, signature = _rows_and_signature(feeds, batch_axis, max_batch)
-        runs = groups.setdefault(signature, [[]])
-        if runs[-1] and sum(_rows(requests[j], batch_axis) for j in runs[-1]) + rows > max_batch:
+        runs = groups.setdefault(_rows_and_signature(feeds, batch_axis, max_batch)[1], [[]])
+        if runs[-1] and sum(rows[j] for j in runs[-1]) + rows[i] > max_batch:
             runs.append([])
         runs[-1].append(i)
     for run_of in (members for runs in groups.values() for members in runs):
         try:
             results = run(_merge([requests[i] for i in run_of]))
-            for i, own in zip(run_of, _split(results, [_rows(requests[i], batch_axis) for i in run_of]), strict=True):
+            for i, own in zip(run_of, _split(results, [rows[i] for i in run_of]), strict=True):
                 answers[i] = own
         except Exception as exc:
             if len(run_of) == 1:
@@ -215,13 +215,14 @@ def run_merged(run: Callable[[Feeds], Results], requests: list[Feeds], *, batch_
     return answers  # type: ignore[return-value]
 
 
-def _rows(feeds: Feeds, batch_axis: bool) -> int:
+def request_rows(feeds: Feeds, batch_axis: bool) -> int:
+    """A request's rows: its length on the batch axis, or 1 for a model without one."""
     return len(next(iter(feeds.values()))) if batch_axis and feeds else 1
 
 
 def _rows_and_signature(feeds: Feeds, batch_axis: bool, max_batch: int) -> tuple[int, tuple]:
     """A request's rows, and what it must share with others to merge with them."""
-    rows = _rows(feeds, batch_axis)
+    rows = request_rows(feeds, batch_axis)
     if rows > max_batch or not batch_axis:  # larger than any batch, or no batch axis: runs alone
         return rows, ("alone", id(feeds))
     return rows, tuple((name, value.shape[1:], value.dtype.str) for name, value in sorted(feeds.items()))

@@ -106,13 +106,13 @@ class ModelReplica:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)  # both set per deployment in __init__
     async def _batched(self, requests: list[tuple[dict[str, Any], float]]) -> list[Any]:
-        from toolkit.serve.batching import run_merged
+        from toolkit.serve.batching import request_rows, run_merged
 
         started = time.monotonic()
         answers = await asyncio.to_thread(run_merged, self.model.run_validated, [feeds for feeds, _ in requests],
                                           batch_axis=self.batch_axis, max_batch=self.max_batch)
         compute = time.monotonic() - started
-        rows = sum(len(next(iter(feeds.values()))) if self.batch_axis and feeds else 1 for feeds, _ in requests)
+        rows = sum(request_rows(feeds, self.batch_axis) for feeds, _ in requests)
         return [answer if isinstance(answer, Exception) else (answer, rows if i == 0 else 0, started - arrived, compute)
                 for i, (answer, (_, arrived)) in enumerate(zip(answers, requests, strict=True))]
 
@@ -237,15 +237,21 @@ def application(paths: Sequence[str | os.PathLike[str]], options: ServeOptions |
                 ray_options: RayOptions | None = None) -> Any:
     """The Ray Serve application serving the bundles at `paths` with the protocol: `serve.run(app)`
     in an app that already uses Ray. Each bundle is a deployment named after its manifest."""
+    options, ray_options = options or ServeOptions(), ray_options or RayOptions()
+    return _bind(_bundles(paths, options, ray_options), options, ray_options)
+
+
+def _bundles(paths: Sequence[str | os.PathLike[str]], options: ServeOptions, ray_options: RayOptions) -> dict[str, str]:
+    """{manifest name: absolute path} of the bundles, each opened (and verified) here, so that a bad
+    bundle or variant fails now, not in a replica's log."""
     from toolkit.bundle import Bundle
     from toolkit.runtime.model import Signature
 
-    options, ray_options = options or ServeOptions(), ray_options or RayOptions()
     if options.repository:
         raise ToolkitError("the Ray backend serves the bundles it is given; the model repository API (--repository) is "
                            "native-only: redeploy to change what Ray serves.")
-    names: dict[str, Any] = {}
-    for path in paths:  # opened here too, so that a bad bundle or variant fails now, not in a replica's log
+    names: dict[str, str] = {}
+    for path in paths:
         if ray_options.verify:
             from toolkit.bundle.signing import verify
 
@@ -258,15 +264,19 @@ def application(paths: Sequence[str | os.PathLike[str]], options: ServeOptions |
         names[name] = str(Path(path).resolve())
     if not names:
         raise ToolkitError("nothing to serve: name at least one bundle.")
+    return names
+
+
+def _bind(names: dict[str, str], options: ServeOptions, ray_options: RayOptions) -> Any:
+    """The ingress bound over one deployment per bundle, sized to the cluster this process sees."""
     if ray_options.num_cpus is None:
         ray_options = replace(ray_options, num_cpus=_cpus() / (len(names) * ray_options.most_replicas))
     _check_capacity(len(names), ray_options)
-    for name, path in names.items():
-        deployment = ModelReplica.options(name=name, **ray_options.deployment_options(options))
-        names[name] = deployment.bind(path, ray_options, options.max_batch, options.max_delay_ms / 1000)
+    deployments = {name: ModelReplica.options(name=name, **ray_options.deployment_options(options)).bind(
+        path, ray_options, options.max_batch, options.max_delay_ms / 1000) for name, path in names.items()}
     # One ingress replica holds the protocol state (admission, metrics); it only routes, so it needs no CPU of its own.
     ingress = ProtocolIngress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=options.max_in_flight * 2, logging_config=_QUIET)
-    return ingress.bind(names, options)
+    return ingress.bind(deployments, options)
 
 
 def serve_with_ray(paths: Sequence[str | os.PathLike[str]], *, host: str = "127.0.0.1", port: int = 8000,
@@ -276,7 +286,8 @@ def serve_with_ray(paths: Sequence[str | os.PathLike[str]], *, host: str = "127.
     host:port (0: a free one), and serves until SIGINT or SIGTERM. On the way out it removes what it
     deployed, and stops Ray only if it started it."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    application(paths, options, ray_options)  # a bad bundle or option fails before Ray starts
+    options, ray_options = options or ServeOptions(), ray_options or RayOptions()
+    names = _bundles(paths, options, ray_options)  # a bad bundle or option fails before Ray starts
     if port == 0:
         with socket.socket() as probe:
             probe.bind((host, 0))
@@ -287,7 +298,7 @@ def serve_with_ray(paths: Sequence[str | os.PathLike[str]], *, host: str = "127.
     # SIGINT too: a server started in the background by a shell has it ignored, and would never stop on it
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        app = application(paths, options, ray_options)  # sized to the cluster it now sees
+        app = _bind(names, options, ray_options)  # sized to the cluster it now sees
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name=_APP, route_prefix="/", blocking=False)
         _log.info("serving %s with Ray Serve at http://%s:%d", ", ".join(map(str, paths)), host, port)
