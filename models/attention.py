@@ -23,10 +23,60 @@ class SelfAttention(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, C) → q, k, v, each (B, heads, T, head_size)."""
-        return tuple(split_heads(t, self.heads) for t in self.qkv(x).split(x.shape[-1], dim=2))
+        # split by the projection's width, not the input's: the two differ once heads are pruned
+        return tuple(split_heads(t, self.heads) for t in self.qkv(x).split(self.qkv.out_features // 3, dim=2))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         return self.proj(attention(q, k, v, allowed))
+
+    # The head-pruning hooks toolkit prune calls (README, "Pruning"): which weights make head `head`,
+    # and removing heads.
+    def head_parameters(self, head: int) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
+        return head_parameters(self.heads, [(self.qkv, 3)], [self.proj], head)
+
+    def prune_heads(self, heads: list[int]) -> None:
+        self.heads = remove_heads(self.heads, [(self.qkv, 3)], [self.proj], heads)
+
+
+def _rows(linear: nn.Linear, chunks: int, heads: int, kept: list[int]) -> torch.Tensor:
+    """Output rows of `linear` (`chunks` blocks such as q|k|v, each `heads` heads wide) that belong to heads `kept`."""
+    width = linear.out_features // chunks
+    size = width // heads
+    return torch.tensor([c * width + h * size + i for c in range(chunks) for h in kept for i in range(size)])
+
+
+def head_parameters(heads: int, projections: list[tuple[nn.Linear, int]], outputs: list[nn.Linear],
+                    head: int) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
+    """(parameter, axis, indices) of head `head`: its rows of each projection (weight and bias) and
+    its input columns of each output projection."""
+    found = []
+    for linear, chunks in projections:
+        rows = _rows(linear, chunks, heads, [head])
+        found += [(linear.weight, 0, rows)] + ([(linear.bias, 0, rows)] if linear.bias is not None else [])
+    return found + [(linear.weight, 1, _columns(linear, heads, [head])) for linear in outputs]
+
+
+def _columns(linear: nn.Linear, heads: int, kept: list[int]) -> torch.Tensor:
+    size = linear.in_features // heads
+    return torch.tensor([h * size + i for h in kept for i in range(size)])
+
+
+def remove_heads(heads: int, projections: list[tuple[nn.Linear, int]], outputs: list[nn.Linear], drop: list[int]) -> int:
+    """Removes heads `drop` from the projections and output projections; the new head count."""
+    kept = [h for h in range(heads) if h not in set(drop)]
+    if not kept:
+        raise ValueError("an attention module keeps at least one head")
+    for linear, chunks in projections:
+        rows = _rows(linear, chunks, heads, kept)
+        linear.weight = nn.Parameter(linear.weight.detach()[rows].clone())
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(linear.bias.detach()[rows].clone())
+        linear.out_features = len(rows)
+    for linear in outputs:
+        columns = _columns(linear, heads, kept)
+        linear.weight = nn.Parameter(linear.weight.detach()[:, columns].clone())
+        linear.in_features = len(columns)
+    return len(kept)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -253,7 +253,7 @@ def _static_part(gpt: GPT, cfg: GPTConfig) -> ModelSpec:
 
 
 def build(cfg: GPTConfig) -> ModelSpec:
-    from models.text import train_gpt
+    from models.text import fine_tune_gpt, train_gpt
 
     torch.manual_seed(0)
     if cfg.train_steps:
@@ -276,5 +276,6 @@ def build(cfg: GPTConfig) -> ModelSpec:
         fusion={"model_type": "gpt2", "num_heads": cfg.heads, "hidden_size": cfg.d_model},
         generation={"tokenizer": ByteTokenizer.kind, "eos_token_id": ByteTokenizer.eos_id, "context": cfg.context, "static": "static"},
         parts={"static": _static_part(gpt, cfg)},
+        fine_tune=partial(fine_tune_gpt, gpt, cfg, metrics) if cfg.train_steps else None,
         description=f"GPT {cfg.layers}L d{cfg.d_model} h{cfg.heads} ctx{cfg.context}, bytes, KV cache; {trained}",
     )

@@ -137,6 +137,10 @@ class ModelSpec:
     # An encoder-decoder adds "source_context" and "encoder": the name of its encoder part; "static"
     # names a part that is the same decoder over a cache preallocated to the context (CUDA graphs).
     generation: dict[str, Any] | None = None
+    # fine_tune() → metrics: continues training `module` in place with the model's own recipe, briefly
+    # and seeded; `toolkit prune` runs it after removing channels and records what it returns (the zoo's:
+    # {"metric": name, "unpruned", "pruned", "fine_tuned": its values}). None: the model has no training recipe.
+    fine_tune: Callable[[], dict[str, Any]] | None = field(default=None, repr=False)
     # Files the bundle carries beside its graphs, {name in the bundle: content}: a Hugging Face
     # model's tokenizer.json, which the runtime then serves (toolkit.runtime.tokenizer).
     assets: Mapping[str, bytes] = field(default_factory=dict)

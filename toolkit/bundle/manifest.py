@@ -32,7 +32,8 @@ def safe_name(text: str) -> str:
 class Source:
     """Where a bundle's model comes from, so that its PyTorch reference can be rebuilt: a zoo model
     and preset, a user's factory (`package.module:factory`), or a Hugging Face directory; `part`
-    names one further graph of that model (an encoder-decoder's encoder)."""
+    names one further graph of that model (an encoder-decoder's encoder); `pruned` names the file in
+    the bundle that holds the structure `toolkit prune` gave it (toolkit.reference.pruned), with its sha256."""
 
     kind: str
     model: str | None = None  # zoo: the family name
@@ -40,6 +41,8 @@ class Source:
     ref: str | None = None  # factory: package.module:factory
     path: str | None = None  # hf: the model directory
     part: str | None = None
+    pruned: str | None = None
+    pruned_sha256: str | None = None
 
     def __post_init__(self) -> None:
         needs = {"zoo": ("model", "preset"), "factory": ("ref",), "hf": ("path",)}
@@ -48,6 +51,8 @@ class Source:
         missing = [f for f in needs[self.kind] if not getattr(self, f)]
         if missing:
             raise ToolkitError(f"a {self.kind} source needs {', '.join(missing)}.")
+        if self.pruned is not None and (safe_name(self.pruned) != self.pruned or not self.pruned_sha256):
+            raise ToolkitError(f"a pruned source names its structure by a plain file name in the bundle, with its sha256; got {self.pruned!r}.")
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -61,6 +66,7 @@ class Source:
 
     def describe(self) -> str:
         text = {"zoo": f"{self.model} preset {self.preset}", "factory": self.ref, "hf": f"hf:{self.path}"}[self.kind]
+        text = f"{text}, pruned" if self.pruned else text
         return f"{text}, part {self.part}" if self.part else text
 
     def default_name(self) -> str:
@@ -115,6 +121,7 @@ class Manifest:
     parts: list[str] = field(default_factory=list)  # subdirectories that are bundles of this model's other graphs
     failed: dict[str, str] = field(default_factory=dict)  # variants a build could not make, and why
     assets: dict[str, dict[str, Any]] = field(default_factory=dict)  # files beside the graphs (a tokenizer): {name: {sha256, bytes}}
+    pruning: dict[str, Any] | None = None  # toolkit prune: what was removed, what was kept and why, and the task gate against the unpruned model
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -133,6 +140,7 @@ class Manifest:
             "parts": self.parts,
             "failed": self.failed,
             "assets": self.assets,
+            "pruning": self.pruning,
             "reference": self.reference,
             "variants": {name: asdict(v) for name, v in self.variants.items()},
             "best": self.best,
@@ -155,6 +163,7 @@ class Manifest:
             parts=data.get("parts", []),
             failed=data.get("failed", {}),
             assets=data.get("assets", {}),
+            pruning=data.get("pruning"),
             reference=data.get("reference", {}),
             variants={name: Variant(**v) for name, v in data["variants"].items()},
             best=data.get("best"),

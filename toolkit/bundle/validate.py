@@ -84,7 +84,7 @@ def _consistent(data: dict[str, Any]) -> Manifest:
 def check_directory(path: Path, manifest: Manifest) -> None:
     """Refuses a bundle directory holding anything its manifest does not list, or a listed entry that
     is not a plain regular file (or a directory, for a part) inside it."""
-    files = {MANIFEST_NAME, *manifest.assets}
+    files = {MANIFEST_NAME, *manifest.assets, *([manifest.source.pruned] if manifest.source.pruned else [])}
     for variant in manifest.variants.values():
         files.update([variant.file, *(e["file"] for e in variant.external_data)])
     with os.scandir(path) as entries:
@@ -217,7 +217,8 @@ _MANIFEST = _object(
     {
         "format_version": _INT,
         "name": _NAME,
-        "source": _object({"kind": _KIND}, {"model": _STR, "preset": _STR, "ref": _STR, "path": _STR, "part": _NAME}),
+        "source": _object({"kind": _KIND}, {"model": _STR, "preset": _STR, "ref": _STR, "path": _STR, "part": _NAME,
+                                            "pruned": _FILE, "pruned_sha256": _SHA256}),
         "task": _STR,
         "opset": _INT,
         "inputs": _list(_TENSOR),
@@ -236,6 +237,7 @@ _MANIFEST = _object(
         "assets": _map(_object({"sha256": _SHA256, "bytes": _BYTES}), keys=_FILE),
         "reference": _DICT,
         "best": _nullable(_DICT),
+        "pruning": _nullable(_DICT),
         "versions": _map(_STR),
     },
 )

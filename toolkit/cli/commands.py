@@ -21,6 +21,7 @@ from rich.text import Text
 from toolkit import __version__
 from toolkit.cli import render
 from toolkit.compile.exporter import DEFAULT_OPSET, EXPORTERS
+from toolkit.compile.prune import METHODS as PRUNE_METHODS
 from toolkit.compile.quantization.configs import CALIBRATION_METHODS, FP16_IO, INT4_ALGOS, MODES
 from toolkit.errors import EXIT_CHECK_FAILED, ToolkitError
 from toolkit.runtime.generate import CACHES
@@ -52,6 +53,7 @@ Method = _choices("Method", CALIBRATION_METHODS)
 Fp16Io = _choices("Fp16Io", FP16_IO)
 Int4Algo = _choices("Int4Algo", INT4_ALGOS)
 Cache = _choices("Cache", CACHES)
+PruneMethod = _choices("PruneMethod", PRUNE_METHODS)
 
 
 # What export and build both take.
@@ -342,6 +344,37 @@ def build(
     render.build_table(out, manifest, bundle.path)
     if not (manifest.variants["fp32"].parity or {}).get("passed"):
         raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@_command
+def prune(
+    model: ModelArgument,
+    out_dir: OutOption,
+    amount: float = typer.Option(..., help="Share of the channels of every prunable layer group, and of the heads of every prunable attention module, to remove: between 0 and 1 (e.g. 0.3)."),
+    method: PruneMethod = typer.Option(PruneMethod.l1, help="How channels are ranked: l1, the weights' magnitude; taylor, |weight × gradient| on the model's held-out inputs."),
+    preset: PresetOption = None,
+    name: NameOption = None,
+    fine_tune: bool = typer.Option(True, "--fine-tune/--no-fine-tune", help="Fine-tune the pruned model briefly with the model's own training recipe, where it has one (the zoo's trained models)."),
+    round_to: int = typer.Option(1, "--round-to", help="Leave every pruned layer group a multiple of N channels (rounded down; groups of N or fewer stay whole). onnxruntime's CPU convolutions work in blocks of 8 (AVX2) or 16 (AVX-512) channels: other counts can cost more than they save."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+) -> None:
+    """Remove whole channels, hidden units and attention heads from a PyTorch model (structured pruning,
+    with Torch-Pruning), and export the smaller model as a bundle of its own.
+
+    The model keeps its inputs and outputs: layers whose channels reach them (a classifier's classes,
+    a decoder's KV cache) stay whole, and the manifest says why. The bundle's fp32 is checked against
+    the pruned PyTorch model; the pruned model is judged against the unpruned one by its task (accuracy
+    on labelled data, top-1, next-token agreement, cosine or score error).
+
+    Exit 1 if the pruned model fails that task gate or its parity check; the bundle is written either way."""
+    from toolkit.compile.prune import prune as prune_model
+
+    bundle = prune_model(model, out_dir, amount=amount, method=method.value, preset=preset, name=name, fine_tune=fine_tune,
+                         round_to=round_to, force=force, progress=_progress)
+    render.pruning_table(out, bundle.manifest, bundle.path)
+    if not bundle.manifest.pruning["gate"]["passed"] or not bundle.manifest.variants["fp32"].parity["passed"]:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+    out.print(f"a bundle like any other; next: toolkit optimize {bundle.path}, toolkit quantize {bundle.path} --mode int8")
 
 
 @_command

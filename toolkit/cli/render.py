@@ -179,3 +179,39 @@ def description(console: Console, info: dict[str, Any]) -> None:
         console.print(f"\nbest: {best['variant']} on {best['provider']} ({best['threads']} threads, {best['cpu']}, "
                       f"{best['measured_at']}); rule: {best['rule']}")
     console.print("\nproviders: " + "; ".join(f"{k} {v}" for k, v in info["providers"].items()))
+
+
+def _fine_tune_line(fine_tune: Any) -> str:
+    if not isinstance(fine_tune, dict):
+        return f"fine-tune: {fine_tune or 'no recipe'}"
+    if "metric" not in fine_tune:  # a user recipe's own metrics
+        return "fine-tuned: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fine_tune.items())
+    stages = [(stage, fine_tune[stage]) for stage in ("unpruned", "pruned", "fine_tuned") if stage in fine_tune]
+    length = ", ".join(f"{fine_tune[k]} {k}" for k in ("steps", "epochs") if k in fine_tune)
+    return f"fine-tuned ({length}): {fine_tune['metric']} " + " → ".join(f"{v:.4f} {stage.replace('_', '-')}" for stage, v in stages)
+
+
+def pruning_table(console: Console, manifest: Any, path: Any) -> None:
+    """What `toolkit prune` removed and kept, its cost before and after, and its gates."""
+    record = manifest.pruning
+    table = Table(title=f"pruned {manifest.name} ({record['method']}, amount {record['amount']:g}): {path}")
+    for column in ("module", "change"):
+        table.add_column(column)
+    for module, change in record["removed"].items():
+        table.add_row(module, ", ".join(f"{k} {v[0]} → {v[1]}" if isinstance(v, list) and len(v) == 2 and k != "removed" else f"{k} {v}"
+                                        for k, v in change.items()))
+    for module, why in record["kept"].items():
+        table.add_row(Text(module, style="dim"), Text(f"kept: {why}", style="dim"))
+    console.print(table)
+    (macs0, macs1), (params0, params1) = record["macs"], record["params"]
+    console.print(f"parameters {params0:,} → {params1:,} ({params1 / params0:.2f}×), MACs {macs0:,} → {macs1:,} ({macs1 / macs0:.2f}×)"
+                  + f"; {_fine_tune_line(record['fine_tune'])}")
+    gate, metric = record["gate"], record["gate"]["task_metric"]
+    line = f"task gate against the unpruned model: {metric['metric']} {metric['value']:.4f} (threshold {metric['threshold']})"
+    if "accuracy" in gate:
+        accuracy = gate["accuracy"]
+        line += f", accuracy {accuracy['unpruned']:.4f} → {accuracy['pruned']:.4f} (drop {accuracy['drop']:.4f}, at most {gate['tolerance']['max_accuracy_drop']})"
+    console.print(Text(f"{line}: ").append(verdict(gate["passed"])))
+    parity = manifest.variants["fp32"].parity or {}
+    console.print(Text("fp32 against the pruned PyTorch model: ").append(verdict(bool(parity.get("passed"))))
+                  .append("" if parity.get("passed") else f" ({'; '.join(parity.get('errors', []))})"))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import io
 import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -125,6 +127,8 @@ def _export_into(directory: Path, source: Source, *, name: str | None, static_ca
     for part in manifest.parts:
         say(f"exporting part {part}")
         (directory / part).mkdir()
+        if source.pruned:  # each part's bundle rebuilds the same pruned model
+            shutil.copyfile(directory / source.pruned, directory / part / source.pruned)
         _export_into(directory / part, source.with_part(part), name=f"{name}-{part}", static_cache=static_cache, opset=opset,
                      exporter=exporter, verbose=verbose, isolate=isolate, say=say)
     Bundle(directory, manifest).save()
@@ -134,13 +138,27 @@ def _export_into(directory: Path, source: Source, *, name: str | None, static_ca
 def trace(*, source: dict[str, Any], opset: int, exporter: str, directory: str, verbose: bool, progress: Progress) -> dict[str, Any]:
     """In this process: builds the model, exports it to `directory`/model.fp32.onnx, validates it,
     and returns what the manifest needs (JSON-serialisable, so a worker process can send it)."""
-    say = progress
+    result = _export_file(source=source, opset=opset, exporter=exporter, directory=directory, verbose=verbose, say=progress)
+    # The checker reads the file once the PyTorch model and the proto are gone (they lived in
+    # _export_file): one copy of the weights, onnx's own, where there were three at the export's peak.
+    gc.collect()
+    progress("validating the ONNX model (onnx.checker, full check)")
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(Path(directory) / FP32_FILE), full_check=True)
+    except Exception as exc:
+        raise ToolkitError(f"the exported model of {Source.from_json(source).describe()} fails onnx.checker: {exc}") from exc
+    return result
+
+
+def _export_file(*, source: dict[str, Any], opset: int, exporter: str, directory: str, verbose: bool, say: Progress) -> dict[str, Any]:
+    """Builds the model and writes its ONNX export to `directory`; returns what the manifest needs."""
     source = Source.from_json(source)
     model = source.describe()
     say(f"building the PyTorch reference for {model}")
-    spec = resolve(source)
+    spec = resolve(source, Path(directory))
 
-    import onnx
     import torch
 
     check_signature(spec)
@@ -182,11 +200,6 @@ def trace(*, source: dict[str, Any], opset: int, exporter: str, directory: str, 
             message = describe_failure(model, "torchscript", exc, run=lambda: spec.module(*_example_args(spec)))
             raise ToolkitError(f"{fallback_reason}\n\n{message}" if fallback_reason else message) from exc
 
-    say("validating the ONNX model (onnx.checker, full check)")
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except Exception as exc:
-        raise ToolkitError(f"the exported model of {model} fails onnx.checker: {exc}") from exc
     from toolkit._onnx import save_model
 
     external = save_model(proto, Path(directory) / FP32_FILE)

@@ -26,7 +26,7 @@ from toolkit.runtime.model import Model
 from toolkit.runtime.samples import make_feeds
 from toolkit.spec import ModelSpec, cache_axes, shape_cases
 
-__all__ = ["check", "SEEDS"]
+__all__ = ["SEEDS", "check", "heldout_of", "judge_task", "judged", "reference_accuracy"]
 
 SEEDS = (0, 1, 2)
 _EVAL_CHUNK = 256
@@ -104,10 +104,10 @@ class _Evidence:
         cases = [(seed, sizes) for sizes in shape_cases(manifest.dims) for seed in seeds]
         say(f"running the reference on {len(cases)} cases")
         feeds = [_case_feeds(spec, sizes, seed, generation=manifest.generation) for seed, sizes in cases]
-        heldout = _heldout(spec, manifest.dims)
+        heldout = heldout_of(spec, manifest.dims)
         return cls(
             spec=spec, cases=cases, feeds=feeds, outputs=[run_reference(spec, case) for case in feeds],
-            evaluation=_torch_eval(spec) if spec.eval_data and spec.task == "classify" else None,
+            evaluation=reference_accuracy(spec) if spec.eval_data and spec.task == "classify" else None,
             heldout=heldout, greedy=_greedy_reference(bundle, spec, heldout) if manifest.generation else None,
         )
 
@@ -252,7 +252,7 @@ _HELDOUT_ROWS = 256
 _HELDOUT_SEED = 20_000  # far from the check seeds and from calibration seeds
 
 
-def _heldout(spec: ModelSpec, dims) -> tuple[str, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+def heldout_of(spec: ModelSpec, dims) -> tuple[str, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
     """(description, feed chunks, the reference's task-metric outputs per chunk): the eval set when the
     model has one, otherwise sample inputs at the export sizes."""
     if spec.eval_data is not None:
@@ -270,10 +270,10 @@ def _heldout(spec: ModelSpec, dims) -> tuple[str, list[dict[str, np.ndarray]], l
     batched = {t.name for t in spec.inputs if t.shape and t.shape[0] == "batch"} & set(feeds)  # others (a static cache's slots) go whole
     total = len(feeds[next(iter(batched))]) if batched else 1
     chunks = [{k: v[i : i + size] if k in batched else v for k, v in feeds.items()} for i in range(0, total, size)]
-    return description, chunks, [_judged(spec.task, run_reference(spec, chunk)) for chunk in chunks]
+    return description, chunks, [judged(spec.task, run_reference(spec, chunk)) for chunk in chunks]
 
 
-def _judged(task: str, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def judged(task: str, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What the task metric compares: the predicted class or next token (not a decoder's logits over
     its whole vocabulary at every position, nor its KV cache, which the elementwise check judges)."""
     if task == "generate":
@@ -287,12 +287,20 @@ def _judged(task: str, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def _task_metric(task: str, tolerance, heldout, model: Model) -> dict[str, Any]:
     description, chunks, references = heldout
     per_token = _per_token_outputs(model.bundle.manifest) if task == "classify" else set()
+    got = [judged(task, model.run(model.cast(chunk))) for chunk in chunks]
+    return judge_task(task, tolerance, heldout, got, per_token)
+
+
+def judge_task(task: str, tolerance: Tolerance, heldout, got: Sequence[dict[str, np.ndarray]], per_token: set[str] = frozenset()) -> dict[str, Any]:
+    """The task metric of `got` (per held-out chunk, what `judged` keeps of a model's outputs)
+    against `heldout`'s reference outputs, and whether `tolerance` lets it pass."""
+    description, chunks, references = heldout
     pairs = [_real_tokens(g[name], r[name], chunk["attention_mask"] if name in per_token else None)
-             for chunk, r in zip(chunks, references, strict=True) for g in [_judged(task, model.run(model.cast(chunk)))] for name in r]
+             for chunk, r, g in zip(chunks, references, got, strict=True) for name in r]
     if task in ("classify", "generate"):
         agree = np.concatenate([(a == b).ravel() for a, b in pairs])
         metric = "top1_agreement" if task == "classify" else "next_token_agreement"
-        value, threshold = float(agree.mean()), (tolerance.min_top1_agreement if task == "classify" else None)
+        value, threshold = float(agree.mean()), (tolerance.min_top1_agreement if task == "classify" else tolerance.min_next_token_agreement)
     elif task == "embed":
         metric = "min_cosine"
         value = min(float(_cosine(a.reshape(len(a), -1), b.reshape(len(b), -1)).min()) for a, b in pairs)
@@ -364,7 +372,7 @@ def _case_feeds(spec: ModelSpec, sizes: dict[str, int], seed: int, *, generation
     return step | {name: cache["present_" + name.removeprefix("past_")] for name in whole if name.startswith("past_")}
 
 
-def _torch_eval(spec: ModelSpec) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
+def reference_accuracy(spec: ModelSpec) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
     feeds, labels = spec.eval_data()
     accuracy = _accuracy(lambda chunk: next(iter(run_reference(spec, chunk).values())), feeds, labels)
     return feeds, labels, accuracy

@@ -97,7 +97,7 @@ def build(
     bundle = export(model, out, preset=preset, name=name, static_cache=static_cache, force=force, progress=say)
     say(f"building the PyTorch reference ({bundle.manifest.source.describe()}) for the checks")
     with tempfile.TemporaryDirectory(prefix="toolkit-build-") as scratch:
-        context = BuildContext(bundle, resolve(bundle.manifest.source), say, Path(scratch))
+        context = BuildContext(bundle, resolve(bundle.manifest.source, bundle.path), say, Path(scratch))
         if modes is None:
             reason, packs = static_applies(bundle, context.reference), int4_applies(bundle)
             modes = ("int8", *(["int8-static"] if reason else []), "fp16", *(["int4"] if packs else []))

@@ -13,6 +13,9 @@ judged by task metrics on held-out inputs instead:
   could overturn), and an int8 variant's agreement is reported;
 - embed: per-row cosine similarity with the reference (`min_cosine`);
 - regress: max error relative to the output scale (`max_score_rel`).
+
+The profile `pruned` judges a pruned model against its unpruned reference by the same task
+metrics (next-token agreement is a gate there: `min_next_token_agreement`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class Tolerance:
     min_top1_agreement: float | None = None
     min_cosine: float | None = None
     max_score_rel: float | None = None
+    min_next_token_agreement: float | None = None
 
     def allows(self, max_abs_err: float, scale: float) -> bool:
         return self.rel is None or max_abs_err <= self.atol + self.rel * scale
@@ -50,6 +54,10 @@ PROFILES = {
         Tolerance("int8", rel=None, atol=0.0, max_accuracy_drop=0.01, min_top1_agreement=0.99, min_cosine=0.99, max_score_rel=0.05),
         # int4 weights are judged as int8 ones are: by the task, with the same bars.
         Tolerance("int4", rel=None, atol=0.0, max_accuracy_drop=0.01, min_top1_agreement=0.99, min_cosine=0.99, max_score_rel=0.05),
+        # A pruned model against the unpruned one (toolkit prune): a smaller model, which may lose a
+        # little of the task; its own graph is judged against the pruned PyTorch model by fp32's bars.
+        Tolerance("pruned", rel=None, atol=0.0, max_accuracy_drop=0.02, min_top1_agreement=0.95, min_cosine=0.95,
+                  max_score_rel=0.1, min_next_token_agreement=0.9),
     )
 }
 

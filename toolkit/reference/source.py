@@ -44,8 +44,9 @@ def source_of(model: str, preset: str | None) -> Source:
     return Source("zoo", model=model, preset=preset or "default")
 
 
-def resolve(source: Source) -> ModelSpec:
-    """The `ModelSpec` (PyTorch module in eval mode, inputs, dims, ...) that `source` names. What
+def resolve(source: Source, root: Path | None = None) -> ModelSpec:
+    """The `ModelSpec` (PyTorch module in eval mode, inputs, dims, ...) that `source` names; a pruned
+    source gets its structure from the file it names in `root`, the bundle's directory. What
     the model's libraries log at INFO and below while it is built is dropped, for check and build
     as for export (whose worker's output is shown only on failure)."""
     with logging_disabled(logging.INFO):
@@ -57,6 +58,14 @@ def resolve(source: Source) -> ModelSpec:
             spec = hf_spec(source.path)
         else:
             spec = _factory(source.ref)
+    if source.pruned is not None:
+        from toolkit.reference import pruned
+
+        if root is None:
+            raise ToolkitError(f"{source.describe()}: a pruned model is rebuilt from the bundle that holds its structure.")
+        pruned.apply(spec.module, pruned.load(Path(root) / source.pruned, source.pruned_sha256))
+        if spec.fusion:  # the config's head count and width no longer hold: the fusions read them off the graph
+            spec.fusion = {**spec.fusion, "num_heads": 0, "hidden_size": 0}
     if source.part is not None:
         if source.part not in spec.parts:
             raise ToolkitError(f"{source.with_part(None).describe()} has no part {source.part!r}; "
@@ -72,7 +81,7 @@ def bundle_reference(bundle: Bundle) -> ModelSpec:
     the user vouched for it: they named the model themselves (`toolkit build MODEL`) or passed
     --trust-source (`trust_source=True`); a zoo model is toolkit's own code."""
     refuse_untrusted(bundle)
-    return resolve(bundle.manifest.source)
+    return resolve(bundle.manifest.source, bundle.path)
 
 
 def refuse_untrusted(bundle: Bundle) -> None:
