@@ -76,12 +76,12 @@ def test_what_is_pruned_and_what_stays_whole_with_its_reason():
     assert layer.hidden_size == 24 and layer.weight_hh_l1.shape == (96, 24) and layer.weight_ih_l1.shape == (96, 24)
 
 
-@pytest.mark.parametrize("kind", ["llama", "bert-sequence", "bart", "vit"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert-sequence", "bart", "vit"])
 def test_hugging_face_models_prune_and_rebuild_from_their_structure(kind, tmp_path):
     from models.hf_causal import causal_lm
     from models.hf_heads import hf_model
 
-    source = source_of(f"hf:{causal_lm(kind) if kind == 'llama' else hf_model(kind)}", None)
+    source = source_of(f"hf:{causal_lm(kind) if kind in ('llama', 'gpt2') else hf_model(kind)}", None)
     spec = resolve(source)
     before = pruned.attributes(spec.module)
     graphs = (spec, *spec.parts.values())
@@ -94,17 +94,20 @@ def test_hugging_face_models_prune_and_rebuild_from_their_structure(kind, tmp_pa
     for graph, again in zip(graphs, (rebuilt, *rebuilt.parts.values()), strict=True):
         for want, got in zip(_outputs(graph), _outputs(again), strict=True):
             assert torch.equal(want, got)
+    if kind == "gpt2":  # transformers' Conv1D, pruned as the Linear it computes, stays a Conv1D
+        mlp = spec.module.model.transformer.h[0].mlp
+        before, after = record["removed"]["model.transformer.h.0.mlp.c_fc"]["nf"]
+        assert type(mlp.c_fc).__name__ == "Conv1D" and mlp.c_fc.nf == after < before
+        assert mlp.c_fc.weight.shape == (mlp.c_fc.nx, mlp.c_fc.nf)
     if kind == "bart":  # the encoder's and decoder's shared embedding: pruning one side alone would untie it
         assert any("untie the weights" in reason for reason in record["kept"].values()), record["kept"]
         model = spec.module.model.model
         assert model.encoder.embed_tokens.weight is model.decoder.embed_tokens.weight
 
 
-def test_a_layer_type_torch_pruning_cannot_prune_is_named_in_the_refusal(tmp_path):
-    from models.hf_causal import causal_lm
-
-    with pytest.raises(ToolkitError, match=r"nothing in hf:.* can be pruned: .*c_attn.* and \d+ more: a Conv1D: toolkit prunes nn.Linear"):
-        prune(f"hf:{causal_lm('gpt2')}", tmp_path / "out", amount=0.5)
+def test_a_layer_type_toolkit_cannot_prune_is_named_in_the_refusal(tmp_path):
+    with pytest.raises(ToolkitError, match=r"nothing in tests.userpkg.toy:mixers can be pruned: 0, 1: a Mixer: toolkit prunes nn.Linear"):
+        prune("tests.userpkg.toy:mixers", tmp_path / "out", amount=0.5)
     assert not (tmp_path / "out").exists()
 
 

@@ -158,3 +158,19 @@ def chatty() -> ModelSpec:
     log.setLevel(logging.INFO)
     log.info("chatty: loading weights from the checkpoint")
     return build()
+
+
+class Mixer(nn.Module):
+    """A layer type of its own: a matrix it multiplies by, which toolkit prune does not know."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.matrix = nn.Parameter(torch.randn(width, width) / width**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ self.matrix)
+
+
+def mixers() -> ModelSpec:
+    torch.manual_seed(0)
+    return _over_sequences(nn.Sequential(Mixer(8), Mixer(8)), Dim("seq", export=4, check=(3, 5)))

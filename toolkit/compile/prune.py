@@ -147,15 +147,35 @@ def _concat_of_inputs_tolerated() -> Iterator[None]:
 
 @_concat_of_inputs_tolerated()
 def _prune_module(spec: ModelSpec, amount: float, method: str, say: Progress, round_to: int = 1) -> dict[str, Any]:
-    import torch
-    import torch_pruning as tp
 
     module = spec.module
-    names = {m: n for n, m in module.named_modules()}
     graphs = [spec, *spec.parts.values()]
     shapes = [_output_shapes(g) for g in graphs]
     sizes = {n: _size(m) for n, m in module.named_modules()}
     kept: dict[str, str] = {}
+    with _conv1d_as_linear(module):
+        removed_heads = _prune_graphs(module, graphs, shapes, amount, method, round_to, kept)
+    module.zero_grad(set_to_none=True)
+    module.eval()
+    removed = {n: _shrunk(sizes[n], _size(m)) for n, m in module.named_modules() if n in sizes and _size(m) != sizes[n]}
+    for name, layer in module.named_modules():
+        if name not in removed and not isinstance(layer, _torch_module_types()) and not _is_conv1d(layer) and \
+                any(p.ndim >= 2 for p in layer.parameters(recurse=False)):
+            kept.setdefault(name, f"a {type(layer).__name__}: toolkit prunes nn.Linear, convolutions and nn.LSTM, "
+                                  "and the layers their channels feed, not this layer type")
+    for name, change in removed_heads.items():
+        removed.setdefault(name, {}).update(change)
+    say(f"pruned {len(removed)} modules; kept whole: {len(kept)}")
+    return {"removed": removed, "kept": kept}
+
+
+def _prune_graphs(module: Any, graphs: list[ModelSpec], shapes: list[list[tuple[int, ...]]], amount: float, method: str,
+                  round_to: int, kept: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Prunes heads, then every graph's groups; returns the heads removed per attention module."""
+    import torch
+    import torch_pruning as tp
+
+    names = {m: n for n, m in module.named_modules()}
     heads = _prunable_heads(module, graphs, names, kept)
     if method == "taylor":
         _gradients(graphs)
@@ -180,18 +200,43 @@ def _prune_module(spec: ModelSpec, amount: float, method: str, say: Progress, ro
             root_module_types=list(_root_types()))
         for group in pruner.step(interactive=True):
             _prune_or_undo(group, module, graphs, shapes, names, kept)
-    module.zero_grad(set_to_none=True)
-    module.eval()
-    removed = {n: _shrunk(sizes[n], _size(m)) for n, m in module.named_modules() if n in sizes and _size(m) != sizes[n]}
-    for name, layer in module.named_modules():
-        if name not in removed and not isinstance(layer, _torch_module_types()) and \
-                any(p.ndim >= 2 for p in layer.parameters(recurse=False)):
-            kept.setdefault(name, f"a {type(layer).__name__}: toolkit prunes nn.Linear, convolutions and nn.LSTM, "
-                                  "and the layers their channels feed, not this layer type")
-    for name, change in removed_heads.items():
-        removed.setdefault(name, {}).update(change)
-    say(f"pruned {len(removed)} modules; kept whole: {len(kept)}")
-    return {"removed": removed, "kept": kept}
+    return removed_heads
+
+
+def _is_conv1d(layer: Any) -> bool:
+    """transformers' Conv1D (GPT-2's projections): a Linear with its weight stored transposed, (nx, nf)."""
+    weight = getattr(layer, "weight", None)
+    return type(layer).__name__ == "Conv1D" and isinstance(getattr(layer, "nf", None), int) and \
+        getattr(weight, "shape", None) == (layer.nx, layer.nf)
+
+
+@contextlib.contextmanager
+def _conv1d_as_linear(module: Any) -> Iterator[None]:
+    """Every transformers Conv1D stands in as the nn.Linear it computes while Torch-Pruning works
+    (which knows Linear, not Conv1D), then goes back, with the pruned widths and weights: the model
+    keeps its own classes, so the pruned structure applies to the model its source builds."""
+    import torch
+
+    swapped = []
+    for name, layer in list(module.named_modules()):
+        if _is_conv1d(layer):
+            linear = torch.nn.Linear(layer.nx, layer.nf, bias=layer.bias is not None)
+            linear.weight = torch.nn.Parameter(layer.weight.detach().t().contiguous())
+            if layer.bias is not None:
+                linear.bias = layer.bias
+            parent, _, attribute = name.rpartition(".")
+            owner = module.get_submodule(parent)
+            setattr(owner, attribute, linear)
+            swapped.append((owner, attribute, layer, linear))
+    try:
+        yield
+    finally:
+        for owner, attribute, layer, linear in swapped:
+            layer.weight = torch.nn.Parameter(linear.weight.detach().t().contiguous())
+            if linear.bias is not None:
+                layer.bias = linear.bias
+            layer.nf, layer.nx = linear.out_features, linear.in_features
+            setattr(owner, attribute, layer)
 
 
 def _rounded_ratios(traced: _Traced, roots: list[Any], amount: float, multiple: int) -> dict[Any, float]:
@@ -510,7 +555,7 @@ def _output_shapes(graph: ModelSpec) -> list[tuple[int, ...]]:
 def _size(module: Any) -> dict[str, int]:
     """The widths a structured pruning changes, as the module states them."""
     keys = ("in_features", "out_features", "in_channels", "out_channels", "hidden_size", "input_size", "num_features",
-            "normalized_shape", "embedding_dim")
+            "normalized_shape", "embedding_dim", "nf", "nx")
     found = {}
     for key in keys:
         value = getattr(module, key, None)
