@@ -105,6 +105,14 @@ def test_hugging_face_models_prune_and_rebuild_from_their_structure(kind, tmp_pa
         assert model.encoder.embed_tokens.weight is model.decoder.embed_tokens.weight
 
 
+def test_torchs_multihead_attention_is_pruned_with_its_width_and_reported_as_pruned():
+    spec = resolve(Source("factory", ref="tests.userpkg.toy:torch_encoder"))
+    record = _prune_module(spec, 0.5, "l1", lambda _m: None)
+    assert record["removed"]["encoder.layers.0.self_attn"]["embed_dim"] == [32, 16]
+    assert not any("not this layer type" in reason for reason in record["kept"].values()), record["kept"]
+    assert _outputs(spec)[0].shape == (2, 5)
+
+
 def test_a_layer_type_toolkit_cannot_prune_is_named_in_the_refusal(tmp_path):
     with pytest.raises(ToolkitError, match=r"nothing in tests.userpkg.toy:mixers can be pruned: 0, 1: a Mixer: toolkit prunes nn.Linear"):
         prune("tests.userpkg.toy:mixers", tmp_path / "out", amount=0.5)

@@ -174,3 +174,22 @@ class Mixer(nn.Module):
 def mixers() -> ModelSpec:
     torch.manual_seed(0)
     return _over_sequences(nn.Sequential(Mixer(8), Mixer(8)), Dim("seq", export=4, check=(3, 5)))
+
+
+class TorchEncoder(nn.Module):
+    """torch's own nn.TransformerEncoder (nn.MultiheadAttention inside), as users write classifiers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(100, 32)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 2)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(ids)).mean(1))
+
+
+def torch_encoder() -> ModelSpec:
+    torch.manual_seed(0)
+    return ModelSpec(module=TorchEncoder().eval(), inputs=[TensorSpec("ids", "int64", ("batch", "seq"), kind="ids", high=100)],
+                     outputs=["logits"], dims=[Dim("batch", export=2, check=(1, 3)), Dim("seq", export=8, check=(4, 9))], task="classify")

@@ -152,6 +152,7 @@ def _prune_module(spec: ModelSpec, amount: float, method: str, say: Progress, ro
     graphs = [spec, *spec.parts.values()]
     shapes = [_output_shapes(g) for g in graphs]
     sizes = {n: _size(m) for n, m in module.named_modules()}
+    weights = {n: _own_shapes(m) for n, m in module.named_modules()}
     kept: dict[str, str] = {}
     with _conv1d_as_linear(module):
         removed_heads = _prune_graphs(module, graphs, shapes, amount, method, round_to, kept)
@@ -159,7 +160,7 @@ def _prune_module(spec: ModelSpec, amount: float, method: str, say: Progress, ro
     module.eval()
     removed = {n: _shrunk(sizes[n], _size(m)) for n, m in module.named_modules() if n in sizes and _size(m) != sizes[n]}
     for name, layer in module.named_modules():
-        if name not in removed and not isinstance(layer, _torch_module_types()) and not _is_conv1d(layer) and \
+        if _own_shapes(layer) == weights.get(name) and not isinstance(layer, _torch_module_types()) and not _is_conv1d(layer) and \
                 any(p.ndim >= 2 for p in layer.parameters(recurse=False)):
             kept.setdefault(name, f"a {type(layer).__name__}: toolkit prunes nn.Linear, convolutions and nn.LSTM, "
                                   "and the layers their channels feed, not this layer type")
@@ -555,7 +556,7 @@ def _output_shapes(graph: ModelSpec) -> list[tuple[int, ...]]:
 def _size(module: Any) -> dict[str, int]:
     """The widths a structured pruning changes, as the module states them."""
     keys = ("in_features", "out_features", "in_channels", "out_channels", "hidden_size", "input_size", "num_features",
-            "normalized_shape", "embedding_dim", "nf", "nx")
+            "normalized_shape", "embedding_dim", "embed_dim", "num_channels", "num_parameters", "nf", "nx")
     found = {}
     for key in keys:
         value = getattr(module, key, None)
@@ -564,6 +565,10 @@ def _size(module: Any) -> dict[str, int]:
         elif isinstance(value, tuple) and len(value) == 1:
             found[key] = value[0]
     return found
+
+
+def _own_shapes(module: Any) -> list[tuple[int, ...]]:
+    return [tuple(p.shape) for p in module.parameters(recurse=False)]
 
 
 def _shrunk(before: dict[str, int], after: dict[str, int]) -> dict[str, list[int]]:
