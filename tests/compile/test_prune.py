@@ -94,6 +94,8 @@ def test_hugging_face_models_prune_and_rebuild_from_their_structure(kind, tmp_pa
     for graph, again in zip(graphs, (rebuilt, *rebuilt.parts.values()), strict=True):
         for want, got in zip(_outputs(graph), _outputs(again), strict=True):
             assert torch.equal(want, got)
+    if kind == "llama":  # RMSNorm's weight is no layer Torch-Pruning knows: recorded by its shapes
+        assert record["removed"]["model.model.norm"]["weights"] == ["64", "32"]
     if kind == "gpt2":  # transformers' Conv1D, pruned as the Linear it computes, stays a Conv1D
         mlp = spec.module.model.transformer.h[0].mlp
         before, after = record["removed"]["model.transformer.h.0.mlp.c_fc"]["nf"]

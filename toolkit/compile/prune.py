@@ -11,8 +11,12 @@ which of those groups may be pruned at all:
 - never one whose channels pass through a product of two activations (attention's q·kᵀ and
   scores·v), which the dependency graph maps wrongly; heads are pruned instead, whole, by the
   attention module's own hooks (`head_parameters(head)`, `prune_heads(heads)`, see README);
+- never one that breaks the model: each group is pruned on its own, every graph run at its export
+  sizes, and the group put back (`_Saved`) when a forward fails (a width the model also uses as a
+  number), an output changes shape, or a tied weight would split;
 - nn.LSTM hidden units through a pruner of our own (Torch-Pruning's handles one layer, and not its
-  recurrent weights' inputs): the same units of every layer, as an nn.LSTM needs one hidden size.
+  recurrent weights' inputs): the same units of every layer, as an nn.LSTM needs one hidden size;
+- transformers' Conv1D (GPT-2) as the nn.Linear it computes, put back as a Conv1D afterwards.
 
 Every group kept whole is recorded with its reason, as is every layer that shrank. Zoo models with
 a training recipe (ModelSpec.fine_tune) are fine-tuned briefly; the bundle then carries parity of its
@@ -25,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -154,11 +159,17 @@ def _prune_module(spec: ModelSpec, amount: float, method: str, say: Progress, ro
     sizes = {n: _size(m) for n, m in module.named_modules()}
     weights = {n: _own_shapes(m) for n, m in module.named_modules()}
     kept: dict[str, str] = {}
-    with _conv1d_as_linear(module):
+    with _conv1d_as_linear(module), warnings.catch_warnings():
+        # weights outside the layers it knows (a norm's, a position table) are pruned along their last
+        # axis, which the forward check confirms; the record below lists them with the rest
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected", category=UserWarning)
         removed_heads = _prune_graphs(module, graphs, shapes, amount, method, round_to, kept)
     module.zero_grad(set_to_none=True)
     module.eval()
     removed = {n: _shrunk(sizes[n], _size(m)) for n, m in module.named_modules() if n in sizes and _size(m) != sizes[n]}
+    for name, layer in module.named_modules():
+        if name not in removed and _own_shapes(layer) != weights.get(name, _own_shapes(layer)):
+            removed[name] = {"weights": [_shapes_text(weights[name]), _shapes_text(_own_shapes(layer))]}
     for name, layer in module.named_modules():
         if _own_shapes(layer) == weights.get(name) and not isinstance(layer, _torch_module_types()) and not _is_conv1d(layer) and \
                 any(p.ndim >= 2 for p in layer.parameters(recurse=False)):
@@ -569,6 +580,10 @@ def _size(module: Any) -> dict[str, int]:
 
 def _own_shapes(module: Any) -> list[tuple[int, ...]]:
     return [tuple(p.shape) for p in module.parameters(recurse=False)]
+
+
+def _shapes_text(shapes: list[tuple[int, ...]]) -> str:
+    return ", ".join("×".join(map(str, shape)) for shape in shapes)
 
 
 def _shrunk(before: dict[str, int], after: dict[str, int]) -> dict[str, list[int]]:
