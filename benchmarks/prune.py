@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
              f"Written by `python benchmarks/prune.py` on {len(os.sched_getaffinity(0))} CPUs: `toolkit prune MODEL --amount A` (l1) on "
              f"the zoo's {args.preset} presets, fine-tuned with each model's training recipe (a fifth of its steps, or 5 digit epochs). "
              "Latency: one call of the fp32 graph on onnxruntime's CPU provider at the batch given and the export size of the other "
-             f"dims (a decoder's step over its export-size cache), pruned over unpruned, medians of {args.rounds} interleaved rounds. "
+             f"dims (a decoder's step over its export-size cache), pruned over unpruned, the median call of {args.rounds} interleaved rounds (toolkit bench's timing). "
              "Gate: what `toolkit prune` records against the unpruned model (the accuracy drop on the digits test set where there "
              "are labels, else the task metric on held-out inputs). What stayed whole, and why, is in each bundle's manifest (`pruning.kept`).", "",
              f"Amount with `--round-to {block}` (this CPU's NCHWc block): every pruned group left a multiple of {block} channels. "
@@ -108,9 +110,9 @@ def _findings(rows: list, block: int) -> list[str]:
         "- Recipe metric above the unpruned value (the digits models): the fine-tune trains 5 more epochs, so part of the gain "
         "is more training, not pruning. The gpt fails its gate although its validation loss comes back close to the unpruned "
         "model's: the gate asks for agreement with the unpruned model's next tokens (0.9), a stricter test than the loss.",
-        "- The machine is shared: two runs of this script an hour apart differed by up to 0.2 in a small model's ratio "
-        "(gpt at 0.25, batch 32: 0.78× in the first, 0.97× in the second), so read one cell with that margin; the cnn's "
-        "slowdown without `--round-to` was there in both runs (1.07× and 1.46× at batch 1).",
+        "- The machine is shared: three runs of this script within two hours differed by up to 0.2 in a small model's ratio "
+        "(gpt at 0.25, batch 32: 0.78×, 0.97×, 0.79×), so read one cell with that margin; the cnn's slowdown without "
+        "`--round-to` was there in all three (1.07×, 1.46×, 1.13× at batch 1).",
     ]
     return found
 
@@ -132,28 +134,21 @@ def _gate(gate: dict) -> str:
 
 
 def _latencies(bundles: list[Path], rounds: int) -> dict[int, list[float]]:
-    """Per batch, each bundle's median seconds per call, measured in interleaved rounds."""
+    """Per batch, each bundle's median seconds per call, timed in interleaved rounds (toolkit's bench timing)."""
     import toolkit
+    from toolkit.bench.measure import COOLDOWN_S, measure
     from toolkit.runtime.samples import make_feeds
 
     models = [toolkit.load(path) for path in bundles]
     result = {}
     for batch in BATCHES:
-        feeds = []
-        for model in models:
+        steps = {}
+        for index, model in enumerate(models):
             manifest = model.bundle.manifest
-            sizes = {d.name: (batch if d.name == "batch" else d.export) for d in manifest.dims}
-            feeds.append(make_feeds(manifest.inputs, sizes, 0))
-        samples: list[list[float]] = [[] for _ in models]
-        for _ in range(rounds):
-            for model, feed, times in zip(models, feeds, samples, strict=True):
-                model.run(feed)
-                calls, started = 0, time.perf_counter()
-                while time.perf_counter() - started < 0.2:
-                    model.run(feed)
-                    calls += 1
-                times.append((time.perf_counter() - started) / calls)
-        result[batch] = [statistics.median(times) for times in samples]
+            feed = make_feeds(manifest.inputs, {d.name: (batch if d.name == "batch" else d.export) for d in manifest.dims}, 0)
+            steps[str(index)] = partial(model.run, feed)
+        latencies, _ = measure(steps, max_time=0.2 * rounds * len(steps), rounds=rounds, warmup=3, cooldown=COOLDOWN_S)
+        result[batch] = [float(np.median(latencies[str(index)])) for index in range(len(models))]
     return result
 
 

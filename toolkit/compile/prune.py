@@ -152,7 +152,6 @@ def _concat_of_inputs_tolerated() -> Iterator[None]:
 
 @_concat_of_inputs_tolerated()
 def _prune_module(spec: ModelSpec, amount: float, method: str, say: Progress, round_to: int = 1) -> dict[str, Any]:
-
     module = spec.module
     graphs = [spec, *spec.parts.values()]
     shapes = [_output_shapes(g) for g in graphs]
@@ -168,11 +167,10 @@ def _prune_module(spec: ModelSpec, amount: float, method: str, say: Progress, ro
     module.eval()
     removed = {n: _shrunk(sizes[n], _size(m)) for n, m in module.named_modules() if n in sizes and _size(m) != sizes[n]}
     for name, layer in module.named_modules():
-        if name not in removed and _own_shapes(layer) != weights.get(name, _own_shapes(layer)):
-            removed[name] = {"weights": [_shapes_text(weights[name]), _shapes_text(_own_shapes(layer))]}
-    for name, layer in module.named_modules():
-        if _own_shapes(layer) == weights.get(name) and not isinstance(layer, _torch_module_types()) and not _is_conv1d(layer) and \
-                any(p.ndim >= 2 for p in layer.parameters(recurse=False)):
+        now = _own_shapes(layer)
+        if now != weights[name]:
+            removed.setdefault(name, {"weights": [_shapes_text(weights[name]), _shapes_text(now)]})
+        elif not isinstance(layer, _torch_module_types()) and not _is_conv1d(layer) and any(len(s) >= 2 for s in now):
             kept.setdefault(name, f"a {type(layer).__name__}: toolkit prunes nn.Linear, convolutions and nn.LSTM, "
                                   "and the layers their channels feed, not this layer type")
     for name, change in removed_heads.items():
@@ -189,7 +187,8 @@ def _prune_graphs(module: Any, graphs: list[ModelSpec], shapes: list[list[tuple[
 
     names = {m: n for n, m in module.named_modules()}
     heads = _prunable_heads(module, graphs, names, kept)
-    if method == "taylor":
+    owners = _heads_owners(heads)
+    if method == "taylor" and heads:  # to rank heads; the groups' gradients are taken again below
         _gradients(graphs)
     removed_heads = {}
     for attention, count in heads.items():
@@ -201,7 +200,7 @@ def _prune_graphs(module: Any, graphs: list[ModelSpec], shapes: list[list[tuple[
     for graph in graphs:
         traced = _dependency(module, graph)
         layers = [m for m in traced.dependency.module2node if isinstance(m, _root_types())]
-        ignored = [m for m in layers if m in reached or m in heads_owners(heads) or _keep_whole(traced, m, names, kept)]
+        ignored = [m for m in layers if m in reached or m in owners or _keep_whole(traced, m, names, kept)]
         reached.update(layers)
         if method == "taylor":
             _gradients(graphs)
@@ -298,7 +297,7 @@ class _Saved:
     pruned parameter with a new one and leaves the old one intact, so putting the old ones back undoes it."""
 
     def __init__(self, module: Any) -> None:
-        self.modules = [(m, dict(m._parameters), dict(m._buffers), _scalars(m)) for m in module.modules()]
+        self.modules = [(m, dict(m._parameters), dict(m._buffers), pruned.scalars(m)) for m in module.modules()]
         shared: dict[int, list[tuple[Any, str]]] = {}
         for m, parameters, _, _ in self.modules:
             for name, parameter in parameters.items():
@@ -318,10 +317,6 @@ class _Saved:
                 setattr(m, key, value)
             if isinstance(m, torch.nn.LSTM):
                 m._init_flat_weights()
-
-
-def _scalars(module: Any) -> dict[str, Any]:
-    return {k: v for k, v in vars(module).items() if not k.startswith("_") and isinstance(v, (int, float, tuple))}
 
 
 def _retie(ties: list[list[tuple[Any, str]]], names: dict[Any, str]) -> str | None:
@@ -387,7 +382,7 @@ def _dependency(module: Any, graph: ModelSpec) -> _Traced:
     return _Traced(dependency, {node for node in dependency.module2node.values() if node.grad_fn in made})
 
 
-def heads_owners(heads: dict[Any, int]) -> set[Any]:
+def _heads_owners(heads: dict[Any, int]) -> set[Any]:
     """The Linear layers that attention modules' head hooks prune: Torch-Pruning leaves them alone."""
     owners = set()
     for attention in heads:
@@ -407,7 +402,7 @@ def _prunable_heads(module: Any, graphs: list[ModelSpec], names: dict[Any, str],
     heads = {}
     for attention in candidates:
         count = int(attention.heads)
-        owners = heads_owners({attention: count})
+        owners = _heads_owners({attention: count})
         reaching = [names[m] for m in owners for d in dependencies if m in d.dependency.module2node and d.reaches_output(m)]
         if reaching:
             kept[names[attention]] = f"heads kept: {', '.join(sorted(set(reaching)))} reaches a graph output (a KV cache)"

@@ -16,7 +16,7 @@ from typing import Any
 
 from toolkit.errors import ToolkitError
 
-__all__ = ["FILE", "apply", "attributes", "load", "save"]
+__all__ = ["FILE", "apply", "attributes", "load", "save", "scalars"]
 
 FILE = "pruned.pt"
 _FORMAT = 1
@@ -25,12 +25,14 @@ _SCALARS = (int, float, bool, str)
 
 def attributes(module: Any) -> dict[str, dict[str, Any]]:
     """Per module path, its public scalar attributes (and tuples of them): what structure is made of."""
-    found = {}
-    for path, child in module.named_modules():
-        found[path] = {name: value for name, value in vars(child).items()
-                       if not name.startswith("_") and (isinstance(value, _SCALARS) or
-                                                        (isinstance(value, tuple) and all(isinstance(v, _SCALARS) for v in value)))}
-    return found
+    return {path: scalars(child) for path, child in module.named_modules()}
+
+
+def scalars(module: Any) -> dict[str, Any]:
+    """One module's public scalar attributes (and tuples of them), not its children's."""
+    return {name: value for name, value in vars(module).items()
+            if not name.startswith("_") and (isinstance(value, _SCALARS) or
+                                             (isinstance(value, tuple) and all(isinstance(v, _SCALARS) for v in value)))}
 
 
 def save(module: Any, before: dict[str, dict[str, Any]], path: Path) -> None:
