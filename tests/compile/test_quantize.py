@@ -210,6 +210,52 @@ def test_weights_take_7_bits_where_the_cpu_would_saturate_full_range_int8(export
     assert quantize(path, mode=mode, reduce_range=False, calibration_samples=16).variant(mode).recipe["options"]["reduce_range"] is False
 
 
+def test_int8_static_quantizes_only_ops_the_cpu_runs_on_int8(quantized):
+    """onnxruntime's quantizer would also quantize LayerNormalization, which the CPU provider runs in
+    float between a dequantize and a quantize: its weights would only be rounded to 8 bits."""
+    path, _ = quantized("encoder")
+    graph = onnx.load(path / "model.int8-static.onnx").graph
+    floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    norms = [n for n in graph.node if n.op_type == "LayerNormalization"]
+    assert norms and all(set(n.input[1:]) <= floats for n in norms)
+
+
+def test_int8_static_keeps_an_additive_mask_and_its_sum_in_float(exported, copy_of, monkeypatch):
+    """transformers masks padding by adding finfo.min to the scores: the sum's calibrated range then
+    makes an 8-bit step of 1.3e36, and every real score rounds to 0. The sum, the mask and the
+    Softmax that reads the sum stay float, and the variant's error is a fraction of what it was."""
+    from toolkit.compile.quantization import int8_static
+
+    path = copy_of(exported("userpkg.toy:masked_pooling"))
+
+    def made() -> tuple[dict, float]:
+        options = quantize(path, mode="int8-static", trust_source=True).variant("int8-static").recipe["options"]
+        return options, check(path, variants=["int8-static"], trust_source=True)["int8-static"]["task_metric"]["value"]
+
+    options, error = made()
+    (kept,) = options["kept_float"]
+    graph = onnx.load(path / "model.int8-static.onnx").graph
+    op_of = {n.name: n.op_type for n in graph.node}
+    assert sorted(op_of[n] for n in kept["nodes"]) == ["Add", "Softmax", "Where"] and "reaches -3.4e+38: added to" in kept["why"]
+    quantized_tensors = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    masked = {o for n in graph.node if n.name in kept["nodes"] and n.op_type != "Softmax" for o in n.output}
+    assert masked and not masked & quantized_tensors
+    monkeypatch.setattr(int8_static, "_drowned", lambda *_: {})
+    unmasked, broken = made()
+    assert "kept_float" not in unmasked and error < broken / 4, (error, broken)
+
+
+def test_calibration_is_made_once_for_the_quantizations_that_share_a_scratch(exported, copy_of, tmp_path):
+    """A repair's attempts change only the nodes kept in float: they reuse the build's calibration."""
+    path, said = copy_of(exported("mlp")), []
+    for method in ("minmax", "minmax", "percentile"):
+        quantize(path, mode="int8-static", method=method, calibration_samples=16, scratch=tmp_path, progress=said.append)
+    calibrations = [line for line in said if "calibrat" in line]
+    assert calibrations == ["calibrating on 16 samples from the model's calibration set (minmax, per channel)",
+                            "calibration (minmax, 16 samples) as made before for this model",
+                            "calibrating on 16 samples from the model's calibration set (percentile, per channel)"]
+
+
 def test_a_cpu_is_saturating_when_it_is_x86_without_vnni(monkeypatch, tmp_path):
     import platform
 

@@ -193,3 +193,32 @@ def torch_encoder() -> ModelSpec:
     torch.manual_seed(0)
     return ModelSpec(module=TorchEncoder().eval(), inputs=[TensorSpec("ids", "int64", ("batch", "seq"), kind="ids", high=100)],
                      outputs=["logits"], dims=[Dim("batch", export=2, check=(1, 3)), Dim("seq", export=8, check=(4, 9))], task="classify")
+
+
+class MaskedPooling(nn.Module):
+    """Attention pooling over right-padded sequences, the padding masked by adding finfo.min to its
+    scores as transformers does. The sum's calibrated range runs from -3.4e38 to a few units: in 8
+    bits, every real score rounds to 0 and the pooling becomes a plain mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.score = nn.Linear(8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        bias = torch.where(mask.bool(), 0.0, torch.finfo(torch.float32).min)
+        weights = torch.softmax(self.score(x).squeeze(-1) + bias, dim=-1)
+        return self.head((weights.unsqueeze(-1) * x).sum(1))
+
+
+def masked_pooling() -> ModelSpec:
+    import numpy as np
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((224, 6, 8)).astype(np.float32)
+    mask = (np.arange(6) < rng.integers(2, 7, size=(224, 1))).astype(np.int64)  # padded, as a calibration set of sentences is
+    return ModelSpec(module=MaskedPooling().eval(), outputs=["scores"], task="regress",
+                     inputs=[TensorSpec("x", "float32", ("batch", "seq", 8)), TensorSpec("mask", "int64", ("batch", "seq"), kind="mask")],
+                     dims=[Dim("batch", export=2, check=(1, 3)), Dim("seq", export=6, check=(4, 6))],
+                     sample_data=lambda: {"x": x[96:], "mask": mask[96:]}, calibration_data=lambda n: {"x": x[:96][:n], "mask": mask[:96][:n]})

@@ -48,7 +48,15 @@ def repair(bundle: str | Path | Bundle, variant: str, *, budget: float = DEFAULT
            reference: ModelSpec | None = None, progress: Callable[[str], None] | None = None,
            evidence: dict[Any, Any] | None = None, scratch: Path | None = None, trust_source: bool = False) -> dict[str, Any]:
     """Makes `variant` again until it passes its gates or `budget` seconds are spent; returns the
-    repair record (also stored in the variant's recipe, under options.repair). `trust_source` vouches for the code the manifest's source names (see `bundle_reference`)."""
+    repair record (also stored in the variant's recipe, under options.repair). `scratch` as for
+    quantize (a directory of its own otherwise: the attempts share one pre-processing and
+    calibration). `trust_source` vouches for the code the manifest's source names (see `bundle_reference`)."""
+    if scratch is None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="toolkit-repair-") as own:
+            return repair(bundle, variant, budget=budget, provider=provider, reference=reference, progress=progress,
+                          evidence=evidence, scratch=Path(own), trust_source=trust_source)
     from toolkit.compile.parity import check
     from toolkit.reference.source import bundle_reference
 

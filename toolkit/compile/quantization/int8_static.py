@@ -1,4 +1,18 @@
-"""Static int8 (QDQ): activation ranges calibrated ahead of time."""
+"""Static int8 (QDQ): activation ranges calibrated ahead of time.
+
+Two things onnxruntime's quantize_static does by default that toolkit does not:
+- It wraps every op its quantizer knows in a quantize/dequantize pair, including ops the CPU
+  provider has no int8 kernel for (LayerNormalization, BatchNormalization, Pad, ...). Those run in
+  float between a dequantize and a quantize, which rounds their inputs and outputs to 8 bits for
+  nothing. Only the ops in INT8_KERNEL_OPS are quantized.
+- It quantizes every tensor with its calibrated range, including a sum whose range is set by a
+  mask value (an attention mask's finfo.min added to the scores: a step of 1.3e36, so every real
+  score rounds to 0). Such sums stay float: see `_drowned`.
+
+Calibration runs once per pre-processed model, method and sample count, and is kept beside the
+pre-processed model (a build's scratch directory), so that a repair's attempts, which change only
+the nodes kept in float, do not calibrate again.
+"""
 
 from __future__ import annotations
 
@@ -20,10 +34,52 @@ from toolkit.compile.quantization._common import (
 from toolkit.compile.quantization.configs import Int8Static
 from toolkit.spec import ModelSpec
 
-__all__ = ["quantize_int8_static", "static_applies"]
+__all__ = ["INT8_KERNEL_OPS", "quantize_int8_static", "static_applies"]
+
+# The ops onnxruntime's CPU provider computes on int8 once its QDQ fusions have run
+# (onnxruntime/core/optimizer/qdq_transformer/selectors_actions/qdq_selector_action_transformer.cc):
+# QLinearConv/MatMul/Gemm/Add/Mul/Concat/Where/Softmax/Sigmoid/LeakyRelu/pools, the data movement
+# whose QDQ pairs are dropped, and Relu/Clip, which fold into the quantize before them.
+INT8_KERNEL_OPS = frozenset({
+    "Conv", "MatMul", "Gemm", "Add", "Mul", "Concat", "Where", "Split", "Softmax", "Sigmoid", "LeakyRelu",
+    "AveragePool", "GlobalAveragePool", "MaxPool", "ArgMax", "Resize", "Relu", "Clip",
+    "Gather", "GatherElements", "Reshape", "Flatten", "Slice", "Squeeze", "Unsqueeze", "Transpose", "Expand", "Tile",
+})
 
 
 def quantize_int8_static(context: QuantizeContext, config: Int8Static, model_file: Path, target: Path) -> dict[str, Any]:
+    pre, options = preprocess(context, model_file)
+    chosen, unknown = resolve_nodes(pre, config.exclude)
+    if chosen:
+        context.say(f"keeping {len(chosen)} nodes in fp32: {', '.join(chosen)}")
+    reduce_range = reduced_range(config.reduce_range, context.say)
+    feeds, origin = calibration_feeds(context, config.calibration_samples)
+    cache = pre.parent / f"calibration-{config.method}-{len(feeds)}.json"
+    op_types = _op_types(pre)
+    context.say(f"calibrating on {len(feeds)} samples from {origin} ({config.method}{', per channel' if config.per_channel else ''})"
+                if not cache.is_file() else f"calibration ({config.method}, {len(feeds)} samples) as made before for this model")
+
+    def run(excluded: list[str]) -> None:
+        _quantize_static(pre, target, feeds, config, reduce_range, op_types, excluded, cache)
+
+    run(chosen)
+    drowned = _drowned(pre, _ranges(cache))
+    kept_float = [{"nodes": nodes, "why": why} for why, nodes in drowned.items()]
+    extra = [n for nodes in drowned.values() for n in nodes if n not in chosen]
+    if extra:
+        for why, nodes in drowned.items():
+            context.say(f"keeping {len(nodes)} nodes in float: {why}")
+        run([*chosen, *extra])
+    return {
+        **options, "format": "QDQ", "per_channel": config.per_channel, "reduce_range": reduce_range, **({"excluded": chosen} if chosen else {}),
+        **({"excluded_not_found": unknown} if unknown else {}), **({"kept_float": kept_float} if kept_float else {}),
+        "calibration": {"method": config.method, "samples": len(feeds), "data": origin},
+        "ops": op_report(pre, target),
+    }
+
+
+def _quantize_static(pre: Path, target: Path, feeds: list[dict[str, np.ndarray]], config: Int8Static, reduce_range: bool,
+                     op_types: list[str], excluded: list[str], cache: Path) -> None:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -31,14 +87,6 @@ def quantize_int8_static(context: QuantizeContext, config: Int8Static, model_fil
         QuantType,
         quantize_static,
     )
-
-    pre, options = preprocess(context, model_file)
-    chosen, unknown = resolve_nodes(pre, config.exclude)
-    if chosen:
-        context.say(f"keeping {len(chosen)} nodes in fp32: {', '.join(chosen)}")
-    reduce_range = reduced_range(config.reduce_range, context.say)
-    feeds, origin = calibration_feeds(context, config.calibration_samples)
-    context.say(f"calibrating on {len(feeds)} samples from {origin} ({config.method}{', per channel' if config.per_channel else ''})")
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -51,13 +99,64 @@ def quantize_int8_static(context: QuantizeContext, config: Int8Static, model_fil
     quantize_static(
         str(pre), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=config.per_channel, reduce_range=reduce_range,
         calibrate_method=method[config.method], activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        use_external_data_format=is_large(pre), nodes_to_exclude=chosen,
+        use_external_data_format=is_large(pre), nodes_to_exclude=excluded, op_types_to_quantize=op_types, calibration_cache_path=str(cache),
     )
-    return {
-        **options, "format": "QDQ", "per_channel": config.per_channel, "reduce_range": reduce_range, **({"excluded": chosen} if chosen else {}), **({"excluded_not_found": unknown} if unknown else {}),
-        "calibration": {"method": config.method, "samples": len(feeds), "data": origin},
-        "ops": op_report(pre, target),
-    }
+
+
+def _op_types(model_file: Path) -> list[str]:
+    """The model's op types that quantize_static would quantize and the CPU provider runs on int8
+    (an empty list would mean every op to quantize_static, so a model with none gets MatMul)."""
+    import onnx
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    present = {node.op_type for node in onnx.load(str(model_file), load_external_data=False).graph.node}
+    return sorted((present & INT8_KERNEL_OPS & (set(QDQRegistry) | set(QLinearOpsRegistry))) or {"MatMul"})
+
+
+def _ranges(cache: Path) -> dict[str, tuple[float, float]]:
+    """{tensor: (lowest, highest)} as calibrated (the cache quantize_static wrote)."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    ranges = {}
+    for name, data in load_tensors_data(cache).data.items():
+        low, high = data.range_value
+        ranges[name] = (float(np.min(low)), float(np.max(high)))
+    return ranges
+
+
+def _drowned(model_file: Path, ranges: dict[str, tuple[float, float]]) -> dict[str, list[str]]:
+    """{why: nodes to keep in float} for each Add or Sub one of whose inputs spans less than one
+    8-bit step of the sum's calibrated range, such as scores plus an attention mask of finfo.min:
+    quantizing the sum rounds that input away whole. The sum and the input that sets its range are
+    then not quantized at all: their makers and readers (a Softmax, the mask's Where) stay float."""
+    import onnx
+
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    readers: dict[str, list[str]] = {}
+    makers = {o: node.name for node in graph.node for o in node.output}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.name)
+
+    def span(name: str) -> float:
+        low, high = ranges[name]
+        return max(high, 0.0) - min(low, 0.0)  # uint8 ranges always hold 0
+
+    drowned: dict[str, list[Any]] = {}  # the input that sets a sum's range: [(sum, the input it drowns)]
+    for node in graph.node:
+        if node.op_type not in ("Add", "Sub") or len(node.input) != 2 or not all(n in ranges for n in (*node.input, node.output[0])):
+            continue
+        small, large = sorted(node.input, key=span)
+        if span(small) < span(node.output[0]) / 255:
+            drowned.setdefault(large, []).append((node.output[0], small))
+    found = {}
+    for large, sums in drowned.items():
+        low, high = ranges[large]
+        why = (f"{large} reaches {low if abs(low) > abs(high) else high:.3g}: added to {', '.join(small for _, small in sums)}, "
+               "it makes the sum's 8-bit step wider than all of the other side, which would round to 0")
+        tensors = [large, *(total for total, _ in sums)]
+        found[why] = list(dict.fromkeys([*(makers[t] for t in tensors if t in makers), *(r for t in tensors for r in readers.get(t, []))]))
+    return found
 
 
 def static_applies(bundle: Bundle, reference: ModelSpec) -> str | None:
