@@ -57,7 +57,7 @@ def main() -> int:
         "(classify: top-1 pitch bin of 360, gate ≥ 0.99 agreement) on speech-like 1024-sample frames. Gate values are "
         "measured on 256 held-out inputs; int8-static is calibrated on 128 others, quantizing the ops the CPU provider runs "
         "on int8. *Per tensor*: weights with one scale per tensor at full range (onnxruntime's default); *toolkit's default*: "
-        f"per channel{', 7 bits (this CPU has no VNNI)' if _saturating() else ''}. Repair: toolkit.compile.repair within 300 s. "
+        f"per channel{', 7 bits (this CPU has no VNNI)' if 'without VNNI' in _cpu() else ''}. Repair: toolkit.compile.repair within 300 s. "
         "Latency: p50 ms at batch 1 / 32 of the variant that passed against fp32, interleaved in one run.", "",
         "| model | parameters | per tensor | toolkit's default | after repair | nodes kept in fp32 | repair | p50 ms int8-static / fp32 |",
         "|---|---|---|---|---|---|---|---|",
@@ -108,14 +108,10 @@ def _gate(record: dict[str, Any]) -> str:
     return f"{metric['metric'].replace('_', ' ')} {metric['value']:.3g}"
 
 
-def _saturating() -> bool:
+def _cpu() -> str:
     from toolkit.compile.quantization._common import saturating_cpu
 
-    return saturating_cpu()
-
-
-def _cpu() -> str:
-    return f"{os.cpu_count()} cores, x86 without VNNI" if _saturating() else f"{os.cpu_count()} cores, with VNNI"
+    return f"{os.cpu_count()} cores, x86 without VNNI" if saturating_cpu() else f"{os.cpu_count()} cores, with VNNI"
 
 
 def _unpacked(work: Path) -> Path:

@@ -48,6 +48,8 @@ INT8_KERNEL_OPS = frozenset({
 
 
 def quantize_int8_static(context: QuantizeContext, config: Int8Static, model_file: Path, target: Path) -> dict[str, Any]:
+    import onnx
+
     pre, options = preprocess(context, model_file)
     chosen, unknown = resolve_nodes(pre, config.exclude)
     if chosen:
@@ -55,20 +57,23 @@ def quantize_int8_static(context: QuantizeContext, config: Int8Static, model_fil
     reduce_range = reduced_range(config.reduce_range, context.say)
     feeds, origin = calibration_feeds(context, config.calibration_samples)
     cache = pre.parent / f"calibration-{config.method}-{len(feeds)}.json"
-    op_types = _op_types(pre)
-    context.say(f"calibrating on {len(feeds)} samples from {origin} ({config.method}{', per channel' if config.per_channel else ''})"
-                if not cache.is_file() else f"calibration ({config.method}, {len(feeds)} samples) as made before for this model")
+    graph = onnx.load(str(pre), load_external_data=False).graph
+    calibrated = cache.is_file()
+    context.say(f"calibration ({config.method}, {len(feeds)} samples) as made before for this model" if calibrated else
+                f"calibrating on {len(feeds)} samples from {origin} ({config.method}{', per channel' if config.per_channel else ''})")
 
     def run(excluded: list[str]) -> None:
-        _quantize_static(pre, target, feeds, config, reduce_range, op_types, excluded, cache)
+        _quantize_static(pre, target, feeds, config, reduce_range, _op_types(graph), excluded, cache)
 
-    run(chosen)
-    drowned = _drowned(pre, _ranges(cache))
+    if not calibrated:  # the ranges the sums are judged by come from this run's calibration
+        run(chosen)
+    drowned = _drowned(graph, _ranges(cache))
     kept_float = [{"nodes": nodes, "why": why} for why, nodes in drowned.items()]
     extra = [n for nodes in drowned.values() for n in nodes if n not in chosen]
     if extra:
         for why, nodes in drowned.items():
             context.say(f"keeping {len(nodes)} nodes in float: {why}")
+    if extra or calibrated:
         run([*chosen, *extra])
     return {
         **options, "format": "QDQ", "per_channel": config.per_channel, "reduce_range": reduce_range, **({"excluded": chosen} if chosen else {}),
@@ -103,13 +108,12 @@ def _quantize_static(pre: Path, target: Path, feeds: list[dict[str, np.ndarray]]
     )
 
 
-def _op_types(model_file: Path) -> list[str]:
-    """The model's op types that quantize_static would quantize and the CPU provider runs on int8
-    (an empty list would mean every op to quantize_static, so a model with none gets MatMul)."""
-    import onnx
+def _op_types(graph: Any) -> list[str]:
+    """The graph's op types that quantize_static would quantize and the CPU provider runs on int8
+    (an empty list would mean every op to quantize_static, so a graph with none gets MatMul)."""
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-    present = {node.op_type for node in onnx.load(str(model_file), load_external_data=False).graph.node}
+    present = {node.op_type for node in graph.node}
     return sorted((present & INT8_KERNEL_OPS & (set(QDQRegistry) | set(QLinearOpsRegistry))) or {"MatMul"})
 
 
@@ -124,14 +128,11 @@ def _ranges(cache: Path) -> dict[str, tuple[float, float]]:
     return ranges
 
 
-def _drowned(model_file: Path, ranges: dict[str, tuple[float, float]]) -> dict[str, list[str]]:
+def _drowned(graph: Any, ranges: dict[str, tuple[float, float]]) -> dict[str, list[str]]:
     """{why: nodes to keep in float} for each Add or Sub one of whose inputs spans less than one
     8-bit step of the sum's calibrated range, such as scores plus an attention mask of finfo.min:
     quantizing the sum rounds that input away whole. The sum and the input that sets its range are
     then not quantized at all: their makers and readers (a Softmax, the mask's Where) stay float."""
-    import onnx
-
-    graph = onnx.load(str(model_file), load_external_data=False).graph
     readers: dict[str, list[str]] = {}
     makers = {o: node.name for node in graph.node for o in node.output}
     for node in graph.node:
