@@ -208,7 +208,7 @@ class MaskedPooling(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         bias = torch.where(mask.bool(), 0.0, torch.finfo(torch.float32).min)
         weights = torch.softmax(self.score(x).squeeze(-1) + bias, dim=-1)
-        return self.head((weights.unsqueeze(-1) * x).sum(1))
+        return self.head(torch.bmm(weights.unsqueeze(1), x).squeeze(1))  # a MatMul: int8 from the scores to the head
 
 
 def masked_pooling() -> ModelSpec:
@@ -222,3 +222,35 @@ def masked_pooling() -> ModelSpec:
                      inputs=[TensorSpec("x", "float32", ("batch", "seq", 8)), TensorSpec("mask", "int64", ("batch", "seq"), kind="mask")],
                      dims=[Dim("batch", export=2, check=(1, 3)), Dim("seq", export=6, check=(4, 6))],
                      sample_data=lambda: {"x": x[96:], "mask": mask[96:]}, calibration_data=lambda n: {"x": x[:96][:n], "mask": mask[:96][:n]})
+
+
+class OutlierChannels(nn.Module):
+    """A transformer's feed-forward block with the activation outliers trained BERTs have: a layer
+    norm whose gain makes two of its channels 300× the rest, and a GELU output with a few channels far
+    above the others. Quantized with one activation scale per tensor, the other channels round to a
+    few levels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.LayerNorm(32)
+        self.up = nn.Linear(32, 128)
+        self.down = nn.Linear(128, 16)
+        with torch.no_grad():
+            self.norm.weight[:2] = 300.0
+            self.up.weight[:, :2] /= 300.0  # as trained: the large channels carry no more than the others
+            self.up.bias[:3] = 150.0
+            self.down.weight[:, :3] /= 150.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(nn.functional.gelu(self.up(self.norm(x))))
+
+
+def outlier_channels() -> ModelSpec:
+    import numpy as np
+
+    x = np.random.default_rng(2).standard_normal((256, 8, 32)).astype(np.float32)
+    return ModelSpec(module=OutlierChannels().eval(), outputs=["y"], task="regress",
+                     inputs=[TensorSpec("x", "float32", ("batch", "seq", 32))],
+                     dims=[Dim("batch", export=2, check=(1, 3)), Dim("seq", export=8, check=(4, 8))],
+                     sample_data=lambda: {"x": x[128:]}, calibration_data=lambda n: {"x": x[:128][:n]})

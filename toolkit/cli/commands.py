@@ -252,6 +252,7 @@ def quantize(
     method: Method | None = typer.Option(None, help="int8-static: calibration method (default: minmax)."),
     per_channel: bool | None = typer.Option(None, "--per-channel/--per-tensor", help="int8, int8-static: weight scales per output channel or per tensor (default: per channel)."),
     keep_float: int | None = typer.Option(None, help="int8: keep this many MatMul/Gemm in fp32, those with the most outlier-heavy inputs on calibration data (default: 0)."),
+    smooth: bool | None = typer.Option(None, "--smooth/--no-smooth", help="int8, int8-static: move activation outliers into the weights (SmoothQuant) where that lowers the int8 error on calibration data (default: smooth)."),
     reduce_range: bool | None = typer.Option(None, "--reduce-range/--full-range", help="int8, int8-static: 7-bit weights, which x86 CPUs without VNNI need (their uint8 × int8 sums saturate) (default: on such a CPU)."),
     keep_fp32: str | None = typer.Option(None, help="fp16: comma-separated op types kept in fp32 (default: LayerNormalization, Softmax, reductions, Pow, Exp); '' keeps none."),
     io: Fp16Io | None = typer.Option(None, help="fp16: fp32 keeps the graph's float inputs and outputs in fp32; fp16 makes them fp16 too (a decoder's cache stays fp16; for CUDA) (default: fp32)."),
@@ -273,7 +274,7 @@ def quantize(
     kept = None if keep_fp32 is None else tuple(op.strip() for op in keep_fp32.split(",") if op.strip())
     quantize_bundle(
         bundle_dir, mode=mode.value, calibration_samples=calibration_samples, method=method.value if method else None,
-        per_channel=per_channel, keep_float=keep_float, reduce_range=reduce_range, keep_fp32=kept, io=io.value if io else None, source=source, progress=_progress,
+        per_channel=per_channel, keep_float=keep_float, smooth=smooth, reduce_range=reduce_range, keep_fp32=kept, io=io.value if io else None, source=source, progress=_progress,
         block_size=block_size, algo=algo.value if algo else None, accuracy_level=accuracy_level, keep_head=keep_head, trust_source=trust_source,
     )
     _check_new(bundle_dir, mode.value, check_parity, _NEXT_STEPS.get(mode.value), trust_source=trust_source)

@@ -262,10 +262,10 @@ def _base_options(mode: str, options: dict[str, Any]) -> dict[str, Any]:
     if mode == "fp16":
         return {"io": options.get("io", "fp32"), "keep_fp32": tuple(options.get("kept_fp32", ()))}
     if mode == "int8":
-        return {"per_channel": options.get("per_channel", True), "reduce_range": options.get("reduce_range")}
+        return {"per_channel": options.get("per_channel", True), "reduce_range": options.get("reduce_range"), "smooth": options.get("smooth", True)}
     calibration = options.get("calibration", {})
     return {"method": calibration.get("method", "minmax"), "per_channel": options.get("per_channel", False), "reduce_range": options.get("reduce_range"),
-            "calibration_samples": calibration.get("samples", 128)}
+            "calibration_samples": calibration.get("samples", 128), "smooth": options.get("smooth", True)}
 
 
 def _describe(settings: dict[str, Any], kept: list[TensorError]) -> str:

@@ -18,7 +18,7 @@ from toolkit.errors import ToolkitError
 from toolkit.runtime.samples import make_feeds
 from toolkit.spec import ModelSpec
 
-__all__ = ["QuantizeContext", "calibration_feeds", "op_report", "preprocess", "reduced_range", "saturating_cpu"]
+__all__ = ["QuantizeContext", "calibration_feeds", "op_report", "preprocess", "reduced_range", "saturating_cpu", "smooth_outliers"]
 
 _WEIGHTED_OPS = ("MatMul", "Gemm", "LSTM", "Conv", "Attention")
 
@@ -104,6 +104,20 @@ def calibration_feeds(context: QuantizeContext, samples: int) -> tuple[list[dict
     manifest = context.bundle.manifest
     sizes = {d.name: 1 if d.name == "batch" else d.export for d in manifest.dims}
     return [make_feeds(manifest.inputs, sizes, seed=10_000 + i) for i in range(samples)], "sample inputs (no calibration set)"
+
+
+def smooth_outliers(context: QuantizeContext, pre: Path, config: Any, *, dynamic: bool, reduce_range: bool) -> tuple[Path, list[dict[str, Any]]]:
+    """(the model to quantize, what was smoothed): `pre` with its activation outliers moved into the
+    weights where that lowers the int8 error on calibration data (toolkit.compile.quantization.smoothing)."""
+    from toolkit.compile.quantization.smoothing import smoothed
+
+    feeds, origin = calibration_feeds(context, config.calibration_samples)
+    context.say(f"smoothing activation outliers into the weights where it lowers the int8 error on {len(feeds)} samples from {origin}")
+    target, records = smoothed(pre, feeds, dynamic=dynamic, reduce_range=reduce_range)
+    if records:
+        folded = sum(r["into"] != "Mul" for r in records)
+        context.say(f"smoothed {len(records)} activations: {folded} into the layer norm that makes them, {len(records) - folded} by a Mul")
+    return target, records
 
 
 def op_report(before: Path, after: Path) -> dict[str, dict[str, int]]:

@@ -37,7 +37,8 @@ class Int8Dynamic:
     outlier-heavy (max|x| / rms(x) over `calibration_samples` inputs). `reduce_range` quantizes the
     weights to 7 bits; by default it is on where this x86 CPU has no VNNI, whose uint8 × int8
     products saturate 16-bit sums with full-range weights. `exclude` names nodes kept in fp32 (what
-    a repair found, toolkit.compile.repair)."""
+    a repair found, toolkit.compile.repair). `smooth` moves activation outliers into the weights
+    where that lowers the int8 error on the calibration samples (quantization/smoothing.py)."""
 
     mode: ClassVar[str] = "int8"
     precision: ClassVar[str] = "int8"
@@ -46,6 +47,7 @@ class Int8Dynamic:
     calibration_samples: int = 128
     reduce_range: bool | None = None
     exclude: tuple[str, ...] = ()
+    smooth: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -60,7 +62,7 @@ class Int8Static:
     calibration set where it has one); `exclude` names nodes kept in fp32. Weights are quantized per
     output channel by default: a convolution's channels, with batch norms folded into them, differ
     in range by orders of magnitude, and one scale per tensor leaves the small ones a few levels.
-    `reduce_range` as for dynamic int8 (the same kernels run the QDQ graph)."""
+    `reduce_range` and `smooth` as for dynamic int8 (the same kernels run the QDQ graph)."""
 
     mode: ClassVar[str] = "int8-static"
     precision: ClassVar[str] = "int8"
@@ -69,6 +71,7 @@ class Int8Static:
     per_channel: bool = True
     reduce_range: bool | None = None
     exclude: tuple[str, ...] = ()
+    smooth: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))

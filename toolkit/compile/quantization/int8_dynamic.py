@@ -15,6 +15,7 @@ from toolkit.compile.quantization._common import (
     preprocess,
     reduced_range,
     resolve_nodes,
+    smooth_outliers,
 )
 from toolkit.compile.quantization.configs import DYNAMIC_OPS, Int8Dynamic
 
@@ -25,6 +26,9 @@ def quantize_int8_dynamic(context: QuantizeContext, config: Int8Dynamic, model_f
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     pre, options = preprocess(context, model_file)
+    reduce_range = reduced_range(config.reduce_range, context.say)
+    smoothing = smooth_outliers(context, pre, config, dynamic=True, reduce_range=reduce_range) if config.smooth else None
+    pre = smoothing[0] if smoothing else pre
     kept = _outlier_ranking(context, pre, config.calibration_samples)[: config.keep_float] if config.keep_float else []
     if kept:
         context.say(f"keeping {len(kept)} MatMul/Gemm in fp32 (most outlier-heavy inputs): {', '.join(n for n, _ in kept)}")
@@ -35,7 +39,6 @@ def quantize_int8_dynamic(context: QuantizeContext, config: Int8Dynamic, model_f
     excluded = [name for node in [*(n for n, _ in kept), *chosen] for name in (node, f"{node}_MatMul")]
     if chosen:
         context.say(f"keeping {len(chosen)} nodes in fp32: {', '.join(chosen)}")
-    reduce_range = reduced_range(config.reduce_range, context.say)
     quantize_dynamic(
         str(pre), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=list(DYNAMIC_OPS),
         per_channel=config.per_channel, reduce_range=reduce_range, nodes_to_exclude=excluded,
@@ -45,6 +48,7 @@ def quantize_int8_dynamic(context: QuantizeContext, config: Int8Dynamic, model_f
         **options,
         "weights": f"int8 symmetric per {'channel' if config.per_channel else 'tensor'}", "activations": "uint8, quantized per call",
         "op_types": list(DYNAMIC_OPS), "per_channel": config.per_channel, "reduce_range": reduce_range,
+        "smooth": config.smooth, **({"smoothed": smoothing[1]} if smoothing else {}),
         "kept_float": [{"node": n, "outlier_score": round(score, 2)} for n, score in kept],
         **({"excluded": chosen} if chosen else {}), **({"excluded_not_found": unknown} if unknown else {}),
         "ops": op_report(pre, target),

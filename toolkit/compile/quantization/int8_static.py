@@ -30,9 +30,12 @@ from toolkit.compile.quantization._common import (
     preprocess,
     reduced_range,
     resolve_nodes,
+    smooth_outliers,
 )
 from toolkit.compile.quantization.configs import Int8Static
 from toolkit.spec import ModelSpec
+
+_WEIGHTED = ("Conv", "MatMul", "Gemm")
 
 __all__ = ["INT8_KERNEL_OPS", "quantize_int8_static", "static_applies"]
 
@@ -51,32 +54,42 @@ def quantize_int8_static(context: QuantizeContext, config: Int8Static, model_fil
     import onnx
 
     pre, options = preprocess(context, model_file)
+    reduce_range = reduced_range(config.reduce_range, context.say)
+    smoothing = smooth_outliers(context, pre, config, dynamic=False, reduce_range=reduce_range) if config.smooth else None
+    pre = smoothing[0] if smoothing else pre
     chosen, unknown = resolve_nodes(pre, config.exclude)
     if chosen:
         context.say(f"keeping {len(chosen)} nodes in fp32: {', '.join(chosen)}")
-    reduce_range = reduced_range(config.reduce_range, context.say)
+    # the smoothing's divisions stay float: quantizing their input would round it with the outliers they remove
+    divisions = [node for record in (smoothing[1] if smoothing else []) for node in record["nodes"]]
     feeds, origin = calibration_feeds(context, config.calibration_samples)
-    cache = pre.parent / f"calibration-{config.method}-{len(feeds)}.json"
+    cache = pre.parent / f"calibration-{pre.stem}-{config.method}-{len(feeds)}.json"
     graph = onnx.load(str(pre), load_external_data=False).graph
+    op_types = _op_types(graph)
     calibrated = cache.is_file()
     context.say(f"calibration ({config.method}, {len(feeds)} samples) as made before for this model" if calibrated else
                 f"calibrating on {len(feeds)} samples from {origin} ({config.method}{', per channel' if config.per_channel else ''})")
 
-    def run(excluded: list[str]) -> None:
-        _quantize_static(pre, target, feeds, config, reduce_range, _op_types(graph), excluded, cache)
+    def run(excluded: list[str]) -> list[str]:
+        """Quantizes without `excluded` and the nodes that would then only round what float ops read."""
+        unread = _read_in_float(graph, op_types, {*excluded, *divisions})
+        _quantize_static(pre, target, feeds, config, reduce_range, op_types, [*excluded, *divisions, *unread], cache)
+        return unread
 
     if not calibrated:  # the ranges the sums are judged by come from this run's calibration
-        run(chosen)
+        unread = run(chosen)
     drowned = _drowned(graph, _ranges(cache))
-    kept_float = [{"nodes": nodes, "why": why} for why, nodes in drowned.items()]
     extra = [n for nodes in drowned.values() for n in nodes if n not in chosen]
-    if extra:
-        for why, nodes in drowned.items():
-            context.say(f"keeping {len(nodes)} nodes in float: {why}")
+    for why, nodes in drowned.items() if extra else ():
+        context.say(f"keeping {len(nodes)} nodes in float: {why}")
     if extra or calibrated:
-        run([*chosen, *extra])
+        unread = run([*chosen, *extra])
+    kept_float = [{"nodes": nodes, "why": why} for why, nodes in drowned.items()]
+    if unread:
+        context.say(f"keeping {len(unread)} nodes without int8 kernels' readers in float (their outputs are read in float)")
+        kept_float.append({"nodes": unread, "why": _UNREAD})
     return {
-        **options, "format": "QDQ", "per_channel": config.per_channel, "reduce_range": reduce_range, **({"excluded": chosen} if chosen else {}),
+        **options, "format": "QDQ", "smooth": config.smooth, **({"smoothed": smoothing[1]} if smoothing else {}), "per_channel": config.per_channel, "reduce_range": reduce_range, **({"excluded": chosen} if chosen else {}),
         **({"excluded_not_found": unknown} if unknown else {}), **({"kept_float": kept_float} if kept_float else {}),
         "calibration": {"method": config.method, "samples": len(feeds), "data": origin},
         "ops": op_report(pre, target),
@@ -104,8 +117,38 @@ def _quantize_static(pre: Path, target: Path, feeds: list[dict[str, np.ndarray]]
     quantize_static(
         str(pre), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=config.per_channel, reduce_range=reduce_range,
         calibrate_method=method[config.method], activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        # a MatMul or Gemm whose readers are float computes in int8 and writes float (MatMulIntegerToFloat)
+        extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
         use_external_data_format=is_large(pre), nodes_to_exclude=excluded, op_types_to_quantize=op_types, calibration_cache_path=str(cache),
     )
+
+
+_UNREAD = ("read in float: their outputs go to float ops or out of the graph, so quantizing them would only round "
+           "what is dequantized again")
+
+
+def _read_in_float(graph: Any, op_types: list[str], excluded: set[str]) -> list[str]:
+    """The nodes of `op_types` without weights (an Add, a Softmax, a Transpose) not in `excluded`
+    whose outputs some float op or the graph's output reads: their int8 kernel would need a
+    dequantize after it, so quantizing them only rounds (a residual sum that a layer norm reads)."""
+    weights = {t.name for t in graph.initializer}
+    readers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.name)
+    outputs = {o.name for o in graph.output}
+    quantized = {n.name for n in graph.node if n.op_type in op_types and n.name not in excluded}
+    unread = []
+    for node in reversed(graph.node):  # readers before makers: one pass settles a chain
+        # (an embedding table's Gather too: quantized, its table is stored in 8 bits)
+        weighted = (node.op_type in _WEIGHTED and len(node.input) > 1 and node.input[1] in weights) or (
+            node.op_type == "Gather" and node.input[0] in weights)
+        if node.name not in quantized or weighted:
+            continue
+        if any(o in outputs or any(r not in quantized for r in readers.get(o, [])) for o in node.output):
+            quantized.discard(node.name)
+            unread.append(node.name)
+    return unread[::-1]
 
 
 def _op_types(graph: Any) -> list[str]:
