@@ -22,7 +22,7 @@ MINILM = minilm_package.get_model_path()
 def minilm(tmp_path_factory):
     from toolkit.compile.pipeline import build
 
-    return build(f"hf:{MINILM}", tmp_path_factory.mktemp("hf") / "minilm", modes=["int8"], select=False).path
+    return build(f"hf:{MINILM}", tmp_path_factory.mktemp("hf") / "minilm", modes=["int8", "int8-static"], select=False).path
 
 
 def test_manifest_describes_a_sentence_embedder(minilm):
@@ -61,9 +61,19 @@ def test_int8_keeps_cosine_above_099_on_real_sentences(minilm):
     options = variant.recipe["options"]
     assert options["per_channel"] and options["ops"]["MatMul"]["quantized"] >= 30
     assert variant.recipe["parent"] == "fp32"  # the fused graph's Attention keeps its QKV weights from the quantizer
-    # the accuracy-aware fallback is recorded: every attempt, the last one passing
-    assert options["attempts"][-1]["passed"] and not options["attempts"][0]["passed"]
-    assert len(options["kept_float"]) == options["attempts"][-1]["keep_float"]
+    # its GELU outputs' and layer norms' outlier channels smoothed into the weights: every MatMul int8 at
+    # the first attempt (without smoothing it passed only with 4 MatMuls kept in fp32)
+    assert [a["passed"] for a in options["attempts"]] == [True] and options["kept_float"] == [] and options["ops"]["MatMul"]["float"] == 0
+    assert len(options["smoothed"]) >= 12 and all(after < before for before, after in (s["error"] for s in options["smoothed"]))
+
+
+def test_int8_static_passes_without_repair(minilm):
+    """Its attention mask (finfo.min added to the scores) and the residual sums its layer norms read
+    stay float, and its outliers are smoothed: a min cosine of 0.13 before, 0.99 now."""
+    variant = Bundle.open(minilm).manifest.variants["int8-static"]
+    assert variant.parity["passed"] and variant.parity["task_metric"]["value"] >= 0.99 and "repair" not in variant.recipe["options"]
+    whys = [k["why"] for k in variant.recipe["options"]["kept_float"]]
+    assert any("reaches -3.4e+38" in why for why in whys) and any(why.startswith("read in float") for why in whys)
 
 
 @pytest.mark.parametrize(

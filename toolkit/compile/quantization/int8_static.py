@@ -1,6 +1,6 @@
 """Static int8 (QDQ): activation ranges calibrated ahead of time.
 
-Two things onnxruntime's quantize_static does by default that toolkit does not:
+What onnxruntime's quantize_static does by default that toolkit does not:
 - It wraps every op its quantizer knows in a quantize/dequantize pair, including ops the CPU
   provider has no int8 kernel for (LayerNormalization, BatchNormalization, Pad, ...). Those run in
   float between a dequantize and a quantize, which rounds their inputs and outputs to 8 bits for
@@ -8,6 +8,10 @@ Two things onnxruntime's quantize_static does by default that toolkit does not:
 - It quantizes every tensor with its calibrated range, including a sum whose range is set by a
   mask value (an attention mask's finfo.min added to the scores: a step of 1.3e36, so every real
   score rounds to 0). Such sums stay float: see `_drowned`.
+- It quantizes an op whose output a float op reads (a residual sum that a layer norm reads), and
+  every MatMul's output: that rounds a tensor dequantized again at once. Those stay float (see
+  `_read_in_float`), and a MatMul or Gemm with float readers writes float (MatMulIntegerToFloat).
+Activation outliers are first moved into the weights where that measures better (smoothing.py).
 
 Calibration runs once per pre-processed model, method and sample count, and is kept beside the
 pre-processed model (a build's scratch directory), so that a repair's attempts, which change only

@@ -24,7 +24,7 @@ import numpy as np
 __all__ = ["ALPHAS", "smooth", "smoothed"]
 
 ALPHAS = (0.25, 0.5, 0.75)  # SmoothQuant's migration strength: 0.5 in the paper, the others where the weights or the activations are harder
-_ROWS = 2048  # activation rows per tensor kept to measure errors on
+_ROWS, _COLUMNS = 1024, 256  # activation rows per tensor and output columns per weight the errors are measured on
 # (op_type: index of the gain input, index of the bias input or None): normalisations whose output 0 the division folds into
 _NORMS = {"LayerNormalization": (1, 2), "SimplifiedLayerNormalization": (1, None),
           "SkipLayerNormalization": (2, 3), "SkipSimplifiedLayerNormalization": (2, None)}
@@ -149,6 +149,8 @@ def _choose(stats: _Stats, weights: list[np.ndarray], dynamic: bool, weight_max:
     usable = (peak_x > 0) & (peak_w > 0)
     if not usable.any():
         return None
+    # each output column is quantized on its own: a spread of them measures the error as all would
+    weights = [w[:, :: max(1, w.shape[1] // _COLUMNS)] for w in weights]
     before = _error(stats, weights, np.ones_like(peak_x), dynamic, weight_max)
     best = None
     for alpha in ALPHAS:
