@@ -63,7 +63,7 @@ def test_int8_keeps_cosine_above_099_on_real_sentences(minilm):
     assert variant.recipe["parent"] == "fp32"  # the fused graph's Attention keeps its QKV weights from the quantizer
     # its GELU outputs' and layer norms' outlier channels smoothed into the weights: every MatMul int8 at
     # the first attempt (without smoothing it passed only with 4 MatMuls kept in fp32)
-    assert [a["passed"] for a in options["attempts"]] == [True] and options["kept_float"] == [] and options["ops"]["MatMul"]["float"] == 0
+    assert "attempts" not in options and options["kept_float"] == [] and options["ops"]["MatMul"]["float"] == 0  # no retry
     assert len(options["smoothed"]) >= 12 and all(after < before for before, after in (s["error"] for s in options["smoothed"]))
 
 

@@ -175,7 +175,7 @@ def test_int8_quantizes_a_classifier_whose_head_is_a_gemm(exported, tmp_path):
 
     bundle = tmp_path / "bert"
     shutil.copytree(exported(f"hf:{hf_model('bert-sequence')}", None), bundle)
-    quantize(bundle, mode="int8")
+    quantize(bundle, mode="int8", trust_source=True)  # its smoothing calibrates on the reference's inputs
     from toolkit.bundle import Bundle
 
     assert Bundle.open(bundle).manifest.variants["int8"].recipe["options"]["ops"]["Gemm"]["quantized"] == 2
