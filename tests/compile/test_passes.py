@@ -239,3 +239,37 @@ def test_matmuls_sharing_an_input_are_packed_into_one_and_outputs_stay(opset):
     (weight,) = [t for t in model.graph.initializer if t.name.endswith("_packed_weight")]
     assert tuple(weight.dims) == (8, 16)
     _same_outputs(before, model, [(1, 3, 8), (4, 3, 8)])
+
+
+def _erf_gelu(order: str, one: float = 1.0) -> onnx.ModelProto:
+    """y = x · 0.5 · (1 + erf(x / √2)) as exporters write it, in one of the orders of the product."""
+    c = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("sqrt2", np.sqrt(2.0)), ("one", one), ("half", 0.5))]
+    nodes = [helper.make_node("Div", ["x", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]), helper.make_node("Add", ["e", "one"], ["p"])]
+    nodes += {"half first": [helper.make_node("Mul", ["half", "p"], ["m"]), helper.make_node("Mul", ["x", "m"], ["y"])],
+              "x first": [helper.make_node("Mul", ["x", "p"], ["m"]), helper.make_node("Mul", ["m", "half"], ["y"])],
+              "half of x": [helper.make_node("Mul", ["x", "half"], ["h"]), helper.make_node("Mul", ["h", "p"], ["y"])]}[order]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], c)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what every onnxruntime this package accepts loads
+    return model
+
+
+@pytest.mark.parametrize("order", ["half first", "x first", "half of x"])
+def test_an_exact_gelu_in_any_order_becomes_one_gelu_with_the_same_values(order):
+    from toolkit.compile.passes.erf_gelu import fuse_erf_gelu
+
+    before = _erf_gelu(order)
+    after = onnx.ModelProto()
+    after.CopyFrom(before)
+    assert fuse_erf_gelu(after) == 1
+    assert [(n.op_type, n.domain, list(n.output)) for n in after.graph.node] == [("Gelu", "com.microsoft", ["y"])]
+    x = {"x": np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32) * 3}
+    np.testing.assert_allclose(new_session(after.SerializeToString(), "cpu").run(None, x)[0],
+                               new_session(before.SerializeToString(), "cpu").run(None, x)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_a_product_that_is_not_a_gelu_stays():
+    from toolkit.compile.passes.erf_gelu import fuse_erf_gelu
+
+    assert fuse_erf_gelu(_erf_gelu("half first", one=2.0)) == 0  # 1 + erf is what makes it a GELU

@@ -45,7 +45,8 @@ class QuantizeContext:
 
 def preprocess(context: QuantizeContext, model_file: Path) -> tuple[Path, dict[str, Any]]:
     """onnxruntime's quant_pre_process (shape inference, constant folding), so that every weight is
-    an initializer the quantizer can see; in a child process (toolkit.compile._child). Within a
+    an initializer the quantizer can see, and exact GELUs as one op (passes/erf_gelu.py); in a
+    child process (toolkit.compile._child). Within a
     build (`context.scratch`) a file is pre-processed once, for every quantization made from it."""
     import json
 
@@ -57,15 +58,17 @@ def preprocess(context: QuantizeContext, model_file: Path) -> tuple[Path, dict[s
     directory.mkdir(parents=True, exist_ok=True)
     context.say("pre-processing (shape inference, constant folding) so every weight is visible to the quantizer")
     try:
-        run_child(_PRE_PROCESS, str(model_file.resolve()), str(target.resolve()), False, is_large(model_file), cwd=directory)
+        gelus = run_child(_PRE_PROCESS, str(model_file.resolve()), str(target.resolve()), False, is_large(model_file), cwd=directory)
         options = {"preprocess": "quant_pre_process"}
     except ChildFailed as reason:  # symbolic shape inference fails on some decoders: skip that part only
         try:
-            run_child(_PRE_PROCESS, str(model_file.resolve()), str(target.resolve()), True, is_large(model_file), cwd=directory)
+            gelus = run_child(_PRE_PROCESS, str(model_file.resolve()), str(target.resolve()), True, is_large(model_file), cwd=directory)
         except ChildFailed as exc:
             raise ToolkitError(f"onnxruntime's quantization pre-processing failed on {model_file}: {exc}") from exc
         why = " ".join(str(reason).split())[:200]
         options = {"preprocess": f"quant_pre_process without symbolic shape inference, which failed: {why}"}
+    if gelus:
+        options["gelu_fused"] = gelus
     record.write_text(json.dumps(options))
     return target, options
 
@@ -87,10 +90,23 @@ def main(model_file, target, skip_symbolic_shape, external):
     proto = onnx.load(target, load_external_data=False)
     weights = {t.name for t in proto.graph.initializer}
     kept = [v for v in proto.graph.value_info if v.name not in weights]
-    if len(kept) < len(proto.graph.value_info):
+    changed = len(kept) < len(proto.graph.value_info)
+    if changed:
         del proto.graph.value_info[:]
         proto.graph.value_info.extend(kept)
+    # the exact GELU as one op: the quantizers leave it float either way, and five passes over a
+    # feed-forward's widest tensor cost more than its int8 products save at batch 32
+    gelus = 0
+    if not external:
+        from toolkit.compile.passes._graph import prune
+        from toolkit.compile.passes.erf_gelu import fuse_erf_gelu
+
+        gelus = fuse_erf_gelu(proto)
+        if gelus:
+            prune(proto.graph)
+    if changed or gelus:
         onnx.save(proto, target)
+    return gelus
 """
 
 
