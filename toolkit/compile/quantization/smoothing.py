@@ -24,6 +24,7 @@ import numpy as np
 __all__ = ["ALPHAS", "smooth", "smoothed"]
 
 ALPHAS = (0.25, 0.5, 0.75)  # SmoothQuant's migration strength: 0.5 in the paper, the others where the weights or the activations are harder
+_SERIALIZABLE = 1_900_000_000  # bytes: under protobuf's 2 GiB message limit
 _ROWS, _COLUMNS = 1024, 256  # activation rows per tensor and output columns per weight the errors are measured on
 # (op_type: index of the gain input, index of the bias input or None): normalisations whose output 0 the division folds into
 _NORMS = {"LayerNormalization": (1, 2), "SimplifiedLayerNormalization": (1, None),
@@ -124,11 +125,16 @@ def _statistics(proto: Any, names: list[str], feeds: list[dict[str, np.ndarray]]
     import onnx
     import onnxruntime as ort
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    del probe.graph.output[:]
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = list(proto.graph.output)  # exposed for one serialization, not a copy of the model
+    del proto.graph.output[:]
+    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
+    try:
+        probe = proto.SerializeToString()
+    finally:
+        del proto.graph.output[:]
+        proto.graph.output.extend(outputs)
+    session = ort.InferenceSession(probe, providers=["CPUExecutionProvider"])
+    del probe
     stats = {name: _Stats([], [], []) for name in names}
     per_feed = max(1, _ROWS // max(len(feeds), 1))
     for feed in feeds:
@@ -224,6 +230,10 @@ def smoothed(pre: Path, feeds: list[dict[str, np.ndarray]], *, dynamic: bool, re
     and number of feeds: a build's quantizations and a repair's attempts share it."""
     import json
 
+    from toolkit._onnx import external_files
+
+    if sum(p.stat().st_size for p in [pre, *(pre.parent / f for f in external_files(pre))]) > _SERIALIZABLE:
+        return pre, []  # its statistics run needs the model in one protobuf message
     stem = f"smoothed-{'dynamic' if dynamic else 'static'}-{'7' if reduce_range else '8'}bit-{len(feeds)}"
     target, record = pre.parent / f"{stem}.onnx", pre.parent / f"{stem}.json"
     if record.is_file():
