@@ -3,7 +3,7 @@ exports a model directory with the peer's tool, then answers timing requests, on
 line on stdin → one per line on stdout. It imports nothing from toolkit.
 
     python peer_worker.py export optimum|genai-fp32|genai-int4 MODEL_DIR OUT_DIR
-    python peer_worker.py export-encoder MODEL_DIR OUT_DIR    (optimum: fp32, O2 and int8 of a sentence encoder)
+    python peer_worker.py export-encoder MODEL_DIR OUT_DIR    (optimum: fp32, O2, O3 and int8 of a sentence encoder)
     python peer_worker.py serve optimum|genai-fp32|genai-int4 OUT_DIR THREADS
         request  {"prompts": [[ids], ...], "new_tokens": N}
         answer   {"seconds": wall time of the generation, "tokens": [[ids], ...]}
@@ -30,14 +30,15 @@ def export(peer: str, model_dir: str, out: str) -> None:
 
 
 def export_encoder(model_dir: str, out: str) -> None:
-    """optimum's recipe for a sentence encoder: the export, its O2 optimization, and its dynamic int8
+    """optimum's recipe for a sentence encoder: the export, its O2 and O3 optimizations, and its dynamic int8
     with the quantizer preset for this CPU (avx512_vnni where it has that, else avx2)."""
     from optimum.onnxruntime import ORTModelForFeatureExtraction, ORTOptimizer, ORTQuantizer
-    from optimum.onnxruntime.configuration import AutoQuantizationConfig, OptimizationConfig
+    from optimum.onnxruntime.configuration import AutoOptimizationConfig, AutoQuantizationConfig
 
     root = Path(out)
     ORTModelForFeatureExtraction.from_pretrained(model_dir, export=True).save_pretrained(root / "fp32")
-    ORTOptimizer.from_pretrained(root / "fp32").optimize(save_dir=root / "o2", optimization_config=OptimizationConfig(optimization_level=2))
+    for level, preset in (("o2", AutoOptimizationConfig.O2), ("o3", AutoOptimizationConfig.O3)):  # O3: O2 with GELU approximated
+        ORTOptimizer.from_pretrained(root / "fp32").optimize(save_dir=root / level, optimization_config=preset())
     flags = Path("/proc/cpuinfo").read_text()
     preset = AutoQuantizationConfig.avx512_vnni if "avx512_vnni" in flags else AutoQuantizationConfig.avx2
     ORTQuantizer.from_pretrained(root / "fp32").quantize(save_dir=root / "int8", quantization_config=preset(is_static=False, per_channel=False))

@@ -2,7 +2,7 @@
 each tool's own recipe, every graph run by this process's onnxruntime, interleaved in one run.
 
 toolkit: `toolkit build hf:MINILM` (fp32, opt, int8, int8-static). optimum: its export
-(ORTModelForFeatureExtraction), O2 optimization, and dynamic int8 with its quantizer preset for this
+(ORTModelForFeatureExtraction), O2 and O3 optimizations, and dynamic int8 with its quantizer preset for this
 CPU, made in optimum's own virtual environment (it pins transformers below 5; benchmarks/peer_worker.py).
 Each graph runs in a session opened as its tool opens it: toolkit's as toolkit.load does (its CPU
 settings), optimum's with onnxruntime's defaults, as its ORTModel classes do.
@@ -38,7 +38,8 @@ from toolkit.bench.measure import COOLDOWN_S, measure  # noqa: E402
 from toolkit.bench.report import machine  # noqa: E402
 
 TOOLKIT = ("fp32", "opt", "int8", "int8-static")
-OPTIMUM = {"optimum-fp32": "fp32/model.onnx", "optimum-O2": "o2/model_optimized.onnx", "optimum-int8": "int8/model_quantized.onnx"}
+OPTIMUM = {"optimum-fp32": "fp32/model.onnx", "optimum-O2": "o2/model_optimized.onnx", "optimum-O3": "o3/model_optimized.onnx",
+           "optimum-int8": "int8/model_quantized.onnx"}
 SEQ, BATCHES, SENTENCES = 32, (1, 32), 256
 
 
@@ -77,9 +78,9 @@ def _toolkit(model_dir: Path, bundle: Path) -> dict[str, Path]:
 
 
 def _optimum(model_dir: Path, out: Path, work: Path) -> dict[str, Path]:
-    if not (out / "int8").is_dir():
+    if not all((out / path).is_file() for path in OPTIMUM.values()):
         python = _venv(work / "venvs" / "optimum", VENVS["optimum"])
-        print(f"optimum: export, O2 and int8 of {model_dir.name}", flush=True)
+        print(f"optimum: export, O2, O3 and int8 of {model_dir.name}", flush=True)
         subprocess.run([str(python), str(WORKER), "export-encoder", str(model_dir), str(out)], check=True)
     return {label: out / path for label, path in OPTIMUM.items()}
 
@@ -156,7 +157,7 @@ def _write_section(result: dict[str, Any], results: Path) -> None:
     best = {b: min(r[f"p50_ms_b{b}"] for r in rows if r["variant"].startswith("optimum")) for b in BATCHES}
     lines = ["## Peers (MiniLM sentence embeddings)", "",
              f"Written by `{result['command']}` ({result['machine']['cpu']}, {result['machine']['threads']} threads): all-MiniLM-L6-v2, "
-             "toolkit's `build` against optimum-onnx's export, O2 and dynamic int8 (its quantizer preset for this CPU), every graph run by "
+             "toolkit's `build` against optimum-onnx's export, O2, O3 and dynamic int8 (its quantizer preset for this CPU), every graph run by "
              f"the same onnxruntime in one process, in a session opened as its tool opens it. Cosine to sentence-transformers over {SENTENCES} real sentences; p50 ms at seq {SEQ}, "
              "all variants interleaved; the last columns divide by optimum's fastest variant at that batch.", "",
              "| variant | min cosine | mean cosine | " + " | ".join(f"p50 ms b{b}" for b in BATCHES) + " | "
