@@ -129,10 +129,12 @@ def smooth_outliers(context: QuantizeContext, pre: Path, config: Any, *, dynamic
 
     feeds, origin = calibration_feeds(context, config.calibration_samples)
     context.say(f"smoothing activation outliers into the weights where it lowers the int8 error on {len(feeds)} samples from {origin}")
-    target, records = smoothed(pre, feeds, dynamic=dynamic, reduce_range=reduce_range)
-    if target == pre:
+    made = smoothed(pre, feeds, dynamic=dynamic, reduce_range=reduce_range)
+    if made is None:
         context.say("not smoothing: the model is past protobuf's 2 GiB, which its statistics run needs in one message")
-    elif records:
+        return pre, []
+    target, records = made
+    if records:
         folded = sum(r["into"] != "Mul" for r in records)
         context.say(f"smoothed {len(records)} activations: {folded} into the layer norm that makes them, {len(records) - folded} by a Mul")
     return target, records

@@ -47,7 +47,8 @@ class _Stats:
 
 def smooth(model_file: Path, target: Path, feeds: list[dict[str, np.ndarray]], *, dynamic: bool, weight_max: int = 127) -> list[dict[str, Any]]:
     """Writes `model_file` to `target` with the activations that weighted MatMul/Gemm read smoothed
-    where that lowers their int8 error on `feeds`; returns one record per smoothed activation.
+    where that lowers their int8 error on `feeds` (nothing, where none does); returns one record per
+    smoothed activation.
     `dynamic`: activations quantized per call (each feed its own range), else over all feeds (a
     calibrated range). `weight_max`: the weights' largest level (127, or 63 with a reduced range)."""
     import onnx
@@ -57,16 +58,15 @@ def smooth(model_file: Path, target: Path, feeds: list[dict[str, np.ndarray]], *
 
     proto = onnx.load(str(model_file))
     graph = proto.graph
-    groups = _candidates(graph)
-    if not groups:
-        save_model(proto, target)
-        return []
-    stats = _statistics(proto, list(groups), feeds)
-    makers = {o: n for n in graph.node for o in n.output}
     readers_of: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
             readers_of[name] = readers_of.get(name, 0) + 1
+    groups = _candidates(graph, readers_of)
+    if not groups:
+        return []
+    stats = _statistics(proto, list(groups), feeds)
+    makers = {o: n for n in graph.node for o in n.output}
     outputs = {o.name for o in graph.output}
     records, muls = [], {}
     for name, readers in groups.items():
@@ -95,17 +95,15 @@ def smooth(model_file: Path, target: Path, feeds: list[dict[str, np.ndarray]], *
                         "error": [round(before, 5), round(after, 5)]})
     if muls:
         _insert_before_readers(graph, muls)
-    save_model(proto, target)
+    if records:
+        save_model(proto, target)
     return records
 
 
-def _candidates(graph: Any) -> dict[str, list[_Reader]]:
-    """{activation: the MatMul/Gemm nodes that read it with a 2-D constant weight of their own}."""
+def _candidates(graph: Any, uses: dict[str, int]) -> dict[str, list[_Reader]]:
+    """{activation: the MatMul/Gemm nodes that read it with a 2-D constant weight of their own}
+    (`uses`: how many nodes read each tensor)."""
     initializers = {t.name: t for t in graph.initializer}
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
     groups: dict[str, list[_Reader]] = {}
     for node in graph.node:
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
@@ -225,19 +223,22 @@ def _insert_before_readers(graph: Any, muls: dict[str, Any]) -> None:
     graph.node.extend(ordered)
 
 
-def smoothed(pre: Path, feeds: list[dict[str, np.ndarray]], *, dynamic: bool, reduce_range: bool) -> tuple[Path, list[dict[str, Any]]]:
-    """`pre` smoothed (see `smooth`), made once beside it per kind of activation range, weight range
-    and number of feeds: a build's quantizations and a repair's attempts share it."""
+def smoothed(pre: Path, feeds: list[dict[str, np.ndarray]], *, dynamic: bool, reduce_range: bool) -> tuple[Path, list[dict[str, Any]]] | None:
+    """(`pre` smoothed, or `pre` itself where nothing was; the records) (see `smooth`), made once
+    beside it per kind of activation range, weight range and number of feeds: a build's
+    quantizations and a repair's attempts share it. None for a model past protobuf's 2 GiB, which
+    the statistics run needs in one message."""
     import json
 
     from toolkit._onnx import external_files
 
     if sum(p.stat().st_size for p in [pre, *(pre.parent / f for f in external_files(pre))]) > _SERIALIZABLE:
-        return pre, []  # its statistics run needs the model in one protobuf message
+        return None
     stem = f"smoothed-{'dynamic' if dynamic else 'static'}-{'7' if reduce_range else '8'}bit-{len(feeds)}"
     target, record = pre.parent / f"{stem}.onnx", pre.parent / f"{stem}.json"
     if record.is_file():
-        return target, json.loads(record.read_text())
-    records = smooth(pre, target, feeds, dynamic=dynamic, weight_max=63 if reduce_range else 127)
-    record.write_text(json.dumps(records))
-    return target, records
+        records = json.loads(record.read_text())
+    else:
+        records = smooth(pre, target, feeds, dynamic=dynamic, weight_max=63 if reduce_range else 127)
+        record.write_text(json.dumps(records))
+    return (target if records else pre), records
