@@ -174,6 +174,14 @@ def test_options_that_do_not_apply_to_the_mode_are_refused(cli, exported):
     assert result.exit_code == 2 and "--calibration-samples does not apply to --mode fp16; it takes --io, --keep-fp32" in result.output
     with pytest.raises(ToolkitError, match="--keep-fp32 does not apply to --mode int8-static"):
         quantize(exported("mlp"), mode="int8-static", keep_fp32=("Softmax",))
+    assert "--smooth does not apply to --mode fp16" in cli("quantize", exported("mlp"), "--mode", "fp16", "--no-smooth").output
+
+
+def test_cli_no_smooth_quantizes_without_smoothing(cli, exported, copy_of):
+    path = copy_of(exported("userpkg.toy:outlier_channels"))
+    result = cli("quantize", path, "--mode", "int8", "--no-smooth", "--no-check", "--trust-source")
+    options = Bundle.open(path).manifest.variants["int8"].recipe["options"]
+    assert result.exit_code == 0 and options["smooth"] is False and "smoothed" not in options, result.output
 
 
 def test_fp16_with_fp16_inputs_and_outputs_records_their_dtypes_and_keeps_parity(exported, copy_of):
