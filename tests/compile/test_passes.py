@@ -273,3 +273,62 @@ def test_a_product_that_is_not_a_gelu_stays():
     from toolkit.compile.passes.erf_gelu import fuse_erf_gelu
 
     assert fuse_erf_gelu(_erf_gelu("half first", one=2.0)) == 0  # 1 + erf is what makes it a GELU
+
+
+def _rotary(variant: str = "plain") -> onnx.ModelProto:
+    """y = x·cos + rotate_half(x)·sin as transformers writes it: x (batch, heads, seq, 8), cos and sin of
+    concat(freqs, freqs) unsqueezed on the heads axis; freqs (batch or 1, seq, 4)."""
+    c = [_ints("zero", [0]), _ints("half", [4]), _ints("end", [2**62]), _ints("axis", [3]), _ints("heads_axis", [1]),
+         numpy_helper.from_array(np.array(0.7, np.float32), "factor")]
+    second = "other" if variant == "unequal halves" else "freqs"
+    nodes = [helper.make_node("Concat", ["freqs", second], ["angle"], axis=-1),
+             helper.make_node("Cos", ["angle"], ["cos_raw"]), helper.make_node("Sin", ["angle"], ["sin_raw"])]
+    if variant == "scaled":  # YaRN's attention factor
+        nodes += [helper.make_node("Mul", ["cos_raw", "factor"], ["cos_s"]), helper.make_node("Mul", ["factor", "sin_raw"], ["sin_s"])]
+    cos, sin = ("cos_s", "sin_s") if variant == "scaled" else ("cos_raw", "sin_raw")
+    lower_end = "end" if variant == "not halves" else "half"
+    nodes += [helper.make_node("Unsqueeze", [cos, "heads_axis"], ["cos"]), helper.make_node("Unsqueeze", [sin, "heads_axis"], ["sin"]),
+              helper.make_node("Slice", ["x", "zero", lower_end, "axis"], ["x1"]), helper.make_node("Slice", ["x", "half", "end", "axis"], ["x2"]),
+              helper.make_node("Neg", ["x2"], ["neg"]), helper.make_node("Concat", ["neg", "x1"], ["rotated"], axis=-1)]
+    swapped = variant == "swapped"
+    nodes += [helper.make_node("Mul", ["cos", "x"] if swapped else ["x", "cos"], ["direct"]),
+              helper.make_node("Mul", ["sin", "rotated"] if swapped else ["rotated", "sin"], ["turned"]),
+              helper.make_node("Add", ["turned", "direct"] if swapped else ["direct", "turned"], ["y"])]
+    rows = 1 if variant == "shared" else "batch"
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "seq", 8]),
+              helper.make_tensor_value_info("freqs", TensorProto.FLOAT, [rows, "seq", 4]),
+              *([helper.make_tensor_value_info("other", TensorProto.FLOAT, [rows, "seq", 4])] if second == "other" else [])]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], c)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("variant", ["plain", "shared", "scaled", "swapped"])
+def test_a_rotary_embedding_becomes_one_rotary_embedding_with_the_same_values(variant):
+    """Per token cos and sin (one row per batch row, or one for all), scaled by a constant or not,
+    with the products in either order: one RotaryEmbedding, the same values."""
+    from toolkit.compile.passes._graph import prune
+    from toolkit.compile.passes.rotary import fuse_rotary_embeddings
+
+    before = _rotary(variant)
+    after = onnx.ModelProto()
+    after.CopyFrom(before)
+    assert fuse_rotary_embeddings(after) == 1
+    prune(after.graph)
+    ops = [n.op_type for n in after.graph.node]
+    assert ops.count("RotaryEmbedding") == 1 and "Neg" not in ops and "Add" not in ops
+    rng = np.random.default_rng(0)
+    for batch, seq in ((1, 1), (2, 5)):
+        feeds = {"x": rng.standard_normal((batch, 3, seq, 8)).astype(np.float32),
+                 "freqs": rng.uniform(0, 300, (1 if variant == "shared" else batch, seq, 4)).astype(np.float32)}
+        np.testing.assert_allclose(_run(after, feeds)[0], _run(before, feeds)[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["unequal halves", "not halves"])
+def test_a_product_that_is_not_a_rotary_embedding_stays(variant):
+    """Cos and sin whose halves may differ, or a rotation that does not split x in halves, are not
+    what RotaryEmbedding computes."""
+    from toolkit.compile.passes.rotary import fuse_rotary_embeddings
+
+    assert fuse_rotary_embeddings(_rotary(variant)) == 0

@@ -70,14 +70,19 @@ def test_generation_needs_neither_torch_nor_transformers(exported):
 @pytest.mark.parametrize("kind", [k if k == "llama" else pytest.param(k, marks=pytest.mark.slow) for k in ARCHITECTURES])
 def test_the_optimized_graph_loads_and_keeps_greedy_parity(exported, copy_of, kind):
     """The fused graph loads and greedy tokens on the check's left-padded prompts stay PyTorch's.
-    GPT-2: each layer's attention becomes a MultiHeadAttention with its cache, and the Gemm that
+    Rotary models: every layer's queries and keys rotate in one RotaryEmbedding. GPT-2: each layer's attention becomes a MultiHeadAttention with its cache, and the Gemm that
     onnxscript's fusion leaves on its 3-D output is made a MatMul."""
+    import transformers
+
     from toolkit.compile import check, optimize
 
     path = copy_of(exported(f"hf:{causal_lm(kind)}", None))
     optimize(path)
-    fusion = Bundle.open(path).manifest.variants["opt"].recipe["options"]["fusion"]
+    options = Bundle.open(path).manifest.variants["opt"].recipe["options"]
+    fusion = options["fusion"]
     assert "GroupQueryAttention" not in (fusion or {}).get("fused", {})  # its CPU kernel reads the mask as right padding
+    layers = transformers.AutoConfig.from_pretrained(causal_lm(kind)).num_hidden_layers
+    assert options["passes"]["rotary embeddings fused"] == (0 if kind == "gpt2" else 2 * layers)  # queries and keys, Phi's partial too
     if kind == "gpt2":
         assert fusion["fused"]["MultiHeadAttention"] == 2 and fusion["repaired"] == {"Gemm after attention to MatMul": 2}
     record = check(path, variants=["opt"], trust_source=True)["opt"]

@@ -13,6 +13,7 @@ from typing import Any
 
 from toolkit.compile.passes._graph import prune
 from toolkit.compile.passes.packed_matmul import pack_sibling_matmuls
+from toolkit.compile.passes.rotary import fuse_rotary_embeddings
 from toolkit.compile.passes.skip_layer_norm import split_skip_layer_norm
 from toolkit.compile.passes.unit_reshape import reshapes_to_squeezes
 from toolkit.compile.passes.zero_initial_state import drop_zero_initial_states
@@ -30,9 +31,10 @@ _ZERO_STATES = Pass("zero initial states dropped", drop_zero_initial_states)
 _UNIT_RESHAPES = Pass("Reshape to Squeeze", reshapes_to_squeezes)
 _SPLIT_SKIP_LN = Pass("SkipLayerNormalization split", split_skip_layer_norm)
 _PACKED_MATMULS = Pass("sibling MatMuls packed", pack_sibling_matmuls)
+_ROTARY = Pass("rotary embeddings fused", fuse_rotary_embeddings)
 
 PASSES: dict[str, tuple[Pass, ...]] = {
-    "cpu": (_ZERO_STATES, _UNIT_RESHAPES, _SPLIT_SKIP_LN, _PACKED_MATMULS),
+    "cpu": (_ZERO_STATES, _UNIT_RESHAPES, _SPLIT_SKIP_LN, _PACKED_MATMULS, _ROTARY),
     "cuda": (_ZERO_STATES, _UNIT_RESHAPES, _PACKED_MATMULS),
 }
 
