@@ -81,3 +81,27 @@ def value_shape(value: onnx.ValueInfoProto) -> tuple[int | str, ...]:
 
 def value_dtype(value: onnx.ValueInfoProto) -> str:
     return helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
+
+
+_SHAPE_VALUES = 1024  # elements: an initializer up to this size may be a shape, whose values inference reads
+
+
+def without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `proto` for shape inference, with each weight (an initializer over _SHAPE_VALUES
+    elements) a graph input of its type and shape: inference needs their shapes, not their values,
+    and onnx's and onnxruntime's inferences copy the model they are given several times over."""
+    import math
+
+    graph = proto.graph
+    light = onnx.ModelProto(ir_version=proto.ir_version, opset_import=proto.opset_import, functions=proto.functions)
+    light.graph.node.extend(graph.node)
+    light.graph.input.extend(graph.input)
+    light.graph.output.extend(graph.output)
+    light.graph.value_info.extend(graph.value_info)
+    inputs = {i.name for i in graph.input}
+    for tensor in graph.initializer:
+        if math.prod(tensor.dims) <= _SHAPE_VALUES:
+            light.graph.initializer.append(tensor)
+        elif tensor.name not in inputs:
+            light.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return light

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import onnx
 
+from toolkit._onnx import without_weights
+
 __all__ = ["graph_flops"]
 
 
@@ -18,7 +20,7 @@ def graph_flops(path: Path, sizes: Mapping[str, int]) -> float | None:
     of some counted op cannot be inferred (the count would be an underestimate)."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    model = _without_weights(onnx.load(str(path), load_external_data=False))
+    model = without_weights(onnx.load(str(path), load_external_data=False))
     for value in model.graph.input:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in sizes:
@@ -53,23 +55,3 @@ def graph_flops(path: Path, sizes: Mapping[str, int]) -> float | None:
             directions, gates, hidden = b[0], b[1], b[1] // 4
             total += 2 * seq * batch * directions * gates * (features + hidden)
     return total
-
-
-_SHAPE_VALUES = 1024  # initializers up to this many elements may hold shapes the inference reads
-
-
-def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The graph with each weight turned into an input of the same shape: the inference needs their
-    shapes, not their values, and copies the whole model several times over (a decoder's weights
-    would be held four or five times for a count)."""
-    from onnx import helper
-
-    kept = []
-    for tensor in model.graph.initializer:
-        if math.prod(tensor.dims) <= _SHAPE_VALUES:
-            kept.append(tensor)
-        else:
-            model.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    return model

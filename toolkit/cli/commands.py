@@ -22,7 +22,7 @@ from toolkit import __version__
 from toolkit.cli import render
 from toolkit.compile.exporter import DEFAULT_OPSET, EXPORTERS
 from toolkit.compile.prune import METHODS as PRUNE_METHODS
-from toolkit.compile.quantization.configs import CALIBRATION_METHODS, FP16_IO, INT4_ALGOS, MODES
+from toolkit.compile.quantization.configs import CALIBRATION_METHODS, FP16_IO, INT4_ALGOS, INT4_HEADS, MODES
 from toolkit.errors import EXIT_CHECK_FAILED, ToolkitError
 from toolkit.runtime.generate import CACHES
 from toolkit.runtime.session import PROVIDERS
@@ -52,6 +52,7 @@ Mode = _choices("Mode", MODES)
 Method = _choices("Method", CALIBRATION_METHODS)
 Fp16Io = _choices("Fp16Io", FP16_IO)
 Int4Algo = _choices("Int4Algo", INT4_ALGOS)
+Int4Head = _choices("Int4Head", INT4_HEADS)
 Cache = _choices("Cache", CACHES)
 PruneMethod = _choices("PruneMethod", PRUNE_METHODS)
 
@@ -259,7 +260,7 @@ def quantize(
     block_size: int | None = typer.Option(None, "--block-size", help="int4: input rows per block sharing a scale, a power of two >= 16 (default: 32)."),
     algo: Int4Algo | None = typer.Option(None, help="int4: rtn rounds to nearest, hqq fits scales to the weights, gptq corrects rounding errors on calibration inputs (default: rtn)."),
     accuracy_level: int | None = typer.Option(None, "--accuracy-level", help="int4: MatMulNBits' compute type: 4 int8 activations (fastest on CPUs), 0 the provider's choice, 1 fp32 (default: 4)."),
-    keep_head: bool | None = typer.Option(None, "--keep-head/--quantize-head", help="int4: leave the MatMuls that make a graph output (a language model's head) in float (default: keep)."),
+    head: Int4Head | None = typer.Option(None, help="int4: how the MatMuls that make a graph output (a language model's head) are stored: int8 blocks (a quarter of float's bytes), int4 like the rest, or float (default: int8)."),
     source: str = typer.Option("fp32", help="The fp32-precision variant to quantize (fp32, or opt for the fused graph)."),
     check_parity: bool = typer.Option(True, "--check/--no-check", help="Check the new variant right away."),
     trust_source: TrustSourceOption = False,
@@ -275,7 +276,7 @@ def quantize(
     quantize_bundle(
         bundle_dir, mode=mode.value, calibration_samples=calibration_samples, method=method.value if method else None,
         per_channel=per_channel, keep_float=keep_float, smooth=smooth, reduce_range=reduce_range, keep_fp32=kept, io=io.value if io else None, source=source, progress=_progress,
-        block_size=block_size, algo=algo.value if algo else None, accuracy_level=accuracy_level, keep_head=keep_head, trust_source=trust_source,
+        block_size=block_size, algo=algo.value if algo else None, accuracy_level=accuracy_level, head=head.value if head else None, trust_source=trust_source,
     )
     _check_new(bundle_dir, mode.value, check_parity, _NEXT_STEPS.get(mode.value), trust_source=trust_source)
 

@@ -40,9 +40,10 @@ BEST_RULE = (
     "a variant of lower precision (fp16, int8) must also be faster than fp32 by more than that margin"
 )
 _BEST_BATCHES = (1, 32)
-# Variants whose files add up to this much are timed all at once (their sessions take a few times
-# their size); larger ones one beside fp32 at a time.
-_TIME_TOGETHER_BYTES = 1 << 30
+# Variants are timed all at once where their files add up to at most twice fp32's, or to this much;
+# else one beside fp32 at a time. A session holds about twice its file (the weights and their packed
+# copy), so a large model's build stays within 4× its weights above the fixed overhead.
+_TIME_TOGETHER_BYTES = 1 << 29
 _NO_CUDA_INT8 = ("onnxruntime's CUDA provider has no kernels for int8 variants (their quantize and integer MatMul nodes run "
                  "on the CPU provider, a device-host round trip each): they are a CPU deployment")
 
@@ -278,7 +279,7 @@ def select_best(bundle: str | Path | Bundle, *, provider: str = "cpu", max_time:
     say(f"timing {', '.join(passing)} on {provider} to choose best ({max_time:g} s per variant and shape)")
     if "fp32" in passing:
         others = [v for v in passing if v != "fp32"]
-        together = sum(bundle.variant(v).bytes for v in passing) <= _TIME_TOGETHER_BYTES
+        together = sum(bundle.variant(v).bytes for v in passing) <= max(_TIME_TOGETHER_BYTES, 2 * bundle.variant("fp32").bytes)
         measured, ratios, report = _time_beside(bundle, "fp32", [others] if together else [[v] for v in others], provider, max_time)
         choice = _choose(ratios, "fp32", [v for v in passing if bundle.variant(v).precision != "fp32"])
     else:  # fp32 failed its gates: the fastest passing variant

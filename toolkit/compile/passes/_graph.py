@@ -7,20 +7,36 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Dim", "attribute", "constants", "infer_shape_facts", "perm", "prune", "shape_facts", "subgraph_reads"]
+from toolkit._onnx import without_weights
+
+__all__ = ["Dim", "attribute", "constants", "infer_shape_facts", "perm", "prune", "record_inferred_shapes", "shape_facts", "subgraph_reads"]
 
 Dim = int | tuple[str, int]  # a static size, or axis i of tensor t as it is at run time
 
 
 def infer_shape_facts(proto: Any) -> tuple[dict[str, int], dict[tuple[str, int], int]]:
-    """Rank of every tensor whose rank is known, and each dim that ONNX shape inference found static."""
+    """Rank of every tensor whose rank is known, and each dim that ONNX shape inference found static.
+    Inference runs on a copy of the graph whose weights are inputs of their type and shape: it needs
+    no weight's values, and a copy with them would hold the model twice more (serialized and parsed)."""
     import onnx
 
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
-    except ValueError:  # over protobuf's 2 GiB: the shapes the graph records are used as they are
+        inferred = onnx.shape_inference.infer_shapes(without_weights(proto), strict_mode=False)
+    except ValueError:  # over protobuf's 2 GiB even so: the shapes the graph records are used as they are
         inferred = proto
     return shape_facts(inferred.graph)
+
+
+def record_inferred_shapes(proto: Any) -> Any:
+    """Records in `proto`'s value_info what ONNX shape inference finds (in place; returns it), inferred
+    as `infer_shape_facts` does, without the weights: for tools that would otherwise infer on the
+    whole model (onnxruntime's fp16 converter)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(without_weights(proto), strict_mode=False)
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(inferred.graph.value_info)
+    return proto
 
 
 def constants(graph: Any) -> dict[str, np.ndarray]:

@@ -46,7 +46,7 @@ class QuantizeContext:
 def preprocess(context: QuantizeContext, model_file: Path) -> tuple[Path, dict[str, Any]]:
     """onnxruntime's quant_pre_process (shape inference, constant folding), so that every weight is
     an initializer the quantizer can see, and exact GELUs as one op (passes/erf_gelu.py); in a
-    child process (toolkit.compile._child). Within a
+    child process (toolkit.compile._child), shapes inferred without the weights. Within a
     build (`context.scratch`) a file is pre-processed once, for every quantization made from it."""
     import json
 
@@ -74,26 +74,47 @@ def preprocess(context: QuantizeContext, model_file: Path) -> tuple[Path, dict[s
 
 
 _PRE_PROCESS = """
-import contextlib, io, os
+import contextlib, io, os, tempfile
 
 def main(model_file, target, skip_symbolic_shape, external):
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     import onnx
+    import onnxruntime
+    from onnxruntime.quantization.quant_utils import add_pre_process_metadata
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints its shape-inference failures
-        quant_pre_process(model_file, target, skip_symbolic_shape=skip_symbolic_shape, save_as_external_data=external, all_tensors_to_one_file=True,
-                          external_data_location=os.path.basename(target) + ".data")
+    from toolkit._onnx import without_weights
+    from toolkit.compile.passes._graph import record_inferred_shapes
+
+    # onnxruntime's quant_pre_process, step by step, with both shape inferences run on the graph
+    # without its weights: its own hold the model several times over (6× its size at the peak)
+    model = onnx.load(model_file)
+    if not skip_symbolic_shape:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its shape-inference failures
+            inferred = SymbolicShapeInference.infer_shapes(without_weights(model))
+        for field in ("value_info", "output"):
+            del getattr(model.graph, field)[:]
+            getattr(model.graph, field).extend(getattr(inferred.graph, field))
+        del inferred
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as scratch:
+        shaped, optimized = os.path.join(scratch, "shaped.onnx"), os.path.join(scratch, "optimized.onnx")
+        onnx.save(model, shaped, save_as_external_data=external, location="shaped.onnx.data")
+        del model
+        options = onnxruntime.SessionOptions()
+        options.optimized_model_filepath = optimized  # constant folding: every weight an initializer
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        if external:
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
+        onnxruntime.InferenceSession(shaped, options, providers=["CPUExecutionProvider"])
+        proto = record_inferred_shapes(onnx.load(optimized))
+    add_pre_process_metadata(proto)
     # Shapes recorded for weights (the dynamo exporter writes them) go stale when the quantizer
     # transposes a Gemm's weight into a MatMul's under the same name, and its shape inference then
     # fails on them: a weight's shape is its own, so they go.
-    proto = onnx.load(target, load_external_data=False)
     weights = {t.name for t in proto.graph.initializer}
     kept = [v for v in proto.graph.value_info if v.name not in weights]
-    changed = len(kept) < len(proto.graph.value_info)
-    if changed:
-        del proto.graph.value_info[:]
-        proto.graph.value_info.extend(kept)
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept)
     # the exact GELU as one op: the quantizers leave it float either way, and five passes over a
     # feed-forward's widest tensor cost more than its int8 products save at batch 32
     gelus = 0
@@ -104,8 +125,7 @@ def main(model_file, target, skip_symbolic_shape, external):
         gelus = fuse_erf_gelu(proto)
         if gelus:
             prune(proto.graph)
-    if changed or gelus:
-        onnx.save(proto, target)
+    onnx.save(proto, target, save_as_external_data=external, all_tensors_to_one_file=True, location=os.path.basename(target) + ".data")
     return gelus
 """
 

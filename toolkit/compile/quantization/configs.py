@@ -9,11 +9,12 @@ from typing import Any, ClassVar
 
 from toolkit.errors import ToolkitError
 
-__all__ = ["CALIBRATION_METHODS", "CONFIGS", "DYNAMIC_OPS", "FP16_IO", "FP16_KEEP_FP32", "FP16_KEEP_FP32_FUSED", "INT4_ALGOS", "MODES", "Fp16",
+__all__ = ["CALIBRATION_METHODS", "CONFIGS", "DYNAMIC_OPS", "FP16_IO", "FP16_KEEP_FP32", "FP16_KEEP_FP32_FUSED", "INT4_ALGOS", "INT4_HEADS", "MODES", "Fp16",
            "Int4", "Int8Dynamic", "Int8Static", "QuantConfig", "config_for"]
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 INT4_ALGOS = ("rtn", "hqq", "gptq")
+INT4_HEADS = ("int8", "int4", "float")  # how int4 stores the MatMuls that make a graph output
 # Overflow-prone in fp16: normalisations and reductions accumulate past 65504, softmax's exp too.
 FP16_KEEP_FP32 = ("LayerNormalization", "SkipLayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Exp")
 # For a graph whose layer norms, softmax and attention are fused kernels that accumulate in fp32
@@ -109,16 +110,17 @@ class Int4:
     the weights (half-quadratic quantization, no data); "gptq" corrects each column for the rounding
     of the ones before it, weighed by `calibration_samples` inputs. `accuracy_level` is MatMulNBits'
     compute type: 4 quantizes the activations to int8 inside the kernel (the fastest on CPUs), 0
-    lets the provider choose. `keep_head` leaves the MatMuls that make a graph output (a language
-    model's head) in float, where an int4 error lands on the logits directly; `exclude` names other
-    nodes kept in float."""
+    lets the provider choose. `head` is how the MatMuls that make a graph output (a language model's
+    head), where an error lands on the logits directly, are stored: "int8" packs them in 8-bit blocks
+    (MatMulNBits, the same kernel; a quarter of float's bytes, which a decode step reads whole), "int4"
+    like the rest, "float" not at all; `exclude` names other nodes kept in float."""
 
     mode: ClassVar[str] = "int4"
     precision: ClassVar[str] = "int4"
     block_size: int = 32
     algo: str = "rtn"
     accuracy_level: int = 4
-    keep_head: bool = True
+    head: str = "int8"
     calibration_samples: int = 32
     exclude: tuple[str, ...] = ()
 
@@ -127,6 +129,8 @@ class Int4:
         _calibration(self.calibration_samples)
         if self.algo not in INT4_ALGOS:
             raise ToolkitError(f"unknown int4 algorithm {self.algo!r}; choose one of {', '.join(INT4_ALGOS)}.")
+        if self.head not in INT4_HEADS:
+            raise ToolkitError(f"unknown int4 head {self.head!r}; choose one of {', '.join(INT4_HEADS)}.")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ToolkitError(f"--block-size must be a power of two >= 16 (MatMulNBits' blocks), got {self.block_size}.")
         if self.accuracy_level not in (0, 1, 2, 3, 4):

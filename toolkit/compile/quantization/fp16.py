@@ -38,10 +38,12 @@ def main(model_file, target, keep_io_types, block, nodes, external):
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    from toolkit.compile.passes._graph import record_inferred_shapes
     from toolkit.compile.quantization.fp16 import drop_repeated_nodes
 
-    converted = convert_float_to_float16(onnx.load(model_file), keep_io_types=keep_io_types, op_block_list=block,
-                                         node_block_list=nodes or None)
+    # shapes inferred without the weights: the converter's own inference holds the model twice more
+    converted = convert_float_to_float16(record_inferred_shapes(onnx.load(model_file)), keep_io_types=keep_io_types, op_block_list=block,
+                                         node_block_list=nodes or None, disable_shape_infer=True)
     drop_repeated_nodes(converted.graph)
     onnx.save(converted, target, save_as_external_data=external, location=os.path.basename(target) + ".data")
 """

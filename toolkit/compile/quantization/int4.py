@@ -43,21 +43,29 @@ def quantize_int4(context: QuantizeContext, config: Int4, model_file: Path, targ
         raise ToolkitError(f"int4 packs the weights of MatMul nodes (MatMulNBits), and {context.bundle.manifest.name} has no MatMul "
                            f"with a constant weight (its weighted ops: {found}); int4 does not apply. --mode int8 quantizes "
                            "Gemm and LSTM weights, --mode int8-static convolutions.")
-    heads = _heads(model.graph, weighted) if config.keep_head else []
     chosen, unknown = resolve_nodes(pre, config.exclude)
+    head_nodes = [h for h in _heads(model.graph, weighted) if h not in chosen]
+    heads = head_nodes if config.head != "int4" else []
     kept = list(dict.fromkeys([*heads, *chosen]))
     if heads:
-        context.say(f"keeping the head in float ({', '.join(heads)}): its error would land on the outputs directly")
+        held = "in 8-bit blocks" if config.head == "int8" else "in float"
+        context.say(f"packing the head {held} ({', '.join(heads)}): its error would land on the outputs directly")
     context.say(f"packing {len(weighted) - len(set(kept) & set(weighted))} MatMul weights into int4 blocks of {config.block_size} "
                 f"({config.algo}, accuracy level {config.accuracy_level})")
     quantizer = _quantizer(nbits)(model, bits=4, block_size=config.block_size, is_symmetric=False,
                                            accuracy_level=config.accuracy_level, nodes_to_exclude=kept,
                                            algo_config=_algorithm(context, config, nbits))
-    with logging_disabled(logging.INFO), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        # (its own INFO logger, GPTQ's progress bar, and HQQ's torch.from_numpy of a read-only weight, which it only reads)
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        quantizer.process()
+    _process(quantizer)
     packed = quantizer.model.model
+    if heads and config.head == "int8":
+        # a second pass over what stayed float, the head alone: same kernel, 8 bits, round to nearest
+        others = [n.name for n in packed.graph.node if n.op_type == "MatMul" and n.name not in heads]
+        eight = _quantizer(nbits)(packed, bits=8, block_size=config.block_size, is_symmetric=False, accuracy_level=config.accuracy_level,
+                                  nodes_to_exclude=others, algo_config=nbits.DefaultWeightOnlyQuantConfig(
+                                      block_size=config.block_size, is_symmetric=False, accuracy_level=config.accuracy_level, bits=8))
+        _process(eight)
+        packed = eight.model.model
+        kept = chosen
     for node in packed.graph.node:  # every algorithm's nodes compute at the asked accuracy level (HQQ's set none)
         if node.op_type == "MatMulNBits":
             for attribute in [a for a in node.attribute if a.name == "accuracy_level"]:
@@ -69,9 +77,16 @@ def quantize_int4(context: QuantizeContext, config: Int4, model_file: Path, targ
     return {
         **options, "weights": f"int4 asymmetric, blocks of {config.block_size} (MatMulNBits)", "activations": "float",
         "algo": config.algo, "block_size": config.block_size, "accuracy_level": config.accuracy_level,
-        "kept_float": kept, **({"excluded_not_found": unknown} if unknown else {}),
+        "head": {"nodes": head_nodes, "stored": config.head} if head_nodes else None, "kept_float": kept, **({"excluded_not_found": unknown} if unknown else {}),
         "ops": op_report(pre, target),
     }
+
+
+def _process(quantizer: Any) -> None:
+    with logging_disabled(logging.INFO), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        # (its own INFO logger, GPTQ's progress bar, and HQQ's torch.from_numpy of a read-only weight, which it only reads)
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        quantizer.process()
 
 
 def _quantizer(nbits: Any) -> type:
@@ -137,7 +152,7 @@ _ATTENTION = ("Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention
 
 def int4_applies(bundle: Any) -> str | None:
     """Why int4 is worth building for this bundle (a transformer: attention, and MatMul weights
-    besides its head, which int4 leaves in float), or None."""
+    besides its head, which int4 packs in 8 bits), or None."""
     import onnx
 
     graph = onnx.load(str(bundle.variant_path("fp32")), load_external_data=False).graph
