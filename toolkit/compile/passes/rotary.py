@@ -9,7 +9,7 @@ LLaMA 3, YaRN's attention factor), so the table here is the graph's own cos and 
 token of the step, and the position ids count those rows: the kernel reads exactly the values the
 unfused graph multiplied by. This needs both halves of cos and sin equal, which holds when they are
 Cos and Sin of one concat(freqs, freqs) on the last axis (transformers' `emb`), optionally cast,
-reshaped along leading axes or scaled by a constant; the rule checks that chain and applies nowhere
+unsqueezed, expanded or scaled by a constant; the rule checks that chain and applies nowhere
 else. A partial rotary (Phi) slices its rotated part first, and the rule applies to that slice.
 
 onnxscript's own rotary rule needs the frequencies in a MatMul form and then fuses grouped-query
