@@ -96,6 +96,27 @@ def test_a_variant_forced_to_be_wrong_is_never_best(built, copy_of, tmp_path):
         toolkit.load(path, variant="best")
 
 
+@pytest.mark.slow
+def test_variants_are_timed_all_at_once_only_within_twice_fp32s_size(built, copy_of, monkeypatch):
+    """A session holds about twice its file: the variants are timed together where their files add up
+    to twice fp32's or a fixed floor, else each beside fp32, with two sessions open at most."""
+    from toolkit.compile import pipeline
+
+    path = copy_of(built)
+    groups: list[list[str]] = []
+    timed = pipeline._time
+    monkeypatch.setattr(pipeline, "_time", lambda bundle, variants, *rest: groups.append(list(variants)) or timed(bundle, variants, *rest))
+    passing, _ = timed_variants(Bundle.open(path), "cpu")
+    select_best(path, max_time=0.02)  # the tiny cnn's variants fit under the floor
+    assert groups == [["fp32", *(v for v in passing if v != "fp32")]]
+    bundle = Bundle.open(path)
+    assert sum(bundle.variant(v).bytes for v in passing) > 2 * bundle.variant("fp32").bytes
+    groups.clear()
+    monkeypatch.setattr(pipeline, "_TIME_TOGETHER_BYTES", 0)
+    best = select_best(path, max_time=0.02)
+    assert groups == [["fp32", v] for v in passing if v != "fp32"] and set(best["vs_fp32"]) == set(passing)
+
+
 def test_best_without_a_build_says_how_to_get_one(exported):
     with pytest.raises(ToolkitError, match="has no 'best' variant recorded: `toolkit build`"):
         toolkit.load(exported("mlp"), variant="best")
