@@ -55,6 +55,7 @@ def smooth(model_file: Path, target: Path, feeds: list[dict[str, np.ndarray]], *
     from onnx import numpy_helper
 
     from toolkit._onnx import save_model
+    from toolkit.compile._memory import release_memory
 
     proto = onnx.load(str(model_file))
     graph = proto.graph
@@ -72,7 +73,7 @@ def smooth(model_file: Path, target: Path, feeds: list[dict[str, np.ndarray]], *
     for name, readers in groups.items():
         arrays = [numpy_helper.to_array(r.weight).astype(np.float32) for r in readers]
         rows = [a.T if r.transposed else a for a, r in zip(arrays, readers, strict=True)]  # [K, N] each
-        chosen = _choose(stats[name], rows, dynamic, weight_max)
+        chosen = _choose(stats.pop(name), rows, dynamic, weight_max)  # each activation's sample rows go once used
         if chosen is None:
             continue
         alpha, scale, before, after = chosen
@@ -96,6 +97,7 @@ def smooth(model_file: Path, target: Path, feeds: list[dict[str, np.ndarray]], *
     if muls:
         _insert_before_readers(graph, muls)
     if records:
+        release_memory()  # the statistics' pages, before serializing the model takes as much again
         save_model(proto, target)
     return records
 
@@ -119,24 +121,25 @@ def _candidates(graph: Any, uses: dict[str, int]) -> dict[str, list[_Reader]]:
 
 
 def _statistics(proto: Any, names: list[str], feeds: list[dict[str, np.ndarray]]) -> dict[str, _Stats]:
-    """Per activation and feed: each channel's lowest and highest value, and a few rows."""
+    """Per activation and feed: each channel's lowest and highest value, and a few rows. The weights
+    go in with every feed, as inputs: the session then holds no copy of them, nor a packed one."""
     import onnx
     import onnxruntime as ort
+    from onnx import numpy_helper
 
-    outputs = list(proto.graph.output)  # exposed for one serialization, not a copy of the model
-    del proto.graph.output[:]
-    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
-    try:
-        probe = proto.SerializeToString()
-    finally:
-        del proto.graph.output[:]
-        proto.graph.output.extend(outputs)
-    session = ort.InferenceSession(probe, providers=["CPUExecutionProvider"])
-    del probe
+    from toolkit._onnx import without_weights
+
+    probe = without_weights(proto)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
+    declared = {i.name for i in proto.graph.input}
+    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer
+               if t.name not in declared and t.name in {i.name for i in probe.graph.input}}
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     stats = {name: _Stats([], [], []) for name in names}
     per_feed = max(1, _ROWS // max(len(feeds), 1))
     for feed in feeds:
-        for name, value in zip(names, session.run(names, feed), strict=True):
+        for name, value in zip(names, session.run(names, {**feed, **weights}), strict=True):
             matrix = value.reshape(-1, value.shape[-1]).astype(np.float32)
             stats[name].low.append(matrix.min(axis=0))
             stats[name].high.append(matrix.max(axis=0))
