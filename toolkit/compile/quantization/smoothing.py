@@ -132,14 +132,13 @@ def _statistics(proto: Any, names: list[str], feeds: list[dict[str, np.ndarray]]
     probe = without_weights(proto)
     del probe.graph.output[:]
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
-    declared = {i.name for i in proto.graph.input}
-    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer
-               if t.name not in declared and t.name in {i.name for i in probe.graph.input}}
+    kept = {t.name for t in probe.graph.initializer}
+    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer if t.name not in kept}  # now inputs of the probe
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     stats = {name: _Stats([], [], []) for name in names}
     per_feed = max(1, _ROWS // max(len(feeds), 1))
     for feed in feeds:
-        for name, value in zip(names, session.run(names, {**feed, **weights}), strict=True):
+        for name, value in zip(names, session.run(names, {**weights, **feed}), strict=True):
             matrix = value.reshape(-1, value.shape[-1]).astype(np.float32)
             stats[name].low.append(matrix.min(axis=0))
             stats[name].high.append(matrix.max(axis=0))
