@@ -3,13 +3,14 @@ shape inference found, who reads what, and dropping what nothing reads."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from toolkit._onnx import without_weights
 
-__all__ = ["Dim", "attribute", "constants", "infer_shape_facts", "perm", "prune", "record_inferred_shapes", "shape_facts", "subgraph_reads"]
+__all__ = ["Dim", "attribute", "constants", "infer_shape_facts", "perm", "prune", "record_inferred_shapes", "shape_facts", "sole_reader", "subgraph_reads"]
 
 Dim = int | tuple[str, int]  # a static size, or axis i of tensor t as it is at run time
 
@@ -51,6 +52,22 @@ def constants(graph: Any) -> dict[str, np.ndarray]:
             if value is not None:
                 values[node.output[0]] = numpy_helper.to_array(value)
     return values
+
+
+def sole_reader(graph: Any) -> Callable[[str], Any]:
+    """For a tensor's name: the one node that reads it, or None where several or none do, or where
+    it is a graph output (whose value must stay as it is)."""
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+
+    def reader(name: str) -> Any:
+        found = readers.get(name, [])
+        return found[0] if len(found) == 1 and name not in outputs else None
+
+    return reader
 
 
 def shape_facts(graph: Any) -> tuple[dict[str, int], dict[tuple[str, int], int]]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.compile.passes._graph import constants
+from toolkit.compile.passes._graph import constants, sole_reader
 
 __all__ = ["fuse_erf_gelu"]
 
@@ -25,18 +25,10 @@ def fuse_erf_gelu(proto: Any) -> int:
 
     graph = proto.graph
     values = constants(graph)
-    outputs = {o.name for o in graph.output}
-    readers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    only_reader = sole_reader(graph)
 
     def is_const(name: str, value: float) -> bool:
         return name in values and values[name].size == 1 and bool(np.isclose(float(values[name].reshape(())), value, rtol=1e-4))
-
-    def only_reader(name: str) -> Any:
-        found = readers.get(name, [])
-        return found[0] if len(found) == 1 and name not in outputs else None
 
     def other(node: Any, name: str) -> str | None:
         rest = [i for i in node.input if i != name]

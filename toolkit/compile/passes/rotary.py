@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from toolkit._onnx import default_opset
-from toolkit.compile.passes._graph import constants, infer_shape_facts
+from toolkit.compile.passes._graph import constants, infer_shape_facts, sole_reader
 
 __all__ = ["fuse_rotary_embeddings"]
 
@@ -42,16 +42,8 @@ def fuse_rotary_embeddings(proto: Any) -> int:
     graph = proto.graph
     values = constants(graph)
     ranks, static = infer_shape_facts(proto)
-    graph_outputs = {o.name for o in graph.output}
     makers = {o: node for node in graph.node for o in node.output}
-    readers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-
-    def only_reader(name: str) -> Any:
-        found = readers.get(name, [])
-        return found[0] if len(found) == 1 and name not in graph_outputs else None
+    only_reader = sole_reader(graph)
 
     def const_ints(name: str) -> list[int] | None:
         value = values.get(name)

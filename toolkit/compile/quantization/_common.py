@@ -151,7 +151,7 @@ def smooth_outliers(context: QuantizeContext, pre: Path, config: Any, *, dynamic
     context.say(f"smoothing activation outliers into the weights where it lowers the int8 error on {len(feeds)} samples from {origin}")
     made = smoothed(pre, feeds, dynamic=dynamic, reduce_range=reduce_range)
     if made is None:
-        context.say("not smoothing: the model is past protobuf's 2 GiB, which its statistics run needs in one message")
+        context.say("not smoothing: the model is past protobuf's 2 GiB, a size smoothing has not been tried at")
         return pre, []
     target, records = made
     if records:

@@ -24,7 +24,7 @@ import numpy as np
 __all__ = ["ALPHAS", "smooth", "smoothed"]
 
 ALPHAS = (0.25, 0.5, 0.75)  # SmoothQuant's migration strength: 0.5 in the paper, the others where the weights or the activations are harder
-_SERIALIZABLE = 1_900_000_000  # bytes: under protobuf's 2 GiB message limit
+_SERIALIZABLE = 1_900_000_000  # bytes: under protobuf's 2 GiB message limit, the largest size smoothing is made for
 _ROWS, _COLUMNS = 1024, 256  # activation rows per tensor and output columns per weight the errors are measured on
 # (op_type: index of the gain input, index of the bias input or None): normalisations whose output 0 the division folds into
 _NORMS = {"LayerNormalization": (1, 2), "SimplifiedLayerNormalization": (1, None),
@@ -228,8 +228,9 @@ def _insert_before_readers(graph: Any, muls: dict[str, Any]) -> None:
 def smoothed(pre: Path, feeds: list[dict[str, np.ndarray]], *, dynamic: bool, reduce_range: bool) -> tuple[Path, list[dict[str, Any]]] | None:
     """(`pre` smoothed, or `pre` itself where nothing was; the records) (see `smooth`), made once
     beside it per kind of activation range, weight range and number of feeds: a build's
-    quantizations and a repair's attempts share it. None for a model past protobuf's 2 GiB, which
-    the statistics run needs in one message."""
+    quantizations and a repair's attempts share it. None for a model past protobuf's 2 GiB: smoothing
+    has not been tried at that size (its statistics run holds no weights, but it rewrites them in
+    the loaded model)."""
     import json
 
     from toolkit._onnx import external_files
