@@ -51,6 +51,7 @@ VENVS = {
 }
 PEERS = {"optimum": "optimum", "genai-fp32": "genai", "genai-int4": "genai"}  # peer → environment
 TOOLKIT_VARIANTS = {"toolkit-fp32": "fp32", "toolkit-opt": "opt", "toolkit-int8": "int8", "toolkit-int4": "int4"}  # fp32: the export as it is; opt: fused
+HEAD4 = "toolkit-int4-head4"  # int4 with its LM head in 4 bits as well, like onnxruntime-genai's
 PROMPT_TOKENS = 32
 
 
@@ -103,7 +104,9 @@ def _write_section(result: dict[str, Any], results: Path) -> None:
         "prompts, greedy, exactly `new` tokens. Each cell: decode ms/token (time to first token in ms, share of greedy "
         f"tokens equal to transformers' generate()), medians of {settings['rounds']} interleaved rounds. toolkit-fp32 "
         "is the export as it is, toolkit-opt the fused graph; the last column compares decode speed: fp32 against "
-        "optimum and onnxruntime-genai fp32, toolkit's int4 (and int8) against onnxruntime-genai's int4. A dash: the peer "
+        "optimum and onnxruntime-genai fp32, toolkit's int4 (and int8) against onnxruntime-genai's int4. toolkit's int4 "
+        f"keeps the LM head at 8 bits; {HEAD4} is the same bundle with the head in 4-bit blocks (`--head int4`), the "
+        "precision of onnxruntime-genai's int4. onnxruntime-genai runs on the onnxruntime it installs. A dash: the peer "
         "cannot export that architecture (onnxruntime-genai's builder has no GPT-2).", "",
         markdown(result["rows"]), *([""] + [result["note"]] if result.get("note") else []), ""])
     write_section(results, section)
@@ -183,12 +186,31 @@ def _runners(kind: str, model_dir: Path, work: Path, python: dict[str, Path], th
         check(bundle, variants=["int4"], progress=say, trust_source=True)
     passed = {n for n, v in Bundle.open(bundle).manifest.variants.items() if v.parity and v.parity["passed"]}
     runners: dict[str, Any] = {label: _Toolkit(bundle, variant, threads) for label, variant in TOOLKIT_VARIANTS.items() if variant in passed}
+    if "int4" in passed:
+        runners[HEAD4] = _Toolkit(_with_four_bit_head(bundle, work / "toolkit-head4", say), "int4", threads)
     for peer, venv in PEERS.items():
         try:
             runners[peer] = _Peer(python[venv], peer, model_dir, work / peer, threads)
         except subprocess.CalledProcessError:  # onnxruntime-genai's builder knows a list of architectures (not GPT-2)
             print(f"{peer} cannot export {kind}: left out of its rows", flush=True)
     return runners
+
+
+def _with_four_bit_head(bundle: Path, target: Path, say: Any) -> Path:
+    """A copy of `bundle` whose int4 packs the LM head in 4-bit blocks too (`--head int4`), as
+    onnxruntime-genai's int4 does: the same precision as that peer, where toolkit's default keeps
+    the head at 8 bits."""
+    from toolkit.compile import check, quantize
+
+    if not (target / "manifest.json").is_file():
+        print("toolkit int4 with a 4-bit head (as onnxruntime-genai's int4)", flush=True)
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(bundle, partial)
+        quantize(partial, mode="int4", source="opt", head="int4", progress=say, trust_source=True)
+        check(partial, variants=["int4"], progress=say, trust_source=True)
+        partial.rename(target)
+    return target
 
 
 def _reference(model_dir: Path, prompts: list[list[int]], new: int) -> np.ndarray:
@@ -238,7 +260,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                 for n in names]
         ratios = []
         for label, ours, theirs in (("fp32", ("toolkit-fp32", "toolkit-opt"), ("optimum", "genai-fp32")),
-                                    ("int4", ("toolkit-int4",), ("genai-int4",)), ("int8 vs int4", ("toolkit-int8",), ("genai-int4",))):
+                                    ("int4", ("toolkit-int4",), ("genai-int4",)), ("int4 with a 4-bit head", (HEAD4,), ("genai-int4",)),
+                                    ("int8 vs int4", ("toolkit-int8",), ("genai-int4",))):
             mine = [cells[o]["decode_ms_per_token"] for o in ours if o in cells]
             peers = [cells[p]["decode_ms_per_token"] for p in theirs if p in cells]
             if mine and peers:

@@ -332,3 +332,170 @@ def test_a_product_that_is_not_a_rotary_embedding_stays(variant):
     from toolkit.compile.passes.rotary import fuse_rotary_embeddings
 
     assert fuse_rotary_embeddings(_rotary(variant)) == 0
+
+
+def _attention(variant: str = "grouped") -> onnx.ModelProto:
+    """A decoder layer's attention over its cache as the export leaves it: queries (batch, heads, seq,
+    4), keys and values (batch, kv heads, seq, 4) concatenated after the past ones, scores scaled and
+    masked by an additive (batch, 1, seq, past + seq) mask, softmax, times values. "grouped": 4 query
+    heads stacked per each of 2 key-value heads, with the export's Reshapes between grouped and
+    per-head; "heads": 4 and 4, no Reshapes; "fused": grouped, q·kᵀ and its scale as one
+    FusedMatMul; "rows": grouped, with the projections' rows (batch, seq, heads·4) reshaped into heads
+    and transposed (queries and keys through a RotaryEmbedding, whose tables read the seq size off the
+    transposed queries) and the output transposed and reshaped back. The rest are graphs the rule must
+    leave alone."""
+    heads, kv_heads, size = 4, 4 if variant == "heads" else 2, 4
+    grouped = variant != "heads"
+    f = TensorProto.FLOAT
+
+    def info(name, dims):
+        return helper.make_tensor_value_info(name, f, dims)
+
+    c = [numpy_helper.from_array(np.array(0.5, np.float32), "scale"), _ints("heads", [heads]), _ints("kv_heads", [kv_heads]),
+         _ints("size", [size]), _ints("minus_one", [-1])]
+    nodes = [helper.make_node("Concat", ["past_key", "key"], ["present_key"], axis=-2),
+             helper.make_node("Concat", ["past_value", "value"], ["present_value"], axis=2),
+             helper.make_node("Shape", ["query"], ["batch"], start=0, end=1), helper.make_node("Shape", ["query"], ["seq"], start=2, end=3),
+             helper.make_node("Shape", ["present_key"], ["total"], start=2, end=3)]
+    value_info = []
+    if variant == "rows":
+        c += [_ints("query_heads", [0, 0, heads, size]), _ints("kv_heads_shape", [0, 0, kv_heads, size]), _ints("rows", [0, 0, heads * size])]
+        layout = []
+        for name, shape in (("query", "query_heads"), ("key", "kv_heads_shape"), ("value", "kv_heads_shape")):
+            rotated = name != "value"
+            layout += [helper.make_node("Reshape", [f"{name}_rows", shape], [f"{name}_split"]),
+                      helper.make_node("Transpose", [f"{name}_split"], [f"{name}_unrotated" if rotated else name], perm=[0, 2, 1, 3])]
+            if rotated:
+                layout.append(helper.make_node("RotaryEmbedding", [f"{name}_unrotated", "positions", "cos_table", "sin_table"], [name],
+                                               domain="com.microsoft"))
+                value_info.append(info(name, ["batch", heads if name == "query" else kv_heads, "seq", size]))
+        nodes = layout + nodes
+        for node in nodes:
+            if node.op_type == "Shape" and node.input[0] == "query":
+                node.input[0] = "query_unrotated"
+    queries = "query"
+    if grouped:
+        nodes += [helper.make_node("Concat", ["batch", "kv_heads", "minus_one", "size"], ["grouped_shape"], axis=0),
+                  helper.make_node("Reshape", ["query", "grouped_shape"], ["grouped_query"])]
+        queries = "grouped_query"
+        value_info.append(info("grouped_query", ["batch", kv_heads, "group_seq", size]))
+    if variant == "fused":
+        nodes.append(helper.make_node("FusedMatMul", [queries, "present_key"], ["scaled"], domain="com.microsoft", transB=1, alpha=0.5))
+    else:
+        nodes += [helper.make_node("Transpose", ["present_key"], ["key_t"], perm=[0, 1, 3, 2]),
+                  helper.make_node("MatMul", [queries, "key_t"], ["scores"]),
+                  helper.make_node("Mul", ["scores", "scale"], ["scaled"])]
+    scores = "scaled"
+    if grouped:
+        nodes += [helper.make_node("Concat", ["batch", "heads", "seq", "total"], ["head_shape"], axis=0),
+                  helper.make_node("Reshape", ["scaled", "head_shape"], ["head_scores"])]
+        scores = "head_scores"
+        value_info.append(info("head_scores", ["batch", heads, "seq", "total"]))
+    axis = 1 if variant == "softmax over heads" else -1
+    nodes += [helper.make_node("Add", [scores, "mask"], ["masked"]), helper.make_node("Softmax", ["masked"], ["probabilities"], axis=axis)]
+    probabilities = "probabilities"
+    if grouped:
+        nodes += [helper.make_node("Concat", ["batch", "kv_heads", "minus_one", "total"], ["grouped_probability_shape"], axis=0),
+                  helper.make_node("Reshape", ["probabilities", "grouped_probability_shape"], ["grouped_probabilities"])]
+        probabilities = "grouped_probabilities"
+        value_info.append(info("grouped_probabilities", ["batch", kv_heads, "group_seq", "total"]))
+    nodes.append(helper.make_node("MatMul", [probabilities, "present_value"], ["context"]))
+    if grouped:
+        nodes += [helper.make_node("Concat", ["batch", "heads", "seq", "size"], ["context_shape"], axis=0),
+                  helper.make_node("Reshape", ["context", "context_shape"], ["y"])]
+    else:
+        nodes.append(helper.make_node("Identity", ["context"], ["y"]))
+    if variant == "rows":
+        nodes[-1].output[0] = "y_heads"
+        value_info.append(info("y_heads", ["batch", heads, "seq", size]))
+        nodes += [helper.make_node("Transpose", ["y_heads"], ["y_seq"], perm=[0, 2, 1, 3]), helper.make_node("Reshape", ["y_seq", "rows"], ["y"])]
+    outputs = [info("y", ["batch", "seq", heads * size] if variant == "rows" else ["batch", heads, "seq", size]), info("present_key", None),
+               info("present_value", None)]
+    if variant == "keys read elsewhere":
+        nodes.append(helper.make_node("ReduceSum", ["present_key"], ["key_sum"]))
+        outputs.append(info("key_sum", None))
+    if variant == "changed op":  # GroupNormalization 21 normalizes per channel: opset 18's reads per group
+        c += [numpy_helper.from_array(np.ones(2, np.float32), "gn_scale"), numpy_helper.from_array(np.zeros(2, np.float32), "gn_bias")]
+        nodes.append(helper.make_node("GroupNormalization", ["group_in", "gn_scale", "gn_bias"], ["group_out"], num_groups=2))
+    if variant == "rows":
+        inputs = [info("query_rows", ["batch", "seq", heads * size]), info("key_rows", ["batch", "seq", kv_heads * size]),
+                  info("value_rows", ["batch", "seq", kv_heads * size]), helper.make_tensor_value_info("positions", TensorProto.INT64, ["batch", "seq"]),
+                  info("cos_table", ["rows", size // 2]), info("sin_table", ["rows", size // 2])]
+    else:
+        inputs = [info("query", ["batch", heads, "seq", size]), info("key", ["batch", kv_heads, "seq", size]),
+                  info("value", ["batch", kv_heads, "seq", size])]
+    inputs += [info("past_key", ["batch", kv_heads, "past", size]),
+               info("past_value", ["batch", kv_heads, "past", size]), info("mask", ["batch", 1, "seq", "total"]),
+               *([info("group_in", [1, 4, 3])] if variant == "changed op" else [])]
+    outputs += [info("group_out", None)] if variant == "changed op" else []
+    graph = helper.make_graph(nodes, "g", inputs, outputs, c, value_info=value_info)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    return model
+
+
+def _attention_feeds(rng, batch: int, seq: int, past: int, kv_heads: int, rows: bool) -> dict[str, np.ndarray]:
+    """Random queries, keys, values (as heads, or as rows with rotary tables) and cache; a causal mask
+    whose batch rows after the first are left-padded (their first positions masked out)."""
+    total = past + seq
+    keep = np.arange(total)[None, :] <= (past + np.arange(seq))[:, None]
+    keep = np.broadcast_to(keep, (batch, 1, seq, total)).copy()
+    for row in range(1, batch):
+        keep[row, ..., : row + 1] = False
+    projections = {"query": rng.standard_normal((batch, 4, seq, 4)).astype(np.float32),
+                   "key": rng.standard_normal((batch, kv_heads, seq, 4)).astype(np.float32),
+                   "value": rng.standard_normal((batch, kv_heads, seq, 4)).astype(np.float32)}
+    if rows:
+        angles = rng.uniform(0, 10, (batch * seq, 2)).astype(np.float32)
+        projections = {f"{name}_rows": p.transpose(0, 2, 1, 3).reshape(batch, seq, -1) for name, p in projections.items()}
+        projections |= {"positions": np.arange(batch * seq).reshape(batch, seq), "cos_table": np.cos(angles), "sin_table": np.sin(angles)}
+    return {**projections,
+            "past_key": rng.standard_normal((batch, kv_heads, past, 4)).astype(np.float32),
+            "past_value": rng.standard_normal((batch, kv_heads, past, 4)).astype(np.float32),
+            "mask": np.where(keep, 0.0, np.finfo(np.float32).min).astype(np.float32)}
+
+
+@pytest.mark.parametrize("variant", ["grouped", "heads", "fused", "rows"])
+def test_attention_over_a_cache_becomes_one_attention_with_the_same_values(variant):
+    """Grouped-query attention with the export's regrouping Reshapes (q·kᵀ as MatMul of a Transpose
+    and a Mul, or one FusedMatMul), or plain multi-head attention: one ONNX Attention at opset 23,
+    the same output and present cache, for one token or several, over an empty cache or a full one,
+    with left padding (the queries of padding positions aside). On rows, the rotary embeddings take
+    the rows as they are and the attention gives rows."""
+    from toolkit._onnx import default_opset
+    from toolkit.compile.passes._graph import prune
+    from toolkit.compile.passes.attention import fuse_attention
+
+    before = _attention(variant)
+    after = onnx.ModelProto()
+    after.CopyFrom(before)
+    assert fuse_attention(after) == 1
+    prune(after.graph)
+    rows = variant == "rows"
+    ops = [n.op_type for n in after.graph.node if n.op_type not in ("Shape", "Identity")]
+    assert ops == (["RotaryEmbedding", "RotaryEmbedding", "Attention"] if rows else ["Attention"])  # no Transpose, no Reshape
+    assert default_opset(after) == 23
+    rng = np.random.default_rng(0)
+    kv_heads = 4 if variant == "heads" else 2
+    for batch, seq, past in ((1, 1, 5), (3, 4, 6), (2, 3, 0)):
+        feeds = _attention_feeds(rng, batch, seq, past, kv_heads, rows)
+        expected, got = _run(before, feeds), _run(after, feeds)
+        # a query that every key is masked from is padding: the softmax of finfo.min spreads it evenly, the op gives 0
+        attended = (feeds["mask"] == 0).any(-1)[:, 0]  # (batch, seq)
+        heads_first = (lambda y: y) if rows else (lambda y: y.transpose(0, 2, 1, 3))
+        np.testing.assert_allclose(heads_first(got[0])[attended], heads_first(expected[0])[attended], rtol=1e-5, atol=1e-6)
+        for cache_expected, cache_got in zip(expected[1:], got[1:], strict=True):
+            np.testing.assert_array_equal(cache_got, cache_expected)
+
+
+@pytest.mark.parametrize("variant", ["softmax over heads", "keys read elsewhere", "changed op"])
+def test_what_is_not_attention_over_a_cache_stays(variant):
+    """A softmax over another axis is not attention; keys that another node reads between the
+    products cannot go into one op; a graph holding an op whose meaning changed by opset 23 cannot
+    be raised to it, so nothing in it fuses."""
+    from toolkit._onnx import default_opset
+    from toolkit.compile.passes.attention import fuse_attention
+
+    model = _attention(variant)
+    assert fuse_attention(model) == 0
+    assert default_opset(model) == 18 and "Attention" not in [n.op_type for n in model.graph.node]

@@ -70,8 +70,10 @@ def test_generation_needs_neither_torch_nor_transformers(exported):
 @pytest.mark.parametrize("kind", [k if k == "llama" else pytest.param(k, marks=pytest.mark.slow) for k in ARCHITECTURES])
 def test_the_optimized_graph_loads_and_keeps_greedy_parity(exported, copy_of, kind):
     """The fused graph loads and greedy tokens on the check's left-padded prompts stay PyTorch's.
-    Rotary models: every layer's queries and keys rotate in one RotaryEmbedding. GPT-2: each layer's attention becomes a MultiHeadAttention with its cache, and the Gemm that
-    onnxscript's fusion leaves on its 3-D output is made a MatMul."""
+    Rotary models: every layer's queries and keys rotate in one RotaryEmbedding, and its attention
+    over the cache becomes one ONNX Attention. GPT-2: each layer's attention becomes a
+    MultiHeadAttention with its cache, and the Gemm that onnxscript's fusion leaves on its 3-D
+    output is made a MatMul."""
     import transformers
 
     from toolkit.compile import check, optimize
@@ -83,6 +85,8 @@ def test_the_optimized_graph_loads_and_keeps_greedy_parity(exported, copy_of, ki
     assert "GroupQueryAttention" not in (fusion or {}).get("fused", {})  # its CPU kernel reads the mask as right padding
     layers = transformers.AutoConfig.from_pretrained(causal_lm(kind)).num_hidden_layers
     assert options["passes"]["rotary embeddings fused"] == (0 if kind == "gpt2" else 2 * layers)  # queries and keys, Phi's partial too
+    # grouped-query attention over the cache, as GPT-2's became MultiHeadAttention in the fusion
+    assert options["passes"]["attention over a cache fused"] == (0 if kind == "gpt2" else layers)
     if kind == "gpt2":
         assert fusion["fused"]["MultiHeadAttention"] == 2 and fusion["repaired"] == {"Gemm after attention to MatMul": 2}
     record = check(path, variants=["opt"], trust_source=True)["opt"]
@@ -136,3 +140,25 @@ def test_stream_decoding_holds_back_a_character_until_it_is_whole():
     pieces = [stream.push(i) for i in ids] + [stream.flush()]
     assert "".join(pieces) == tokenizer.decode(ids) == "naïve café ✓" and all("\ufffd" not in p for p in pieces)
     assert np.isscalar(ids[0])
+
+
+@pytest.mark.slow
+def test_int8_and_int4_from_the_fused_graph_keep_its_attention(exported, copy_of):
+    """Quantized from opt, whose attention is ONNX's `Attention`: the dynamic quantizer, which takes
+    any `Attention` for onnxruntime's (the QKV weight its second input), leaves it as it is, only
+    the MatMuls become int8 or 4-bit, and both variants pass their check."""
+    import onnx
+    import transformers
+
+    from toolkit.compile import check, optimize, quantize
+
+    path = copy_of(exported(f"hf:{causal_lm('llama')}", None))
+    optimize(path)
+    layers = transformers.AutoConfig.from_pretrained(causal_lm("llama")).num_hidden_layers
+    for mode in ("int8", "int4"):
+        quantize(path, mode=mode, source="opt", trust_source=True)
+        ops = [n.op_type for n in onnx.load(str(Bundle.open(path).variant_path(mode)), load_external_data=False).graph.node]
+        assert ops.count("Attention") == layers and "QAttention" not in ops
+        assert {"int8": "DynamicQuantizeMatMul", "int4": "MatMulNBits"}[mode] in ops or "MatMulInteger" in ops
+        record = check(path, variants=[mode], trust_source=True)[mode]
+        assert record["passed"] and "greedy" in record, record

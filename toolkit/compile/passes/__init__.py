@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from toolkit.compile.passes._graph import prune
+from toolkit.compile.passes.attention import fuse_attention
 from toolkit.compile.passes.packed_matmul import pack_sibling_matmuls
 from toolkit.compile.passes.rotary import fuse_rotary_embeddings
 from toolkit.compile.passes.skip_layer_norm import split_skip_layer_norm
@@ -32,9 +33,10 @@ _UNIT_RESHAPES = Pass("Reshape to Squeeze", reshapes_to_squeezes)
 _SPLIT_SKIP_LN = Pass("SkipLayerNormalization split", split_skip_layer_norm)
 _PACKED_MATMULS = Pass("sibling MatMuls packed", pack_sibling_matmuls)
 _ROTARY = Pass("rotary embeddings fused", fuse_rotary_embeddings)
+_ATTENTION = Pass("attention over a cache fused", fuse_attention)
 
 PASSES: dict[str, tuple[Pass, ...]] = {
-    "cpu": (_ZERO_STATES, _UNIT_RESHAPES, _SPLIT_SKIP_LN, _PACKED_MATMULS, _ROTARY),
+    "cpu": (_ZERO_STATES, _UNIT_RESHAPES, _SPLIT_SKIP_LN, _PACKED_MATMULS, _ROTARY, _ATTENTION),
     "cuda": (_ZERO_STATES, _UNIT_RESHAPES, _PACKED_MATMULS),
 }
 

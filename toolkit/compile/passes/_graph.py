@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from toolkit._onnx import without_weights
+from toolkit._onnx import default_opset, without_weights
 
-__all__ = ["Dim", "attribute", "constants", "infer_shape_facts", "perm", "prune", "record_inferred_shapes", "shape_facts", "sole_reader", "subgraph_reads"]
+__all__ = ["Dim", "attribute", "can_raise_default_opset", "constants", "infer_shape_facts", "perm", "prune", "raise_default_opset", "record_inferred_shapes", "shape_facts", "sole_reader", "subgraph_reads"]
 
 Dim = int | tuple[str, int]  # a static size, or axis i of tensor t as it is at run time
 
@@ -125,3 +125,43 @@ def subgraph_reads(graph: Any) -> set[str]:
             for body in bodies:
                 reads |= {n for inner in body.node for n in inner.input} | {o.name for o in body.output} | subgraph_reads(body)
     return reads
+
+
+# Default-domain ops whose newer versions up to opset 23 only admit more types or add an attribute
+# whose default keeps the older meaning, so a node of them means the same at any version up to 23.
+# Ops whose meaning changed are absent (DFT 20, GridSample 20, GroupNormalization 21), as are
+# control flow's (If, Loop, Scan: their bodies would need the same check).
+_SAME_MEANING_TO_23 = frozenset({
+    "AveragePool", "Cast", "CastLike", "Constant", "ConstantOfShape", "Conv", "ConvTranspose", "Cos", "DequantizeLinear", "Dropout",
+    "Elu", "Equal", "Flatten", "GlobalAveragePool", "GlobalMaxPool", "GRU", "HardSigmoid", "HardSwish", "Identity",
+    "InstanceNormalization", "IsInf", "IsNaN", "LSTM", "MaxPool", "Mish", "Pad", "QuantizeLinear", "ReduceMax", "ReduceMin",
+    "Reshape", "Resize", "RNN", "Round", "Selu", "Shape", "Sin", "Size", "Softplus", "Softsign", "Squeeze", "Tan", "Transpose",
+    "Unsqueeze",
+})
+
+
+def can_raise_default_opset(proto: Any, version: int) -> bool:
+    """Whether every op in the graph's default domain means the same at `version` (at most 23) as at
+    the graph's own version. onnxruntime's own ops in the default domain (SimplifiedLayerNormalization)
+    have no ONNX schema and are looked up the same at any version."""
+    import onnx
+    from onnx import defs
+
+    current = default_opset(proto)
+    if not 0 < current <= version <= 23:
+        return False
+    for op in {n.op_type for n in proto.graph.node if n.domain in ("", "ai.onnx")}:
+        try:
+            before, after = defs.get_schema(op, current).since_version, defs.get_schema(op, version).since_version
+        except onnx.defs.SchemaError:
+            continue
+        if before != after and op not in _SAME_MEANING_TO_23:
+            return False
+    return True
+
+
+def raise_default_opset(proto: Any, version: int) -> None:
+    """Raises the graph's default-domain opset to `version`, in place (see can_raise_default_opset)."""
+    if not can_raise_default_opset(proto, version):
+        raise ValueError(f"the graph's ops cannot all move from opset {default_opset(proto)} to {version} unchanged")
+    next(o for o in proto.opset_import if o.domain in ("", "ai.onnx")).version = version

@@ -36,7 +36,7 @@ def quantize_int8_dynamic(context: QuantizeContext, config: Int8Dynamic, model_f
     # The quantizer rewrites a Gemm with constant weights as MatMul (+ Add) named `<gemm>_MatMul` before
     # it looks at the exclusions: a kept Gemm is excluded under both names.
     chosen, unknown = resolve_nodes(pre, config.exclude)
-    excluded = [name for node in [*(n for n, _ in kept), *chosen] for name in (node, f"{node}_MatMul")]
+    excluded = [name for node in [*(n for n, _ in kept), *chosen] for name in (node, f"{node}_MatMul")] + _onnx_attention(pre)
     if chosen:
         context.say(f"keeping {len(chosen)} nodes in fp32: {', '.join(chosen)}")
     quantize_dynamic(
@@ -53,6 +53,16 @@ def quantize_int8_dynamic(context: QuantizeContext, config: Int8Dynamic, model_f
         **({"excluded": chosen} if chosen else {}), **({"excluded_not_found": unknown} if unknown else {}),
         "ops": op_report(pre, target),
     }
+
+
+def _onnx_attention(model_file: Path) -> list[str]:
+    """ONNX's own Attention nodes (toolkit.compile.passes.attention): the quantizer takes any
+    `Attention` for onnxruntime's, whose second input is the QKV weight, and would quantize their
+    keys into a QAttention. They hold no weights and stay as they are."""
+    import onnx
+
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx") and n.name]
 
 
 def _outlier_ranking(context: QuantizeContext, model_file: Path, samples: int) -> list[tuple[str, float]]:
