@@ -87,6 +87,10 @@ def test_the_optimized_graph_loads_and_keeps_greedy_parity(exported, copy_of, ki
     assert options["passes"]["rotary embeddings fused"] == (0 if kind == "gpt2" else 2 * layers)  # queries and keys, Phi's partial too
     # grouped-query attention over the cache, as GPT-2's became MultiHeadAttention in the fusion
     assert options["passes"]["attention over a cache fused"] == (0 if kind == "gpt2" else layers)
+    if kind in ("llama", "mistral", "qwen2"):  # whole-head rotary: attention on the projections' rows, no head transposes
+        import onnx
+
+        assert "Transpose" not in [n.op_type for n in onnx.load(str(Bundle.open(path).variant_path("opt"))).graph.node]
     if kind == "gpt2":
         assert fusion["fused"]["MultiHeadAttention"] == 2 and fusion["repaired"] == {"Gemm after attention to MatMul": 2}
     record = check(path, variants=["opt"], trust_source=True)["opt"]

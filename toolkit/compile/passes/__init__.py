@@ -1,7 +1,8 @@
 """Graph rewrites, one rule per module, and the ordered pass list per execution provider.
 
 Each rule rewrites an ONNX model in place and returns how many times it applied; `run_passes` runs a
-provider's list, drops what nothing reads any more, and returns the counts the recipe records.
+provider's list, dropping what nothing reads any more after each rule that applied, and returns the
+counts the recipe records.
 Transformer fusions (`fusion`) work on files through onnxscript or onnxruntime and run before these.
 """
 
@@ -43,7 +44,9 @@ PASSES: dict[str, tuple[Pass, ...]] = {
 
 def run_passes(proto: Any, provider: str) -> dict[str, int]:
     """Runs `provider`'s passes over `proto` in order; returns the count of each."""
-    counts = {p.name: p.apply(proto) for p in PASSES[provider]}
-    if any(counts.values()):
-        prune(proto.graph)
+    counts = {}
+    for rule in PASSES[provider]:
+        counts[rule.name] = rule.apply(proto)
+        if counts[rule.name]:
+            prune(proto.graph)  # a later rule reads who reads what: what this one left unread must be gone
     return counts
