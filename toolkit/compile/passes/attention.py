@@ -15,16 +15,21 @@ reads key-value head h // (heads / key-value heads), as `Attention` groups them.
 graph's own additive mask (padding and causality as the model builds them), so the op runs with
 `is_causal` off and sees exactly what the unfused softmax saw.
 
+Where the export only reshapes the projections (batch, seq, heads·d) into heads and transposes them,
+with a rotary embedding of whole heads between (toolkit.compile.passes.rotary), `Attention` takes
+the rows as they are and gives rows: the rotary embeddings then read rows too, and three Reshapes
+and four Transposes a layer go.
+
 onnxruntime's GroupQueryAttention is not used: its CPU kernel reads the mask as right padding and
 refuses a multi-token step over a cache at batch > 1 (toolkit.compile.passes.before_fusion).
 `Attention` needs the graph at opset 23: the rule raises the graph's opset where every op it holds
 kept its meaning between the two versions (toolkit.compile.passes._graph.raise_default_opset) and
-applies nowhere otherwise.
+applies nowhere otherwise, nor where the onnxruntime installed cannot run the op as used here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from toolkit._onnx import default_opset
@@ -47,7 +52,7 @@ def fuse_attention(proto: Any) -> int:
     """Replaces each matching attention's nodes by one `Attention`, in place; returns how many. The
     present keys and values and the attention's output keep their names."""
     graph = proto.graph
-    if default_opset(proto) < 13 or not can_raise_default_opset(proto, ATTENTION_OPSET):
+    if default_opset(proto) < 13 or not can_raise_default_opset(proto, ATTENTION_OPSET) or not _onnxruntime_runs_attention():
         return 0  # Softmax on one axis from 13
     facts = _Facts.of(proto)
     fused: dict[int, list[Any]] = {}  # id of the node the attention takes the place of → the nodes instead
@@ -67,6 +72,28 @@ def fuse_attention(proto: Any) -> int:
     return len(fused)
 
 
+def _onnxruntime_runs_attention() -> bool:
+    """Whether the onnxruntime installed runs `Attention` as the rule uses it: grouped heads on rows,
+    a cache, an additive mask (onnxruntime's CPU kernel for it is recent)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    f = TensorProto.FLOAT
+    names = {"q": [1, 2, 8], "k": [1, 2, 4], "v": [1, 2, 4], "mask": [1, 1, 2, 3], "past_k": [1, 1, 1, 4], "past_v": [1, 1, 1, 4]}
+    graph = helper.make_graph([helper.make_node("Attention", list(names), ["y", "present_k", "present_v"], q_num_heads=2, kv_num_heads=1)],
+                              "probe", [helper.make_tensor_value_info(n, f, shape) for n, shape in names.items()],
+                              [helper.make_tensor_value_info(n, f, None) for n in ("y", "present_k", "present_v")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ATTENTION_OPSET)])
+    model.ir_version = 10
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        y = session.run(["y"], {n: np.ones(shape, np.float32) for n, shape in names.items()})[0]
+    except Exception:  # onnxruntime's own exception types are not importable portably: any means no
+        return False
+    return y.shape == (1, 2, 8)
+
+
 @dataclass
 class _Facts:
     """What the rule reads off the graph: constants, ranks and static dims, producers and readers."""
@@ -77,7 +104,7 @@ class _Facts:
     makers: dict[str, Any]
     readers: dict[str, list[Any]]
     outputs: set[str]
-    names: set[str] = field(default_factory=set)  # every name in the graph, and those the rule adds
+    names: set[str]  # every name in the graph, and those the rule adds
 
     @classmethod
     def of(cls, proto: Any) -> _Facts:
