@@ -499,3 +499,22 @@ def test_what_is_not_attention_over_a_cache_stays(variant):
     model = _attention(variant)
     assert fuse_attention(model) == 0
     assert default_opset(model) == 18 and "Attention" not in [n.op_type for n in model.graph.node]
+
+
+def test_constants_are_read_only_when_a_rule_asks_for_one():
+    """A rule's lookup of a few scalars and shapes converts those alone: a weight it never reads is
+    never copied (here one whose data is in a file that does not exist, which reading would fail on)."""
+    from toolkit.compile.passes._graph import constants
+
+    weight = onnx.TensorProto(name="weight", data_type=TensorProto.FLOAT, dims=[64, 64], data_location=TensorProto.EXTERNAL)
+    weight.external_data.add(key="location", value="nowhere.bin")
+    graph = helper.make_graph([helper.make_node("Constant", [], ["axes"], value=_ints("axes", [0, 2]))], "g", [], [],
+                              [weight, numpy_helper.from_array(np.array(0.125, np.float32), "scale"), _ints("shape", [1, -1])])
+    values = constants(graph)
+    assert set(values) == {"weight", "scale", "shape", "axes"}
+    assert values.size("weight") == 4096 and values.scalar("weight") is None  # from its dims, its data untouched
+    assert values.scalar("scale") == 0.125 and values.scalar("missing") is None
+    assert values.is_shape("shape") and values.is_shape("axes") and not values.is_shape("scale")
+    assert values["axes"].tolist() == [0, 2]
+    with pytest.raises(Exception, match="nowhere.bin|external"):
+        values["weight"]

@@ -3,14 +3,15 @@ shape inference found, who reads what, and dropping what nothing reads."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
 from toolkit._onnx import default_opset, without_weights
 
-__all__ = ["Dim", "attribute", "can_raise_default_opset", "constants", "infer_shape_facts", "perm", "prune", "raise_default_opset", "record_inferred_shapes", "shape_facts", "sole_reader", "subgraph_reads"]
+__all__ = ["Constants", "Dim", "attribute", "can_raise_default_opset", "constants", "infer_shape_facts", "perm", "prune", "raise_default_opset", "record_inferred_shapes", "shape_facts", "sole_reader", "subgraph_reads"]
 
 Dim = int | tuple[str, int]  # a static size, or axis i of tensor t as it is at run time
 
@@ -40,18 +41,50 @@ def record_inferred_shapes(proto: Any) -> Any:
     return proto
 
 
-def constants(graph: Any) -> dict[str, np.ndarray]:
-    """Initializers and Constant outputs, less the initializers a caller may override (graph inputs too)."""
-    from onnx import numpy_helper
+class Constants(Mapping[str, np.ndarray]):
+    """The graph's constant tensors by name, each converted to numpy only when read: the rules read a
+    few scalars and shapes, and converting every weight up front would copy the whole model."""
 
+    def __init__(self, tensors: dict[str, Any]):
+        self._tensors = tensors
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(self._tensors[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def size(self, name: str) -> int:
+        """How many elements constant `name` holds, read off its dims."""
+        return math.prod(self._tensors[name].dims)
+
+    def is_shape(self, name: str) -> bool:
+        """Whether `name` is an int64 scalar or vector, as shapes, axes and indices are."""
+        from onnx import TensorProto
+
+        tensor = self._tensors[name]
+        return tensor.data_type == TensorProto.INT64 and len(tensor.dims) <= 1
+
+    def scalar(self, name: str) -> float | None:
+        """The value of `name` where it is a constant of one element, else None."""
+        return float(self[name].reshape(())) if name in self._tensors and self.size(name) == 1 else None
+
+
+def constants(graph: Any) -> Constants:
+    """Initializers and Constant outputs, less the initializers a caller may override (graph inputs too)."""
     inputs = {i.name for i in graph.input}
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name not in inputs}
+    tensors = {t.name: t for t in graph.initializer if t.name not in inputs}
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             value = next((a.t for a in node.attribute if a.name == "value"), None)
             if value is not None:
-                values[node.output[0]] = numpy_helper.to_array(value)
-    return values
+                tensors[node.output[0]] = value
+    return Constants(tensors)
 
 
 def sole_reader(graph: Any) -> Callable[[str], Any]:
@@ -105,9 +138,9 @@ def prune(graph: Any) -> None:
     kept.reverse()
     del graph.node[:]
     graph.node.extend(kept)
-    initializers = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
+    for index in reversed(range(len(graph.initializer))):  # in place: extending the field anew would copy every weight
+        if graph.initializer[index].name not in needed:
+            del graph.initializer[index]
     produced = needed | {out for node in kept for out in node.output}
     records = [v for v in graph.value_info if v.name in produced]
     del graph.value_info[:]

@@ -34,6 +34,7 @@ from typing import Any
 
 from toolkit._onnx import default_opset
 from toolkit.compile.passes._graph import (
+    Constants,
     attribute,
     can_raise_default_opset,
     constants,
@@ -98,7 +99,7 @@ def _onnxruntime_runs_attention() -> bool:
 class _Facts:
     """What the rule reads off the graph: constants, ranks and static dims, producers and readers."""
 
-    values: dict[str, Any]
+    values: Constants
     ranks: dict[str, int]
     static: dict[tuple[str, int], int]
     makers: dict[str, Any]
@@ -204,11 +205,11 @@ class _Facts:
             regroup, nodes = node, [node]
             node = self.makers.get(node.input[0]) if self.only_reader(node.input[0]) is node else None
         if node is not None and node.op_type == "Mul" and node.domain in ("", "ai.onnx") and len(node.input) == 2:
-            factors = [n for n in node.input if n in self.values and self.values[n].size == 1]
+            factors = [n for n in node.input if self.values.scalar(n) is not None]
             other = [n for n in node.input if n not in factors]
             if len(factors) != 1 or len(other) != 1:
                 return None
-            scale, nodes = float(self.values[factors[0]].reshape(())), [*nodes, node]
+            scale, nodes = self.values.scalar(factors[0]), [*nodes, node]
             node = self.makers.get(other[0]) if self.only_reader(other[0]) is node else None
         if node is None:
             return None

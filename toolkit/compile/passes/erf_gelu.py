@@ -28,7 +28,8 @@ def fuse_erf_gelu(proto: Any) -> int:
     only_reader = sole_reader(graph)
 
     def is_const(name: str, value: float) -> bool:
-        return name in values and values[name].size == 1 and bool(np.isclose(float(values[name].reshape(())), value, rtol=1e-4))
+        found = values.scalar(name)
+        return found is not None and bool(np.isclose(found, value, rtol=1e-4))
 
     def other(node: Any, name: str) -> str | None:
         rest = [i for i in node.input if i != name]

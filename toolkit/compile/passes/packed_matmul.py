@@ -12,6 +12,7 @@ are bit-identical.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ def pack_sibling_matmuls(proto: Any) -> int:
     replacement: dict[int, list[Any]] = {}
     dropped: set[int] = set()
     taken = {t.name for t in graph.initializer} | {out for node in graph.node for out in node.output}
+    reads = Counter(name for node in graph.node for name in node.input) + Counter(o.name for o in graph.output)
     for members in groups.values():
         if len(members) < 2:
             continue
@@ -54,6 +56,9 @@ def pack_sibling_matmuls(proto: Any) -> int:
             helper.make_node("Split", [f"{stem}_output", f"{stem}_sizes"], [m.output[0] for m in members], name=f"{stem}_split", axis=-1),
         ]
         dropped.update(id(m) for m in members[1:])
+        del arrays
+        # a weight only its MatMul read goes now, not at the pruning after: the model is never held twice
+        _remove_initializers(graph, {m.input[1] for m in members if reads[m.input[1]] == 1})
     if not replacement:
         return 0
     # The Split stands where the first member stood: every member's readers come after that one.
@@ -61,6 +66,12 @@ def pack_sibling_matmuls(proto: Any) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     return len(replacement)
+
+
+def _remove_initializers(graph: Any, names: set[str]) -> None:
+    for index in reversed(range(len(graph.initializer))):
+        if graph.initializer[index].name in names:
+            del graph.initializer[index]
 
 
 _SUFFIXES = ("weight", "sizes", "output")  # the names a packed group adds: stem_weight, stem_sizes, stem_output

@@ -73,8 +73,8 @@ def fuse_rotary_embeddings(proto: Any) -> int:
         while node is not None and node.op_type != trig:
             if node.op_type in _PASS_THROUGH:
                 pass
-            elif node.op_type == "Mul" and any(n in values and values[n].size == 1 for n in node.input):
-                name = next(n for n in node.input if not (n in values and values[n].size == 1))
+            elif node.op_type == "Mul" and any(values.scalar(n) is not None for n in node.input):
+                name = next(n for n in node.input if values.scalar(n) is None)
                 node = makers.get(name)
                 continue
             else:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.compile.passes._graph import Dim, attribute, constants, infer_shape_facts, perm, subgraph_reads
+from toolkit.compile.passes._graph import Constants, Dim, attribute, constants, infer_shape_facts, perm, subgraph_reads
 
 __all__ = ["reshapes_to_squeezes"]
 
@@ -75,11 +75,10 @@ def reshapes_to_squeezes(proto: Any) -> int:
 
 
 
-def _shape_values(graph: Any, constants: dict[str, np.ndarray], ranks: dict[str, int], dim) -> dict[str, list[Dim]]:
+def _shape_values(graph: Any, constants: Constants, ranks: dict[str, int], dim) -> dict[str, list[Dim]]:
     """The 1-D int64 tensors the graph computes from shapes, element by element, where every step is
     one this evaluator knows (Shape, Gather, Slice, Concat, Mul, and the reshapes of a vector)."""
-    values: dict[str, list[Dim]] = {n: [int(v) for v in np.ravel(a)] for n, a in constants.items()
-                                    if a.dtype == np.int64 and a.ndim <= 1}
+    values: dict[str, list[Dim]] = {n: [int(v) for v in np.ravel(constants[n])] for n in constants if constants.is_shape(n)}
     for node in graph.node:
         if node.domain not in ("", "ai.onnx"):
             continue
