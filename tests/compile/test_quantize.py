@@ -383,7 +383,8 @@ def test_int8_static_leaves_float_what_only_float_ops_read(quantized):
     assert "Add" in {n.op_type for n in graph.node if n.name in unread}
 
 
-def test_smoothing_computes_the_same_function_in_float(exported, tmp_path):
+@pytest.mark.parametrize("external", [False, True])  # the model written a weight at a time, or with its weights beside it
+def test_smoothing_computes_the_same_function_in_float(exported, tmp_path, monkeypatch, external):
     """Dividing an activation by s and multiplying the weight rows that read it by s changes nothing
     before quantization: the smoothed graph gives the original's outputs, the division folded into
     the layer norm that makes its input and a Mul before the MatMul that reads a GELU."""
@@ -395,7 +396,10 @@ def test_smoothing_computes_the_same_function_in_float(exported, tmp_path):
     source = exported("userpkg.toy:outlier_channels") / "model.fp32.onnx"
     x = outlier_channels().calibration_data(32)["x"]
     feeds = [{"x": x[i : i + 1]} for i in range(len(x))]
+    if external:
+        monkeypatch.setenv("TOOLKIT_EXTERNAL_DATA_BYTES", "4096")
     records = smooth(source, tmp_path / "smoothed.onnx", feeds, dynamic=True)
+    assert (tmp_path / "smoothed.onnx.data").is_file() == external
     assert [r["into"] for r in records] == ["node_layer_norm", "Mul"] and all(r["error"][1] < r["error"][0] / 10 for r in records)
     before, after = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (source, tmp_path / "smoothed.onnx"))
     sample = {"x": outlier_channels().sample_data()["x"][:16]}

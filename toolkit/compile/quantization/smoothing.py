@@ -54,7 +54,6 @@ def smooth(model_file: Path, target: Path, feeds: list[dict[str, np.ndarray]], *
     import onnx
     from onnx import numpy_helper
 
-    from toolkit._onnx import save_model
     from toolkit.compile._memory import release_memory
 
     proto = onnx.load(str(model_file))
@@ -70,6 +69,7 @@ def smooth(model_file: Path, target: Path, feeds: list[dict[str, np.ndarray]], *
     makers = {o: n for n in graph.node for o in n.output}
     outputs = {o.name for o in graph.output}
     records, muls = [], {}
+    rescaled: dict[str, np.ndarray] = {}  # weight → what to multiply it by, as it is written out
     for name, readers in groups.items():
         arrays = [numpy_helper.to_array(r.weight).astype(np.float32) for r in readers]
         rows = [a.T if r.transposed else a for a, r in zip(arrays, readers, strict=True)]  # [K, N] each
@@ -77,9 +77,9 @@ def smooth(model_file: Path, target: Path, feeds: list[dict[str, np.ndarray]], *
         if chosen is None:
             continue
         alpha, scale, before, after = chosen
-        for reader, array in zip(readers, arrays, strict=True):
-            scaled = array * (scale[None, :] if reader.transposed else scale[:, None])
-            reader.weight.CopyFrom(numpy_helper.from_array(scaled.astype(np.float32), reader.weight.name))
+        for reader in readers:
+            rescaled[reader.weight.name] = (scale[None, :] if reader.transposed else scale[:, None]).astype(np.float32)
+        del arrays, rows
         smoothed = f"{name}__smoothed"
         maker = makers.get(name)
         folded = maker is not None and _fold(graph, maker, name, scale, readers_of, len(readers), outputs)
@@ -97,9 +97,58 @@ def smooth(model_file: Path, target: Path, feeds: list[dict[str, np.ndarray]], *
     if muls:
         _insert_before_readers(graph, muls)
     if records:
-        release_memory()  # the statistics' pages, before serializing the model takes as much again
-        save_model(proto, target)
+        release_memory()  # the statistics' pages, before the model is written
+        _save_rescaled(proto, target, rescaled)
     return records
+
+
+def _save_rescaled(proto: Any, target: Path, rescaled: dict[str, np.ndarray]) -> None:
+    """Writes `proto` to `target` with each weight named in `rescaled` multiplied by its factor, one
+    weight at a time. Rescaled in the loaded model, each weight would be held twice (protobuf frees
+    a message's replaced bytes only with the message), and serializing it would copy the model once
+    more. A serialized message may carry a repeated field in several parts, so the graph goes first
+    without its weights and each weight follows as a message of its own."""
+    import os
+
+    import onnx
+    from onnx import numpy_helper
+
+    from toolkit._onnx import IR_VERSION_CAP, external_data_threshold, save_model
+
+    def rescale(tensor: Any) -> Any:
+        return numpy_helper.from_array(numpy_helper.to_array(tensor) * rescaled[tensor.name], tensor.name)
+
+    if proto.ByteSize() > external_data_threshold():  # its weights go beside it: written as save_model writes them
+        for index, tensor in enumerate(proto.graph.initializer):
+            if tensor.name in rescaled:
+                proto.graph.initializer[index].CopyFrom(rescale(tensor))
+        save_model(proto, target)
+        return
+    skeleton = _without(proto, "graph", onnx.ModelProto())
+    skeleton.graph.CopyFrom(_without(proto.graph, "initializer", onnx.GraphProto()))
+    skeleton.ir_version = min(skeleton.ir_version, IR_VERSION_CAP)
+    partial = target.with_name(target.name + ".partial")
+    with partial.open("wb") as out:
+        out.write(skeleton.SerializeToString())
+        for tensor in proto.graph.initializer:
+            part = onnx.ModelProto()
+            part.graph.initializer.append(rescale(tensor) if tensor.name in rescaled else tensor)
+            out.write(part.SerializeToString())
+    os.replace(partial, target)
+
+
+def _without(message: Any, left_out: str, into: Any) -> Any:
+    """`into` with every field of `message` set as there, but `left_out`."""
+    for field, value in message.ListFields():
+        if field.name == left_out:
+            continue
+        if field.label == field.LABEL_REPEATED:
+            getattr(into, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(into, field.name).CopyFrom(value)
+        else:
+            setattr(into, field.name, value)
+    return into
 
 
 def _candidates(graph: Any, uses: dict[str, int]) -> dict[str, list[_Reader]]:
