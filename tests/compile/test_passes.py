@@ -351,6 +351,12 @@ def _attention(variant: str = "grouped") -> onnx.ModelProto:
     def info(name, dims):
         return helper.make_tensor_value_info(name, f, dims)
 
+    def reshaped(source, target, dims, recorded):
+        """The export's Reshape of `source` to a shape concatenated from named sizes, its result's
+        shape recorded as the exporter records it."""
+        value_info.append(info(target, recorded))
+        return [helper.make_node("Concat", dims, [f"{target}_shape"], axis=0), helper.make_node("Reshape", [source, f"{target}_shape"], [target])]
+
     c = [numpy_helper.from_array(np.array(0.5, np.float32), "scale"), _ints("heads", [heads]), _ints("kv_heads", [kv_heads]),
          _ints("size", [size]), _ints("minus_one", [-1])]
     nodes = [helper.make_node("Concat", ["past_key", "key"], ["present_key"], axis=-2),
@@ -375,10 +381,8 @@ def _attention(variant: str = "grouped") -> onnx.ModelProto:
                 node.input[0] = "query_unrotated"
     queries = "query"
     if grouped:
-        nodes += [helper.make_node("Concat", ["batch", "kv_heads", "minus_one", "size"], ["grouped_shape"], axis=0),
-                  helper.make_node("Reshape", ["query", "grouped_shape"], ["grouped_query"])]
+        nodes += reshaped("query", "grouped_query", ["batch", "kv_heads", "minus_one", "size"], ["batch", kv_heads, "group_seq", size])
         queries = "grouped_query"
-        value_info.append(info("grouped_query", ["batch", kv_heads, "group_seq", size]))
     if variant == "fused":
         nodes.append(helper.make_node("FusedMatMul", [queries, "present_key"], ["scaled"], domain="com.microsoft", transB=1, alpha=0.5))
     else:
@@ -387,18 +391,14 @@ def _attention(variant: str = "grouped") -> onnx.ModelProto:
                   helper.make_node("Mul", ["scores", "scale"], ["scaled"])]
     scores = "scaled"
     if grouped:
-        nodes += [helper.make_node("Concat", ["batch", "heads", "seq", "total"], ["head_shape"], axis=0),
-                  helper.make_node("Reshape", ["scaled", "head_shape"], ["head_scores"])]
+        nodes += reshaped("scaled", "head_scores", ["batch", "heads", "seq", "total"], ["batch", heads, "seq", "total"])
         scores = "head_scores"
-        value_info.append(info("head_scores", ["batch", heads, "seq", "total"]))
     axis = 1 if variant == "softmax over heads" else -1
     nodes += [helper.make_node("Add", [scores, "mask"], ["masked"]), helper.make_node("Softmax", ["masked"], ["probabilities"], axis=axis)]
     probabilities = "probabilities"
     if grouped:
-        nodes += [helper.make_node("Concat", ["batch", "kv_heads", "minus_one", "total"], ["grouped_probability_shape"], axis=0),
-                  helper.make_node("Reshape", ["probabilities", "grouped_probability_shape"], ["grouped_probabilities"])]
+        nodes += reshaped("probabilities", "grouped_probabilities", ["batch", "kv_heads", "minus_one", "total"], ["batch", kv_heads, "group_seq", "total"])
         probabilities = "grouped_probabilities"
-        value_info.append(info("grouped_probabilities", ["batch", kv_heads, "group_seq", "total"]))
     nodes.append(helper.make_node("MatMul", [probabilities, "present_value"], ["context"]))
     if grouped:
         nodes += [helper.make_node("Concat", ["batch", "heads", "seq", "size"], ["context_shape"], axis=0),

@@ -11,7 +11,7 @@ import numpy as np
 
 from toolkit._onnx import default_opset, without_weights
 
-__all__ = ["Constants", "Dim", "attribute", "can_raise_default_opset", "constants", "infer_shape_facts", "perm", "prune", "raise_default_opset", "record_inferred_shapes", "shape_facts", "sole_reader", "subgraph_reads"]
+__all__ = ["Constants", "Dim", "attribute", "can_raise_default_opset", "constants", "infer_shape_facts", "perm", "prune", "raise_default_opset", "readers_of", "record_inferred_shapes", "shape_facts", "sole_reader", "subgraph_reads"]
 
 Dim = int | tuple[str, int]  # a static size, or axis i of tensor t as it is at run time
 
@@ -87,13 +87,19 @@ def constants(graph: Any) -> Constants:
     return Constants(tensors)
 
 
-def sole_reader(graph: Any) -> Callable[[str], Any]:
-    """For a tensor's name: the one node that reads it, or None where several or none do, or where
-    it is a graph output (whose value must stay as it is)."""
+def readers_of(graph: Any) -> dict[str, list[Any]]:
+    """For each tensor's name, the nodes that read it, in graph order."""
     readers: dict[str, list[Any]] = {}
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
+    return readers
+
+
+def sole_reader(graph: Any) -> Callable[[str], Any]:
+    """For a tensor's name: the one node that reads it, or None where several or none do, or where
+    it is a graph output (whose value must stay as it is)."""
+    readers = readers_of(graph)
     outputs = {o.name for o in graph.output}
 
     def reader(name: str) -> Any:

@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from toolkit._onnx import default_opset
+from toolkit._onnx import IR_VERSION_CAP, default_opset
 from toolkit.compile.passes._graph import (
     Constants,
     attribute,
@@ -41,6 +41,7 @@ from toolkit.compile.passes._graph import (
     infer_shape_facts,
     perm,
     raise_default_opset,
+    readers_of,
 )
 
 __all__ = ["fuse_attention"]
@@ -52,21 +53,30 @@ _AXIS_IN_ROWS = {(0, 1): 0, (2, 3): 1}  # a Shape's (start, end) of one axis of 
 def fuse_attention(proto: Any) -> int:
     """Replaces each matching attention's nodes by one `Attention`, in place; returns how many. The
     present keys and values and the attention's output keep their names."""
+    from onnx import helper
+
     graph = proto.graph
-    if default_opset(proto) < 13 or not can_raise_default_opset(proto, ATTENTION_OPSET) or not _onnxruntime_runs_attention():
+    if default_opset(proto) < 13 or not can_raise_default_opset(proto, ATTENTION_OPSET):
         return 0  # Softmax on one axis from 13
     facts = _Facts.of(proto)
     fused: dict[int, list[Any]] = {}  # id of the node the attention takes the place of → the nodes instead
     dropped: set[int] = set()
+    shapes: list[tuple[Any, str]] = []  # Shapes to read their axis off a projection's rows instead
     for softmax in graph.node:
         match = facts.attention_at(softmax)
         if match is not None:
-            place, nodes, gone = match
+            place, nodes, gone, moved = match
             fused[id(place)] = nodes
             dropped |= gone
-    if not fused:
+            shapes += moved
+    if not fused or not _onnxruntime_runs_attention():
         return 0
     raise_default_opset(proto, ATTENTION_OPSET)
+    for shape, rows in shapes:  # the rotary tables read the batch and seq sizes off a transposed projection
+        start = _AXIS_IN_ROWS[attribute(shape, "start", 0), attribute(shape, "end", 4)]
+        del shape.attribute[:]
+        shape.attribute.extend([helper.make_attribute("start", start), helper.make_attribute("end", start + 1)])
+        shape.input[0] = rows
     kept = [new for node in graph.node if id(node) not in dropped for new in fused.get(id(node), [node])]
     del graph.node[:]
     graph.node.extend(kept)
@@ -86,7 +96,7 @@ def _onnxruntime_runs_attention() -> bool:
                               "probe", [helper.make_tensor_value_info(n, f, shape) for n, shape in names.items()],
                               [helper.make_tensor_value_info(n, f, None) for n in ("y", "present_k", "present_v")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ATTENTION_OPSET)])
-    model.ir_version = 10
+    model.ir_version = IR_VERSION_CAP
     try:
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         y = session.run(["y"], {n: np.ones(shape, np.float32) for n, shape in names.items()})[0]
@@ -110,10 +120,7 @@ class _Facts:
     @classmethod
     def of(cls, proto: Any) -> _Facts:
         graph = proto.graph
-        readers: dict[str, list[Any]] = {}
-        for node in graph.node:
-            for name in node.input:
-                readers.setdefault(name, []).append(node)
+        readers = readers_of(graph)
         makers = {o: node for node in graph.node for o in node.output}
         names = {*makers, *readers, *(i.name for i in graph.input), *(t.name for t in graph.initializer)}
         return cls(constants(graph), *infer_shape_facts(proto), makers, readers, {o.name for o in graph.output}, names)
@@ -132,9 +139,10 @@ class _Facts:
         node = self.makers.get(name)
         return node if node is not None and node.op_type == op_type and node.domain in ((domain, "ai.onnx") if not domain else (domain,)) else None
 
-    def attention_at(self, softmax: Any) -> tuple[Any, list[Any], set[int]] | None:
+    def attention_at(self, softmax: Any) -> tuple[Any, list[Any], set[int], list[tuple[Any, str]]] | None:
         """The attention this Softmax belongs to: the node whose place it takes, the nodes instead
-        (an `Attention`, and rotary embeddings on rows before it) and the ids of the nodes that go."""
+        (an `Attention`, and rotary embeddings on rows before it), the ids of the nodes that go, and
+        the Shapes to re-point at rows (see `_rows`)."""
         from onnx import helper
 
         if softmax.op_type != "Softmax" or softmax.domain not in ("", "ai.onnx") or attribute(softmax, "axis", -1) not in (-1, 3):
@@ -177,14 +185,14 @@ class _Facts:
             return None  # the products are the only readers of the values (a Shape reads the same shape after)
         stem = last.name or last.output[0]
         removed = [*nodes, key_concat, value_concat, value_product, last]
-        inputs, before = [q, k, v], []
+        inputs, before, shapes = [q, k, v], [], []
         rows = self._rows(q, k, v, last.output[0], heads, kv_heads, size, {id(n) for n in removed})
         if rows is not None:
-            inputs, before, layout, last = rows
+            inputs, before, layout, last, shapes = rows
             removed += layout
         attention = helper.make_node("Attention", [*inputs, mask, past_k, past_v], [last.output[0], present_k, present_v], name=f"{stem}_attention",
                                      q_num_heads=heads, kv_num_heads=kv_heads, scale=scale, is_causal=0)
-        return last, [*before, attention], {id(n) for n in removed if n is not last}
+        return last, [*before, attention], {id(n) for n in removed if n is not last}, shapes
 
     def _cache(self, name: str) -> tuple[Any, str, str] | None:
         """(node, past, new) of a present key or value: Concat(past, new) on the sequence axis, rank 4."""
@@ -223,12 +231,13 @@ class _Facts:
         return [*nodes, node, transpose], regroup, node.input[0], transpose.input[0], scale
 
     def _rows(self, q: str, k: str, v: str, output: str, heads: int, kv_heads: int, size: int,
-              replaced: set[int]) -> tuple[list[str], list[Any], list[Any], Any] | None:
+              replaced: set[int]) -> tuple[list[str], list[Any], list[Any], Any, list[tuple[Any, str]]] | None:
         """`Attention` on (batch, seq, heads·size) rows instead, where the export only reshapes the
         projections into heads and transposes them (a RotaryEmbedding of whole heads between them
         taking the rows as they are) and the output back: the inputs, the rotary embeddings on rows,
-        the nodes that go, and the node whose place the attention takes; None where any of it does
-        not hold. Saves three Reshapes and four Transposes a layer."""
+        the nodes that go, the node whose place the attention takes, and the Shapes that read a
+        transposed projection's batch or seq size (with the rows to read it off instead); None where
+        any of it does not hold. Saves three Reshapes and four Transposes a layer."""
         from onnx import helper
 
         shapes: list[tuple[Any, str]] = []  # Shapes of the batch or seq axis of a transposed projection, and its rows
@@ -279,9 +288,4 @@ class _Facts:
                                              domain="com.microsoft", interleaved=attribute(rotary, "interleaved", 0)))
             layout.append(rotary)
             inputs.append(rows)
-        for shape, x in shapes:  # the rotary tables read the batch and seq sizes off a transposed projection
-            start = _AXIS_IN_ROWS[attribute(shape, "start", 0), attribute(shape, "end", 4)]
-            del shape.attribute[:]
-            shape.attribute.extend([helper.make_attribute("start", start), helper.make_attribute("end", start + 1)])
-            shape.input[0] = x
-        return inputs, rotaries, layout, reshape
+        return inputs, rotaries, layout, reshape, shapes
