@@ -214,6 +214,9 @@ def _mlp_request(rows=1, **changes):
         ("encoder", {"inputs": [{"name": "input_ids", "shape": [1, 2], "datatype": "INT64", "data": [1.9, 2.7]},
                                 {"name": "attention_mask", "shape": [1, 2], "datatype": "INT64", "data": [1, 1]}]}, {}, 400,
          "input 'input_ids': INT64 data must be integers, got 1.9"),
+        ("encoder", {"inputs": [{"name": "input_ids", "shape": [1, 2], "datatype": "INT64", "data": [1, None]},
+                                {"name": "attention_mask", "shape": [1, 2], "datatype": "INT64", "data": [1, 1]}]}, {}, 400,
+         "input 'input_ids': INT64 data must be integers, got None"),
         ("encoder", {"inputs": [{"name": "input_ids", "shape": [1, 2], "datatype": "INT64", "data": [1, 2**63]},
                                 {"name": "attention_mask", "shape": [1, 2], "datatype": "INT64", "data": [1, 1]}]}, {}, 400,
          "input 'input_ids': 9223372036854775808 is out of the INT64 range"),
@@ -231,7 +234,7 @@ def _mlp_request(rows=1, **changes):
     ids=["shape-vs-data", "wrong-shape", "wrong-datatype", "unknown-input", "malformed-json", "binary-too-short",
          "binary-length-mismatch", "unknown-output", "unknown-model", "oversized-body", "shape-product-past-int64",
          "dim-past-int64", "negative-dim", "parameters-not-object", "outputs-not-list", "tensor-parameters-not-object",
-         "id-not-string", "nan-token", "float-past-fp32", "string-in-fp32", "float-into-int64", "int64-out-of-range",
+         "id-not-string", "nan-token", "float-past-fp32", "string-in-fp32", "float-into-int64", "null-into-int64", "int64-out-of-range",
          "binary-size-not-int", "max-tokens-string", "max-tokens-huge", "max-tokens-bool", "generate-parameters-not-object",
          "negative-seed", "text-input-not-string", "generate-on-encoder-only", "long-unknown-model"],
 )

@@ -177,9 +177,8 @@ def _from_json(name: str, data: Any, dtype: np.dtype, count: int) -> np.ndarray:
         info = np.iinfo(dtype)
         if got not in "iu":  # floats, or integers numpy could not hold in one integer type (past 64 bits, or mixed signs)
             values = np.asarray(data, dtype=object).reshape(-1)
-            wrong = next((v for v in values if not _is_int(v)), None)
-            if wrong is not None:
-                raise ProtocolError(f"input {name!r}: {want} data must be integers, got {_short(wrong)}.")
+            if not all(_is_int(v) for v in values):  # a JSON null among them too
+                raise ProtocolError(f"input {name!r}: {want} data must be integers, got {_offending(data, _is_int)}.")
             low, high = min(values), max(values)
         else:
             low, high = int(value.min()), int(value.max())
