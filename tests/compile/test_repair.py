@@ -49,6 +49,40 @@ def test_int8_is_repaired_keeping_the_layers_of_the_outlier_channel(exported, tm
     assert len(result["attempts"]) <= 4 and all(a["kept"] for a in result["attempts"])
 
 
+@pytest.mark.slow
+def test_a_variant_no_repair_fixes_says_which_of_its_8_bit_sides_binds(exported, tmp_path):
+    """Outlier channels in every layer: its activations bind, its weights would pass, and the
+    measurement leaves the bundle as the repair left it."""
+    bundle = _bundle(exported, tmp_path, "userpkg.faults:outlier_channels_everywhere", int8_static={"smooth": False})
+    assert not check(bundle, variants=["int8-static"], trust_source=True)["int8-static"]["passed"]
+    result = repair(bundle, "int8-static", trust_source=True)
+    assert not result["passed"] and result["note"].startswith("bound to fail")
+    binds = result["binds"]
+    assert not binds["activations"]["passed"] and binds["weights"]["passed"]
+    assert binds["activations"]["metric"] == "max_score_rel" and binds["activations"]["value"] > binds["weights"]["value"]
+    assert binds["verdict"].startswith("its 8-bit activations bind: with 16-bit weights it still misses the gates (max score rel")
+    manifest = Bundle.open(bundle).manifest
+    assert set(manifest.variants) == {"fp32", "int8-static"}
+    assert "bits" not in manifest.variants["int8-static"].recipe["options"]  # the 16-bit measurements were made elsewhere
+    assert not manifest.variants["int8-static"].parity["passed"]
+
+
+@pytest.mark.parametrize(("activations", "weights", "verdict"), [
+    (False, False, "each side alone misses the gates at 8 bits (8-bit activations with 16-bit weights: max score rel 0.2; "
+                   "8-bit weights with 16-bit activations: max score rel 0.1)"),
+    (True, False, "its 8-bit weights bind: with 16-bit activations it still misses the gates (max score rel 0.1); "
+                  "with 16-bit weights it passes (max score rel 0.2)"),
+    (True, True, "each side alone passes at 8 bits (8-bit activations: max score rel 0.2; 8-bit weights: max score rel 0.1): "
+                 "only their errors together miss the gates"),
+])
+def test_what_binds_is_said_as_measured(activations, weights, verdict):
+    from toolkit.compile.repair import _verdict
+
+    sides = {"activations": {"passed": activations, "metric": "max_score_rel", "value": 0.2},
+             "weights": {"passed": weights, "metric": "max_score_rel", "value": 0.1}}
+    assert _verdict(sides).startswith(verdict)
+
+
 def test_no_budget_no_attempt(exported, tmp_path):
     bundle = _bundle(exported, tmp_path, "userpkg.faults:overflowing", fp16={})
     result = repair(bundle, "fp16", budget=0, trust_source=True)
@@ -113,3 +147,6 @@ def test_a_repair_that_stopped_bound_to_fail_says_so_not_that_time_ran_out():
     line = _repair_line({"passed": False, "attempts": attempts, "seconds": 63, "budget": 300, "kept": [],
                          "note": "bound to fail: keeping all 24 candidate nodes in fp32 (the most it may keep) missed its gates too"})
     assert line.startswith("not repaired (3 attempts, 63 s): bound to fail: keeping all 24") and "within" not in line
+    verdict = "its 8-bit activations bind: with 16-bit weights it still misses the gates (max score rel 0.138)"
+    assert _repair_line({"passed": False, "attempts": attempts, "seconds": 63, "budget": 300, "kept": [], "note": "bound to fail: ...",
+                         "binds": {"verdict": verdict}}).endswith(f"; {verdict}")

@@ -86,3 +86,16 @@ def outlier_channel() -> ModelSpec:
         model.layers[2].bias[5] *= 500.0
         model.layers[3].weight[:, 5] /= 500.0
     return _spec(model)
+
+
+def outlier_channels_everywhere() -> ModelSpec:
+    """Channel 5 of every layer's output scaled up 500× and left unread by the layer after it: each
+    activation has one channel that per-tensor int8 resolves and 31 it rounds to a few levels, in
+    more layers than a repair may keep in float, while every weight has a scale of its own to take."""
+    model = _stack()
+    with torch.no_grad():
+        for layer, reader in zip(model.layers, [*model.layers[1:], model.head], strict=True):
+            layer.weight[5] *= 500.0
+            layer.bias[5] *= 500.0
+            reader.weight[:, 5] = 0.0
+    return _spec(model)

@@ -254,3 +254,26 @@ def outlier_channels() -> ModelSpec:
                      inputs=[TensorSpec("x", "float32", ("batch", "seq", 32))],
                      dims=[Dim("batch", export=2, check=(1, 3)), Dim("seq", export=8, check=(4, 8))],
                      sample_data=lambda: {"x": x[128:]}, calibration_data=lambda n: {"x": x[:128][:n]})
+
+
+class DensePrediction(nn.Module):
+    """A convolution writes the output, a value per pixel (a box regressor's or a segmenter's head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+def dense_prediction() -> ModelSpec:
+    """Calibrated on images whose red is dimmer than the held-out ones', as a calibration set never
+    covers all: the input's range is the same (green and blue span it), the output's is not."""
+    torch.manual_seed(0)
+    images = torch.rand(76, 3, 12, 12, generator=torch.Generator().manual_seed(1)).numpy()
+    dim = images[:12].copy()
+    dim[:, 0] *= 0.3
+    return ModelSpec(module=DensePrediction().eval(), inputs=[TensorSpec("x", "float32", ("batch", 3, 12, 12))], outputs=["y"],
+                     dims=[Dim("batch", export=2, check=(1, 3))], task="regress",
+                     sample_data=lambda: {"x": images[12:]}, calibration_data=lambda n: {"x": dim[:n]})

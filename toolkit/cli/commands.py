@@ -22,7 +22,7 @@ from toolkit import __version__
 from toolkit.cli import render
 from toolkit.compile.exporter import DEFAULT_OPSET, EXPORTERS
 from toolkit.compile.prune import METHODS as PRUNE_METHODS
-from toolkit.compile.quantization.configs import CALIBRATION_METHODS, FP16_IO, INT4_ALGOS, INT4_HEADS, MODES
+from toolkit.compile.quantization.configs import CALIBRATION_METHODS, FP16_IO, INT4_ALGOS, INT4_HEADS, MODES, ROUNDINGS
 from toolkit.errors import EXIT_CHECK_FAILED, ToolkitError
 from toolkit.runtime.generate import CACHES
 from toolkit.runtime.session import PROVIDERS
@@ -50,6 +50,7 @@ Provider = _choices("Provider", ("auto", *PROVIDERS))
 Backend = _choices("Backend", ("native", "ray"))
 Mode = _choices("Mode", MODES)
 Method = _choices("Method", CALIBRATION_METHODS)
+Rounding = _choices("Rounding", ROUNDINGS)
 Fp16Io = _choices("Fp16Io", FP16_IO)
 Int4Algo = _choices("Int4Algo", INT4_ALGOS)
 Int4Head = _choices("Int4Head", INT4_HEADS)
@@ -251,6 +252,7 @@ def quantize(
                               "int4: MatMul weights in int4 blocks (MatMulNBits), for transformers."),
     calibration_samples: int | None = typer.Option(None, help="int8, int8-static, int4 --algo gptq: samples from the model's calibration set (or sample inputs) (default: 128; gptq 32)."),
     method: Method | None = typer.Option(None, help="int8-static: calibration method (default: minmax)."),
+    rounding: Rounding | None = typer.Option(None, help="int8-static: gptq rounds each weight for its layer's output on calibration inputs (each column's rounding error carried into the next), nearest to its nearest level (default: gptq)."),
     per_channel: bool | None = typer.Option(None, "--per-channel/--per-tensor", help="int8, int8-static: weight scales per output channel or per tensor (default: per channel)."),
     keep_float: int | None = typer.Option(None, help="int8: keep this many MatMul/Gemm in fp32, those with the most outlier-heavy inputs on calibration data (default: 0)."),
     smooth: bool | None = typer.Option(None, "--smooth/--no-smooth", help="int8, int8-static: move activation outliers into the weights (SmoothQuant) where that lowers the int8 error on calibration data (default: smooth)."),
@@ -274,7 +276,7 @@ def quantize(
         _reference_allowed(bundle_dir, trust_source)
     kept = None if keep_fp32 is None else tuple(op.strip() for op in keep_fp32.split(",") if op.strip())
     quantize_bundle(
-        bundle_dir, mode=mode.value, calibration_samples=calibration_samples, method=method.value if method else None,
+        bundle_dir, mode=mode.value, calibration_samples=calibration_samples, method=method.value if method else None, rounding=rounding.value if rounding else None,
         per_channel=per_channel, keep_float=keep_float, smooth=smooth, reduce_range=reduce_range, keep_fp32=kept, io=io.value if io else None, source=source, progress=_progress,
         block_size=block_size, algo=algo.value if algo else None, accuracy_level=accuracy_level, head=head.value if head else None, trust_source=trust_source,
     )

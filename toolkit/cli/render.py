@@ -100,9 +100,10 @@ def _repair_line(repaired: dict[str, Any]) -> str:
     tries = f"{len(repaired['attempts'])} attempts, {repaired['seconds']:.0f} s"
     if not repaired["passed"]:
         last = repaired["attempts"][-1]["gate"] if repaired["attempts"] else "no attempt fit the budget"
+        binds = f"; {repaired['binds']['verdict']}" if repaired.get("binds") else ""
         if repaired.get("note", "").startswith("bound to fail"):  # it stopped early, not for want of time
-            return f"not repaired ({tries}): {repaired['note']}; last: {last}"
-        return f"not repaired within {repaired['budget']:.0f} s ({tries}); last: {last}" + (f" ({repaired['note']})" if repaired.get("note") else "")
+            return f"not repaired ({tries}): {repaired['note']}; last: {last}{binds}"
+        return f"not repaired within {repaired['budget']:.0f} s ({tries}); last: {last}" + (f" ({repaired['note']})" if repaired.get("note") else "") + binds
     if not repaired["kept"]:
         settings = repaired["attempts"][-1]["settings"]
         return f"repaired by {', '.join(f'{k}={v}' for k, v in settings.items())} with no node kept in fp32 ({tries})"

@@ -15,6 +15,9 @@ within a time budget, and `repair(DIR, VARIANT)` does it on a bundle.
    dequantize steps cost more than its int8 products save, and the variant is bound to lose to fp32.
    fp16 starts from no op type kept in fp32 (the fixed list it was first made with keeps every
    normalisation, softmax and reduction), so that only the nodes this model needs stay in fp32.
+4. An int8-static that none of that repairs is measured for what binds it: made again with its
+   weights at 16 bits, then its activations, each judged by the gates (`_what_binds`): whether
+   its 8-bit activations, its 8-bit weights, or only the two together miss them.
 
 Every attempt (its settings and why they were tried, the nodes kept, the gate it missed, its
 seconds) is recorded in the variant's recipe under `repair`, with each kept node's module and the
@@ -110,14 +113,70 @@ def repair(bundle: str | Path | Bundle, variant: str, *, budget: float = DEFAULT
                     break
         if not passed and time_left():
             passed, kept, note = _keep_nodes(found, mode, bundle, source, lambda k: attempt(base, k), time_left, say)
+    binds = None
+    if not passed and mode == "int8-static" and time_left():
+        binds = _what_binds(bundle, variant, source, base, provider, reference, evidence, scratch, say)
     result = {"passed": passed, "kept": [_why(e) for e in kept], "attempts": attempts,
-              "seconds": round(time.monotonic() - started, 1), "budget": budget, **({"note": note} if note else {})}
+              "seconds": round(time.monotonic() - started, 1), "budget": budget, **({"note": note} if note else {}),
+              **({"binds": binds} if binds else {})}
     if mode == "fp16":
         result["fixed_list_nodes"] = _nodes_of(bundle, source, recipe["options"].get("kept_fp32", []))  # what the fixed op-type list kept
     bundle.update(lambda manifest: manifest.variants[variant].recipe.setdefault("options", {}).__setitem__("repair", result))
     say(f"{variant} {'repaired' if passed else 'not repaired'} in {result['seconds']:.0f} s after {len(attempts)} attempts"
         + (f", {len(kept)} nodes kept in fp32" if passed else ""))
     return result
+
+
+def _what_binds(bundle: Bundle, variant: str, source: str, base: dict[str, Any], provider: str, reference: ModelSpec,
+                evidence: dict[Any, Any], scratch: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    """Whether a failing int8-static is bound by its 8-bit activations, its 8-bit weights or only
+    their sum: the variant made again with one side at 16 bits, then the other, each judged by the
+    variant's gates, in a copy of the bundle that the user never sees."""
+    import shutil
+
+    from toolkit.compile.parity import check
+    from toolkit.runtime.describe import missed_gates
+
+    copy = scratch / f"binds-{variant}"
+    shutil.rmtree(copy, ignore_errors=True)
+    # the bundle with only the variant's source graph, so that the copy costs one graph
+    others = {f for name, v in bundle.manifest.variants.items() if name != source for f in (v.file, *(e["file"] for e in v.external_data))}
+    shutil.copytree(bundle.path, copy, ignore=lambda _directory, names: [n for n in names if n in others])
+    copy_bundle = Bundle.of(copy, trust_source=True)
+    copy_bundle.update(lambda manifest: [manifest.variants.pop(name) for name in list(manifest.variants) if name != source])
+    sides = {}
+    try:
+        for side, wide in (("activations", {"weight_bits": 16}), ("weights", {"activation_bits": 16})):
+            say(f"measuring what binds {variant}: its 8-bit {side} alone, the other side at 16 bits")
+            quantize(copy_bundle, mode="int8-static", source=source, reference=reference, progress=say, scratch=scratch, **base, **wide)
+            record = check(copy_bundle, variants=[variant], provider=provider, reference=reference, progress=say, evidence=evidence)[variant]
+            metric = record.get("task_metric") or {}
+            sides[side] = {"passed": bool(record["passed"]), "gate": "passed" if record["passed"] else missed_gates(record),
+                           **({"metric": metric["metric"], "value": metric["value"]} if metric else {})}
+    except ToolkitError as exc:  # a diagnosis: its failure must not fail the repair
+        say(f"could not measure what binds {variant}: {exc}")
+        return {}
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+    return {**sides, "verdict": _verdict(sides)}
+
+
+def _verdict(sides: dict[str, dict[str, Any]]) -> str:
+    """What the two one-sided measurements say, in a sentence."""
+    def shown(side: str) -> str:
+        found = sides[side]
+        return f"{found['metric'].replace('_', ' ')} {found['value']:.3g}" if "metric" in found else found["gate"]
+
+    failing = [side for side in ("activations", "weights") if not sides[side]["passed"]]
+    if len(failing) == 2:
+        return (f"each side alone misses the gates at 8 bits (8-bit activations with 16-bit weights: {shown('activations')}; "
+                f"8-bit weights with 16-bit activations: {shown('weights')}): int8 cannot pass without keeping layers in float")
+    if failing:
+        other = "weights" if failing[0] == "activations" else "activations"
+        return (f"its 8-bit {failing[0]} bind: with 16-bit {other} it still misses the gates ({shown(failing[0])}); "
+                f"with 16-bit {failing[0]} it passes ({shown(other)})")
+    return (f"each side alone passes at 8 bits (8-bit activations: {shown('activations')}; 8-bit weights: {shown('weights')}): "
+            "only their errors together miss the gates")
 
 
 def _keep_nodes(found: Localization, mode: str, bundle: Bundle, source: str, attempt: Callable[[list[TensorError]], bool],
@@ -265,7 +324,8 @@ def _base_options(mode: str, options: dict[str, Any]) -> dict[str, Any]:
         return {"per_channel": options.get("per_channel", True), "reduce_range": options.get("reduce_range"), "smooth": options.get("smooth", True)}
     calibration = options.get("calibration", {})
     return {"method": calibration.get("method", "minmax"), "per_channel": options.get("per_channel", False), "reduce_range": options.get("reduce_range"),
-            "calibration_samples": calibration.get("samples", 128), "smooth": options.get("smooth", True)}
+            "calibration_samples": calibration.get("samples", 128), "smooth": options.get("smooth", True),
+            "rounding": (options.get("rounding") or {}).get("method", "gptq")}
 
 
 def _describe(settings: dict[str, Any], kept: list[TensorError]) -> str:

@@ -9,10 +9,11 @@ from typing import Any, ClassVar
 
 from toolkit.errors import ToolkitError
 
-__all__ = ["CALIBRATION_METHODS", "CONFIGS", "DYNAMIC_OPS", "FP16_IO", "FP16_KEEP_FP32", "FP16_KEEP_FP32_FUSED", "INT4_ALGOS", "INT4_HEADS", "MODES", "Fp16",
+__all__ = ["CALIBRATION_METHODS", "ROUNDINGS", "CONFIGS", "DYNAMIC_OPS", "FP16_IO", "FP16_KEEP_FP32", "FP16_KEEP_FP32_FUSED", "INT4_ALGOS", "INT4_HEADS", "MODES", "Fp16",
            "Int4", "Int8Dynamic", "Int8Static", "QuantConfig", "config_for"]
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+ROUNDINGS = ("gptq", "nearest")  # how int8-static picks each weight's level (quantization/rounding.py)
 INT4_ALGOS = ("rtn", "hqq", "gptq")
 INT4_HEADS = ("int8", "int4", "float")  # how int4 stores the MatMuls that make a graph output
 # Overflow-prone in fp16: normalisations and reductions accumulate past 65504, softmax's exp too.
@@ -60,7 +61,9 @@ class Int8Dynamic:
 @dataclass(frozen=True)
 class Int8Static:
     """QDQ int8 with activation ranges calibrated on `calibration_samples` inputs (the model's own
-    calibration set where it has one); `exclude` names nodes kept in fp32. Weights are quantized per
+    calibration set where it has one); `exclude` names nodes kept in fp32. `rounding` "gptq" picks
+    each int8 weight's level for its layer's outputs on those inputs, "nearest" rounds each to its
+    nearest level (quantization/rounding.py). Weights are quantized per
     output channel by default: a convolution's channels, with batch norms folded into them, differ
     in range by orders of magnitude, and one scale per tensor leaves the small ones a few levels.
     `reduce_range` and `smooth` as for dynamic int8 (the same kernels run the QDQ graph)."""
@@ -73,12 +76,22 @@ class Int8Static:
     reduce_range: bool | None = None
     exclude: tuple[str, ...] = ()
     smooth: bool = True
+    rounding: str = "gptq"
+    # 16 makes that side 16-bit (onnxruntime's 16-bit QDQ, which the CPU runs in float): not for speed,
+    # for measuring what 8 bits cost on each side (repair's diagnosis of what binds a failing variant)
+    activation_bits: int = 8
+    weight_bits: int = 8
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         _calibration(self.calibration_samples)
         if self.method not in CALIBRATION_METHODS:
             raise ToolkitError(f"unknown calibration method {self.method!r}; choose one of {', '.join(CALIBRATION_METHODS)}.")
+        if self.rounding not in ROUNDINGS:
+            raise ToolkitError(f"unknown rounding {self.rounding!r}; choose one of {', '.join(ROUNDINGS)}.")
+        for side in ("activation_bits", "weight_bits"):
+            if getattr(self, side) not in (8, 16):
+                raise ToolkitError(f"{side} must be 8 or 16, got {getattr(self, side)}.")
 
 
 @dataclass(frozen=True)

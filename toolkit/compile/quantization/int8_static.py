@@ -37,6 +37,7 @@ from toolkit.compile.quantization._common import (
     smooth_outliers,
 )
 from toolkit.compile.quantization.configs import Int8Static
+from toolkit.compile.quantization.rounding import round_weights
 from toolkit.spec import ModelSpec
 
 _WEIGHTED = ("Conv", "MatMul", "Gemm")
@@ -88,16 +89,32 @@ def quantize_int8_static(context: QuantizeContext, config: Int8Static, model_fil
         context.say(f"keeping {len(nodes)} nodes in float: {why}")
     if extra or calibrated:
         unread = run([*chosen, *extra])
+    rounded = round_weights(target, pre, feeds, context.say) if config.rounding == "gptq" else None
+    unclamped = _outputs_in_float(target)
+    if rounded and rounded["layers"]:
+        before, after = rounded["error"]
+        context.say(f"re-rounded {rounded['layers']} of {rounded['of']} layers: their output error from rounding is "
+                    f"{after / before:.2g} of the nearest levels'")
     kept_float = [{"nodes": nodes, "why": why} for why, nodes in drowned.items()]
     if unread:
         context.say(f"keeping {len(unread)} nodes without int8 kernels' readers in float (their outputs are read in float)")
         kept_float.append({"nodes": unread, "why": _UNREAD})
+    if unclamped:
+        context.say(f"writing {len(unclamped)} graph outputs in float: {', '.join(unclamped)}")
+        kept_float.append({"outputs": unclamped, "why": _CLAMPED})
     return {
         **options, "format": "QDQ", "smooth": config.smooth, **({"smoothed": smoothing[1]} if smoothing else {}), "per_channel": config.per_channel, "reduce_range": reduce_range, **({"excluded": chosen} if chosen else {}),
         **({"excluded_not_found": unknown} if unknown else {}), **({"kept_float": kept_float} if kept_float else {}),
         "calibration": {"method": config.method, "samples": len(feeds), "data": origin},
+        "rounding": {"method": config.rounding, **(rounded or {})},
+        **({"bits": {"activations": config.activation_bits, "weights": config.weight_bits}} if wide_bits(config) else {}),
         "ops": op_report(pre, target),
     }
+
+
+def wide_bits(config: Int8Static) -> bool:
+    """Whether a side of `config` is 16-bit (a diagnosis, not an int8 variant)."""
+    return 16 in (config.activation_bits, config.weight_bits)
 
 
 def _quantize_static(pre: Path, target: Path, feeds: list[dict[str, np.ndarray]], config: Int8Static, reduce_range: bool,
@@ -118,17 +135,61 @@ def _quantize_static(pre: Path, target: Path, feeds: list[dict[str, np.ndarray]]
             return next(self._items, None)
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+    wide = wide_bits(config)
     quantize_static(
         str(pre), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=config.per_channel, reduce_range=reduce_range,
-        calibrate_method=method[config.method], activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        # a MatMul or Gemm whose readers are float computes in int8 and writes float (MatMulIntegerToFloat)
-        extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
+        calibrate_method=method[config.method], activation_type=QuantType.QUInt16 if config.activation_bits == 16 else QuantType.QUInt8,
+        weight_type=QuantType.QInt16 if config.weight_bits == 16 else QuantType.QInt8,
+        # a MatMul or Gemm whose readers are float computes in int8 and writes float (MatMulIntegerToFloat);
+        # 16-bit QDQ needs onnxruntime's own QuantizeLinear/DequantizeLinear below opset 21
+        extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"], **({"UseQDQContribOps": True} if wide else {})},
         use_external_data_format=is_large(pre), nodes_to_exclude=excluded, op_types_to_quantize=op_types, calibration_cache_path=str(cache),
     )
 
 
 _UNREAD = ("read in float: their outputs go to float ops or out of the graph, so quantizing them would only round "
            "what is dequantized again")
+
+
+_CLAMPED = ("graph outputs written in float by the node that makes them (its weights and inputs int8): quantized, "
+            "an output would be clamped to its calibrated range and rounded to 256 levels for nobody but the user to read")
+
+
+def _outputs_in_float(model_file: Path) -> list[str]:
+    """Drops the QuantizeLinear/DequantizeLinear pair quantize_static puts between a node and a graph
+    output (a Conv's: a MatMul's or Gemm's is float already), so the node writes the output in float:
+    a held-out value past the calibrated range is otherwise clamped to it. Returns the outputs."""
+    import onnx
+
+    from toolkit._onnx import save_model
+
+    proto = onnx.load(str(model_file))
+    graph = proto.graph
+    makers = {o: node for node in graph.node for o in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    unclamped = []
+    for output in graph.output:
+        dequantize = makers.get(output.name)
+        quantize = makers.get(dequantize.input[0]) if dequantize is not None and dequantize.op_type == "DequantizeLinear" else None
+        if quantize is None or quantize.op_type != "QuantizeLinear" or quantize.input[0] not in makers:
+            continue
+        value = quantize.input[0]
+        for node in graph.node:  # the float value takes the output's name, wherever it is made or read
+            node.output[:] = [output.name if name == value else name for name in node.output]
+            node.input[:] = [output.name if name == value else name for name in node.input]
+        graph.node.remove(dequantize)
+        if readers.get(quantize.output[0], 0) == 1:
+            graph.node.remove(quantize)
+        unclamped.append(output.name)
+    if unclamped:
+        read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        for tensor in [t for t in graph.initializer if t.name not in read]:  # the pair's scales and zero points
+            graph.initializer.remove(tensor)
+        save_model(proto, model_file)
+    return unclamped
 
 
 def _read_in_float(graph: Any, op_types: list[str], excluded: set[str]) -> list[str]:

@@ -142,7 +142,8 @@ def _without(message: Any, left_out: str, into: Any) -> Any:
     for field, value in message.ListFields():
         if field.name == left_out:
             continue
-        if field.label == field.LABEL_REPEATED:
+        # protobuf 6 deprecates `label` for `is_repeated`, which earlier versions lack
+        if field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED:
             getattr(into, field.name).extend(value)
         elif field.type == field.TYPE_MESSAGE:
             getattr(into, field.name).CopyFrom(value)
