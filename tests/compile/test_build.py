@@ -192,3 +192,27 @@ def test_a_build_runs_the_reference_once_and_records_an_int8_that_changed_nothin
     shown = cli("inspect", bundle.path)
     assert "not made: int8: int8 from variant 'opt' quantized no weights (Conv 0/2)" in shown.stdout
     assert f"best: {bundle.manifest.best['variant']} on cpu" in shown.stdout
+
+
+def test_the_references_weights_are_mapped_from_a_file_and_compute_the_same(tmp_path):
+    """Once the first check has the reference's outputs, a build keeps its weights in a file mapped
+    back in (toolkit.compile.pipeline._map_weights), not in its own memory; the model is unchanged."""
+    from toolkit.compile.pipeline import BuildContext, _map_weights
+    from toolkit.reference.run import run_reference
+    from toolkit.reference.source import resolve, source_of
+    from toolkit.runtime.samples import make_feeds
+
+    spec = resolve(source_of("gpt", "tiny"), tmp_path)
+    feeds = make_feeds(spec.inputs, {d.name: d.export for d in spec.dims}, seed=0)
+    before = run_reference(spec, feeds)
+    _map_weights(BuildContext(bundle=None, reference=spec, say=lambda _m: None, scratch=tmp_path))
+    after = run_reference(spec, feeds)
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+    mapped = []
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(tmp_path / "reference-weights-0.pt"):
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            mapped.append((low, high))
+    parameters = list(spec.module.parameters())
+    assert mapped and parameters and all(any(low <= p.data_ptr() < high for low, high in mapped) for p in parameters)

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit._onnx import model_bytes
 from toolkit.bundle import Bundle
 from toolkit.compile.tolerances import localize_tolerance, profile
 from toolkit.errors import ToolkitError
@@ -386,7 +387,7 @@ class _Paired:
         self.model.functions.extend([*reference.functions, *variant.functions])
         self.provider, self.runs, self.seen = provider, 0, seen
         self._last: tuple[list[str], Any] = ([], None)
-        self._large = self.model.ByteSize() > (1 << 31) - (1 << 26)
+        self._large = model_bytes(self.model) > (1 << 31) - (1 << 26)
         self._produced = {o for n in self.model.graph.node for o in n.output}
 
     def run(self, names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

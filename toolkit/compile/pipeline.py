@@ -8,7 +8,8 @@ than fp32 (beyond a 5% noise margin). The measurements and the rule are recorded
 and `toolkit.load(..., variant="best")` refuses a `best` whose variant has not passed its gates.
 
 A build holds one PyTorch reference and one variant's session at a time, and hands freed memory
-back between stages (toolkit.compile._memory).
+back between stages (toolkit.compile._memory); once the first check has the reference's outputs,
+the reference's weights are mapped from a file rather than held (`_map_weights`).
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def build(
             say("int8-static: " + (reason or "skipped (no convolutions and no calibration set: dynamic int8 is the int8 path)"))
             say("int4: " + (packs or "skipped (not a transformer with MatMul weights: int4 is for those)"))
         opt_passed = _optimize(context, provider)
+        _map_weights(context)
         for mode in modes:
             if mode == "int8" and opt_passed:
                 _int8(context)
@@ -124,6 +126,31 @@ def build(
     if select:
         select_best(bundle, provider=provider, max_time=max_time, progress=say)
     return Bundle.open(bundle.path, trust_source=True)
+
+
+def _map_weights(context: BuildContext) -> None:
+    """Moves the reference's weights into a file in the build's scratch, mapped back in: once the
+    first check has gathered the reference's outputs, the quantizers' stages have the weights'
+    memory to themselves (a 215 MB decoder's weights were held through every one of them), and
+    what still runs the reference (a seq2seq decoder's sample inputs run its encoder; a check of
+    another bundle) pages in what it reads. Mapping is only a saving: a module it does not take
+    keeps its weights in memory."""
+    import torch
+
+    mapped: set[int] = set()
+    for index, spec in enumerate([context.reference, *context.reference.parts.values()]):
+        storages = {t.untyped_storage().data_ptr() for t in spec.module.state_dict().values()}
+        if not storages or storages <= mapped:  # a part that is a submodule of the model: mapped with it
+            continue
+        file = context.scratch / f"reference-weights-{index}.pt"
+        try:
+            torch.save(spec.module.state_dict(), file)
+            spec.module.load_state_dict(torch.load(file, mmap=True, weights_only=True), assign=True)
+        except (RuntimeError, TypeError, ValueError, AttributeError, OSError) as exc:
+            context.say(f"the reference's weights stay in memory (mapping them failed: {exc})")
+            continue
+        mapped.update(t.untyped_storage().data_ptr() for t in spec.module.state_dict().values())
+    release_memory()
 
 
 def _optimize(context: BuildContext, provider: str) -> bool:

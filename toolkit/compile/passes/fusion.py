@@ -77,8 +77,22 @@ def main(model_file, target, external):
     model = ir.load(model_file)
     prepared = prepare(model)
     model, _ = optimize_for_ort(model)
-    ir.save(model, target, **({"external_data": os.path.basename(target) + ".data"} if external else {}))
     fused = Counter(n.op_type for n in model.graph.all_nodes() if n.domain == "com.microsoft")
+    if external:
+        ir.save(model, target, external_data=os.path.basename(target) + ".data")
+    else:
+        # written with its weights beside it first: onnx_ir writes each weight from its own memory,
+        # where a proto of the whole model and then its bytes would be made (the model held 3 times);
+        # then read back and written whole a weight at a time
+        import onnx
+
+        from toolkit._onnx import save_model
+
+        staged = os.path.basename(target) + ".staged.data"
+        ir.save(model, target, external_data=staged)
+        del model
+        save_model(onnx.load(target), target)
+        os.remove(os.path.join(os.path.dirname(target), staged))
     return dict(sorted(fused.items())), {k: v for k, v in prepared.items() if v}
 """
 

@@ -81,7 +81,7 @@ def main(model_file, target, skip_symbolic_shape, external):
     import onnxruntime
     from onnxruntime.quantization.quant_utils import add_pre_process_metadata
 
-    from toolkit._onnx import without_weights
+    from toolkit._onnx import save_model, without_weights
     from toolkit.compile.passes._graph import record_inferred_shapes
 
     # onnxruntime's quant_pre_process, step by step, with both shape inferences run on the graph
@@ -98,7 +98,10 @@ def main(model_file, target, skip_symbolic_shape, external):
         del inferred
     with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as scratch:
         shaped, optimized = os.path.join(scratch, "shaped.onnx"), os.path.join(scratch, "optimized.onnx")
-        onnx.save(model, shaped, save_as_external_data=external, location="shaped.onnx.data")
+        if external:
+            onnx.save(model, shaped, save_as_external_data=True, location="shaped.onnx.data")
+        else:
+            save_model(model, shaped)  # a weight at a time, not the model and its bytes at once
         del model
         options = onnxruntime.SessionOptions()
         options.optimized_model_filepath = optimized  # constant folding: every weight an initializer
@@ -125,7 +128,10 @@ def main(model_file, target, skip_symbolic_shape, external):
         gelus = fuse_erf_gelu(proto)
         if gelus:
             prune(proto.graph)
-    onnx.save(proto, target, save_as_external_data=external, all_tensors_to_one_file=True, location=os.path.basename(target) + ".data")
+    if external:
+        onnx.save(proto, target, save_as_external_data=True, all_tensors_to_one_file=True, location=os.path.basename(target) + ".data")
+    else:
+        save_model(proto, target)
     return gelus
 """
 

@@ -45,7 +45,12 @@ def main(model_file, target, keep_io_types, block, nodes, external):
     converted = convert_float_to_float16(record_inferred_shapes(onnx.load(model_file)), keep_io_types=keep_io_types, op_block_list=block,
                                          node_block_list=nodes or None, disable_shape_infer=True)
     drop_repeated_nodes(converted.graph)
-    onnx.save(converted, target, save_as_external_data=external, location=os.path.basename(target) + ".data")
+    if external:
+        onnx.save(converted, target, save_as_external_data=True, location=os.path.basename(target) + ".data")
+    else:
+        from toolkit._onnx import save_model
+
+        save_model(converted, target)  # a weight at a time, not the model and its bytes at once
 """
 
 

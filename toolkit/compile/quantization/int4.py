@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from toolkit._onnx import is_large
+from toolkit._onnx import is_large, save_model
 from toolkit._scoped import logging_disabled
 from toolkit.compile.quantization._common import (
     QuantizeContext,
@@ -72,8 +72,10 @@ def quantize_int4(context: QuantizeContext, config: Int4, model_file: Path, targ
                 node.attribute.remove(attribute)
             if config.accuracy_level:
                 node.attribute.append(onnx.helper.make_attribute("accuracy_level", config.accuracy_level))
-    onnx.save(packed, str(target), save_as_external_data=is_large(pre), all_tensors_to_one_file=True,
-              location=target.name + ".data")
+    if is_large(pre):
+        onnx.save(packed, str(target), save_as_external_data=True, all_tensors_to_one_file=True, location=target.name + ".data")
+    else:
+        save_model(packed, target)  # a weight at a time, not the model and its bytes at once
     return {
         **options, "weights": f"int4 asymmetric, blocks of {config.block_size} (MatMulNBits)", "activations": "float",
         "algo": config.algo, "block_size": config.block_size, "accuracy_level": config.accuracy_level,

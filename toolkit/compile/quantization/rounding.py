@@ -58,11 +58,11 @@ def round_weights(model_file: Path, float_file: Path, feeds: Sequence[dict[str, 
     import onnx
     from onnx import numpy_helper
 
-    from toolkit._onnx import save_model
+    from toolkit._onnx import model_bytes, save_model
 
     proto = onnx.load(str(model_file))
     layers = _layers(proto.graph)
-    if not layers or proto.ByteSize() >= 2**31:  # onnxruntime takes a model from memory only below protobuf's 2 GiB
+    if not layers or model_bytes(proto) >= 2**31:  # onnxruntime takes a model from memory only below protobuf's 2 GiB
         return {"layers": 0, "of": len(layers), **({"note": "not re-rounded: the model is past protobuf's 2 GiB"} if layers else {})}
     say(f"rounding the int8 weights of {len(layers)} layers for their outputs on {len(feeds)} samples (GPTQ)")
     originals = _float_weights(float_file, {layer.node for layer in layers})

@@ -54,6 +54,7 @@ def smooth(model_file: Path, target: Path, feeds: list[dict[str, np.ndarray]], *
     import onnx
     from onnx import numpy_helper
 
+    from toolkit._onnx import save_model
     from toolkit.compile._memory import release_memory
 
     proto = onnx.load(str(model_file))
@@ -98,58 +99,11 @@ def smooth(model_file: Path, target: Path, feeds: list[dict[str, np.ndarray]], *
         _insert_before_readers(graph, muls)
     if records:
         release_memory()  # the statistics' pages, before the model is written
-        _save_rescaled(proto, target, rescaled)
+        # each rescaled weight made as it is written: rescaled in the loaded model, each would be held
+        # twice (protobuf frees a message's replaced bytes only with the message)
+        save_model(proto, target, lambda tensor: numpy_helper.from_array(numpy_helper.to_array(tensor) * rescaled[tensor.name], tensor.name)
+                   if tensor.name in rescaled else tensor)
     return records
-
-
-def _save_rescaled(proto: Any, target: Path, rescaled: dict[str, np.ndarray]) -> None:
-    """Writes `proto` to `target` with each weight named in `rescaled` multiplied by its factor, one
-    weight at a time. Rescaled in the loaded model, each weight would be held twice (protobuf frees
-    a message's replaced bytes only with the message), and serializing it would copy the model once
-    more. A serialized message may carry a repeated field in several parts, so the graph goes first
-    without its weights and each weight follows as a message of its own."""
-    import os
-
-    import onnx
-    from onnx import numpy_helper
-
-    from toolkit._onnx import IR_VERSION_CAP, external_data_threshold, save_model
-
-    def rescale(tensor: Any) -> Any:
-        return numpy_helper.from_array(numpy_helper.to_array(tensor) * rescaled[tensor.name], tensor.name)
-
-    if proto.ByteSize() > external_data_threshold():  # its weights go beside it: written as save_model writes them
-        for index, tensor in enumerate(proto.graph.initializer):
-            if tensor.name in rescaled:
-                proto.graph.initializer[index].CopyFrom(rescale(tensor))
-        save_model(proto, target)
-        return
-    skeleton = _without(proto, "graph", onnx.ModelProto())
-    skeleton.graph.CopyFrom(_without(proto.graph, "initializer", onnx.GraphProto()))
-    skeleton.ir_version = min(skeleton.ir_version, IR_VERSION_CAP)
-    partial = target.with_name(target.name + ".partial")
-    with partial.open("wb") as out:
-        out.write(skeleton.SerializeToString())
-        for tensor in proto.graph.initializer:
-            part = onnx.ModelProto()
-            part.graph.initializer.append(rescale(tensor) if tensor.name in rescaled else tensor)
-            out.write(part.SerializeToString())
-    os.replace(partial, target)
-
-
-def _without(message: Any, left_out: str, into: Any) -> Any:
-    """`into` with every field of `message` set as there, but `left_out`."""
-    for field, value in message.ListFields():
-        if field.name == left_out:
-            continue
-        # protobuf 6 deprecates `label` for `is_repeated`, which earlier versions lack
-        if field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED:
-            getattr(into, field.name).extend(value)
-        elif field.type == field.TYPE_MESSAGE:
-            getattr(into, field.name).CopyFrom(value)
-        else:
-            setattr(into, field.name, value)
-    return into
 
 
 def _candidates(graph: Any, uses: dict[str, int]) -> dict[str, list[_Reader]]:
