@@ -93,8 +93,8 @@ def quantize_int8_static(context: QuantizeContext, config: Int8Static, model_fil
     unclamped = _outputs_in_float(target)
     if rounded and rounded["layers"]:
         before, after = rounded["error"]
-        context.say(f"re-rounded {rounded['layers']} of {rounded['of']} layers: their output error from rounding is "
-                    f"{after / before:.2g} of the nearest levels'")
+        context.say(f"re-rounded {rounded['layers']} of {rounded['of']} layers: {after / before:.2g}× the output error "
+                    "that rounding to the nearest levels makes")
     kept_float = [{"nodes": nodes, "why": why} for why, nodes in drowned.items()]
     if unread:
         context.say(f"keeping {len(unread)} nodes without int8 kernels' readers in float (their outputs are read in float)")
