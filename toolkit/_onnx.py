@@ -24,9 +24,11 @@ def external_data_threshold() -> int:
     return int(os.environ.get("TOOLKIT_EXTERNAL_DATA_BYTES", _EXTERNAL_DATA_BYTES))
 
 
-def save_model(proto: onnx.ModelProto, path: Path | str, transform: Callable[[onnx.TensorProto], onnx.TensorProto] | None = None) -> list[str]:
+def save_model(proto: onnx.ModelProto, path: Path | str, transform: Callable[[onnx.TensorProto], onnx.TensorProto] | None = None,
+               *, external: bool | None = None) -> list[str]:
     """Writes `proto` to `path`, its weights in `<name>.data` beside it when the model is past the
-    external-data threshold; returns the names of the external-data files written. `transform`
+    external-data threshold (or as `external` says: a tool whose input kept its weights beside it
+    writes its output so too); returns the names of the external-data files written. `transform`
     gives each initializer as written (the model's own are left as they are, unless written beside it).
 
     Below the threshold the model is written a weight at a time: serialized whole, it would be held
@@ -35,7 +37,7 @@ def save_model(proto: onnx.ModelProto, path: Path | str, transform: Callable[[on
     of its own; the file is the same model."""
     path = Path(path)
     proto.ir_version = min(proto.ir_version, IR_VERSION_CAP)
-    external = model_bytes(proto) > external_data_threshold()
+    external = model_bytes(proto) > external_data_threshold() if external is None else external
     data_file = f"{path.name}.data"
     (path.parent / data_file).unlink(missing_ok=True)  # onnx appends to a data file already there
     if external:

@@ -277,7 +277,7 @@ def test_int8_static_writes_a_graph_output_in_float(exported, copy_of, monkeypat
     read = {name for n in graph.node for name in n.input}
     assert all(t.name in read for t in graph.initializer)  # the dropped pair's scale and zero point went with it
     assert metric["passed"], metric
-    monkeypatch.setattr(int8_static, "_outputs_in_float", lambda _file: [])
+    monkeypatch.setattr(int8_static, "_outputs_in_float", lambda _proto: [])
     _, clamped = made()
     assert not clamped["passed"] and clamped["value"] > 10 * metric["value"], (metric, clamped)
 

@@ -139,17 +139,19 @@ def _map_weights(context: BuildContext) -> None:
 
     mapped: set[int] = set()
     for index, spec in enumerate([context.reference, *context.reference.parts.values()]):
-        storages = {t.untyped_storage().data_ptr() for t in spec.module.state_dict().values()}
-        if not storages or storages <= mapped:  # a part that is a submodule of the model: mapped with it
+        state = spec.module.state_dict()
+        if not state or {t.untyped_storage().data_ptr() for t in state.values()} <= mapped:  # a part that is a submodule: mapped with it
             continue
         file = context.scratch / f"reference-weights-{index}.pt"
         try:
-            torch.save(spec.module.state_dict(), file)
-            spec.module.load_state_dict(torch.load(file, mmap=True, weights_only=True), assign=True)
+            torch.save(state, file)
+            state = torch.load(file, mmap=True, weights_only=True)
+            spec.module.load_state_dict(state, assign=True)
         except (RuntimeError, TypeError, ValueError, AttributeError, OSError) as exc:
             context.say(f"the reference's weights stay in memory (mapping them failed: {exc})")
             continue
-        mapped.update(t.untyped_storage().data_ptr() for t in spec.module.state_dict().values())
+        mapped.update(t.untyped_storage().data_ptr() for t in state.values())
+    del state
     release_memory()
 
 

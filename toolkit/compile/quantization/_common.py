@@ -98,10 +98,7 @@ def main(model_file, target, skip_symbolic_shape, external):
         del inferred
     with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as scratch:
         shaped, optimized = os.path.join(scratch, "shaped.onnx"), os.path.join(scratch, "optimized.onnx")
-        if external:
-            onnx.save(model, shaped, save_as_external_data=True, location="shaped.onnx.data")
-        else:
-            save_model(model, shaped)  # a weight at a time, not the model and its bytes at once
+        save_model(model, shaped, external=external)
         del model
         options = onnxruntime.SessionOptions()
         options.optimized_model_filepath = optimized  # constant folding: every weight an initializer
@@ -128,10 +125,7 @@ def main(model_file, target, skip_symbolic_shape, external):
         gelus = fuse_erf_gelu(proto)
         if gelus:
             prune(proto.graph)
-    if external:
-        onnx.save(proto, target, save_as_external_data=True, all_tensors_to_one_file=True, location=os.path.basename(target) + ".data")
-    else:
-        save_model(proto, target)
+    save_model(proto, target, external=external)
     return gelus
 """
 

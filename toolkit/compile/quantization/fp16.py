@@ -33,11 +33,10 @@ def quantize_fp16(context: QuantizeContext, config: Fp16, model_file: Path, targ
 
 _CONVERT = """
 def main(model_file, target, keep_io_types, block, nodes, external):
-    import os
-
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    from toolkit._onnx import save_model
     from toolkit.compile.passes._graph import record_inferred_shapes
     from toolkit.compile.quantization.fp16 import drop_repeated_nodes
 
@@ -45,12 +44,7 @@ def main(model_file, target, keep_io_types, block, nodes, external):
     converted = convert_float_to_float16(record_inferred_shapes(onnx.load(model_file)), keep_io_types=keep_io_types, op_block_list=block,
                                          node_block_list=nodes or None, disable_shape_infer=True)
     drop_repeated_nodes(converted.graph)
-    if external:
-        onnx.save(converted, target, save_as_external_data=True, location=os.path.basename(target) + ".data")
-    else:
-        from toolkit._onnx import save_model
-
-        save_model(converted, target)  # a weight at a time, not the model and its bytes at once
+    save_model(converted, target, external=external)
 """
 
 

@@ -72,10 +72,7 @@ def quantize_int4(context: QuantizeContext, config: Int4, model_file: Path, targ
                 node.attribute.remove(attribute)
             if config.accuracy_level:
                 node.attribute.append(onnx.helper.make_attribute("accuracy_level", config.accuracy_level))
-    if is_large(pre):
-        onnx.save(packed, str(target), save_as_external_data=True, all_tensors_to_one_file=True, location=target.name + ".data")
-    else:
-        save_model(packed, target)  # a weight at a time, not the model and its bytes at once
+    save_model(packed, target, external=is_large(pre))
     return {
         **options, "weights": f"int4 asymmetric, blocks of {config.block_size} (MatMulNBits)", "activations": "float",
         "algo": config.algo, "block_size": config.block_size, "accuracy_level": config.accuracy_level,

@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from toolkit._onnx import is_large
+from toolkit._onnx import is_large, save_model
 from toolkit.bundle import Bundle
+from toolkit.compile.passes._graph import readers_of
 from toolkit.compile.quantization._common import (
     QuantizeContext,
     calibration_feeds,
@@ -89,8 +90,12 @@ def quantize_int8_static(context: QuantizeContext, config: Int8Static, model_fil
         context.say(f"keeping {len(nodes)} nodes in float: {why}")
     if extra or calibrated:
         unread = run([*chosen, *extra])
-    rounded = round_weights(target, pre, feeds, context.say) if config.rounding == "gptq" else None
-    unclamped = _outputs_in_float(target)
+    quantized = onnx.load(str(target))  # once, for both changes to what quantize_static wrote
+    rounded = round_weights(quantized, pre, feeds, context.say) if config.rounding == "gptq" else None
+    unclamped = _outputs_in_float(quantized)
+    if unclamped or (rounded and rounded["layers"]):
+        save_model(quantized, target, external=is_large(pre))
+    del quantized
     if rounded and rounded["layers"]:
         before, after = rounded["error"]
         context.say(f"re-rounded {rounded['layers']} of {rounded['of']} layers: {after / before:.2g}× the output error "
@@ -155,21 +160,14 @@ _CLAMPED = ("graph outputs written in float by the node that makes them (its wei
             "an output would be clamped to its calibrated range and rounded to 256 levels for nobody but the user to read")
 
 
-def _outputs_in_float(model_file: Path) -> list[str]:
-    """Drops the QuantizeLinear/DequantizeLinear pair quantize_static puts between a node and a graph
-    output (a Conv's: a MatMul's or Gemm's is float already), so the node writes the output in float:
-    a held-out value past the calibrated range is otherwise clamped to it. Returns the outputs."""
-    import onnx
-
-    from toolkit._onnx import save_model
-
-    proto = onnx.load(str(model_file))
+def _outputs_in_float(proto: Any) -> list[str]:
+    """Drops, in place, the QuantizeLinear/DequantizeLinear pair quantize_static puts between a node
+    and a graph output (a Conv's: a MatMul's or Gemm's is float already), so the node writes the
+    output in float: a held-out value past the calibrated range is otherwise clamped to it. Returns
+    the outputs."""
     graph = proto.graph
     makers = {o: node for node in graph.node for o in node.output}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    readers = readers_of(graph)
     unclamped = []
     for output in graph.output:
         dequantize = makers.get(output.name)
@@ -181,14 +179,13 @@ def _outputs_in_float(model_file: Path) -> list[str]:
             node.output[:] = [output.name if name == value else name for name in node.output]
             node.input[:] = [output.name if name == value else name for name in node.input]
         graph.node.remove(dequantize)
-        if readers.get(quantize.output[0], 0) == 1:
+        if len(readers.get(quantize.output[0], [])) == 1:
             graph.node.remove(quantize)
         unclamped.append(output.name)
     if unclamped:
         read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
         for tensor in [t for t in graph.initializer if t.name not in read]:  # the pair's scales and zero points
             graph.initializer.remove(tensor)
-        save_model(proto, model_file)
     return unclamped
 
 

@@ -48,19 +48,17 @@ class _Layer:
     hessian: list[np.ndarray] | None = None  # one (block, block) matrix per block
 
 
-def round_weights(model_file: Path, float_file: Path, feeds: Sequence[dict[str, np.ndarray]],
+def round_weights(proto: Any, float_file: Path, feeds: Sequence[dict[str, np.ndarray]],
                   say: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
-    """Re-rounds the int8 weights of the QDQ model at `model_file` in place, from the float weights
-    of `float_file` (the model it was quantized from; its nodes have the same names). Returns
+    """Re-rounds the int8 weights of the QDQ model `proto` in place, from the float weights of
+    `float_file` (the model it was quantized from; its nodes have the same names). Returns
     {"layers": re-rounded, "of": eligible, "error": [nearest, re-rounded]}: the re-rounded layers'
     output error from rounding their weights on the calibration samples (summed squares, as H weighs
     them), to nearest and as re-rounded."""
-    import onnx
     from onnx import numpy_helper
 
-    from toolkit._onnx import model_bytes, save_model
+    from toolkit._onnx import model_bytes
 
-    proto = onnx.load(str(model_file))
     layers = _layers(proto.graph)
     if not layers or model_bytes(proto) >= 2**31:  # onnxruntime takes a model from memory only below protobuf's 2 GiB
         return {"layers": 0, "of": len(layers), **({"note": "not re-rounded: the model is past protobuf's 2 GiB"} if layers else {})}
@@ -86,7 +84,6 @@ def round_weights(model_file: Path, float_file: Path, feeds: Sequence[dict[str, 
         before, after, changed = before + err_nearest, after + err_new, changed + 1
         new = new.reshape(stored.shape) if layer.rows_first else new.T
         tensor.CopyFrom(numpy_helper.from_array(new.astype(stored.dtype), layer.weight))
-    save_model(proto, model_file)
     return {"layers": changed, "of": len(layers), "error": [before, after]}
 
 
