@@ -96,6 +96,92 @@ def test_the_optimized_graph_loads_and_keeps_greedy_parity(exported, copy_of, ki
     record = check(path, variants=["opt"], trust_source=True)["opt"]
     assert record["passed"], record
     assert record["greedy"]["token_agreement"] == 1.0
+    if kind == "gpt2":  # the in-place rewrite takes ONNX Attention only
+        assert "onnxruntime's MultiHeadAttention" in record["greedy_inplace"]["not_applied"]
+    else:  # what a Generator opened on the bundle runs on the CPU
+        assert record["greedy_inplace"].get("token_agreement") == 1.0, record["greedy_inplace"]
+
+
+@pytest.fixture(scope="module")
+def llama_opt(exported, tmp_path_factory):
+    import shutil
+
+    from toolkit.compile import optimize
+
+    path = tmp_path_factory.mktemp("inplace") / "llama"
+    shutil.copytree(exported(f"hf:{causal_lm('llama')}", None), path)
+    optimize(path)
+    return path
+
+
+def test_the_in_place_cache_gives_the_growing_caches_tokens(llama_opt):
+    """On the CPU, a Generator opened on a fused variant writes every step into one cache allocated
+    per call: the growing cache's greedy tokens, alone and in a left-padded batch (the rewrite reads
+    the past length from the mask, since the buffer's is the whole allocation). It holds one session:
+    the bundle graph's is released. Given a Model, it keeps the Model's graph unless asked."""
+    from toolkit import Model
+
+    inplace = Generator(llama_opt, variant="opt", provider="cpu")
+    growing = Generator(llama_opt, variant="opt", provider="cpu", cache="growing")
+    assert (inplace.decode, inplace.note, growing.decode) == ("inplace", "", "growing")
+    assert inplace.model.session is None and growing.model.session is not None
+    prompts = [inplace.tokenizer.encode(p) for p in PROMPTS]
+    assert len({len(p) for p in prompts}) > 1
+    for batch in (prompts, prompts[:1], prompts[1:]):
+        np.testing.assert_array_equal(greedy_tokens(inplace, batch, NEW_TOKENS), greedy_tokens(growing, batch, NEW_TOKENS))
+    shared = Model(llama_opt, variant="opt", provider="cpu")
+    assert (Generator(shared).decode, Generator(shared, cache="inplace").decode) == ("growing", "inplace")
+    assert shared.session is not None
+
+
+def test_the_in_place_graph_writes_one_step_into_the_cache_it_is_given(llama_opt):
+    """The rewritten graph, run once over a bound buffer holding a past of 5 positions: the step's
+    keys land at position 5 of the same buffer, nothing after it changes, and its logits are the
+    bundle graph's over the same past to fp32 rounding."""
+    import onnxruntime as ort
+
+    from toolkit import Model
+    from toolkit.runtime.inplace import inplace_graph
+
+    model = Model(llama_opt, variant="opt", provider="cpu")
+    proto, why = inplace_graph(model.bundle.variant_path("opt"))
+    assert why == "" and {n.op_type for n in proto.graph.node} >= {"GroupQueryAttention"} and "Attention" not in {n.op_type for n in proto.graph.node}
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    past = {t.name: t for t in model.inputs if t.name.startswith("past_")}
+    _, heads, _, size = next(iter(past.values())).shape
+    rng = np.random.default_rng(0)
+    values = {name: rng.standard_normal((1, heads, 5, size)).astype(np.float32) for name in past}
+    step = {"input_ids": np.array([[7]]), "attention_mask": np.ones((1, 6), np.int64), "position_ids": np.array([[5]])}
+    want = model.run(step | values)
+    buffers = {name: np.zeros((1, heads, 9, size), np.float32) for name in past}
+    binding = session.io_binding()
+    for name, value in values.items():
+        buffers[name][:, :, :5] = value
+        buffer = ort.OrtValue.ortvalue_from_numpy(buffers[name])
+        binding.bind_ortvalue_input(name, buffer)
+        binding.bind_ortvalue_output("present_" + name.removeprefix("past_"), buffer)
+        buffers[name] = buffer
+    for name, value in step.items():
+        binding.bind_cpu_input(name, value)
+    binding.bind_output("logits", "cpu")
+    session.run_with_iobinding(binding)
+    np.testing.assert_allclose(binding.get_outputs()[-1].numpy(), want["logits"], rtol=0, atol=1e-4)
+    for name in past:
+        written = buffers[name].numpy()
+        np.testing.assert_array_equal(written[:, :, :5], values[name])
+        np.testing.assert_allclose(written[:, :, 5], want["present_" + name.removeprefix("past_")][:, :, 5], atol=1e-5)
+        assert not written[:, :, 6:].any()
+
+
+def test_the_in_place_rewrite_says_why_it_does_not_apply(exported):
+    from toolkit.runtime.inplace import inplace_graph
+
+    unfused = Bundle.open(exported(f"hf:{causal_lm('llama')}", None)).variant_path("fp32")
+    assert inplace_graph(unfused) == (None, "its attention is not fused (the fused variants opt, int8 and int4 of a rotary decoder have it)")
+    generator = Generator(exported(f"hf:{causal_lm('llama')}", None), provider="cpu")
+    assert generator.decode == "growing" and generator.note.startswith("in-place cache not used: its attention is not fused")
+    with pytest.raises(Exception, match=r"cache 'inplace' does not apply to .* \(fp32\): its attention is not fused"):
+        Generator(exported(f"hf:{causal_lm('llama')}", None), provider="cpu", cache="inplace")
 
 
 @pytest.mark.parametrize("kind", ["llama", *(pytest.param(k, marks=pytest.mark.slow) for k in ("mistral", "qwen2", "phi"))])
@@ -166,3 +252,21 @@ def test_int8_and_int4_from_the_fused_graph_keep_its_attention(exported, copy_of
         assert {"int8": {"DynamicQuantizeMatMul", "MatMulInteger"}, "int4": {"MatMulNBits"}}[mode] & set(ops)
         record = check(path, variants=[mode], trust_source=True)[mode]
         assert record["passed"] and "greedy" in record, record
+
+
+@pytest.mark.slow
+def test_the_in_place_cache_reads_weights_kept_beside_the_graph(tmp_path, monkeypatch):
+    """A variant whose weights are in external files (large models): the rewritten graph reads them
+    where the bundle keeps them, and decodes the growing cache's tokens."""
+    from toolkit.compile import optimize
+    from toolkit.compile.exporter import export
+
+    monkeypatch.setenv("TOOLKIT_EXTERNAL_DATA_BYTES", "1000")
+    path = tmp_path / "llama"
+    export(f"hf:{causal_lm('llama')}", path)
+    optimize(path)
+    assert (path / "model.opt.onnx.data").is_file()
+    inplace, growing = Generator(path, variant="opt", provider="cpu"), Generator(path, variant="opt", provider="cpu", cache="growing")
+    assert inplace.decode == "inplace"
+    prompts = [inplace.tokenizer.encode(p) for p in PROMPTS]
+    np.testing.assert_array_equal(greedy_tokens(inplace, prompts, 16), greedy_tokens(growing, prompts, 16))

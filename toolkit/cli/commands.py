@@ -528,7 +528,7 @@ def generate(
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they arrive (a single prompt)."),
     variant: str | None = typer.Option(None, help="Variant to run (default fp32; 'best' after toolkit build)."),
     provider: Provider = typer.Option(Provider.auto, help="Execution provider."),
-    cache: Cache = typer.Option(Cache.auto, help="growing: each step feeds the cache the last returned; static: a cache preallocated to the context, replayed as CUDA graphs on CUDA; auto: static with CUDA graphs on CUDA where the bundle has it."),
+    cache: Cache = typer.Option(Cache.auto, help="growing: each step feeds the cache the last returned; inplace (CPU): one cache per call that each step writes into, through the variant's graph rewritten for it (fused variants: opt, int8, int4); static: a cache preallocated to the context, replayed as CUDA graphs on CUDA; auto: inplace on the CPU and static with CUDA graphs on CUDA where they apply, growing otherwise."),
 ) -> None:
     """Continue text with a decoder bundle (or answer it, with an encoder-decoder): greedy or sampled,
     with stop strings, streamed as it comes."""

@@ -142,13 +142,20 @@ def _check_variant(bundle: Bundle, name: str, provider: str, evidence: _Evidence
     if evidence.greedy is not None:
         from toolkit.runtime.generate import Generator, greedy_tokens, token_agreement
 
-        try:
-            got = greedy_tokens(Generator(model), evidence.greedy.prompts, evidence.greedy.tokens.shape[1])
-        except ToolkitError as exc:  # a later step's shapes can fail where the checked cases passed
-            errors.append(f"greedy generation: {exc}")
-        else:
-            record["greedy"] = token_agreement(got, evidence.greedy.tokens)
-            errors.extend(evidence.greedy.unexplained(got, tolerance))
+        loops = {"greedy": Generator(model, cache="growing")}
+        if model.provider == "cpu":  # a Generator opened on the bundle decodes through the in-place cache where it applies
+            try:
+                loops["greedy_inplace"] = Generator(model, cache="inplace")
+            except ToolkitError as exc:
+                record["greedy_inplace"] = {"not_applied": str(exc)}
+        for key, generator in loops.items():
+            try:
+                got = greedy_tokens(generator, evidence.greedy.prompts, evidence.greedy.tokens.shape[1])
+            except ToolkitError as exc:  # a later step's shapes can fail where the checked cases passed
+                errors.append(f"greedy generation{' over the in-place cache' if key != 'greedy' else ''}: {exc}")
+            else:
+                record[key] = token_agreement(got, evidence.greedy.tokens)
+                errors.extend(f"{e} (over the in-place cache)" if key != "greedy" else e for e in evidence.greedy.unexplained(got, tolerance))
     record["passed"] = (not errors and all(s["passed"] for s in outputs.values())
                         and record.get("accuracy", {"passed": True})["passed"]
                         and (record["task_metric"] is None or record["task_metric"]["passed"]))

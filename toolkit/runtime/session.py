@@ -11,7 +11,7 @@ from typing import Any
 from toolkit.errors import ToolkitError
 
 __all__ = ["CPU_DISABLED_OPTIMIZERS", "PROVIDERS", "cuda_status", "new_session", "open_session", "ort_message", "preload_cuda",
-           "session_providers"]
+           "session_options", "session_providers"]
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # onnxruntime's CPU SkipLayerNormalization kernel is a scalar loop, slower than the Add +
@@ -72,17 +72,24 @@ def new_session(model: str | bytes, provider: str, options: Any = None, *, cuda_
                                 disabled_optimizers=disabled)
 
 
-def open_session(path: Path, provider: str, threads: int | None, *, cuda_graph: bool = False) -> tuple[Any, str, str]:
+def session_options(threads: int | None) -> Any:
+    """onnxruntime's session options as every toolkit session has them: `threads` intra-op threads
+    (None: one per core)."""
     import onnxruntime as ort
 
-    if provider not in ("auto", *PROVIDERS):
-        raise ToolkitError(f"unknown provider {provider!r}; choose auto, {', '.join(PROVIDERS)}.")
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures surface as exceptions with the same text; no duplicate log
     if threads is not None:
         if threads < 1:
             raise ToolkitError(f"threads {threads}: give at least 1, or leave it unset for onnxruntime's default (one per core).")
         options.intra_op_num_threads = threads
+    return options
+
+
+def open_session(path: Path, provider: str, threads: int | None, *, cuda_graph: bool = False) -> tuple[Any, str, str]:
+    if provider not in ("auto", *PROVIDERS):
+        raise ToolkitError(f"unknown provider {provider!r}; choose auto, {', '.join(PROVIDERS)}.")
+    options = session_options(threads)
 
     def session(name: str) -> Any:
         try:
