@@ -147,10 +147,14 @@ def _python_loop(path: Path, threads: int, head_size: int) -> Any:
 
 def section(result: dict[str, Any], command: str, cpu: str) -> str:
     lines = ["## The loop around the decode graph (LLaMA 124M)", "",
-             f"Written by `{command}` ({cpu}, {result['threads']} threads, onnxruntime {result['onnxruntime']} for all four, "
+             f"Written by `{command}` ({cpu}, {result['threads']} threads, onnxruntime {result['onnxruntime']} for every column, "
              f"medians of {result['rounds']} interleaved rounds): decode ms/token, and each column ÷ onnxruntime-genai's own loop. "
              "The Python loop is the leanest there is: session.run on numpy arrays, the cache the last step returned, argmax. "
-             "int4 is toolkit's with its head in 4-bit blocks (onnxruntime-genai's precision), fp32 toolkit's `opt`.", "",
+             "int4 is toolkit's with its head in 4-bit blocks (onnxruntime-genai's precision), fp32 toolkit's `opt`. "
+             "The second column against the first is what driving onnxruntime from Python costs on the peer's own graph (a call "
+             "per step, numpy in and out, a new cache every step); the third against the second compares the two graphs in the "
+             "same loop; the last two are toolkit's Generator, over the bundle's graph and over the graph rewritten for a cache "
+             "written in place (the default on the CPU where it applies).", "",
              "| precision | batch | new | " + " | ".join(LOOPS) + " |", "|---|---|---|" + "---|" * len(LOOPS)]
     for row in result["rows"]:
         ms = row["ms_per_token"]

@@ -354,7 +354,7 @@ class Generator:
             if self._static is not None:
                 state = self._static.begin(stack)
             elif self._inplace is not None:
-                state = _InplaceCache(self._inplace, layout, max_new_tokens)
+                state = _InplaceCache(self._inplace, layout, max_new_tokens, next(o for o in self.model.outputs if o.name == layout.logits))
             else:
                 state = _GrowingCache(self._step, layout)
             logits = state.start(self._first_feeds(prompts))
@@ -469,8 +469,10 @@ class _InplaceCache:
     input, allocated for the prompt and every new token, bound once as both that step's past and
     its present; each step binds only its tokens, mask and positions."""
 
-    def __init__(self, session: Any, layout: _Layout, new_tokens: int):
+    def __init__(self, session: Any, layout: _Layout, new_tokens: int, logits: TensorSpec):
         self.session, self.layout, self.new_tokens = session, layout, new_tokens
+        self.width, self.dtype = logits.shape[-1], np.dtype(logits.dtype)  # a decode step's logits: (batch, 1, width)
+        self.logits = None
 
     def start(self, feeds: dict[str, Any]) -> np.ndarray:
         import onnxruntime as ort
@@ -492,16 +494,23 @@ class _InplaceCache:
         return self._run(token[:, None].astype(np.int64))
 
     def _run(self, ids: np.ndarray) -> np.ndarray:
-        binding = self.binding
+        import onnxruntime as ort
+
+        binding, name = self.binding, self.layout.logits
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
         binding.bind_cpu_input("attention_mask", self.mask)
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(self.positions))
-        binding.bind_output(self.layout.logits, "cpu")  # its length is this step's tokens
+        step = ids.shape[1] == 1 and isinstance(self.width, int)
+        if step and self.logits is None:  # every decode step writes the same buffer
+            self.logits = ort.OrtValue.ortvalue_from_shape_and_type((len(ids), 1, self.width), self.dtype)
+            binding.bind_ortvalue_output(name, self.logits)
+        elif not step:
+            binding.bind_output(name, "cpu")  # the prompt's logits, one row per token
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:  # onnxruntime's own exception types are not importable portably
             raise ToolkitError(f"onnxruntime failed in a decode step over the in-place cache: {ort_message(exc)}") from exc
-        return binding.get_outputs()[-1].numpy()[:, -1]
+        return (self.logits if step else binding.get_outputs()[-1]).numpy()[:, -1]
 
 
 class _StaticSessions:
