@@ -140,26 +140,39 @@ def _check_variant(bundle: Bundle, name: str, provider: str, evidence: _Evidence
         errors.append(f"held-out inputs: {exc}")
         record["task_metric"] = None
     if evidence.greedy is not None:
-        from toolkit.runtime.generate import Generator, greedy_tokens, token_agreement
+        from toolkit.runtime.generate import Generator
 
-        loops = {"greedy": Generator(model, cache="growing")}
-        if model.provider == "cpu":  # a Generator opened on the bundle decodes through the in-place cache where it applies
+        agreement = _greedy(lambda: Generator(model, cache="growing"), evidence.greedy, tolerance, errors, "")
+        if agreement is not None:
+            record["greedy"] = agreement
+        if model.provider == "cpu":  # a Generator opened on the bundle decodes over the in-place cache where it applies
+            model.close()  # the variant's graph has run all it runs here: one session's weights in memory at a time
             try:
-                loops["greedy_inplace"] = Generator(model, cache="inplace")
+                inplace = Generator(model, cache="inplace")
             except ToolkitError as exc:
                 record["greedy_inplace"] = {"not_applied": str(exc)}
-        for key, generator in loops.items():
-            try:
-                got = greedy_tokens(generator, evidence.greedy.prompts, evidence.greedy.tokens.shape[1])
-            except ToolkitError as exc:  # a later step's shapes can fail where the checked cases passed
-                errors.append(f"greedy generation{' over the in-place cache' if key != 'greedy' else ''}: {exc}")
             else:
-                record[key] = token_agreement(got, evidence.greedy.tokens)
-                errors.extend(f"{e} (over the in-place cache)" if key != "greedy" else e for e in evidence.greedy.unexplained(got, tolerance))
+                agreement = _greedy(lambda: inplace, evidence.greedy, tolerance, errors, " over the in-place cache")
+                if agreement is not None:
+                    record["greedy_inplace"] = agreement
     record["passed"] = (not errors and all(s["passed"] for s in outputs.values())
                         and record.get("accuracy", {"passed": True})["passed"]
                         and (record["task_metric"] is None or record["task_metric"]["passed"]))
     return record
+
+
+def _greedy(generator: Callable[[], Any], greedy: _Greedy, tolerance: Tolerance, errors: list[str], where: str) -> dict[str, Any] | None:
+    """The greedy tokens' agreement with the reference's (None if generating failed); what no near-tie
+    explains goes to `errors`."""
+    from toolkit.runtime.generate import greedy_tokens, token_agreement
+
+    try:
+        got = greedy_tokens(generator(), greedy.prompts, greedy.tokens.shape[1])
+    except ToolkitError as exc:  # a later step's shapes can fail where the checked cases passed
+        errors.append(f"greedy generation{where}: {exc}")
+        return None
+    errors.extend(f"{e} ({where.strip()})" if where else e for e in greedy.unexplained(got, tolerance))
+    return token_agreement(got, greedy.tokens)
 
 
 def _compare_cases(model: Model, evidence: _Evidence, tolerance: Tolerance, errors: list[str]) -> dict[str, dict[str, Any]]:

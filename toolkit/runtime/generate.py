@@ -481,6 +481,7 @@ class _InplaceCache:
         batch, length = feeds["input_ids"].shape
         self.binding = self.session.io_binding()
         shape = (batch, layout.heads, length + self.new_tokens, layout.head_size)
+        # held here for the call: the binding does not keep its values alive
         self.caches = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=layout.past_dtype)) for _ in layout.caches]
         for name, cache in zip(layout.caches, self.caches, strict=True):
             self.binding.bind_ortvalue_input(name, cache)

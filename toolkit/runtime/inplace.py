@@ -27,7 +27,7 @@ import numpy as np
 
 __all__ = ["inplace_graph"]
 
-_LENGTHS = "inplace_"  # prefix of the names this rewrite adds
+_PREFIX = "inplace_"  # of the names this rewrite adds
 
 
 def inplace_graph(path: Path) -> tuple[Any | None, str]:
@@ -46,10 +46,12 @@ def inplace_graph(path: Path) -> tuple[Any | None, str]:
         if theirs:
             return None, f"its attention is onnxruntime's {', '.join(theirs)}, which the rewrite does not cover"
         return None, "its attention is not fused (the fused variants opt, int8 and int4 of a rotary decoder have it)"
-    by_past = {n.input[4]: n for n in attentions if len(n.input) == 6}
+    outputs = {o.name for o in graph.output}
+    by_past = {n.input[4]: n for n in attentions if len(n.input) == 6 and len(n.output) >= 3
+               and [*n.output[1:3]] == ["present_" + p.removeprefix("past_") for p in n.input[4:6]] and set(n.output[1:3]) <= outputs}
     covered = {name for n in by_past.values() for name in n.input[4:6]}
     if covered != set(pasts) or len(by_past) != len(attentions):
-        return None, "some of its attention is not one ONNX Attention over a past input"
+        return None, "some of its attention is not one ONNX Attention from a past input to its present output"
     for node in graph.node:
         if node.op_type not in ("Attention", "Shape") and set(node.input) & set(pasts):
             return None, f"its {node.op_type} node {node.name!r} reads the cache"
@@ -84,7 +86,7 @@ def _rewrite(graph: Any, pasts: dict[str, Any], heads_form: dict[int, bool]) -> 
 
     first = next(iter(pasts.values())).type.tensor_type.shape.dim
     heads, size = first[1].dim_value, first[3].dim_value
-    name = lambda s: _LENGTHS + s  # noqa: E731
+    name = lambda s: _PREFIX + s  # noqa: E731
     for key, value in {"heads": [heads], "size": [size], "one": [1], "rows_shape": [0, 0, -1], "heads_shape": [0, 0, -1, size]}.items():
         graph.initializer.append(numpy_helper.from_array(np.array(value, np.int64), name(key)))
     # the past length is what the mask covers beyond this step's tokens, whatever the buffer holds
