@@ -13,6 +13,7 @@ import pytest
 from models.hf_causal import ARCHITECTURES, causal_lm
 from toolkit import Generator
 from toolkit.bundle import Bundle
+from toolkit.errors import ToolkitError
 from toolkit.runtime.generate import greedy_tokens
 
 from .greedy import PROMPTS, until_eos
@@ -125,6 +126,8 @@ def test_the_in_place_cache_gives_the_growing_caches_tokens(llama_opt):
     growing = Generator(llama_opt, variant="opt", provider="cpu", cache="growing")
     assert (inplace.decode, inplace.note, growing.decode) == ("inplace", "", "growing")
     assert inplace.model.session is None and growing.model.session is not None
+    with pytest.raises(ToolkitError, match=r"is closed: its session was released"):
+        inplace.model.run({})
     prompts = [inplace.tokenizer.encode(p) for p in PROMPTS]
     assert len({len(p) for p in prompts}) > 1
     for batch in (prompts, prompts[:1], prompts[1:]):
