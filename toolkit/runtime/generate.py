@@ -189,74 +189,46 @@ class Generator:
             encoder = Model(model.bundle.path / self.layout.encoder, variant=model.variant, provider=model.provider, threads=threads)
             self._encoder_step = _step(encoder, {o.name for o in encoder.outputs})
             self.source = encoder.inputs[0]  # what a prompt is: source_ids, or a speech model's input_features
-        self._inplace = None
-        if cache == "inplace" or (cache == "auto" and self.model.provider == "cpu" and owned):
-            self._inplace, why = self._inplace_session(threads)
-            if self._inplace is None and cache == "inplace":
-                raise ToolkitError(f"cache 'inplace' does not apply to {model.name} ({model.variant}): {why}.")
-            if self._inplace is not None and owned:
-                self.model.close()  # the rewritten graph runs every step: one session's weights in memory, not two
-            self.decode, self.note, self._static = ("inplace", "", None) if self._inplace is not None else ("growing", f"in-place cache not used: {why}", None)
-        else:
-            self.decode, self.note, self._static = self._choose_cache(cache, threads, cuda_graph)
+        self.decode, self.note, self._static, self._inplace = self._choose_cache(cache, threads, cuda_graph, owned)
 
-    def _inplace_session(self, threads: int | None) -> tuple[Any, str]:
-        """The session of the variant's graph rewritten to write its cache in place, or (None, why not)."""
-        import tempfile
-        from pathlib import Path
+    def _choose_cache(self, cache: str, threads: int | None, cuda_graph: bool, owned: bool) -> tuple[str, str, _StaticSessions | None, Any]:
+        """(how steps decode: "growing", "inplace", "static" or "cuda-graph"; why, when "auto" took
+        neither the in-place cache nor CUDA graphs; the static-cache sessions; the in-place session)."""
+        provider = self.model.provider
+        if cache == "inplace" or (cache == "auto" and provider == "cpu" and owned):
+            from toolkit.runtime.inplace import inplace_session
 
-        from onnx.external_data_helper import uses_external_data
-
-        from toolkit._onnx import save_model
-        from toolkit.runtime.inplace import inplace_graph
-        from toolkit.runtime.session import new_session, session_options
-
-        if self.model.provider != "cpu":
-            return None, f"it is for the CPU provider (this model runs on {self.model.provider}; use cache 'static' there)"
-        if self.layout.encoder:
-            return None, "an encoder-decoder's decoder reads its encoder's memory, which the rewrite does not cover"
-        path = self.model.bundle.variant_path(self.model.variant)
-        proto, why = inplace_graph(path)
-        if proto is None:
-            return None, why
-        if threads is None and self.model.session is not None:  # as many as the bundle graph's session has
-            threads = self.model.session.get_session_options().intra_op_num_threads or None
-        options = session_options(threads)
-        with tempfile.TemporaryDirectory(prefix="toolkit-inplace-", ignore_cleanup_errors=True) as scratch:
-            if any(uses_external_data(t) for t in proto.graph.initializer):  # its weights stay in the bundle's files
-                options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-                model: str | bytes = proto.SerializeToString()
-            else:  # written a weight at a time, so that the graph and its session are not in memory at once
-                model = str(Path(scratch) / "model.onnx")
-                save_model(proto, model, external=True)
-            del proto
-            try:
-                return new_session(model, "cpu", options), ""
-            except Exception as exc:  # onnxruntime's own exception types are not importable portably
-                return None, f"onnxruntime cannot load the rewritten graph: {ort_message(exc)}"
-
-    def _choose_cache(self, cache: str, threads: int | None, cuda_graph: bool) -> tuple[str, str, _StaticSessions | None]:
-        """(how steps decode: "growing", "static" or "cuda-graph"; why, when "auto" did not take CUDA
-        graphs; the static-cache sessions)."""
+            if provider != "cpu":
+                session, why = None, f"it is for the CPU provider (this model runs on {provider}; use cache 'static' there)"
+            elif self.layout.encoder:
+                session, why = None, "an encoder-decoder's decoder reads its encoder's memory, which the rewrite does not cover"
+            else:
+                if threads is None and self.model.session is not None:  # as many as the bundle graph's session has
+                    threads = self.model.session.get_session_options().intra_op_num_threads or None
+                session, why = inplace_session(self.model.bundle.variant_path(self.model.variant), threads)
+            if session is not None:
+                if owned:
+                    self.model.close()  # the rewritten graph runs every step: one session's weights in memory, not two
+                return "inplace", "", None, session
+            if cache == "inplace":
+                raise ToolkitError(f"cache 'inplace' does not apply to {self.model.name} ({self.model.variant}): {why}.")
+            return "growing", f"in-place cache not used: {why}", None, None
         part = (self.model.bundle.manifest.generation or {}).get("static")
-        if cache == "growing":
-            return "growing", "", None
-        if cache == "auto" and (self.model.provider != "cuda" or not cuda_graph):
-            return "growing", "", None
+        if cache == "growing" or (cache == "auto" and (provider != "cuda" or not cuda_graph)):
+            return "growing", "", None, None
         if not part:
             why = f"the bundle has no static-cache part (re-export {self.model.name} with --static-cache)"
             if cache == "static":
                 raise ToolkitError(f"cache 'static' needs a static-cache graph: {why}.")
-            return "growing", f"CUDA graphs not used: {why}", None
-        graphs = self.model.provider == "cuda" and cuda_graph
+            return "growing", f"CUDA graphs not used: {why}", None, None
+        graphs = provider == "cuda" and cuda_graph
         try:
-            static = Model(self.model.bundle.path / part, variant=self.model.variant, provider=self.model.provider, threads=threads,
-                           cuda_graph=graphs)
+            static = Model(self.model.bundle.path / part, variant=self.model.variant, provider=provider, threads=threads, cuda_graph=graphs)
         except ToolkitError as exc:
             if cache == "static":
                 raise
-            return "growing", f"CUDA graphs not used: {exc}", None
-        return ("cuda-graph" if graphs else "static"), "", _StaticSessions(static, self.layout)
+            return "growing", f"CUDA graphs not used: {exc}", None, None
+        return ("cuda-graph" if graphs else "static"), "", _StaticSessions(static, self.layout), None
 
     def use_steps(self, step: Callable[[Mapping[str, Any]], dict[str, Any]],
                   encoder_step: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None) -> None:
@@ -495,14 +467,14 @@ class _InplaceCache:
         return self._run(token[:, None].astype(np.int64))
 
     def _run(self, ids: np.ndarray) -> np.ndarray:
-        import onnxruntime as ort
-
         binding, name = self.binding, self.layout.logits
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
         binding.bind_cpu_input("attention_mask", self.mask)
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(self.positions))
         step = ids.shape[1] == 1 and isinstance(self.width, int)
         if step and self.logits is None:  # every decode step writes the same buffer
+            import onnxruntime as ort
+
             self.logits = ort.OrtValue.ortvalue_from_shape_and_type((len(ids), 1, self.width), self.dtype)
             binding.bind_ortvalue_output(name, self.logits)
         elif not step:

@@ -25,9 +25,36 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["inplace_graph"]
+__all__ = ["inplace_graph", "inplace_session"]
 
 _PREFIX = "inplace_"  # of the names this rewrite adds
+
+
+def inplace_session(path: Path, threads: int | None) -> tuple[Any | None, str]:
+    """(a CPU session of the decoder graph at `path` rewritten by `inplace_graph`, "") or (None, why not)."""
+    import tempfile
+
+    from onnx.external_data_helper import uses_external_data
+
+    from toolkit._onnx import save_model
+    from toolkit.runtime.session import new_session, ort_message, session_options
+
+    proto, why = inplace_graph(path)
+    if proto is None:
+        return None, why
+    options = session_options(threads)
+    with tempfile.TemporaryDirectory(prefix="toolkit-inplace-", ignore_cleanup_errors=True) as scratch:
+        if any(uses_external_data(t) for t in proto.graph.initializer):  # its weights stay in the bundle's files
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+            model: str | bytes = proto.SerializeToString()
+        else:  # written a weight at a time, so that the graph and its session are not in memory at once
+            model = str(Path(scratch) / "model.onnx")
+            save_model(proto, model, external=True)
+        del proto
+        try:
+            return new_session(model, "cpu", options), ""
+        except Exception as exc:  # onnxruntime's own exception types are not importable portably
+            return None, f"onnxruntime cannot load the rewritten graph: {ort_message(exc)}"
 
 
 def inplace_graph(path: Path) -> tuple[Any | None, str]:

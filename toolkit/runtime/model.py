@@ -141,7 +141,7 @@ class Model(Signature):
 
     def run(self, feeds: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Runs one inference; returns {output name: array} for `outputs` (default: all)."""
-        self._open_session()
+        self._live_session()
         arrays = self.validate(feeds)
         names = [o.name for o in self.outputs] if outputs is None else list(outputs)
         unknown = [n for n in names if n not in {o.name for o in self.outputs}]
@@ -154,7 +154,7 @@ class Model(Signature):
         spec itself (a decoding loop, a batch merged from validated requests)."""
         names = [o.name for o in self.outputs] if outputs is None else list(outputs)
         try:
-            values = self._open_session().run(names, arrays)
+            values = self._live_session().run(names, arrays)
         except Exception as exc:  # onnxruntime's own exception types are not importable portably
             raise ToolkitError(f"onnxruntime failed running {self.name} ({self.variant}): {ort_message(exc)}") from exc
         return dict(zip(names, values, strict=True))
@@ -175,7 +175,7 @@ class Model(Signature):
     def close(self) -> None:
         self._session = None
 
-    def _open_session(self) -> Any:
+    def _live_session(self) -> Any:
         if self._session is None:
             raise ToolkitError(f"{self.name} ({self.variant}) is closed: its session was released (a Generator opened on the bundle "
                                "releases it when it decodes over the in-place cache). Load the bundle again to run it.")
