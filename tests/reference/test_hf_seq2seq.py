@@ -141,9 +141,9 @@ def test_text_sources_are_tokenized_as_the_model_reads_them_and_the_encoder_feed
 
 
 def test_generation_rules_force_and_suppress_tokens_as_transformers_does():
-    from toolkit.runtime.generate import _Rules
+    from toolkit.runtime.generate import TokenRules
 
-    rules = _Rules.of({"forced_bos_token_id": 3, "forced_eos_token_id": [1, 2], "suppress_tokens": [4], "begin_suppress_tokens": [0]})
+    rules = TokenRules.of({"forced_bos_token_id": 3, "forced_eos_token_id": [1, 2], "suppress_tokens": [4], "begin_suppress_tokens": [0]})
     logits = np.zeros((2, 6))
     logits[:, 0] = logits[:, 4] = 9.0
     assert rules.apply(logits, 0, False).argmax(-1).tolist() == [3, 3]  # forced first

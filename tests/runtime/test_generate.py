@@ -253,7 +253,7 @@ def test_bound_steps_keep_the_cache_out_of_numpy_and_change_no_token(exported, n
     back as OrtValues), run here on the CPU provider: the same greedy tokens as numpy feeds."""
     import onnxruntime as ort
 
-    from toolkit.runtime.generate import bound_step
+    from toolkit.runtime.generate.caches import bound_step
 
     path = exported(name)
     plain, bound = Generator(path, provider="cpu"), Generator(path, provider="cpu")

@@ -8,8 +8,9 @@ the bundle's graph concatenates the whole cache into a new one at every step.
 The rewrite applies to the graphs toolkit's attention pass made (toolkit.compile.passes.attention):
 ONNX `Attention` on the projections' rows, fed the graph's own additive mask and the past keys and
 values, returning the present ones. That mask (padding and causality as the model builds it) goes
-to GroupQueryAttention as its attention bias, so left-padded rows stay masked; every row's cache is
-counted full (the padding is in the mask, not the lengths). Where the graph reads a past input's
+to GroupQueryAttention as its attention bias, so left-padded rows stay masked; each row's length is
+an input (`SEQLENS`): a left-padded batch counts every row full (the padding is in the mask), a
+continuous batch's rows stand at lengths of their own. Where the graph reads a past input's
 shape (its mask and positions are built from the past length), it reads the length the attention
 mask implies instead, since the buffer's own is the whole allocation.
 
@@ -25,9 +26,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["inplace_graph", "inplace_session"]
+__all__ = ["SEQLENS", "inplace_graph", "inplace_session"]
 
 _PREFIX = "inplace_"  # of the names this rewrite adds
+# The graph's one new input, GroupQueryAttention's own: per row, the tokens its cache holds after
+# this step, minus one. Where a step writes a row's keys (that length minus the step's tokens) and
+# how far it reads follow from it, so rows of one batch may stand at different lengths (a
+# continuous batch's slots); a left-padded batch gives every row the mask's whole width.
+SEQLENS = "seqlens_k"
 
 
 def inplace_session(path: Path, threads: int | None) -> tuple[Any | None, str]:
@@ -123,9 +129,6 @@ def _rewrite(graph: Any, pasts: dict[str, Any], heads_form: dict[int, bool]) -> 
         helper.make_node("Shape", ["attention_mask"], [name("total")], start=1, end=2),
         helper.make_node("Sub", [name("total"), name("seq")], [name("past")]),
         helper.make_node("Concat", [name("batch"), name("heads"), name("past"), name("size")], [name("past_shape")], axis=0),
-        helper.make_node("Sub", [name("total"), name("one")], [name("last")]),
-        helper.make_node("Expand", [name("last"), name("batch")], [name("seqlens64")]),
-        helper.make_node("Cast", [name("seqlens64")], [name("seqlens_k")], to=TensorProto.INT32),
         helper.make_node("Cast", [name("total")], [name("total32")], to=TensorProto.INT32),
         helper.make_node("Squeeze", [name("total32")], [name("total_length")]),
     ]
@@ -145,7 +148,7 @@ def _rewrite(graph: Any, pasts: dict[str, Any], heads_form: dict[int, bool]) -> 
                 query, key, value = (_to_rows(nodes, t, name) for t in (query, key, value))
                 output = name(f"{node.output[0]}_rows")
             extra = {k: attrs[k] for k in ("scale", "softcap") if attrs.get(k)}
-            nodes.append(helper.make_node("GroupQueryAttention", [query, key, value, past_key, past_value, name("seqlens_k"),
+            nodes.append(helper.make_node("GroupQueryAttention", [query, key, value, past_key, past_value, SEQLENS,
                                                                  name("total_length"), "", "", "", mask],
                                           [output, *node.output[1:3]], name=node.name, domain="com.microsoft",
                                           num_heads=attrs["q_num_heads"], kv_num_heads=attrs["kv_num_heads"], **extra))
@@ -156,6 +159,7 @@ def _rewrite(graph: Any, pasts: dict[str, Any], heads_form: dict[int, bool]) -> 
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(lengths + nodes)
+    graph.input.append(helper.make_tensor_value_info(SEQLENS, TensorProto.INT32, ["batch"]))
     for value in [*graph.input, *graph.output]:
         if value.name.startswith(("past_", "present_")):
             value.type.tensor_type.shape.dim[2].dim_param = "cache"
