@@ -29,6 +29,7 @@ _MODELS: dict[str, tuple[str, dict[str, Any], str, str]] = {
     "bert-token": ("BertConfig", {"num_labels": 5, **_TEXT}, "BertForTokenClassification", "text"),
     "bert-masked": ("BertConfig", _TEXT, "BertForMaskedLM", "text"),
     "bert-answer": ("BertConfig", _TEXT, "BertForQuestionAnswering", "text"),
+    "bert-embed": ("BertConfig", _TEXT, "BertModel", "text"),
     "roberta-token": ("RobertaConfig", {"num_labels": 4, "pad_token_id": 1, **_TEXT}, "RobertaForTokenClassification", "text"),
     "distilbert-sequence": ("DistilBertConfig", {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64, "num_labels": 2,
                                                  "max_position_embeddings": 64}, "DistilBertForSequenceClassification", "text"),

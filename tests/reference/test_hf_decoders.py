@@ -144,7 +144,7 @@ def test_the_in_place_graph_writes_one_step_into_the_cache_it_is_given(llama_opt
     import onnxruntime as ort
 
     from toolkit import Model
-    from toolkit.runtime.inplace import inplace_graph
+    from toolkit.runtime.inplace import SEQLENS, inplace_graph
 
     model = Model(llama_opt, variant="opt", provider="cpu")
     proto, why = inplace_graph(model.bundle.variant_path("opt"))
@@ -164,7 +164,7 @@ def test_the_in_place_graph_writes_one_step_into_the_cache_it_is_given(llama_opt
         binding.bind_ortvalue_input(name, buffer)
         binding.bind_ortvalue_output("present_" + name.removeprefix("past_"), buffer)
         buffers[name] = buffer
-    for name, value in step.items():
+    for name, value in (step | {SEQLENS: np.array([5], np.int32)}).items():  # the row's length after the step, minus one
         binding.bind_cpu_input(name, value)
     binding.bind_output("logits", "cpu")
     session.run_with_iobinding(binding)

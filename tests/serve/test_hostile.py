@@ -228,28 +228,3 @@ def test_a_request_with_more_rows_than_a_batch_runs_alone():
         return result
 
     assert asyncio.run(main())["y"].shape == (5, 1)
-
-
-def test_generate_passes_admission_and_waits_for_a_slot_no_longer_than_its_deadline(exported, monkeypatch):
-    from toolkit.runtime.generate import Generator
-
-    release = threading.Event()
-    original = Generator.generate
-
-    def held(self, *args, **kwargs):
-        release.wait(30)
-        return original(self, *args, **kwargs)
-
-    gpt = Model(exported("gpt"), provider="cpu")
-    with running([gpt], ServeOptions(max_generations=1, timeout_ms=200)) as address:
-        monkeypatch.setattr(Generator, "generate", held)
-        url = f"http://{address}/v2/models/gpt/generate"
-        first = {}
-        holder = threading.Thread(target=lambda: first.setdefault("r", httpx.post(url, json={"text_input": "a", "max_tokens": 2}, timeout=60)))
-        holder.start()
-        time.sleep(0.3)  # the first holds the model's only generation slot
-        busy = httpx.post(url, json={"text_input": "b", "max_tokens": 2})
-        assert busy.status_code == 503 and "busy generating (1 at once)" in busy.json()["error"]
-        release.set()
-        holder.join()
-        assert first["r"].status_code == 200

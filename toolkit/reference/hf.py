@@ -159,6 +159,7 @@ def _text_spec(path: Path, model: Any, config: Any, architecture: str, head: _He
         sample_data=sample_data,
         calibration_data=calibration_data,
         fusion=fusion,
+        assets=_embedder_tokenizer(path, tokenizer) if task == "embed" else {},
     )
 
 
@@ -284,3 +285,11 @@ def _Outputs(model: Any, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> A
             return tuple(out[name] for name in outputs) if len(outputs) > 1 else out[outputs[0]]
 
     return Outputs()
+
+
+def _embedder_tokenizer(path: Path, tokenizer: Any) -> dict[str, bytes]:
+    """An embedder's tokenizer, carried so that a server can embed text (POST /v1/embeddings): none
+    where transformers found only a slow one (the bundle still embeds token ids)."""
+    from toolkit.reference.hf_decoder import tokenizer_json
+
+    return tokenizer_json(path, tokenizer) if getattr(tokenizer, "is_fast", False) else {}

@@ -15,7 +15,7 @@ from toolkit.runtime.tokenizer import HF_TOKENIZER_FILE
 from toolkit.spec import Dim, ModelSpec, TensorSpec
 
 __all__ = ["cache_argument", "cache_names", "cache_tensors", "causal_lm_spec", "dynamic_cache", "eos_ids", "generation_config",
-           "generation_rules", "group_attention", "returned_cache", "text_config", "tokenizer_json"]
+           "chat_template", "generation_rules", "group_attention", "returned_cache", "text_config", "tokenizer_json"]
 
 _SAMPLE_ROWS = 256
 
@@ -54,7 +54,8 @@ def causal_lm_spec(path: Path, model: Any, tokenizer: Any, config: Any, architec
         task="generate",
         description=f"{architecture} from {path} (decoder with a KV cache)",
         sample_data=sample_data,
-        generation={"tokenizer": "hf", "eos_token_id": eos[0], "eos_token_ids": eos, "context": context, **generation_rules(path, config)},
+        generation={"tokenizer": "hf", "eos_token_id": eos[0], "eos_token_ids": eos, "context": context, **generation_rules(path, config),
+                    **chat_template(tokenizer)},
         assets=tokenizer_json(path, tokenizer),
     )
 
@@ -146,6 +147,19 @@ def generation_rules(path: Path, config: Any) -> dict[str, Any]:
         if value is not None and value != []:
             rules[name] = [int(v) for v in value] if isinstance(value, (list, tuple)) else int(value)
     return rules
+
+
+def chat_template(tokenizer: Any) -> dict[str, Any]:
+    """The tokenizer's chat template, with the special tokens it may name (bos_token, eos_token, ...),
+    for the manifest's generation section (toolkit.runtime.chat renders it): nothing where it has none.
+    Of several named templates, the default one."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    if not isinstance(template, str):
+        return {}
+    tokens = {name: value for name, value in (getattr(tokenizer, "special_tokens_map", None) or {}).items() if isinstance(value, str)}
+    return {"chat_template": template, "chat_tokens": tokens}
 
 
 def eos_ids(path: Path, config: Any, tokenizer: Any) -> list[int]:

@@ -5,6 +5,7 @@ bundle, run by the light, torch-free `tokenizers` package)."""
 from __future__ import annotations
 
 import codecs
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,10 @@ class ByteTokenizer:
         """Turns tokens into text as they arrive, holding back a multi-byte character until it is whole."""
         return _ByteStream()
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes `token` stands for (the end-of-text token: none)."""
+        return bytes([token]) if token < 256 else b""
+
 
 class _ByteStream:
     def __init__(self) -> None:
@@ -57,8 +62,9 @@ class HFTokenizer:
         except ImportError:
             raise ToolkitError("this bundle's tokenizer needs the tokenizers package: pip install tokenizers.") from None
         self._tokenizer = Tokenizer.from_file(str(path))
+        self._byte_level = '"ByteLevel"' in json.dumps(json.loads(self._tokenizer.to_str()).get("decoder") or {})
         self.eos_ids = tuple(eos_ids)
-        self.eos_id = self.eos_ids[0]
+        self.eos_id = self.eos_ids[0] if self.eos_ids else None
 
     def encode(self, text: str, special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; with `special_tokens`, as the tokenizer's post-processor frames a
@@ -70,6 +76,18 @@ class HFTokenizer:
 
     def stream_decoder(self) -> _HFStream:
         return _HFStream(self)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes `token` stands for: a byte-level BPE token's through GPT-2's byte-to-character
+        table, a byte-fallback token's (`<0xE2>`) its byte, any other token's text in UTF-8."""
+        piece = self._tokenizer.id_to_token(token)
+        if piece is None:
+            return b""
+        if self._byte_level and all(c in _UNICODE_TO_BYTE for c in piece):
+            return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return self._tokenizer.decode([token], skip_special_tokens=False).encode("utf-8")
 
 
 class _HFStream:
@@ -104,3 +122,19 @@ def tokenizer_for(generation: Mapping[str, Any] | None, bundle: Bundle | None = 
         return HFTokenizer(bundle.asset_path(HF_TOKENIZER_FILE), generation.get("eos_token_ids") or [generation["eos_token_id"]])
     raise ToolkitError(f"no tokenizer for {kind!r}: toolkit knows 'bytes' (the reference gpt's) and 'hf' (a bundle's "
                        f"{HF_TOKENIZER_FILE}); pass token ids instead.")
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's table of a printable character for every byte, which byte-level BPE vocabularies spell tokens in."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _byte_to_unicode().items()}

@@ -35,23 +35,28 @@ from typing import Any
 
 from toolkit.bundle import MANIFEST_NAME, is_safe_name
 from toolkit.errors import ToolkitError
-from toolkit.runtime.generate import Generator, Sampling
+from toolkit.runtime.generate import Sampling
+from toolkit.runtime.generate.scheduler import Busy, Event, Request, Scheduler
 from toolkit.runtime.graphs import CapturedRunner
 from toolkit.runtime.model import Model
 from toolkit.serve.auth import BearerToken
 from toolkit.serve.batching import BatcherFailed, DeadlinePassed, DynamicBatcher, Overloaded
 from toolkit.serve.decoder_process import DecoderProcess
-from toolkit.serve.metrics import Metrics, Observed
+from toolkit.serve.generation import ClientGone, EventStream, Observer, Prompter, Unavailable, collect
+from toolkit.serve.metrics import Metrics, Observed, route_path
+from toolkit.serve.openai import OpenAIRoutes
 from toolkit.serve.protocol import (
     HEADER_LENGTH,
     GenerateRequest,
     ProtocolError,
     UnencodableOutput,
+    checked_text,
     datatype,
     decode_generate_request,
     decode_request,
     dims,
     encode_response,
+    error_body,
 )
 from toolkit.serve.triton import batch_first, model_config
 
@@ -76,14 +81,17 @@ class ServeOptions:
     max_graphs: int = 64  # models loaded with cuda_graph=True: input shapes captured at most, the rest run uncaptured
     max_in_flight: int = 256  # requests being read, queued or run at once, all models together
     max_in_flight_bytes: int = 2 << 30  # what those requests may hold in memory at once
-    max_generations: int = 4  # generate requests running at once per model (each holds a session's threads)
+    slots: int = 16  # a decoder's cache slots: generations decoded together in one continuous batch
+    queue_timeout_ms: float = 30_000.0  # the longest a generation waits for a slot where timeout_ms is not set
+    max_prompt_bytes: int = 1 << 20  # a generate request's prompt (or rendered chat), in UTF-8
     repository: tuple[Path, ...] = field(default_factory=tuple)  # directories whose bundles /v2/repository may load
 
     def __post_init__(self) -> None:
-        if min(self.max_batch, self.max_queue, self.max_graphs, self.max_in_flight, self.max_generations) < 1 \
-                or self.max_delay_ms < 0 or self.max_body_bytes < 1 or self.max_in_flight_bytes < 1:
-            raise ToolkitError("max-batch, max-queue, max-graphs, max-in-flight and max-generations must be >= 1, max-delay-ms >= 0 "
-                               "and the byte limits positive.")
+        if min(self.max_batch, self.max_queue, self.max_graphs, self.max_in_flight, self.slots) < 1 \
+                or self.max_delay_ms < 0 or self.max_body_bytes < 1 or self.max_in_flight_bytes < 1 or self.max_prompt_bytes < 1 \
+                or self.queue_timeout_ms <= 0:
+            raise ToolkitError("max-batch, max-queue, max-graphs, max-in-flight and slots must be >= 1, max-delay-ms >= 0 "
+                               "and the byte limits and the queue timeout positive.")
         if self.token is not None and not self.token:
             raise ToolkitError("the bearer token must not be empty.")
 
@@ -102,18 +110,26 @@ class _Admission:
         self.max_requests, self.max_bytes, self._on_reject = max_requests, max_bytes, on_reject
         self.requests = 0
         self.bytes = 0
+        self.generations = 0  # of the requests: generations, which last (a stream holds its place to its end)
+        self.max_generations = max(1, max_requests // 2)  # the other half stays for infer and the rest
 
     @asynccontextmanager
-    async def request(self) -> AsyncIterator[_Held]:
+    async def request(self, generation: bool = False) -> AsyncIterator[_Held]:
         if self.requests >= self.max_requests:
             self._on_reject("requests")
             raise _HTTPError(503, f"the server has {self.requests} requests in flight, its limit; retry later.")
+        if generation and self.generations >= self.max_generations:
+            self._on_reject("generations")
+            raise _HTTPError(503, f"the server has {self.generations} generations in flight, the most it lets generations hold "
+                                  "(half of --max-in-flight); retry later.")
         self.requests += 1
+        self.generations += generation
         held = _Held(self)
         try:
             yield held
         finally:
             self.requests -= 1
+            self.generations -= generation
             self.bytes -= held.bytes
 
     def reserve(self, held: _Held, size: int) -> None:
@@ -134,12 +150,13 @@ class _Held:
 
 
 class _Served:
-    """One model served in this process: its runtime, its batcher and (for decoders) its Generator.
+    """One model served in this process: its runtime, its batcher and (for decoders) its scheduler.
 
     What the routes ask of a served model (an endpoint; ray_backend.py has the other kind, a model
     running in Ray Serve replicas): `signature` (inputs, outputs, validate), `healthy`, `depth`,
-    `run(feeds, deadline)`, `generates`, `generate(text, arguments)`, `stream(text, arguments)`,
-    `start()`, `close()`. An endpoint raises `Unavailable` for what the client should retry (503)."""
+    `run(feeds, deadline)`, `generates`, `events(request)` (a generation's events; bad arguments
+    raise before the first), `generation_stats()`, `start()`, `close()`. An endpoint raises
+    `Unavailable` for what the client should retry (503)."""
 
     def __init__(self, model: Model, options: ServeOptions, metrics: Metrics, off_loop: Callable[..., Any]):
         self.signature = model
@@ -152,7 +169,10 @@ class _Served:
             max_queue=options.max_queue, on_batch=lambda rows: metrics.batch_run(self.name, rows),
             on_run=lambda queued, compute: metrics.request_run(self.name, queued, compute),
         )
-        self._generator = Generator(model) if model.bundle.manifest.generation else None
+        generates = model.bundle.manifest.generation
+        self._scheduler = Scheduler(model, slots=options.slots, max_waiting=options.max_queue) if generates else None
+        if self._scheduler is not None:
+            _log.info("%s generates over %d cache slots (%s)", self.name, options.slots, self._scheduler.note)
 
     @property
     def healthy(self) -> bool:
@@ -164,13 +184,29 @@ class _Served:
 
     @property
     def generates(self) -> bool:
-        return self._generator is not None
+        return self._scheduler is not None
+
+    def generation_stats(self) -> tuple[int, int, int] | None:
+        """(running, waiting, slots) of the model's continuous batch."""
+        s = self._scheduler
+        return None if s is None else (s.running, s.waiting, s.slots)
 
     def start(self) -> None:
         self.batcher.start()
 
     async def close(self) -> None:
         await self.batcher.close()  # what it had accepted is answered first
+        if self._scheduler is not None:
+            await asyncio.to_thread(self._scheduler.close, 60.0)
+
+    async def events(self, request: Request) -> EventStream:
+        loop = asyncio.get_running_loop()
+        arrived: asyncio.Queue[Event] = asyncio.Queue()
+        try:
+            handle = self._scheduler.submit(request, lambda event: loop.call_soon_threadsafe(arrived.put_nowait, event))
+        except Busy as exc:
+            raise Unavailable(str(exc)) from None
+        return EventStream(arrived.get, handle.cancel)
 
     async def run(self, feeds: dict[str, Any], deadline: float | None) -> dict[str, Any]:
         try:
@@ -178,19 +214,6 @@ class _Served:
         except (Overloaded, DeadlinePassed, BatcherFailed) as exc:
             raise Unavailable(str(exc)) from None
 
-    async def generate(self, text: str, arguments: dict[str, Any]) -> str:
-        return await self._off_loop(lambda: self._generator.generate(text, **arguments))
-
-    async def stream(self, text: str, arguments: dict[str, Any]) -> AsyncIterator[str]:
-        """The pieces of a generation; bad arguments raise ToolkitError here, before the first piece."""
-        from starlette.concurrency import iterate_in_threadpool
-
-        return iterate_in_threadpool(self._generator.stream(text, **arguments))
-
-
-class Unavailable(Exception):
-    """A served model cannot take the request now (its queue is full, its deadline passed, its replica
-    died): answered 503, for the client to retry."""
 
 
 def _metadata(s: Any) -> dict[str, Any]:
@@ -212,7 +235,7 @@ class _Routes:
         loop (by default a loaded Model, served in this process)."""
         self.options, self.metrics, self.loader = options, metrics, loader
         self.served: dict[str, Any] = {}
-        self.generations: dict[str, asyncio.Semaphore] = {}
+        self._prompters: dict[str, Prompter] = {}
         self._sources = list(sources)
         self._endpoint = endpoint or (lambda model, metrics: _Served(model, options, metrics, self._off_loop))
         self.ready = False
@@ -241,7 +264,7 @@ class _Routes:
             raise ToolkitError(f"two bundles are both named {served.name!r}; serve them from separate servers or rename one.")
         self.metrics.add_model(served.name)
         served.start()
-        self.generations[served.name] = asyncio.Semaphore(self.options.max_generations)
+        self._prompters.pop(served.name, None)
         self.served[served.name] = served
 
     def is_ready(self, s: Any = None) -> bool:
@@ -255,6 +278,7 @@ class _Routes:
                   Route("/metrics", self.prometheus), Route("/v2/repository/index", self.repository_index, methods=["POST"]),
                   Route("/v2/repository/models/{model}/load", self.repository_load, methods=["POST"]),
                   Route("/v2/repository/models/{model}/unload", self.repository_unload, methods=["POST"])]
+        routes += OpenAIRoutes(self).routes()
         for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
             routes += [
                 Route(prefix, self.model_metadata), Route(prefix + "/ready", self.model_ready), Route(prefix + "/config", self.configuration),
@@ -272,6 +296,21 @@ class _Routes:
         if version not in (None, _VERSION):
             raise _HTTPError(404, f"model {name!r} has no version {version[:20]!r}; its only version is {_VERSION}.")
         return self.served[name]
+
+    def named(self, name: str) -> Any:
+        """The served model `name` (an OpenAI request names it in its body)."""
+        if name not in self.served:
+            shown = name if len(name) <= 64 else name[:61] + "..."
+            raise ProtocolError(f"unknown model {shown!r}; this server has {', '.join(self.served) or 'none'}.", 404, "model")
+        return self.served[name]
+
+    def prompter(self, s: Any) -> Prompter:
+        if s.name not in self._prompters:
+            self._prompters[s.name] = Prompter(s.signature.bundle)
+        return self._prompters[s.name]
+
+    def ready_for(self, s: Any) -> None:
+        self._ready_for(s)
 
     def _ready_for(self, s: Any) -> None:
         if not self.is_ready(s):
@@ -305,6 +344,8 @@ class _Routes:
 
     async def _off_loop(self, function: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.threads, function, *args)
+
+    off_loop = _off_loop
 
     async def live(self, request: Any) -> Any:
         return _json({"live": True})
@@ -349,7 +390,7 @@ class _Routes:
                 raise _HTTPError(exc.status, str(exc)) from None
             except ToolkitError as exc:
                 raise _HTTPError(400, str(exc)) from None
-            results = await self._run_batched(s, feeds, parsed.parameters.get("timeout"))
+            results = await self.run_batched(s, feeds, parsed.parameters.get("timeout"))
             if parsed.outputs is not None:
                 results = {name: results[name] for name in parsed.outputs}
             try:
@@ -366,7 +407,7 @@ class _Routes:
             return time.monotonic() + timeout_us / 1e6
         return time.monotonic() + self.options.timeout_ms / 1000 if self.options.timeout_ms else None
 
-    async def _run_batched(self, s: Any, feeds: dict[str, Any], timeout_us: Any) -> dict[str, Any]:
+    async def run_batched(self, s: Any, feeds: dict[str, Any], timeout_us: Any = None) -> dict[str, Any]:
         """Runs `feeds` through the model's batcher, within the request's deadline."""
         self.metrics.queue_depth.labels(s.name).set(s.depth + 1)
         try:
@@ -378,66 +419,98 @@ class _Routes:
 
     @asynccontextmanager
     async def _generation(self, request: Any) -> AsyncIterator[tuple[Any, GenerateRequest]]:
-        """A generate request through the same rules as infer: readiness, admission, then a slot among
-        the model's running generations, waited for no longer than the deadline."""
+        """A v2 generate request through the same rules as infer: readiness, then admission (where
+        generations may hold half the requests in flight), its body parsed."""
         s = self.find(request)
         if not s.generates:
             raise _HTTPError(400, f"model {s.name!r} is not a decoder with a KV cache; generate needs one (the reference gpt is).")
         self._ready_for(s)
-        async with self.admission.request() as held:
-            try:
-                g = decode_generate_request(await self.body_of(request, held, json_body=True))
-            except ProtocolError as exc:
-                raise _HTTPError(exc.status, str(exc)) from None
-            deadline = self._deadline(None)
-            slots = self.generations[s.name]
-            try:
-                await asyncio.wait_for(slots.acquire(), None if deadline is None else max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                raise _HTTPError(503, f"model {s.name!r} is busy generating ({self.options.max_generations} at once); retry later.") from None
-            try:
-                yield s, g
-            finally:
-                slots.release()
+        async with self.admission.request(generation=True) as held:
+            yield s, decode_generate_request(await self.body_of(request, held, json_body=True))
+
+    def generation_deadline(self) -> float:
+        """How long a generation may wait for a cache slot: --timeout-ms, else the queue timeout."""
+        return time.monotonic() + (self.options.timeout_ms or self.options.queue_timeout_ms) / 1000
+
+    async def encode(self, s: Any, texts: Sequence[str], param: str) -> list[list[int]]:
+        """The prompts' token ids (checked, then tokenized off the event loop: a large one takes a while)."""
+        prompter = self.prompter(s)
+        for text in texts:
+            checked_text(text, param, self.options.max_prompt_bytes)
+        try:
+            return await self._off_loop(lambda: [prompter.encode(text) for text in texts])
+        except ToolkitError as exc:
+            raise ProtocolError(str(exc), param=param) from None
+
+    async def start(self, s: Any, requests: Sequence[Request], arrived: float) -> list[EventStream]:
+        """Every request submitted to the model's scheduler, each one's events observed for the
+        metrics; bad arguments are a 400 and a full queue a 503, and then none of them runs."""
+        started: list[EventStream] = []
+        try:
+            for r in requests:
+                started.append(await s.events(r))
+                started[-1].observer = Observer(self.metrics, s.name, len(r.prompt), arrived)
+        except BaseException as exc:
+            for events in started:
+                await events.aclose()
+            if isinstance(exc, ToolkitError):
+                raise ProtocolError(str(exc)) from None
+            if isinstance(exc, Unavailable):
+                raise _HTTPError(503, str(exc)) from None
+            raise
+        return started
 
     async def generate(self, request: Any) -> Any:
+        from starlette.responses import Response
+
+        arrived = time.perf_counter()
         async with self._generation(request) as (s, g):
+            (prompt,) = await self.encode(s, [g.text], "text_input")
+            (events,) = await self.start(s, [_engine_request(prompt, g, self.generation_deadline())], arrived)
             try:
-                text = await s.generate(g.text, _arguments(g))
-            except ToolkitError as exc:
-                raise _HTTPError(400, str(exc)) from None
+                got = await collect(events, request)
+            except ClientGone:
+                return Response(status_code=499)  # nginx's "client closed request", for the log: nobody reads it
             except Unavailable as exc:
                 raise _HTTPError(503, str(exc)) from None
-        return _json({"model_name": s.name, "model_version": _VERSION, "text_output": text})
+        return _json({"model_name": s.name, "model_version": _VERSION, "text_output": "".join(e.text for e in got)})
 
     async def generate_stream(self, request: Any) -> Any:
         from starlette.responses import StreamingResponse
 
-        slot = self._generation(request)
-        s, g = await slot.__aenter__()
+        arrived = time.perf_counter()
+        held = contextlib.AsyncExitStack()
+        s, g = await held.enter_async_context(self._generation(request))
         try:
-            pieces = await s.stream(g.text, _arguments(g))  # validates now: bad input is a 400, not a broken stream
-        except (ToolkitError, Unavailable) as exc:
-            await slot.__aexit__(None, None, None)
-            raise _HTTPError(400 if isinstance(exc, ToolkitError) else 503, str(exc)) from None
+            (prompt,) = await self.encode(s, [g.text], "text_input")
+            (events,) = await self.start(s, [_engine_request(prompt, g, self.generation_deadline())], arrived)
         except BaseException:
-            await slot.__aexit__(None, None, None)
+            await held.aclose()
             raise
 
-        async def events() -> AsyncIterator[str]:
+        async def sse() -> AsyncIterator[str]:
             try:
-                async for piece in pieces:
-                    yield f"data: {json.dumps({'model_name': s.name, 'model_version': _VERSION, 'text_output': piece})}\n\n"
-            except (ToolkitError, Unavailable) as exc:
-                yield f"data: {json.dumps({'error': str(exc)})}\n\n"
+                async for event in events:
+                    if event.text:
+                        yield f"data: {json.dumps({'model_name': s.name, 'model_version': _VERSION, 'text_output': event.text})}\n\n"
+            except Exception as exc:  # the stream has begun: its end says what went wrong
+                yield f"data: {json.dumps({'error': _stream_error(exc, request)})}\n\n"
             finally:
-                await slot.__aexit__(None, None, None)  # the slot and the admission, held for the whole stream
+                await events.aclose()
+                await held.aclose()  # the admission, held for the whole stream
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(sse(), media_type="text/event-stream")
 
     async def prometheus(self, request: Any) -> Any:
         from starlette.responses import Response
 
+        for s in list(self.served.values()):
+            stats = s.generation_stats()
+            if stats is not None:
+                running, waiting, slots = stats
+                self.metrics.running.labels(s.name).set(running)
+                self.metrics.waiting.labels(s.name).set(waiting)
+                self.metrics.cache_usage.labels(s.name).set(running / slots)
         content, media_type = self.metrics.exposition()
         return Response(content, media_type=media_type)
 
@@ -488,10 +561,23 @@ class _Routes:
         return _json({})
 
 
-def _arguments(g: GenerateRequest) -> dict[str, Any]:
-    """The Generator's keyword arguments for a generate request; a bad sampling value is a ToolkitError."""
-    return {"max_new_tokens": g.max_new_tokens, "stop": g.stop,
-            "sampling": Sampling(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed)}
+def _engine_request(prompt: list[int], g: GenerateRequest, deadline: float) -> Request:
+    """The scheduler's request for a v2 generate request; a bad sampling value is a ProtocolError."""
+    try:
+        sampling = Sampling(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=g.seed)
+    except ToolkitError as exc:
+        raise ProtocolError(str(exc)) from None
+    return Request(prompt, max_new_tokens=g.max_new_tokens, sampling=sampling, stop=g.stop, deadline=deadline)
+
+
+def _stream_error(exc: Exception, request: Any) -> str:
+    """What a stream that fails after it began says: the reason a client may act on (retry), or an
+    internal error's request id (its details only in the log)."""
+    if isinstance(exc, Unavailable):
+        return str(exc)
+    request_id = request.scope.get("state", {}).get("request_id", "-")
+    _log.error("request %s: a generation failed mid-stream", request_id, exc_info=exc)
+    return f"internal error; the server's log has its details under request id {request_id}."
 
 
 def _json(content: Any, status: int = 200) -> Any:
@@ -500,12 +586,16 @@ def _json(content: Any, status: int = 200) -> Any:
     return JSONResponse(content, status_code=status)
 
 
+def _error(request: Any, status: int, message: str, param: str | None = None) -> Any:
+    return _json(error_body(route_path(request.scope), status, message, param), status)
+
+
 def _internal_error(request: Any, exc: Exception) -> Any:
     """A 500 that says nothing of the server's insides: the request id, and the details in the log."""
     request_id = request.scope.get("state", {}).get("request_id", "-")
     _log.error("request %s (%s %s) failed", request_id, request.method, request.url.path, exc_info=exc)
-    return _json({"error": f"internal error; the server's log has its details under request id {request_id}.",
-                  "request_id": request_id}, 500)
+    body = error_body(route_path(request.scope), 500, f"internal error; the server's log has its details under request id {request_id}.")
+    return _json(body | ({"request_id": request_id} if isinstance(body["error"], str) else {}), 500)
 
 
 def create_app(models: Sequence[Model], options: ServeOptions | None = None, loader: Loader | None = None) -> Any:
@@ -532,9 +622,10 @@ def protocol_app(sources: Sequence[Any], options: ServeOptions, *, loader: Loade
     metrics = Metrics()
     routes = _Routes(sources, options, metrics, loader, endpoint)
     app = Starlette(routes=routes.routes(), lifespan=routes.lifespan, exception_handlers={
-        _HTTPError: lambda request, exc: _json({"error": str(exc)}, exc.status),
-        404: lambda request, exc: _json({"error": f"no route {request.url.path[:200]}"}, 404),
-        405: lambda request, exc: _json({"error": f"{request.method} is not allowed on {request.url.path[:200]}"}, 405),
+        _HTTPError: lambda request, exc: _error(request, exc.status, str(exc)),
+        ProtocolError: lambda request, exc: _error(request, exc.status, str(exc), exc.param),
+        404: lambda request, exc: _error(request, 404, f"no route {request.url.path[:200]}"),
+        405: lambda request, exc: _error(request, 405, f"{request.method} is not allowed on {request.url.path[:200]}"),
         Exception: _internal_error,
     })
     return Observed(app, metrics, lambda: routes.served.keys(), BearerToken(options.token) if options.token is not None else None)

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from toolkit.serve.metrics import route_path
+from toolkit.serve.protocol import error_body
 
 __all__ = ["BearerToken"]
 
@@ -23,7 +24,8 @@ class BearerToken:
     async def __call__(self, scope: Mapping[str, Any], send: Callable[[Mapping[str, Any]], Awaitable[None]]) -> bool:
         if route_path(scope).startswith(_OPEN_PREFIX) or self.authorized(scope):
             return True
-        body = json.dumps({"error": "missing or wrong bearer token (send `Authorization: Bearer <token>`)."}).encode()
+        message = "missing or wrong bearer token (send `Authorization: Bearer <token>`)."
+        body = json.dumps(error_body(route_path(scope), 401, message)).encode()
         await send({"type": "http.response.start", "status": 401,
                     "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
         await send({"type": "http.response.body", "body": body})

@@ -53,6 +53,22 @@ class Metrics:
         self.rejected = Counter("toolkit_rejected", "Requests refused before any work, by reason (admission, readiness).",
                                 ["reason"], registry=self.registry)
         self._triton: dict[str, dict[str, float]] = {name: defaultdict(float) for name in _TRITON}
+        # Generation, under vLLM's names (label model_name), so that its dashboards work unchanged.
+        latency = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
+        self.time_to_first_token = Histogram("vllm:time_to_first_token_seconds", "Time from a generate request's arrival to its first token.",
+                                             ["model_name"], registry=self.registry, buckets=latency)
+        self.inter_token_latency = Histogram("vllm:inter_token_latency_seconds", "Time between two tokens of one generation.",
+                                             ["model_name"], registry=self.registry, buckets=latency)
+        self.e2e_latency = Histogram("vllm:e2e_request_latency_seconds", "Time from a generate request's arrival to its last token.",
+                                     ["model_name"], registry=self.registry, buckets=latency)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of the generations started.", ["model_name"], registry=self.registry)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", ["model_name"], registry=self.registry)
+        self.request_success = Counter("vllm:request_success", "Generations that ended, by why (stop, length).",
+                                       ["model_name", "finished_reason"], registry=self.registry)
+        self.running = Gauge("vllm:num_requests_running", "Generations in the running batch.", ["model_name"], registry=self.registry)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Generations waiting for a cache slot.", ["model_name"], registry=self.registry)
+        self.cache_usage = Gauge("vllm:kv_cache_usage_perc", "Share of the cache slots in use (1 = all).", ["model_name"],
+                                 registry=self.registry)
 
     def add_model(self, model: str) -> None:
         """Every per-model series at zero from the moment `model` is served, as Triton exposes them: a

@@ -24,10 +24,12 @@ import numpy as np
 
 from toolkit.spec import TensorSpec
 
-__all__ = ["GENERATE_PARAMETERS", "HEADER_LENGTH", "GenerateRequest", "InferRequest", "ProtocolError", "UnencodableOutput", "datatype",
+__all__ = ["GENERATE_PARAMETERS", "MAX_STOP", "MAX_STOP_CHARS", "checked_stop", "checked_text", "error_body", "HEADER_LENGTH", "GenerateRequest", "InferRequest", "ProtocolError", "UnencodableOutput", "datatype",
            "decode_generate_request", "decode_request", "dims", "encode_response"]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_STOP = 16  # stop strings per generate request (OpenAI's API takes 4)
+MAX_STOP_CHARS = 256  # characters per stop string: each new token's text is checked against every one
 _DATATYPES = {
     "bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
     "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
@@ -38,9 +40,9 @@ _DATATYPES = {
 class ProtocolError(ValueError):
     """A request the protocol rejects: answered with `status` (400, or 413 past a size limit) and this message."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.param = status, param
 
 
 class UnencodableOutput(ValueError):
@@ -284,14 +286,10 @@ def decode_generate_request(body: bytes) -> GenerateRequest:
     p = {**parameters, **{k: v for k, v in request.items() if k not in ("text_input", "parameters")}}
     if unknown := sorted(set(p) - set(GENERATE_PARAMETERS)):
         raise ProtocolError(f"unknown generation parameter {unknown[0]!r}; known: {', '.join(GENERATE_PARAMETERS)}.")
-    stop = p.get("stop", [])
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise ProtocolError('"stop" must be a string or a list of strings.')
     return GenerateRequest(
         text=request["text_input"],
         max_new_tokens=_number(p, "max_tokens", int, 64),
-        stop=tuple(stop),
+        stop=checked_stop(p.get("stop")),
         temperature=_number(p, "temperature", float, 0.0),
         top_k=_number(p, "top_k", int, None),
         top_p=_number(p, "top_p", float, None),
@@ -314,3 +312,41 @@ def _number(parameters: Mapping[str, Any], name: str, kind: type, default: Any) 
     if not low <= value <= high:
         raise ProtocolError(f"{name!r} must lie in [{low}, {high}], got {_short(value)}.")
     return kind(value)
+
+
+def checked_text(text: str, param: str, max_bytes: int) -> str:
+    """`text` if it is valid Unicode of at most `max_bytes` in UTF-8, else a ProtocolError naming `param`."""
+    if len(text) > max_bytes:  # before encoding: a character is at least one byte
+        raise ProtocolError(f"{param!r} is over {max_bytes:,} bytes, this server's limit for a prompt.", 413, param)
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ProtocolError(f"{param!r} holds a lone surrogate ({text[exc.start]!r} at character {exc.start}); text must be "
+                            "valid Unicode.", param=param) from None
+    if size > max_bytes:
+        raise ProtocolError(f"{param!r} is {size:,} bytes, over this server's limit of {max_bytes:,} for a prompt.", 413, param)
+    return text
+
+
+def checked_stop(stop: Any, param: str = "stop") -> tuple[str, ...]:
+    """The stop strings of a request: a string or a list of strings, at most MAX_STOP of at most
+    MAX_STOP_CHARS characters each."""
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise ProtocolError(f"{param!r} must be a string or a list of strings.", param=param)
+    if len(stop) > MAX_STOP:
+        raise ProtocolError(f"{param!r} has {len(stop)} strings; this server takes at most {MAX_STOP}.", param=param)
+    for s in stop:
+        if len(s) > MAX_STOP_CHARS:
+            raise ProtocolError(f"a stop string is {len(s)} characters; this server takes at most {MAX_STOP_CHARS}.", param=param)
+        checked_text(s, param, 4 * MAX_STOP_CHARS)
+    return tuple(stop)
+
+
+def error_body(path: str, status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """An error answer: `{"error": message}` on the v2 routes, OpenAI's shape on /v1 (what its clients parse)."""
+    if not path.startswith("/v1/"):
+        return {"error": message}
+    kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}.get(status)
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": "model_not_found" if status == 404 and param == "model" else None}}

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.errors import ToolkitError
-from toolkit.serve.app import ServeOptions, Unavailable, protocol_app
+from toolkit.serve.app import ServeOptions, protocol_app
+from toolkit.serve.generation import EventStream, Unavailable
 from toolkit.serve.metrics import Metrics
 
 try:
@@ -82,8 +83,8 @@ class RayOptions:
 class ModelReplica:
     """One bundle's model in one Ray Serve replica."""
 
-    def __init__(self, path: str, ray_options: RayOptions, max_batch: int, max_delay_s: float):
-        from toolkit.runtime.generate import Generator
+    def __init__(self, path: str, ray_options: RayOptions, max_batch: int, max_delay_s: float, slots: int = 16, max_waiting: int = 256):
+        from toolkit.runtime.generate.scheduler import Scheduler
         from toolkit.runtime.model import Model, Signature
         from toolkit.serve.triton import batch_first
 
@@ -92,7 +93,8 @@ class ModelReplica:
         self.signature = Signature(self.model.bundle, self.model.variant)  # what the ingress validates with
         self.batch_axis = batch_first(self.model)
         self.max_batch = max_batch if self.batch_axis else 1
-        self.generator = Generator(self.model) if self.model.bundle.manifest.generation else None
+        generates = self.model.bundle.manifest.generation
+        self.scheduler = Scheduler(self.model, slots=slots, max_waiting=max_waiting) if generates else None
         self._batched.set_max_batch_size(self.max_batch)
         self._batched.set_batch_wait_timeout_s(max_delay_s)
 
@@ -116,21 +118,23 @@ class ModelReplica:
         return [answer if isinstance(answer, Exception) else (answer, rows if i == 0 else 0, started - arrived, compute)
                 for i, (answer, (_, arrived)) in enumerate(zip(answers, requests, strict=True))]
 
-    async def generate(self, text: str, arguments: dict[str, Any]) -> str:
-        return await asyncio.to_thread(self._generator().generate, text, **arguments)
-
-    async def stream(self, text: str, arguments: dict[str, Any]) -> AsyncIterator[str | None]:
-        """None once the arguments are validated (so a bad one fails before the stream starts), then the pieces."""
-        pieces = self._generator().stream(text, **arguments)
-        yield None
-        done = object()
-        while (piece := await asyncio.to_thread(next, pieces, done)) is not done:
-            yield piece
-
-    def _generator(self) -> Any:
-        if self.generator is None:
+    async def events(self, request: Any) -> AsyncIterator[Any]:
+        """None once the request is queued (bad arguments and a full queue fail before it), then its
+        events; the caller closing the stream cancels the request."""
+        if self.scheduler is None:
             raise ToolkitError(f"model {self.model.name!r} is not a decoder with a KV cache.")
-        return self.generator
+        loop = asyncio.get_running_loop()
+        arrived: asyncio.Queue[Any] = asyncio.Queue()
+        handle = self.scheduler.submit(request, lambda event: loop.call_soon_threadsafe(arrived.put_nowait, event))
+        try:
+            yield None
+            while True:
+                event = await arrived.get()
+                yield event
+                if event.last:
+                    return
+        finally:
+            handle.cancel()
 
 
 class _Remote:
@@ -163,26 +167,18 @@ class _Remote:
         self._metrics.request_run(self.name, [queued], compute)
         return results
 
-    async def generate(self, text: str, arguments: dict[str, Any]) -> str:
-        return await self._call(self._handle.generate.remote(text, arguments), None)
+    def generation_stats(self) -> None:
+        return None  # the continuous batches are the replicas'; their gauges are not gathered here
 
-    async def stream(self, text: str, arguments: dict[str, Any]) -> AsyncIterator[str]:
-        pieces = self._handle.options(stream=True).stream.remote(text, arguments)
-        await self._call(pieces.__anext__(), None)  # the replica's acknowledgement: the arguments are valid
+    async def events(self, request: Any) -> EventStream:
+        pieces = self._handle.options(stream=True).events.remote(request)
+        await self._call(pieces.__anext__(), None)  # the replica's acknowledgement: the request is queued
 
-        async def rest() -> AsyncIterator[str]:
-            try:
-                while True:
-                    try:
-                        piece = await self._call(pieces.__anext__(), None)
-                    except StopAsyncIteration:
-                        return
-                    yield piece
-            finally:  # a client that went away stops the generation in the replica too
-                with contextlib.suppress(Exception):
-                    pieces.cancel()
+        def cancel() -> None:  # a client that went away stops the generation in the replica too
+            with contextlib.suppress(Exception):
+                pieces.cancel()
 
-        return rest()
+        return EventStream(lambda: self._call(pieces.__anext__(), None), cancel)
 
     async def _call(self, response: Any, deadline: float | None) -> Any:
         """The response's value within the deadline; a replica's ToolkitError as itself, what Ray says
@@ -201,9 +197,13 @@ class _Remote:
             raise Unavailable(f"model {self.name!r}: the replica running this request went away ({type(exc).__name__}); "
                               "retry, Ray Serve is replacing it.") from None
         except ray.exceptions.RayTaskError as exc:
+            from toolkit.runtime.generate.scheduler import Busy
+
             cause = exc.cause if isinstance(exc.cause, Exception) else None
             if isinstance(cause, ToolkitError):
                 raise ToolkitError(str(cause)) from None
+            if isinstance(cause, Busy):
+                raise Unavailable(str(cause)) from None
             raise
 
 
@@ -273,7 +273,7 @@ def _bind(names: dict[str, str], options: ServeOptions, ray_options: RayOptions)
         ray_options = replace(ray_options, num_cpus=_cpus() / (len(names) * ray_options.most_replicas))
     _check_capacity(len(names), ray_options)
     deployments = {name: ModelReplica.options(name=name, **ray_options.deployment_options(options)).bind(
-        path, ray_options, options.max_batch, options.max_delay_ms / 1000) for name, path in names.items()}
+        path, ray_options, options.max_batch, options.max_delay_ms / 1000, options.slots, options.max_queue) for name, path in names.items()}
     # One ingress replica holds the protocol state (admission, metrics); it only routes, so it needs no CPU of its own.
     ingress = ProtocolIngress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=options.max_in_flight * 2, logging_config=_QUIET)
     return ingress.bind(deployments, options)

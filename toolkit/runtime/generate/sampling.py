@@ -45,7 +45,8 @@ class Sampling:
             # shifted before the division: a tiny temperature then sends every other token to -inf
             # (probability 0) rather than overflowing to inf - inf = NaN
             logits = logits.astype(np.float64)
-            scaled = (logits - logits.max(-1, keepdims=True)) / self.temperature
+            with np.errstate(over="ignore"):  # to -inf, as meant
+                scaled = (logits - logits.max(-1, keepdims=True)) / self.temperature
             if self.top_k is not None and self.top_k < scaled.shape[-1]:
                 kth = np.partition(scaled, -self.top_k, axis=-1)[:, -self.top_k, None]
                 scaled = np.where(scaled < kth, -np.inf, scaled)
