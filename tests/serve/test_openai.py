@@ -61,6 +61,8 @@ def test_a_completion_is_the_generators_text(client, exported):
     got = client.completions.create(model="gpt", prompt="Return the", max_tokens=24, temperature=0)
     assert got.choices[0].text == want and got.choices[0].finish_reason in ("length", "stop")
     assert got.usage.prompt_tokens == len("Return the") and got.usage.completion_tokens <= 24
+    ids = client.completions.create(model="gpt", prompt=[list(b"Return the"), "Return the"], max_tokens=24, temperature=0)
+    assert [c.text for c in ids.choices] == [want, want] and ids.usage.prompt_tokens == 2 * len("Return the")
     stopped = client.completions.create(model="gpt", prompt="Return the", max_tokens=24, temperature=0, stop=[want[4:7]])
     assert stopped.choices[0].text == want[: want.index(want[4:7])] and stopped.choices[0].finish_reason == "stop"
 
@@ -146,11 +148,12 @@ def test_embeddings_are_the_models_sentence_embeddings(client, embedder):
     ({"model": "gpt", "prompt": "x", "stop": ["s"] * 1000}, 400, "stop", "at most 16"),
     ({"model": "gpt", "prompt": "x", "stop": ["s" * 5000]}, 400, "stop", "at most 256"),
     ({"model": "gpt", "prompt": "x" * (2 << 20)}, 413, "prompt", "this server's limit for a prompt"),
-    ({"model": "gpt", "prompt": [1, 2, 3]}, 400, "prompt", "token arrays are not taken"),
+    ({"model": "gpt", "prompt": [[1, 2], "x", []]}, 400, "prompt", "a non-empty list of token ids"),
+    ({"model": "gpt", "prompt": [1, 2, 300]}, 400, None, "token ids must lie in [0, 257)"),
     ({"model": "gpt", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "only with stream"),
     ({"model": "gpt", "prompt": "", "max_tokens": 2}, 400, "prompt", "empty"),
 ], ids=["penalty", "functions", "unknown-model", "temperature", "max-tokens", "surrogate", "many-stops", "long-stop", "huge-prompt",
-        "token-array", "stream-options", "empty"])
+        "empty-token-array", "token-past-vocabulary", "stream-options", "empty"])
 def test_bad_completions_get_openais_error_shape(server, body, status, param, message):
     response = httpx.post(f"http://{server}/v1/completions", content=json.dumps(body), headers={"Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == status, response.text

@@ -230,13 +230,17 @@ def _mlp_request(rows=1, **changes):
         ("gpt/generate", {"text_input": 5}, {}, 400, 'the request must be a JSON object with a "text_input" string'),
         ("mlp/generate", {"text_input": "x"}, {}, 400, "model 'mlp' is not a decoder with a KV cache"),
         ("x" * 300, _mlp_request(), {}, 404, "unknown model 'xxxxxxxx"),
+        ("gpt/generate", {"text_input": "ab\ud800"}, {}, 400, "'text_input' holds a lone surrogate ('\\ud800' at character 2)"),
+        ("gpt/generate", {"text_input": "x", "stop": ["a"] * 5000}, {}, 400, "'stop' has 5000 strings; this server takes at most 16"),
+        ("gpt/generate", {"text_input": "x", "max_tokens": 500}, {}, 400, "beyond the model's context of 128 tokens"),
     ],
     ids=["shape-vs-data", "wrong-shape", "wrong-datatype", "unknown-input", "malformed-json", "binary-too-short",
          "binary-length-mismatch", "unknown-output", "unknown-model", "oversized-body", "shape-product-past-int64",
          "dim-past-int64", "negative-dim", "parameters-not-object", "outputs-not-list", "tensor-parameters-not-object",
          "id-not-string", "nan-token", "float-past-fp32", "string-in-fp32", "float-into-int64", "null-into-int64", "int64-out-of-range",
          "binary-size-not-int", "max-tokens-string", "max-tokens-huge", "max-tokens-bool", "generate-parameters-not-object",
-         "negative-seed", "text-input-not-string", "generate-on-encoder-only", "long-unknown-model"],
+         "negative-seed", "text-input-not-string", "generate-on-encoder-only", "long-unknown-model", "lone-surrogate", "thousands-of-stops",
+         "past-the-context"],
 )
 def test_bad_requests_get_their_status_and_a_message_naming_the_problem(server, guarded, path, content, headers, status, message):
     address, auth = (guarded, {"Authorization": f"Bearer {TOKEN}"}) if status == 413 else (server, {})
@@ -313,6 +317,15 @@ def test_generate_and_generate_stream(server, models):
     bad = httpx.post(f"http://{server}/v2/models/gpt/generate", json={"text_input": "x", "parameters": {"temperature": -1}})
     assert bad.status_code == 400 and "temperature" in bad.json()["error"]
     assert httpx.post(f"http://{server}/v2/models/mlp/generate", json={"text_input": "x"}).status_code == 400
+    tiny = httpx.post(f"http://{server}/v2/models/gpt/generate", json={"text_input": "Return the", "max_tokens": 12, "temperature": 1e-320})
+    assert tiny.status_code == 200 and tiny.json()["text_output"] == want  # the limit of sampling as temperature falls: greedy
+    # the OpenAI routes on the same server, whichever backend runs the model
+    completion = httpx.post(f"http://{server}/v1/completions", json={"model": "gpt", "prompt": "Return the", "max_tokens": 12, "temperature": 0})
+    assert completion.status_code == 200 and completion.json()["choices"][0]["text"] == want
+    with httpx.stream("POST", f"http://{server}/v1/completions",
+                      json={"model": "gpt", "prompt": "Return the", "max_tokens": 12, "temperature": 0, "stream": True}) as stream:
+        lines = [line[len("data: "):] for line in stream.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]" and "".join(json.loads(line)["choices"][0]["text"] for line in lines[:-1]) == want
 
 
 def _run(coroutine):

@@ -599,6 +599,9 @@ def serve(
     repository: list[Path] | None = typer.Option(None, "--repository", metavar="REPO", help="A directory of bundles (REPO/<name>/) that POST /v2/repository/models/<name>/load and /unload may load and unload while serving (repeatable)."),
     max_in_flight: int = typer.Option(256, "--max-in-flight", help="Requests being read, queued or run at once, all models together (503 beyond)."),
     max_in_flight_mb: float = typer.Option(2048.0, "--max-in-flight-mb", help="Memory those requests may hold at once, a JSON body counted at 8× its size (503 beyond)."),
+    slots: int = typer.Option(16, "--slots", help="A decoder's cache slots: generations decoded together in one continuous batch (more wait "
+                              "for a slot up to --timeout-ms, else 30 s, then 503; --max-queue of them)."),
+    max_prompt_mb: float = typer.Option(1.0, "--max-prompt-mb", help="Largest prompt (or rendered chat) a generate request may send, in UTF-8 (413 beyond)."),
     backend: Backend = typer.Option(Backend.native, help="native: this process (uvicorn). ray: Ray Serve, each bundle a deployment of "
                                     "replicas, on this machine or a cluster (--address); needs the ray extra. Same routes either way."),
     replicas: int | None = typer.Option(None, "--replicas", help="ray: replicas per bundle (default 1)."),
@@ -608,8 +611,9 @@ def serve(
     num_gpus: float | None = typer.Option(None, "--num-gpus-per-replica", help="ray: GPUs each replica reserves (default 0; fractions share a GPU)."),
 ) -> None:
     """Serve bundles over the Open Inference Protocol (KServe v2 REST), with Triton's binary tensor and
-    generate extensions, dynamic batching and Prometheus /metrics. Ctrl-C drains requests in flight.
-    `--backend ray` runs the models in Ray Serve replicas behind the same routes."""
+    generate extensions, dynamic batching and Prometheus /metrics, and the OpenAI API (/v1/completions,
+    /v1/chat/completions, /v1/embeddings, /v1/models); decoders generate in continuous batches.
+    Ctrl-C drains requests in flight. `--backend ray` runs the models in Ray Serve replicas behind the same routes."""
     import importlib.util
 
     missing = [m for m in ("uvicorn", "starlette") if importlib.util.find_spec(m) is None]
@@ -621,7 +625,8 @@ def serve(
 
     options = ServeOptions(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, timeout_ms=timeout_ms,
                            token=token, max_body_bytes=int(max_body_mb * (1 << 20)), max_in_flight=max_in_flight,
-                           max_in_flight_bytes=int(max_in_flight_mb * (1 << 20)), repository=tuple(repository or ()))
+                           max_in_flight_bytes=int(max_in_flight_mb * (1 << 20)), slots=slots, max_prompt_bytes=int(max_prompt_mb * (1 << 20)),
+                           repository=tuple(repository or ()))
     ray_flags = {"--replicas": replicas, "--autoscale": autoscale, "--address": address, "--num-cpus-per-replica": num_cpus,
                  "--num-gpus-per-replica": num_gpus}
     if backend == Backend.ray:
@@ -646,7 +651,8 @@ def serve(
     for m in models:
         threads_note = f", {threads} thread" + "s" * (threads > 1) if threads else ""
         graphs = ", CUDA graphs" if m.cuda_graph else ""
-        err.print(f"serving {m.name} ({m.variant} on {m.provider}{threads_note}{graphs}) at {where}/v2/models/{m.name}")
+        err.print(f"serving {m.name} ({m.variant} on {m.provider}{threads_note}{graphs}) at {where}/v2/models/{m.name}"
+                  + (f" and {where}/v1 (OpenAI)" if m.bundle.manifest.generation else ""))
     run_server(models, host=host, port=port, options=options, loader=loader)
 
 

@@ -432,13 +432,15 @@ class _Routes:
         """How long a generation may wait for a cache slot: --timeout-ms, else the queue timeout."""
         return time.monotonic() + (self.options.timeout_ms or self.options.queue_timeout_ms) / 1000
 
-    async def encode(self, s: Any, texts: Sequence[str], param: str) -> list[list[int]]:
-        """The prompts' token ids (checked, then tokenized off the event loop: a large one takes a while)."""
+    async def encode(self, s: Any, prompts: Sequence[str | Sequence[int]], param: str) -> list[list[int]]:
+        """The prompts' token ids: text checked, then tokenized off the event loop (a large prompt
+        takes a while); token ids as they are (the scheduler checks them against the vocabulary)."""
         prompter = self.prompter(s)
-        for text in texts:
-            checked_text(text, param, self.options.max_prompt_bytes)
+        for text in prompts:
+            if isinstance(text, str):
+                checked_text(text, param, self.options.max_prompt_bytes)
         try:
-            return await self._off_loop(lambda: [prompter.encode(text) for text in texts])
+            return await self._off_loop(lambda: [prompter.encode(p) if isinstance(p, str) else list(p) for p in prompts])
         except ToolkitError as exc:
             raise ProtocolError(str(exc), param=param) from None
 

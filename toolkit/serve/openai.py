@@ -3,7 +3,7 @@ limits, bearer token and metrics: what the `openai` client, LangChain, LlamaInde
 evaluation harnesses speak.
 
 - `GET /v1/models`, `/v1/models/{model}`: the served models.
-- `POST /v1/completions`: `prompt` (a string or a list of them) continued.
+- `POST /v1/completions`: `prompt` (text or token ids, or a list of them) continued.
 - `POST /v1/chat/completions`: `messages` rendered with the model's own chat template (kept in the
   bundle at export), then continued as the assistant.
 - `POST /v1/embeddings`: sentence embeddings of an encoder bundle that embeds (task `embed`) and
@@ -58,7 +58,7 @@ class OpenAIRequest:
 
     chat: bool
     model: str
-    prompts: tuple[str, ...]
+    prompts: tuple[str | tuple[int, ...], ...]  # text or token ids
     messages: tuple[dict[str, str], ...]
     max_tokens: int | None
     temperature: float
@@ -173,13 +173,17 @@ def _number(given: Mapping[str, Any], name: str, kind: type) -> Any:
     return kind(value)
 
 
-def _prompts(prompt: Any) -> tuple[str, ...]:
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ProtocolError("'prompt' must be a string or a non-empty list of strings (token arrays are not taken).", param="prompt")
+def _prompts(prompt: Any) -> tuple[str | tuple[int, ...], ...]:
+    """A prompt, or several: text, or token ids (a list of integers; several: a list of them)."""
+    def ids(value: Any) -> bool:
+        return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+
+    prompts = [prompt] if isinstance(prompt, str) or ids(prompt) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) or ids(p) for p in prompts):
+        raise ProtocolError("'prompt' must be a string, a non-empty list of token ids, or a non-empty list of either.", param="prompt")
     if len(prompts) > _RANGES["n"][1]:
         raise ProtocolError(f"'prompt' has {len(prompts)} prompts; this server takes at most {_RANGES['n'][1]} per request.", param="prompt")
-    return tuple(prompts)
+    return tuple(p if isinstance(p, str) else tuple(p) for p in prompts)
 
 
 def _messages(messages: Any) -> tuple[dict[str, str], ...]:

@@ -18,5 +18,6 @@ Two ways to run it, peers over the same pieces (sampling and rules, the layout, 
 
 from toolkit.runtime.generate.generator import CACHES, Generator, greedy_tokens, token_agreement
 from toolkit.runtime.generate.sampling import Sampling, TokenRules
+from toolkit.runtime.generate.scheduler import Busy, Event, Request, Scheduler
 
-__all__ = ["CACHES", "Generator", "Sampling", "TokenRules", "greedy_tokens", "token_agreement"]
+__all__ = ["CACHES", "Busy", "Event", "Generator", "Request", "Sampling", "Scheduler", "TokenRules", "greedy_tokens", "token_agreement"]
