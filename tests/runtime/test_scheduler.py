@@ -21,27 +21,55 @@ PROMPTS = ["Return the value of", "If the", "Raise ValueError when the argument 
            "Return a list of all the", "A", "This module provides"]
 
 
-def _llama(with_variants, variant):
-    from models.hf_causal import causal_lm
+def _causal(kind: str, variant: str):
+    def make(exported, with_variants):
+        from models.hf_causal import causal_lm
 
-    pytest.importorskip("transformers", reason="hf: models need transformers (pip install -e '.[test]')")
-    return with_variants(f"hf:{causal_lm('llama')}", ("opt",) if variant == "opt" else (), preset=None), variant
+        pytest.importorskip("transformers", reason="hf: models need transformers (pip install -e '.[test]')")
+        return with_variants(f"hf:{causal_lm(kind)}", ("opt",) if variant == "opt" else (), preset=None), variant
+
+    return make
 
 
+def _seq2seq(kind: str):
+    def make(exported, with_variants):
+        from models.hf_heads import hf_model
+
+        pytest.importorskip("transformers", reason="hf: models need transformers (pip install -e '.[test]')")
+        return exported(f"hf:{hf_model(kind)}", None), "fp32"
+
+    return make
+
+
+slow = pytest.mark.slow
 CASES = {
-    # (bundle, variant, the slots the scheduler must use)
-    "gpt": (lambda e, v: (e("gpt"), "fp32"), "PaddedSlots"),
-    "seq2seq": (lambda e, v: (e("seq2seq"), "fp32"), "PaddedSlots"),
-    "llama-fp32": (lambda e, v: _llama(v, "fp32"), "PaddedSlots"),
-    "llama-opt": (lambda e, v: _llama(v, "opt"), "InplaceSlots"),
+    # (bundle, variant) made from the fixtures, the slots the scheduler must use, marks
+    "gpt": (lambda e, v: (e("gpt"), "fp32"), "PaddedSlots", ()),
+    "seq2seq": (lambda e, v: (e("seq2seq"), "fp32"), "PaddedSlots", ()),
+    "llama-fp32": (_causal("llama", "fp32"), "PaddedSlots", ()),
+    "llama-opt": (_causal("llama", "opt"), "InplaceSlots", ()),
+    "gpt2-opt": (_causal("gpt2", "opt"), "PaddedSlots", slow),  # onnxruntime's MultiHeadAttention over the cache
+    **{f"{kind}-opt": (_causal(kind, "opt"), "InplaceSlots", slow) for kind in ("mistral", "qwen2", "phi")},
+    **{kind: (_seq2seq(kind), "PaddedSlots", slow) for kind in ("bart", "t5", "whisper")},
 }
 
 
-@pytest.fixture(params=list(CASES))
+@pytest.fixture(params=[pytest.param(name, marks=marks) for name, (_, _, marks) in CASES.items()])
 def case(request, exported, with_variants):
-    make, slots = CASES[request.param]
+    make, slots, _ = CASES[request.param]
     path, variant = make(exported, with_variants)
     return Generator(path, variant=variant, provider="cpu", cache="growing"), Scheduler(path, variant=variant, provider="cpu", slots=3), slots
+
+
+def _prompts(generator: Generator) -> list:
+    """Text prompts of several lengths; a speech model's: clips of sound-like features."""
+    if generator.layout.features:
+        from models.hf_heads import hf_model
+        from toolkit.reference.hf import hf_spec
+
+        clips = hf_spec(hf_model("whisper")).parts["encoder"].sample_data(len(PROMPTS))["input_features"]
+        return list(clips)
+    return [generator.encode(p) for p in PROMPTS]
 
 
 class _Arrivals:
@@ -95,7 +123,7 @@ def test_greedy_tokens_are_those_of_the_request_alone_whenever_it_arrives(case, 
     generator, scheduler, slots = case
     assert type(scheduler.cache).__name__ == slots, scheduler.note
     rng = np.random.default_rng(seed)
-    prompts = [generator.encode(p) for p in PROMPTS]
+    prompts = _prompts(generator)
     limits = [int(n) for n in rng.integers(4, 24, size=len(prompts))]
     try:
         events = _Arrivals(scheduler, seed).run([Request(p, max_new_tokens=n) for p, n in zip(prompts, limits, strict=True)])
@@ -105,7 +133,7 @@ def test_greedy_tokens_are_those_of_the_request_alone_whenever_it_arrives(case, 
         assert all(e.error is None for e in got), [e.error for e in got]
         assert [e.token for e in got] == _alone(generator, prompt, limit)
         assert got[-1].finish_reason == ("stop" if got[-1].token in generator.layout.eos_ids else "length")
-        assert "".join(e.text for e in got) == generator.tokenizer.decode([e.token for e in got])
+        assert "".join(e.text for e in got) == generator.tokenizer.decode([e.token for e in got if e.token not in generator.layout.eos_ids])
     assert scheduler.steps < sum(len(e) for e in events)  # rows shared decode steps
 
 

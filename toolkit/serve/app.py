@@ -158,10 +158,9 @@ class _Served:
     raise before the first), `generation_stats()`, `start()`, `close()`. An endpoint raises
     `Unavailable` for what the client should retry (503)."""
 
-    def __init__(self, model: Model, options: ServeOptions, metrics: Metrics, off_loop: Callable[..., Any]):
+    def __init__(self, model: Model, options: ServeOptions, metrics: Metrics):
         self.signature = model
         self.name = model.name
-        self._off_loop = off_loop
         # A session opened for CUDA graphs replays one captured graph per batch shape it has seen.
         run = CapturedRunner(model, limit=options.max_graphs).run if model.cuda_graph else model.run_validated
         self.batcher = DynamicBatcher(
@@ -237,7 +236,7 @@ class _Routes:
         self.served: dict[str, Any] = {}
         self._prompters: dict[str, Prompter] = {}
         self._sources = list(sources)
-        self._endpoint = endpoint or (lambda model, metrics: _Served(model, options, metrics, self._off_loop))
+        self._endpoint = endpoint or (lambda model, metrics: _Served(model, options, metrics))
         self.ready = False
         self.admission = _Admission(options.max_in_flight, options.max_in_flight_bytes, lambda why: metrics.rejected.labels(reason=why).inc())
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -310,9 +309,6 @@ class _Routes:
         return self._prompters[s.name]
 
     def ready_for(self, s: Any) -> None:
-        self._ready_for(s)
-
-    def _ready_for(self, s: Any) -> None:
         if not self.is_ready(s):
             self.metrics.rejected.labels(reason="not ready").inc()
             raise _HTTPError(503, f"model {s.name!r} is not ready (starting, stopping, or restarting after a failure); retry later.")
@@ -342,10 +338,8 @@ class _Routes:
             async for _ in request.stream():
                 pass
 
-    async def _off_loop(self, function: Callable[..., Any], *args: Any) -> Any:
+    async def off_loop(self, function: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.threads, function, *args)
-
-    off_loop = _off_loop
 
     async def live(self, request: Any) -> Any:
         return _json({"live": True})
@@ -375,17 +369,17 @@ class _Routes:
         from starlette.responses import Response
 
         s = self.find(request)
-        self._ready_for(s)
+        self.ready_for(s)
         header_length = request.headers.get(HEADER_LENGTH)
         async with self.admission.request() as held:
             body = await self.body_of(request, held, json_body=header_length is None)
             json_bytes = len(body) if header_length is None or not (header_length.isascii() and header_length.isdigit()) \
                 else min(int(header_length), len(body))
-            decode = self.decoder.decode if json_bytes > _JSON_IN_PROCESS else functools.partial(self._off_loop, decode_request)
+            decode = self.decoder.decode if json_bytes > _JSON_IN_PROCESS else functools.partial(self.off_loop, decode_request)
             try:
                 parsed = await decode(body, header_length, s.signature.inputs, s.signature.outputs,
                                       self.options.max_body_bytes * _JSON_EXPANSION)
-                feeds = await self._off_loop(s.signature.validate, parsed.inputs)
+                feeds = await self.off_loop(s.signature.validate, parsed.inputs)
             except ProtocolError as exc:
                 raise _HTTPError(exc.status, str(exc)) from None
             except ToolkitError as exc:
@@ -394,7 +388,7 @@ class _Routes:
             if parsed.outputs is not None:
                 results = {name: results[name] for name in parsed.outputs}
             try:
-                content, header_length_out = await self._off_loop(encode_response, s.name, parsed, results)
+                content, header_length_out = await self.off_loop(encode_response, s.name, parsed, results)
             except UnencodableOutput as exc:
                 raise _HTTPError(500, str(exc)) from None
         if header_length_out is None:
@@ -424,7 +418,7 @@ class _Routes:
         s = self.find(request)
         if not s.generates:
             raise _HTTPError(400, f"model {s.name!r} is not a decoder with a KV cache; generate needs one (the reference gpt is).")
-        self._ready_for(s)
+        self.ready_for(s)
         async with self.admission.request(generation=True) as held:
             yield s, decode_generate_request(await self.body_of(request, held, json_body=True))
 
@@ -440,7 +434,7 @@ class _Routes:
             if isinstance(text, str):
                 checked_text(text, param, self.options.max_prompt_bytes)
         try:
-            return await self._off_loop(lambda: [prompter.encode(p) if isinstance(p, str) else list(p) for p in prompts])
+            return await self.off_loop(lambda: [prompter.encode(p) if isinstance(p, str) else list(p) for p in prompts])
         except ToolkitError as exc:
             raise ProtocolError(str(exc), param=param) from None
 
@@ -543,7 +537,7 @@ class _Routes:
             where = ", ".join(map(str, self.options.repository)) or "none given (toolkit serve --repository DIR)"
             raise _HTTPError(404, f"no bundle named {name[:64]!r} in the model repository ({where}).")
         try:
-            model = await self._off_loop(self.loader, path)
+            model = await self.off_loop(self.loader, path)
         except ToolkitError as exc:
             raise _HTTPError(400, f"bundle {path} cannot be loaded: {exc}") from None
         if model.name != name:

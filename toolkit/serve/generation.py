@@ -46,6 +46,7 @@ class Prompter:
         self.encoder = bool(generation.get("encoder"))
         self.context = int(generation["context"])
         self._start = len(generation.get("decoder_start") or [generation.get("eos_token_id")])
+        self.eos_ids = tuple(generation.get("eos_token_ids") or [generation.get("eos_token_id")])
         self.template = generation.get("chat_template")
         self._chat_tokens = generation.get("chat_tokens") or {}
 

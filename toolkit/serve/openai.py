@@ -272,21 +272,19 @@ def response(answer: Answer, choices: Sequence[Sequence[Event]], prompt_tokens: 
 
 
 def chat_chunks(answer: Answer, index: int, event: Event | None) -> list[dict[str, Any]]:
-    """The stream's chunks for one event of choice `index` (None: the choice's opening chunk, its role)."""
+    """The stream's chunks for one event of choice `index` (None: the choice's opening chunk, its role):
+    one per token, as OpenAI and llama.cpp send them, its text empty where it is held back (it may
+    begin a stop string) or not yet a whole character."""
     head = answer.head() | {"object": "chat.completion.chunk"}
     usage = {"usage": None} if answer.request.include_usage else {}
     if event is None:
         return [head | {"choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                      "finish_reason": None}]} | usage]
-    if not event.text and not event.finish_reason and answer.request.logprobs is None:
-        return []  # text held back (it may begin a stop string): nothing to send yet
     return [head | {"choices": [{"index": index, "delta": {"content": event.text} if event.text else {},
                                  "logprobs": answer.logprobs([event]), "finish_reason": event.finish_reason}]} | usage]
 
 
 def completion_chunks(answer: Answer, index: int, event: Event, offset: int) -> list[dict[str, Any]]:
-    if not event.text and not event.finish_reason and answer.request.logprobs is None:
-        return []
     usage = {"usage": None} if answer.request.include_usage else {}
     return [answer.head() | {"choices": [{"index": index, "text": event.text, "logprobs": answer.logprobs([event], offset),
                                           "finish_reason": event.finish_reason}]} | usage]
@@ -359,8 +357,7 @@ class OpenAIRoutes:
         except BaseException:
             await held.aclose()
             raise
-        answer = Answer(parsed, prompter.tokenizer, s.signature.bundle.manifest.generation.get("eos_token_ids")
-                        or [s.signature.bundle.manifest.generation["eos_token_id"]])
+        answer = Answer(parsed, prompter.tokenizer, prompter.eos_ids)
         prompt_tokens = sum(len(p) for p in prompts)
         if parsed.stream:
             return StreamingResponse(_sse(answer, streams, prompt_tokens, held, request), media_type="text/event-stream")

@@ -18,6 +18,12 @@ class TextStream:
         self.decoder = tokenizer.stream_decoder()
         self.stop = [s for s in stop if s]
         self._longest = max(map(len, self.stop), default=0)
+        # per stop string, the lengths of its proper prefixes by their last character, longest first:
+        # the text's end can only begin a stop string at a prefix that ends in the text's last character
+        self._prefixes = [{} for _ in self.stop]
+        for ends, s in zip(self._prefixes, self.stop, strict=True):
+            for n in range(len(s) - 1, 0, -1):
+                ends.setdefault(s[n - 1], []).append(n)
         self.buffer = ""
         self.sent = 0
         self.finished = False
@@ -49,8 +55,12 @@ class TextStream:
 
     def _held_back(self) -> int:
         """Length of the longest end of the buffer that begins some stop string."""
-        return max((n for s in self.stop for n in range(min(len(s) - 1, len(self.buffer)), 0, -1)
-                    if self.buffer.endswith(s[:n])), default=0)
+        if not self.buffer:
+            return 0
+        last, held = self.buffer[-1], 0
+        for s, ends in zip(self.stop, self._prefixes, strict=True):
+            held = max(held, next((n for n in ends.get(last, ()) if n <= len(self.buffer) and self.buffer.endswith(s[:n])), 0))
+        return held
 
     def _release(self, upto: int) -> str:
         piece = self.buffer[self.sent : upto]
