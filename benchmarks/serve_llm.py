@@ -222,7 +222,8 @@ async def _load(address: str, server: str, precision: str, load: str, prompts: l
     ttft, itl, arrivals = [], [], []
     counted = [0]
     body = {"model": "m", "max_tokens": tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=4096)
+    # a connection per request: llama-server closes kept-alive connections after a few requests, racing the next one
+    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=f"http://{address}", timeout=600, limits=limits) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
 

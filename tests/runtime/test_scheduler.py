@@ -48,6 +48,7 @@ CASES = {
     "seq2seq": (lambda e, v: (e("seq2seq"), "fp32"), "PaddedSlots", ()),
     "llama-fp32": (_causal("llama", "fp32"), "PaddedSlots", ()),
     "llama-opt": (_causal("llama", "opt"), "InplaceSlots", ()),
+    "llama-opt-in-pieces": (_causal("llama", "opt"), "InplaceSlots", ()),  # prompts fed 3 tokens an iteration while rows run
     "gpt2-opt": (_causal("gpt2", "opt"), "PaddedSlots", slow),  # onnxruntime's MultiHeadAttention over the cache
     **{f"{kind}-opt": (_causal(kind, "opt"), "InplaceSlots", slow) for kind in ("mistral", "qwen2", "phi")},
     **{kind: (_seq2seq(kind), "PaddedSlots", slow) for kind in ("bart", "t5", "whisper")},
@@ -58,7 +59,9 @@ CASES = {
 def case(request, exported, with_variants):
     make, slots, _ = CASES[request.param]
     path, variant = make(exported, with_variants)
-    return Generator(path, variant=variant, provider="cpu", cache="growing"), Scheduler(path, variant=variant, provider="cpu", slots=3), slots
+    pieces = {"prefill_tokens": 3} if request.param.endswith("in-pieces") else {}
+    return (Generator(path, variant=variant, provider="cpu", cache="growing"),
+            Scheduler(path, variant=variant, provider="cpu", slots=3, **pieces), slots)
 
 
 def _prompts(generator: Generator) -> list:
@@ -125,6 +128,10 @@ def test_greedy_tokens_are_those_of_the_request_alone_whenever_it_arrives(case, 
     rng = np.random.default_rng(seed)
     prompts = _prompts(generator)
     limits = [int(n) for n in rng.integers(4, 24, size=len(prompts))]
+    pieces = []
+    if scheduler.prefill_tokens < max(map(len, prompts)):  # count the pieces prompts came in
+        feed = scheduler.cache.feed
+        scheduler.cache.feed = lambda ids, start: pieces.append(start) or feed(ids, start)
     try:
         events = _Arrivals(scheduler, seed).run([Request(p, max_new_tokens=n) for p, n in zip(prompts, limits, strict=True)])
     finally:
@@ -135,6 +142,7 @@ def test_greedy_tokens_are_those_of_the_request_alone_whenever_it_arrives(case, 
         assert got[-1].finish_reason == ("stop" if got[-1].token in generator.layout.eos_ids else "length")
         assert "".join(e.text for e in got) == generator.tokenizer.decode([e.token for e in got if e.token not in generator.layout.eos_ids])
     assert scheduler.steps < sum(len(e) for e in events)  # rows shared decode steps
+    assert not pieces or any(pieces), "no prompt came in pieces"  # a piece that starts past 0 continues a prompt
 
 
 def test_seeded_sampling_is_the_requests_own_whatever_its_neighbours(exported):

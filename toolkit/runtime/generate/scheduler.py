@@ -1,9 +1,11 @@
 """Continuous batching (iteration-level scheduling, as in Orca and vLLM) for one decoder.
 
 A `Scheduler` owns a fixed number of cache slots (slots.py) and one worker thread. Once per
-iteration it decides: waiting requests join while slots are free (each prompt runs alone, up to
-`prefill_tokens` prompt tokens an iteration, so a burst of arrivals does not stall the running rows
-for long), cancelled ones leave, then one decode step runs every running row at once. A row that
+iteration it decides: waiting requests take the free slots, cancelled ones leave, prompts run
+(each alone, at most `prefill_tokens` prompt tokens an iteration while rows are running, a long
+prompt in pieces over several iterations where the cache allows it, so that an arrival stalls the
+running rows for one short piece, not its whole prompt), then one decode step runs every running
+row at once. A row that
 finishes (end of text, a stop string, its token limit) or is cancelled frees its slot at once, and
 the next waiting request takes it at the next iteration. Sampling, stop strings, token limits and
 seeds are each request's own: a request's tokens do not depend on its neighbours (a seeded request
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import queue
 import threading
@@ -95,6 +98,7 @@ class _Sequence:
     def __init__(self, request: Request, deliver: Callable[[Event], None], text: TextStream, handle: Handle):
         self.request, self.deliver, self.text, self.handle = request, deliver, text, handle
         self.choose = request.sampling.chooser()
+        self.fed = 0  # prompt tokens in the cache (a chunked prefill takes several iterations)
         self.step = 0
         self.token = -1
 
@@ -106,7 +110,7 @@ class Scheduler:
     (`PaddedSlots`); `note` says which and why."""
 
     def __init__(self, model: Model | Generator | str | os.PathLike[str], *, slots: int = 16, max_waiting: int = 256,
-                 prefill_tokens: int = 512, variant: str | None = None, provider: str = "auto", threads: int | None = None):
+                 prefill_tokens: int = 32, variant: str | None = None, provider: str = "auto", threads: int | None = None):
         if slots < 1 or max_waiting < 0 or prefill_tokens < 1:
             raise ToolkitError(f"slots and prefill_tokens must be >= 1 and max_waiting >= 0, got {slots}, {prefill_tokens}, {max_waiting}.")
         self.generator = generator = model if isinstance(model, Generator) else _generator(model, variant, provider, threads)
@@ -120,7 +124,9 @@ class Scheduler:
             self.note = f"a left-padded batch of the bundle's graph ({generator.note or 'its attention is not rewritten in place'})"
         self.slots, self.max_waiting, self.prefill_tokens = slots, max_waiting, prefill_tokens
         self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._joining: collections.deque[_Sequence] = collections.deque()  # with a slot, their prompts not yet in the cache
         self._running: list[_Sequence] = []
+        self._chunked = isinstance(self.cache, InplaceSlots)
         self._lock = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -147,7 +153,7 @@ class Scheduler:
         with self._lock:
             if self._closing:
                 raise Busy("the scheduler is shutting down; retry on another server.")
-            if len(self._waiting) >= self.max_waiting and len(self._running) >= self.slots:
+            if len(self._waiting) >= self.max_waiting and len(self._running) + len(self._joining) >= self.slots:
                 raise Busy(f"{len(self._waiting)} requests are waiting for one of {self.slots} cache slots, the limit; retry later.")
             self._waiting.append(sequence)
             if self._thread is None:
@@ -190,15 +196,14 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not (self._waiting or self._running or self._closing):
+                while not (self._waiting or self._joining or self._running or self._closing):
                     self._lock.wait()
-                if self._closing and not self._waiting and not self._running:
+                if self._closing and not (self._waiting or self._joining or self._running):
                     return
-                joining = self._admit()
+                self._admit()
             self._leave_cancelled()
             try:
-                for sequence in joining:
-                    self._prefill(sequence)
+                self._prefill()
                 if self._running:
                     self._decode()
             except Exception as exc:  # the model failed: every running request hears it, the slots start empty
@@ -209,49 +214,64 @@ class Scheduler:
                 self._running.clear()
                 self.cache.clear()
 
-    def _admit(self) -> list[_Sequence]:
-        """Waiting requests that take the free slots now, oldest first, within the prefill budget
-        (at least one); those cancelled or past their deadline leave the queue. Holds the lock."""
-        joining, budget, now = [], self.prefill_tokens, time.monotonic()
-        while self._waiting and len(self._running) + len(joining) < self.slots:
-            sequence = self._waiting[0]
-            if sequence.handle.cancelled:
-                self._waiting.popleft()
-                continue
+    def _admit(self) -> None:
+        """Waiting requests take the free slots, oldest first (they join at the next prefill); those
+        cancelled or past their deadline leave the queue. Holds the lock."""
+        now = time.monotonic()
+        while self._waiting and len(self._running) + len(self._joining) < self.slots:
+            sequence = self._waiting.popleft()
             deadline = sequence.request.deadline
+            if sequence.handle.cancelled:
+                continue
             if deadline is not None and now > deadline:
-                self._waiting.popleft()
                 sequence.deliver(Event(None, error=Busy("the request waited past its deadline for a cache slot; retry later.")))
                 continue
-            size = len(sequence.request.prompt)
-            if joining and size > budget:
-                break
-            budget -= size
-            joining.append(self._waiting.popleft())
+            self._joining.append(sequence)
         for sequence in self._waiting:  # expired ones behind a full house hear it now, not when a slot frees
             deadline = sequence.request.deadline
             if deadline is not None and now > deadline and not sequence.handle.cancelled:
                 sequence.handle.cancelled = True
                 sequence.deliver(Event(None, error=Busy("the request waited past its deadline for a cache slot; retry later.")))
-        return joining
 
     def _leave_cancelled(self) -> None:
         for row in range(len(self._running) - 1, -1, -1):
             if self._running[row].handle.cancelled:
                 self._remove(row)
 
-    def _prefill(self, sequence: _Sequence) -> None:
-        if sequence.handle.cancelled:
-            return
-        feeds = self.generator._first_feeds([sequence.request.prompt])
-        feeds = {name: value.numpy() if hasattr(value, "numpy") else value for name, value in feeds.items()}  # a CUDA encoder's memory
-        try:
-            logits = self.cache.add(feeds)
-        except Exception as exc:  # this prompt's step failed: only its request hears it
-            sequence.deliver(Event(None, error=exc if isinstance(exc, ToolkitError) else ToolkitError(f"generation failed: {exc}")))
-            return
-        self._running.append(sequence)
-        self._choose([sequence], logits, first=len(self._running) - 1)
+    def _prefill(self) -> None:
+        """Prompts of the joining requests, oldest first, at most `prefill_tokens` of them while
+        rows are running (all of them while none are): a chunked cache takes a prompt in pieces
+        over several iterations, any other takes whole prompts (at least one an iteration)."""
+        budget = self.prefill_tokens if self._running else math.inf
+        spent = 0
+        while self._joining and spent < budget:
+            sequence = self._joining[0]
+            if sequence.handle.cancelled:
+                self._joining.popleft()
+                continue
+            prompt = sequence.request.prompt
+            try:
+                if self._chunked:
+                    size = int(min(len(prompt) - sequence.fed, budget - spent))
+                    logits = self.cache.feed(np.asarray(prompt[sequence.fed : sequence.fed + size], dtype=np.int64), sequence.fed)
+                    sequence.fed, spent = sequence.fed + size, spent + size
+                    if sequence.fed < len(prompt):
+                        return  # the budget is spent: the rest of this prompt next iteration
+                    self.cache.commit(len(prompt))
+                else:
+                    if spent and spent + len(prompt) > budget:
+                        return
+                    feeds = self.generator._first_feeds([prompt])
+                    logits = self.cache.add({name: value.numpy() if hasattr(value, "numpy") else value  # a CUDA encoder's memory
+                                             for name, value in feeds.items()})
+                    spent += len(prompt)
+            except Exception as exc:  # this prompt's step failed: only its request hears it
+                self._joining.popleft()
+                sequence.deliver(Event(None, error=exc if isinstance(exc, ToolkitError) else ToolkitError(f"generation failed: {exc}")))
+                continue
+            self._joining.popleft()
+            self._running.append(sequence)
+            self._choose([sequence], logits, first=len(self._running) - 1)
 
     def _decode(self) -> None:
         tokens = np.array([s.token for s in self._running], dtype=np.int64)

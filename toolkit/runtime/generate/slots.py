@@ -6,7 +6,8 @@ the last row moves into the freed one), and `decode` runs one step for every row
   cache per past input, allocated once for `slots` rows of the model's whole context and written in
   place. Every row's tokens start at position 0 of its row and GroupQueryAttention reads each row to
   its own length (the graph's `seqlens_k`), so nothing is padded or copied per step; the running
-  rows are always the first ones, so a step binds a prefix of each cache.
+  rows are always the first ones, so a step binds a prefix of each cache. A prompt may also come in
+  pieces (`feed`, then `commit`), into a row of its own beside them, while they keep decoding.
 - `PaddedSlots` (every other decoder graph: GPT-2's attention, unfused or fp16 variants,
   encoder-decoders, the CUDA provider): the bundle's own graph over one left-padded batch (the
   layout `Generator` uses for a batch of prompts), whose cache grows a step at a time. A row that
@@ -40,7 +41,7 @@ class InplaceSlots:
 
     def __init__(self, session: Any, layout: Layout, slots: int, capacity: int, logits: TensorSpec):
         self.session, self.layout, self.slots, self.capacity = session, layout, slots, capacity
-        shape = (slots, layout.heads, capacity, layout.head_size)
+        shape = (slots + 1, layout.heads, capacity, layout.head_size)  # the last row stages a prompt fed in pieces
         self.caches = [np.zeros(shape, dtype=layout.past_dtype) for _ in layout.caches]
         self.lengths = np.zeros(slots, dtype=np.int64)  # tokens in each row's cache
         self.rows = 0
@@ -65,6 +66,27 @@ class InplaceSlots:
         self.lengths[row] = length
         self.rows += 1
         return binding.get_outputs()[-1].numpy()[:, -1]
+
+    def feed(self, ids: np.ndarray, start: int) -> np.ndarray:
+        """Writes a piece of a prompt, `ids` at positions `start`..., into the staging row (the
+        running rows are not touched); the piece's last logits."""
+        staging, end = self.slots, start + len(ids)
+        binding = self.session.io_binding()
+        self._bind_caches(binding, slice(staging, staging + 1))
+        binding.bind_cpu_input("input_ids", ids[None])
+        binding.bind_cpu_input("attention_mask", np.ones((1, end), dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.arange(start, end)[None])
+        binding.bind_cpu_input(SEQLENS, np.array([end - 1], dtype=np.int32))
+        binding.bind_output(self.layout.logits, "cpu")
+        self._run(binding)
+        return binding.get_outputs()[-1].numpy()[:, -1]
+
+    def commit(self, length: int) -> None:
+        """The staged prompt, `length` tokens, becomes the next running row."""
+        for cache in self.caches:
+            cache[self.rows, :, :length] = cache[self.slots, :, :length]
+        self.lengths[self.rows] = length
+        self.rows += 1
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """One step for every row: `tokens` (rows,) → logits (rows, vocab)."""
