@@ -78,7 +78,23 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TOOLKIT_CACHE", Path.home() / ".cache/toolkit")) / "serve_llm")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "serve_llm.json")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--profile", metavar="PRECISION", help="only profile one decode step of `--slots` rows (onnxruntime's profiler), "
+                        "by op type, and print it")
+    parser.add_argument("--references-only", action="store_true",
+                        help="measure only the references (one static batch of --slots prompts, a profiled decode step), add them to "
+                             "--out and rewrite the section")
     args = parser.parse_args()
+    if args.profile:
+        print(profile_step(_bundle(causal_lm("llama", args.size), args.work / f"llama-{args.size}", []), VARIANTS[args.profile], args.slots))
+        return 0
+    if args.references_only:
+        result = json.loads(args.out.read_text())
+        result |= _references(args, [p for p in args.precisions.split(",")])
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        section = markdown(result, args.tokens, args.slots)
+        write_section(args.results, section)
+        print(section)
+        return 0
     concurrency = [int(c) for c in args.concurrency.split(",")]
     rates = [float(r) for r in args.rates.split(",") if r]
     model_dir = causal_lm("llama", args.size)
@@ -111,7 +127,8 @@ def main() -> int:
                 process.terminate()
                 process.wait(30)
     result = {"machine": machine({}), "command": " ".join(["python", "benchmarks/serve_llm.py", *sys.argv[1:]]),
-              "settings": {k: str(v) for k, v in vars(args).items()}, "runs": [asdict(r) for r in runs]}
+              "settings": {k: str(v) for k, v in vars(args).items()}, "runs": [asdict(r) for r in runs],
+              **_references(args, args.precisions.split(","))}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     section = markdown(result, args.tokens, args.slots)
     write_section(args.results, section)
@@ -266,6 +283,81 @@ async def _load(address: str, server: str, precision: str, load: str, prompts: l
     return Run(server, precision, load, len(arrivals), counted[0] / seconds, ms(ttft, 50), ms(ttft, 99), ms(itl, 50), ms(itl, 99))
 
 
+def _references(args: Any, precisions: list[str]) -> dict[str, Any]:
+    """What the served numbers are judged against: the Generator decoding one static batch of
+    `--slots` prompts (no server, every row from the first step to the last), and where one decode
+    step of that many rows spends its time."""
+    bundle = _bundle(causal_lm("llama", args.size), args.work / f"llama-{args.size}", [])
+    return {"static": {p: static_batch(bundle, VARIANTS[p], args.slots, args.tokens) for p in precisions},
+            "profiles": {p: profile_step(bundle, VARIANTS[p], args.slots) for p in precisions},
+            "references_command": " ".join(["python", "benchmarks/serve_llm.py", *sys.argv[1:]])}
+
+
+def static_batch(bundle: Path, variant: str, rows: int, tokens: int, rounds: int = 2) -> float:
+    """Output tokens/s of the Generator on `rows` prompts (16 to 96 tokens) as one left-padded batch, best of `rounds`."""
+    from toolkit.runtime.generate import Generator
+
+    generator = Generator(bundle, variant=variant, provider="cpu")
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, 300, size=int(n)).tolist() for n in rng.integers(16, 97, size=rows)]
+    list(generator.tokens(prompts[:2], max_new_tokens=4))  # warm-up
+    best = 0.0
+    for _ in range(rounds):
+        started = time.perf_counter()
+        steps = sum(1 for _ in generator.tokens(prompts, max_new_tokens=tokens))
+        best = max(best, rows * steps / (time.perf_counter() - started))
+    return best
+
+
+def profile_step(bundle: Path, variant: str, rows: int, steps: int = 20) -> str:
+    """Where one decode step of `rows` rows spends its time: the in-place graph under onnxruntime's
+    profiler, `rows` prompts of 64 tokens in its slots, then `steps` steps; time per op type."""
+    import tempfile
+    from collections import defaultdict
+
+    import onnxruntime as ort
+
+    from toolkit._onnx import save_model
+    from toolkit.bundle import Bundle
+    from toolkit.runtime.generate import Generator
+    from toolkit.runtime.generate.slots import InplaceSlots
+    from toolkit.runtime.inplace import inplace_graph
+    from toolkit.runtime.session import session_options
+
+    generator = Generator(bundle, variant=variant, provider="cpu", cache="growing")
+    layout = generator.layout
+    with tempfile.TemporaryDirectory() as scratch:
+        proto, why = inplace_graph(Bundle.open(bundle).variant_path(variant))
+        if proto is None:
+            raise SystemExit(f"no in-place graph: {why}")
+        save_model(proto, f"{scratch}/model.onnx", external=True)
+        options = session_options(None)
+        options.enable_profiling, options.profile_file_prefix = True, f"{scratch}/profile"
+        session = ort.InferenceSession(f"{scratch}/model.onnx", options, providers=["CPUExecutionProvider"])
+        slots = InplaceSlots(session, layout, rows, 512, next(o for o in generator.model.outputs if o.name == layout.logits))
+        rng = np.random.default_rng(0)
+        for _ in range(rows):
+            ids = rng.integers(1, 300, size=(1, 64))
+            slots.add({"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(64)[None]})
+        started = time.perf_counter()
+        for _ in range(steps):
+            slots.decode(rng.integers(1, 300, size=rows))
+        wall = (time.perf_counter() - started) / steps
+        trace = json.loads(Path(session.end_profiling()).read_text())
+    per_op: dict[str, float] = defaultdict(float)
+    runs = [e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    decode_runs = runs[-steps:]
+    since = decode_runs[0]["ts"]
+    for event in trace:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= since:
+            per_op[event["args"]["op_name"]] += event["dur"] / 1000 / steps
+    graph = sum(r["dur"] for r in decode_runs) / 1000 / steps
+    lines = [f"one decode step of {rows} rows ({variant}): {wall * 1000:.1f} ms wall, {graph:.1f} ms in onnxruntime's run, "
+             f"{sum(per_op.values()):.1f} ms in kernels", "", "| op type | ms per step | share of the run |", "|---|---|---|"]
+    lines += [f"| {op} | {ms:.2f} | {ms / graph:.0%} |" for op, ms in sorted(per_op.items(), key=lambda kv: -kv[1])[:8]]
+    return "\n".join(lines)
+
+
 def markdown(result: dict[str, Any], tokens: int, slots: int) -> str:
     runs = [Run(**r) for r in result["runs"]]
     by = {(r.server, r.precision, r.load): r for r in runs}
@@ -281,8 +373,9 @@ def markdown(result: dict[str, Any], tokens: int, slots: int) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r.server} | {r.precision} | {r.load} | {r.requests} | {r.tokens_per_s:,.0f} | {r.ttft_p50_ms:,.0f} | "
               f"{r.ttft_p99_ms:,.0f} | {r.itl_p50_ms:,.1f} | {r.itl_p99_ms:,.1f} |" for r in runs]
-    lines += ["", "| precision | toolkit c16 ÷ c1 | toolkit c16 ÷ toolkit-single c16 | toolkit c16 ÷ llama.cpp c16 | "
-              "Poisson TTFT p99 ÷ c1's | Poisson ITL p99 ÷ c1's |", "|---|---|---|---|---|---|"]
+    static = result.get("static", {})
+    lines += ["", "| precision | toolkit c16 ÷ c1 | toolkit c16 ÷ one static batch of 16 | toolkit c16 ÷ toolkit-single c16 | "
+              "toolkit c16 ÷ llama.cpp c16 | Poisson TTFT p99 ÷ c1's | Poisson ITL p99 ÷ c1's |", "|---|---|---|---|---|---|---|"]
     for precision in dict.fromkeys(r.precision for r in runs):
         one, sixteen = by.get(("toolkit", precision, "c1")), by.get(("toolkit", precision, "c16"))
         single, peer = by.get(("toolkit-single", precision, "c16")), by.get(("llama.cpp", precision, "c16"))
@@ -292,10 +385,19 @@ def markdown(result: dict[str, Any], tokens: int, slots: int) -> str:
             return f"{a / b:.{digits}f}×" if a is not None and b else "-"
 
         lines.append(f"| {precision} | {ratio(sixteen and sixteen.tokens_per_s, one and one.tokens_per_s)} | "
+                     f"{ratio(sixteen and sixteen.tokens_per_s, static.get(precision))} | "
                      f"{ratio(sixteen and sixteen.tokens_per_s, single and single.tokens_per_s)} | "
                      f"{ratio(sixteen and sixteen.tokens_per_s, peer and peer.tokens_per_s)} | "
                      f"{ratio(poisson and poisson.ttft_p99_ms, one and one.ttft_p99_ms)} | "
                      f"{ratio(poisson and poisson.itl_p99_ms, one and one.itl_p99_ms)} |")
+    if static:
+        lines += ["", f"One static batch of 16 (the Generator, no server; `{result.get('references_command', '')}`), output tokens/s: "
+                  + ", ".join(f"{p} {v:,.0f}" for p, v in static.items()) + ". Where one decode step of 16 rows spends its time "
+                  "(onnxruntime's profiler):"]
+        for text in result.get("profiles", {}).values():
+            lines += ["", text]
+    if result.get("note"):
+        lines += ["", result["note"]]
     return "\n".join(lines) + "\n"
 
 
