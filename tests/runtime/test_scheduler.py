@@ -129,7 +129,7 @@ def test_greedy_tokens_are_those_of_the_request_alone_whenever_it_arrives(case, 
     prompts = _prompts(generator)
     limits = [int(n) for n in rng.integers(4, 24, size=len(prompts))]
     pieces = []
-    if scheduler.prefill_tokens < max(map(len, prompts)):  # count the pieces prompts came in
+    if hasattr(scheduler.cache, "feed") and scheduler.prefill_tokens < max(map(len, prompts)):  # count the pieces prompts came in
         feed = scheduler.cache.feed
         scheduler.cache.feed = lambda ids, start: pieces.append(start) or feed(ids, start)
     try:
@@ -141,7 +141,8 @@ def test_greedy_tokens_are_those_of_the_request_alone_whenever_it_arrives(case, 
         assert [e.token for e in got] == _alone(generator, prompt, limit)
         assert got[-1].finish_reason == ("stop" if got[-1].token in generator.layout.eos_ids else "length")
         assert "".join(e.text for e in got) == generator.tokenizer.decode([e.token for e in got if e.token not in generator.layout.eos_ids])
-    assert scheduler.steps < sum(len(e) for e in events)  # rows shared decode steps
+    if not scheduler.aligned:  # (BART's and Whisper's rows join only an empty batch: their positions come from the cache)
+        assert scheduler.steps < sum(len(e) for e in events)  # rows shared decode steps
     assert not pieces or any(pieces), "no prompt came in pieces"  # a piece that starts past 0 continues a prompt
 
 

@@ -127,6 +127,13 @@ class Scheduler:
         self._joining: collections.deque[_Sequence] = collections.deque()  # with a slot, their prompts not yet in the cache
         self._running: list[_Sequence] = []
         self._chunked = isinstance(self.cache, InplaceSlots)
+        # An encoder-decoder whose graph counts its decoder positions from the cache (BART's and Whisper's
+        # learned positions) would read a left-padded row's position wrongly: its rows must stand at one
+        # length, so requests join only an empty batch (batching by request, not by step).
+        layout = self.generator.layout
+        self.aligned = isinstance(self.cache, PaddedSlots) and bool(layout.encoder) and not layout.positions
+        if self.aligned:
+            self.note += "; its positions come from the cache, so requests join only when the batch is empty"
         self._lock = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -218,7 +225,7 @@ class Scheduler:
         """Waiting requests take the free slots, oldest first (they join at the next prefill); those
         cancelled or past their deadline leave the queue. Holds the lock."""
         now = time.monotonic()
-        while self._waiting and len(self._running) + len(self._joining) < self.slots:
+        while self._waiting and len(self._running) + len(self._joining) < self.slots and not (self.aligned and self._running):
             sequence = self._waiting.popleft()
             deadline = sequence.request.deadline
             if sequence.handle.cancelled:
