@@ -128,10 +128,6 @@ def test_greedy_tokens_are_those_of_the_request_alone_whenever_it_arrives(case, 
     rng = np.random.default_rng(seed)
     prompts = _prompts(generator)
     limits = [int(n) for n in rng.integers(4, 24, size=len(prompts))]
-    pieces = []
-    if hasattr(scheduler.cache, "feed") and scheduler.prefill_tokens < max(map(len, prompts)):  # count the pieces prompts came in
-        feed = scheduler.cache.feed
-        scheduler.cache.feed = lambda ids, start: pieces.append(start) or feed(ids, start)
     try:
         events = _Arrivals(scheduler, seed).run([Request(p, max_new_tokens=n) for p, n in zip(prompts, limits, strict=True)])
     finally:
@@ -143,7 +139,6 @@ def test_greedy_tokens_are_those_of_the_request_alone_whenever_it_arrives(case, 
         assert "".join(e.text for e in got) == generator.tokenizer.decode([e.token for e in got if e.token not in generator.layout.eos_ids])
     if not scheduler.aligned:  # (BART's and Whisper's rows join only an empty batch: their positions come from the cache)
         assert scheduler.steps < sum(len(e) for e in events)  # rows shared decode steps
-    assert not pieces or any(pieces), "no prompt came in pieces"  # a piece that starts past 0 continues a prompt
 
 
 def test_seeded_sampling_is_the_requests_own_whatever_its_neighbours(exported):
@@ -214,3 +209,35 @@ def test_a_full_queue_and_a_passed_deadline_are_busy_and_bad_requests_raise(expo
         assert isinstance(event.error, Busy) and "deadline" in str(event.error)
     finally:
         scheduler.close()
+
+
+def test_a_prompt_that_arrives_while_rows_run_comes_in_pieces_and_keeps_its_tokens(with_variants):
+    path, variant = _causal("llama", "opt")(None, with_variants)
+    generator = Generator(path, variant=variant, provider="cpu", cache="growing")
+    scheduler = Scheduler(path, variant=variant, provider="cpu", slots=2, prefill_tokens=3)
+    pieces, entered, submitted, done, got_first = [], threading.Event(), threading.Event(), threading.Event(), []
+    feed = scheduler.cache.feed
+    scheduler.cache.feed = lambda ids, start: pieces.append((start, len(ids))) or feed(ids, start)
+    prompts = [generator.encode(p) for p in PROMPTS]
+    first = next(p for p in prompts if len(_alone(generator, p, 30)) == 30)  # runs its 30 tokens: no end of text before
+    second = max(prompts, key=len)
+
+    def hold(event) -> None:  # the running request holds the loop at its first token until the second is queued
+        got_first.append(event)
+        entered.set()
+        submitted.wait(30)
+        if event.last:
+            done.set()
+
+    try:
+        scheduler.submit(Request(first, max_new_tokens=30), hold)
+        assert entered.wait(30)  # the first is running (and the loop held): the second arrives mid-way
+        later = scheduler.events(Request(second, max_new_tokens=12))
+        submitted.set()
+        got_second = list(later)
+        assert done.wait(30)
+    finally:
+        scheduler.close()
+    assert [e.token for e in got_second] == _alone(generator, second, 12)
+    assert [e.token for e in got_first] == _alone(generator, first, 30)
+    assert len(second) > 3 and pieces[1:] == [(start, min(3, len(second) - start)) for start in range(0, len(second), 3)], pieces
