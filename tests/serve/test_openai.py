@@ -214,26 +214,20 @@ def test_a_client_that_disconnects_frees_its_slot(server, monkeypatch, caplog):
 def test_a_generation_waits_for_a_slot_no_longer_than_its_deadline_and_infer_still_answers(exported, monkeypatch):
     from toolkit.runtime.generate.slots import PaddedSlots
 
-    release, entered = threading.Event(), threading.Event()
     decode = PaddedSlots.decode
-
-    def held(self, tokens):  # the running generation holds the model's only slot until released
-        entered.set()
-        release.wait(30)
-        return decode(self, tokens)
-
+    monkeypatch.setattr(PaddedSlots, "decode", lambda self, tokens: time.sleep(0.4) or decode(self, tokens))  # a step of 0.4 s
     gpt, mlp = Model(exported("gpt"), provider="cpu"), Model(exported("mlp"), provider="cpu")
-    monkeypatch.setattr(PaddedSlots, "decode", held)
-    with running([gpt, mlp], ServeOptions(slots=1, timeout_ms=200, max_in_flight=4)) as address:
+    with running([gpt, mlp], ServeOptions(slots=1, timeout_ms=1000, max_in_flight=4)) as address:
         url = f"http://{address}/v1/completions"
         first = {}
-        holder = threading.Thread(target=lambda: first.setdefault("r", httpx.post(url, json={"model": "gpt", "prompt": "a", "max_tokens": 3},
+        holder = threading.Thread(target=lambda: first.setdefault("r", httpx.post(url, json={"model": "gpt", "prompt": "a", "max_tokens": 8},
                                                                                      timeout=60)))
-        holder.start()
-        assert entered.wait(30)
+        holder.start()  # holds the model's only slot for about 3 s
+        time.sleep(0.3)
         late = httpx.post(url, json={"model": "gpt", "prompt": "b", "max_tokens": 2}, timeout=30)
+        # 503, not the 200 it would get once the first ends: its deadline passed while it waited
         assert late.status_code == 503 and "waited past its deadline" in late.json()["error"]["message"], late.text
-        # generations may hold half of --max-in-flight: the third is refused, infer still gets in
+        # generations may hold half of --max-in-flight: a third is refused at once, infer still gets in
         second = threading.Thread(target=lambda: httpx.post(url, json={"model": "gpt", "prompt": "c", "max_tokens": 2}, timeout=60))
         second.start()
         time.sleep(0.1)
@@ -242,7 +236,6 @@ def test_a_generation_waits_for_a_slot_no_longer_than_its_deadline_and_infer_sti
         infer = httpx.post(f"http://{address}/v2/models/mlp/infer",
                            json={"inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32", "data": [0.0] * 784}]})
         assert infer.status_code == 200
-        release.set()
         holder.join(60)
         second.join(60)
         assert first["r"].status_code == 200
