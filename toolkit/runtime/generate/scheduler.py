@@ -130,7 +130,6 @@ class Scheduler:
         # An encoder-decoder whose graph counts its decoder positions from the cache (BART's and Whisper's
         # learned positions) would read a left-padded row's position wrongly: its rows must stand at one
         # length, so requests join only an empty batch (batching by request, not by step).
-        layout = self.generator.layout
         self.aligned = isinstance(self.cache, PaddedSlots) and bool(layout.encoder) and not layout.positions
         if self.aligned:
             self.note += "; its positions come from the cache, so requests join only when the batch is empty"
@@ -141,7 +140,8 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        """Requests holding a slot: decoding, or their prompt going in."""
+        return len(self._running) + len(self._joining)
 
     @property
     def waiting(self) -> int:

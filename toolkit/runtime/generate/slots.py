@@ -49,10 +49,6 @@ class InplaceSlots:
         self._bound = -1  # the rows the decode binding's caches cover
         self._binding = session.io_binding()
 
-    @property
-    def bytes(self) -> int:
-        return sum(c.nbytes for c in self.caches)
-
     def add(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         """Runs one prompt (feeds of batch 1, no padding) into the next free row; its last logits."""
         row, length = self.rows, feeds["input_ids"].shape[1]
@@ -148,10 +144,6 @@ class PaddedSlots:
         # a constant's axes that hold the source (padded on the right), from the graph's own dims
         source = next((t.shape[1] for t in inputs if t.name == "source_mask"), None)
         self._source_axes = {t.name: [i for i, d in enumerate(t.shape) if d == source and isinstance(d, str)] for t in inputs}
-
-    @property
-    def bytes(self) -> int:
-        return sum(v.nbytes for v in self.past.values()) + sum(v.nbytes for v in self.constants.values())
 
     def add(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         """Runs one prompt's first step (feeds of batch 1, as Generator builds them) and adds its row."""
