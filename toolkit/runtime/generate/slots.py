@@ -40,7 +40,7 @@ class InplaceSlots:
     """`slots` rows of the in-place graph's cache, each `capacity` tokens long."""
 
     def __init__(self, session: Any, layout: Layout, slots: int, capacity: int, logits: TensorSpec):
-        self.session, self.layout, self.slots, self.capacity = session, layout, slots, capacity
+        self.session, self.layout, self.slots = session, layout, slots
         shape = (slots + 1, layout.heads, capacity, layout.head_size)  # the last row stages a prompt fed in pieces
         self.caches = [np.zeros(shape, dtype=layout.past_dtype) for _ in layout.caches]
         self.lengths = np.zeros(slots, dtype=np.int64)  # tokens in each row's cache
@@ -51,25 +51,22 @@ class InplaceSlots:
 
     def add(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         """Runs one prompt (feeds of batch 1, no padding) into the next free row; its last logits."""
-        row, length = self.rows, feeds["input_ids"].shape[1]
-        binding = self.session.io_binding()
-        self._bind_caches(binding, slice(row, row + 1))
-        for name in ("input_ids", "attention_mask", "position_ids"):
-            binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
-        binding.bind_cpu_input(SEQLENS, np.array([length - 1], dtype=np.int32))
-        binding.bind_output(self.layout.logits, "cpu")
-        self._run(binding)
-        self.lengths[row] = length
+        ids = feeds["input_ids"][0]
+        logits = self._prompt(self.rows, ids, 0)
+        self.lengths[self.rows] = len(ids)
         self.rows += 1
-        return binding.get_outputs()[-1].numpy()[:, -1]
+        return logits
 
     def feed(self, ids: np.ndarray, start: int) -> np.ndarray:
         """Writes a piece of a prompt, `ids` at positions `start`..., into the staging row (the
         running rows are not touched); the piece's last logits."""
-        staging, end = self.slots, start + len(ids)
+        return self._prompt(self.slots, ids, start)
+
+    def _prompt(self, row: int, ids: np.ndarray, start: int) -> np.ndarray:
+        end = start + len(ids)
         binding = self.session.io_binding()
-        self._bind_caches(binding, slice(staging, staging + 1))
-        binding.bind_cpu_input("input_ids", ids[None])
+        self._bind_caches(binding, slice(row, row + 1))
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64)[None])
         binding.bind_cpu_input("attention_mask", np.ones((1, end), dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.arange(start, end)[None])
         binding.bind_cpu_input(SEQLENS, np.array([end - 1], dtype=np.int32))
@@ -207,18 +204,17 @@ class PaddedSlots:
 
 def _left(array: np.ndarray, size: int, axis: int) -> np.ndarray:
     """`array` padded with zeros on the left of `axis` to `size`."""
-    pad = size - array.shape[axis]
-    if not pad:
-        return array
-    widths = [(0, 0)] * array.ndim
-    widths[axis] = (pad, 0)
-    return np.pad(array, widths)
+    return _pad(array, size, axis, left=True)
 
 
 def _right(array: np.ndarray, size: int, axis: int) -> np.ndarray:
+    return _pad(array, size, axis, left=False)
+
+
+def _pad(array: np.ndarray, size: int, axis: int, *, left: bool) -> np.ndarray:
     pad = size - array.shape[axis]
     if not pad:
         return array
     widths = [(0, 0)] * array.ndim
-    widths[axis] = (0, pad)
+    widths[axis] = (pad, 0) if left else (0, pad)
     return np.pad(array, widths)
