@@ -114,11 +114,11 @@ def is_large(path: Path) -> bool:
     return path.stat().st_size > external_data_threshold() or bool(external_files(path))
 
 
-def external_files(path: Path) -> list[str]:
-    """The external-data files the ONNX file at `path` reads (names relative to its directory)."""
+def external_files(path: Path | bytes) -> list[str]:
+    """The external-data files the ONNX file at `path` (or the serialized model) reads (names relative to its directory)."""
     from onnx.external_data_helper import uses_external_data
 
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = onnx.load_from_string(path) if isinstance(path, bytes) else onnx.load(str(path), load_external_data=False)
     return sorted({e.value for t in _tensors(proto) if uses_external_data(t) for e in t.external_data if e.key == "location"})
 
 

@@ -262,7 +262,7 @@ def test_the_token_guards_every_route_but_health(guarded, authorization):
     headers = {"Authorization": authorization} if authorization else {}
     for path in ("/v2", "/v2/models/mlp", "/metrics"):
         response = httpx.get(f"http://{guarded}{path}", headers=headers)
-        assert response.status_code == 401 and "bearer token" in response.json()["error"]
+        assert response.status_code == 401 and "API key" in response.json()["error"]
     assert httpx.get(f"http://{guarded}/v2/health/ready", headers=headers).status_code == 200
     assert httpx.get(f"http://{guarded}/v2/models/mlp", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
 

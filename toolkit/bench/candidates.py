@@ -56,11 +56,11 @@ class OrtCandidate(Candidate):
 
     def open(self, manifest: Any, shapes: list[dict[str, int]]) -> None:
         before = _memory(self.provider)
-        self.model = Model(self.bundle.path, variant=self.name, provider=self.provider, threads=self.threads, cuda_graph=self.cuda_graph)
+        self.model = Model(self.bundle, variant=self.name, provider=self.provider, threads=self.threads, cuda_graph=self.cuda_graph)
         for sizes in shapes:  # every shape once, so the memory figure covers the largest
             self.model.run(self.model.cast(make_feeds(manifest.inputs, sizes, seed=0)))
         self.peak_mem_mb = _delta_mb(before, _memory(self.provider))
-        if self.provider == "cuda":
+        if self.provider == "cuda" and not self.bundle.sealed:  # a sealed graph is not parsed a second time
             self.cpu_nodes = nodes_by_provider(self.bundle.variant_path(self.name), self.provider,
                                                 self.model.cast(make_feeds(manifest.inputs, shapes[0], seed=0)), self.threads).get("CPUExecutionProvider", 0)
 

@@ -211,7 +211,9 @@ def _sizes(dims: Sequence[Any], given: Mapping[str, int]) -> dict[str, int]:
 
 
 def _flops(bundle: Bundle, sizes: dict[str, int]) -> float | None:
-    return graph_flops(bundle.variant_path("fp32", verify=False), sizes) if "fp32" in bundle.manifest.variants else None
+    if "fp32" not in bundle.manifest.variants or bundle.sealed:
+        return None
+    return graph_flops(bundle.variant_path("fp32", verify=False), sizes)
 
 
 def _describe(sizes: dict[str, int]) -> str:

@@ -44,7 +44,7 @@ class GenerationRow:
         return asdict(self)
 
 
-def bench_generation(path: str | Path, *, variants: Sequence[str] | None = None, batches: Sequence[int] = (1, 8),
+def bench_generation(path: str | Path | Bundle, *, variants: Sequence[str] | None = None, batches: Sequence[int] = (1, 8),
                      prompt_tokens: int = 32, new_tokens: int = 64, rounds: int = 5, threads: int | None = None,
                      torch_eager: bool = True, provider: str = "cpu",
                      progress: Callable[[str], None] | None = None, trust_source: bool = False) -> list[GenerationRow]:
@@ -52,7 +52,7 @@ def bench_generation(path: str | Path, *, variants: Sequence[str] | None = None,
     `provider` ("cpu" or "cuda"; torch eager runs on the same device). Each step's feeds and results
     travel through the host, as `Generator` does. `trust_source` vouches for the code the manifest's source names (see `bundle_reference`)."""
     say = progress or (lambda _m: None)
-    bundle = Bundle.open(path, trust_source=trust_source)
+    bundle = Bundle.of(path, trust_source=trust_source)
     manifest = bundle.manifest
     names = list(variants) if variants else [v for v, rec in manifest.variants.items() if rec.parity is None or rec.parity["passed"]]
     for name in names:
@@ -66,7 +66,7 @@ def bench_generation(path: str | Path, *, variants: Sequence[str] | None = None,
             say("building the PyTorch reference")
             candidates[TORCH_EAGER] = reference_generator(bundle, device="cuda" if provider == "cuda" else "cpu")
         for name in names:
-            candidates[name] = Generator(bundle.path, variant=name, provider=provider, threads=threads)
+            candidates[name] = Generator(bundle, variant=name, provider=provider, threads=threads)
         context = candidates[names[0] if names else TORCH_EAGER].layout.context
         if prompt_tokens + new_tokens > context:
             raise ToolkitError(f"prompt_tokens {prompt_tokens} + new_tokens {new_tokens} exceed the model's context of {context}.")

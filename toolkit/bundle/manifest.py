@@ -122,6 +122,7 @@ class Manifest:
     failed: dict[str, str] = field(default_factory=dict)  # variants a build could not make, and why
     assets: dict[str, dict[str, Any]] = field(default_factory=dict)  # files beside the graphs (a tokenizer): {name: {sha256, bytes}}
     pruning: dict[str, Any] | None = None  # toolkit prune: what was removed, what was kept and why, and the task gate against the unpruned model
+    encryption: dict[str, Any] | None = None  # toolkit encrypt: the wrapped data key and the sealed files (encryption.py)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -145,6 +146,7 @@ class Manifest:
             "variants": {name: asdict(v) for name, v in self.variants.items()},
             "best": self.best,
             "versions": self.versions,
+            **({"encryption": self.encryption} if self.encryption else {}),
         }
 
     @classmethod
@@ -168,5 +170,6 @@ class Manifest:
             variants={name: Variant(**v) for name, v in data["variants"].items()},
             best=data.get("best"),
             versions=data.get("versions", {}),
+            encryption=data.get("encryption"),
             format_version=data["format_version"],
         )

@@ -27,7 +27,7 @@ def sign(path: str | os.PathLike[str], key: str | os.PathLike[str], *, password:
     """Signs the bundle at `path` with the EC private key in the PEM file `key`; → the signature's path."""
     hashing, signing, _ = _model_signing()
     bundle = Bundle.open(path)
-    _verify_records(bundle)
+    bundle.verify_files()
     root = bundle.path.resolve()
     with bundle.lock():
         ignored = [root / SIGNATURE_NAME, *_ignored(root)]
@@ -57,16 +57,6 @@ def verify(path: str | os.PathLike[str], public_key: str | os.PathLike[str]) -> 
     except ValueError as exc:  # model-signing reports every failure as ValueError (json's errors are ValueErrors)
         raise CheckFailed(f"bundle {path} fails signature verification: {_explain(str(exc))}") from None
     return Bundle.open(root)  # every file is as signed, and was checked against its sha256 before signing
-
-
-def _verify_records(bundle: Bundle) -> None:
-    """Every file's sha256 against the manifest, parts included."""
-    for name in bundle.manifest.variants:
-        bundle.variant_path(name)
-    for name in bundle.manifest.assets:
-        bundle.asset_path(name)
-    for part in bundle.parts():
-        _verify_records(part)
 
 
 def _ignored(directory: Path) -> list[Path]:

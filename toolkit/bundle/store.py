@@ -21,35 +21,62 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from filelock import FileLock
 
+from toolkit.bundle.envelope import UnlockKey
 from toolkit.bundle.manifest import MANIFEST_NAME, Manifest, Variant
 from toolkit.bundle.validate import LOCK_NAME, check_directory, external_data_refused, is_safe_name, validate_manifest
 from toolkit.errors import ToolkitError
 
-__all__ = ["Bundle", "replace_directory", "sha256_file", "staged_directory", "write_atomic"]
+__all__ = ["Bundle", "Graph", "replace_directory", "sha256_file", "staged_directory", "write_atomic"]
 
 # How long a writer waits for another one on the same bundle (a quantization can take minutes).
 _LOCK_TIMEOUT_S = 3600.0
 
 
-class Bundle:
-    """A bundle directory opened for reading and for adding or updating variants."""
+@dataclass
+class Graph:
+    """A variant's graph as onnxruntime takes it: its file, or (a sealed bundle) the graph's bytes and
+    its external-data files' contents, decrypted in memory."""
 
-    def __init__(self, path: Path, manifest: Manifest, *, trusted_source: bool = False):
+    path: Path
+    model: str | bytes
+    external: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class Bundle:
+    """A bundle directory opened for reading and for adding or updating variants. A sealed bundle
+    (`toolkit encrypt`) opened with its key reads its files decrypted, in memory only (`graph`,
+    `read`); without it, only its manifest."""
+
+    def __init__(self, path: Path, manifest: Manifest, *, trusted_source: bool = False, data_key: bytes | None = None):
         self.path = path
         self.manifest = manifest
         # Whether the user vouched for the code the manifest's source names (they named it themselves,
         # or passed --trust-source): only then may the PyTorch reference be rebuilt from it.
         self.trusted_source = trusted_source
+        self._data_key = data_key
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A bundle pickled to another process (a Ray replica, a worker) goes without its data key:
+        # pickles land in object stores and spill files; the receiver opens the bundle with its key.
+        return {**self.__dict__, "_data_key": None}
+
+    @property
+    def sealed(self) -> bool:
+        return self.manifest.encryption is not None
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, trust_source: bool = False) -> Bundle:
+    def open(cls, path: str | os.PathLike[str], *, trust_source: bool = False, key: UnlockKey | str | os.PathLike[str] | None = None,
+             data_key: bytes | None = None) -> Bundle:
         """The bundle at `path`, its manifest validated and its directory checked (parts included), or a
-        ToolkitError naming what is wrong; `trust_source` vouches for the code its source names."""
+        ToolkitError naming what is wrong; `trust_source` vouches for the code its source names; `key`
+        (a private key or key file) opens a sealed bundle's files."""
         path = Path(path)
         manifest_path = path / MANIFEST_NAME
         if manifest_path.is_symlink():
@@ -62,19 +89,83 @@ class Bundle:
             check_directory(path, manifest)
         for part in manifest.parts:
             cls.open(path / part)
-        return cls(path, manifest, trusted_source=trust_source)
+        key = UnlockKey.of(key)
+        if manifest.encryption is not None and data_key is None and key is not None:
+            from toolkit.bundle.encryption import unwrap_data_key
+
+            data_key = unwrap_data_key(manifest, key, f"bundle {path}")
+        return cls(path, manifest, trusted_source=trust_source, data_key=data_key if manifest.encryption is not None else None)
 
     @classmethod
-    def of(cls, bundle: Bundle | str | os.PathLike[str], *, trust_source: bool = False) -> Bundle:
+    def of(cls, bundle: Bundle | str | os.PathLike[str], *, trust_source: bool = False,
+           key: UnlockKey | str | os.PathLike[str] | None = None) -> Bundle:
         """`bundle` itself when it is one (trusted also when `trust_source`), else the bundle at that path."""
         if isinstance(bundle, Bundle):
             bundle.trusted_source |= trust_source
             return bundle
-        return cls.open(bundle, trust_source=trust_source)
+        return cls.open(bundle, trust_source=trust_source, key=key)
 
     def parts(self) -> list[Bundle]:
         """The bundles of this model's other graphs (see `ModelSpec.parts`), as trusted as this one."""
-        return [Bundle.open(self.path / part, trust_source=self.trusted_source) for part in self.manifest.parts]
+        return [self.part(part) for part in self.manifest.parts]
+
+    def part(self, name: str) -> Bundle:
+        """The bundle of this model's graph `name`, opened as this one is (trusted, unlocked)."""
+        if name not in self.manifest.parts:
+            raise ToolkitError(f"bundle {self.path} has no part {name!r}; its parts: {', '.join(self.manifest.parts) or 'none'}.")
+        return Bundle.open(self.path / name, trust_source=self.trusted_source, data_key=self._data_key)
+
+    def graph(self, name: str) -> Graph:
+        """Variant `name`'s graph for onnxruntime: its verified file, or (sealed) its files decrypted in memory."""
+        if not self.sealed:
+            path = self.variant_path(name)
+            return Graph(path, str(path))
+        variant = self.variant(name)
+        model = self.read(variant.file).tobytes()
+        external = {e["file"]: self.read(e["file"]) for e in variant.external_data}
+        refused = external_data_refused(model, list(external))
+        if refused:
+            raise ToolkitError(f"bundle {self.path}: variant {name!r} ({variant.file}) is refused: {refused}.")
+        return Graph(self.path / variant.file, model, external)
+
+    def read(self, file: str) -> np.ndarray:
+        """A file the manifest lists, its contents verified (sealed: decrypted into memory and
+        authenticated), as one uint8 buffer."""
+        if not self.sealed:
+            self._verify(file, self._recorded_sha256(file), file)
+            return np.fromfile(self.path / file, dtype=np.uint8)
+        if self._data_key is None:
+            raise ToolkitError(f"bundle {self.path} is encrypted; give its key (--key KEY or TOOLKIT_BUNDLE_KEY; "
+                               "toolkit.load(DIR, key=KEY)): the private key or key file it was sealed for.")
+        from toolkit.bundle.encryption import open_sealed
+
+        if file not in self.manifest.encryption["files"]:
+            raise ToolkitError(f"bundle {self.path} lists no file {file!r}.")
+        return open_sealed(self.path / file, self._data_key, f"{self.manifest.name}/{file}", self._recorded_sha256(file),
+                           f"bundle {self.path}")
+
+    def _recorded_sha256(self, file: str) -> str:
+        m = self.manifest
+        records = {e["file"]: e["sha256"] for v in m.variants.values() for e in [{"file": v.file, "sha256": v.sha256}, *v.external_data]}
+        records |= {name: entry["sha256"] for name, entry in m.assets.items()}
+        if m.source.pruned:
+            records[m.source.pruned] = m.source.pruned_sha256
+        if file not in records:
+            raise ToolkitError(f"bundle {self.path} lists no file {file!r}.")
+        return records[file]
+
+    def verify_files(self) -> None:
+        """Every file the manifest lists against its sha256 (sealed: the sealed file's own), parts included."""
+        if self.sealed:
+            for file, entry in self.manifest.encryption["files"].items():
+                self._verify(file, entry["sha256"], "a sealed file")
+        else:
+            for name in self.manifest.variants:
+                self.variant_path(name)
+            for name in self.manifest.assets:
+                self.asset_path(name)
+        for part in self.parts():
+            part.verify_files()
 
     def variant(self, name: str) -> Variant:
         try:
@@ -84,8 +175,12 @@ class Bundle:
             raise ToolkitError(f"bundle {self.path} has no variant {name!r}; its variants: {known}.") from None
 
     def variant_path(self, name: str, *, verify: bool = True) -> Path:
-        """The ONNX file of a variant; with `verify`, refuses files whose sha256 does not match."""
+        """The ONNX file of a variant; with `verify`, refuses files whose sha256 does not match. A sealed
+        bundle has no such file to give: what needs one refuses it, saying how to decrypt it."""
         variant = self.variant(name)
+        if self.sealed:
+            raise ToolkitError(f"bundle {self.path} is encrypted; this command needs its graphs in the clear: `toolkit decrypt "
+                               f"{self.path} -o DIR --key KEY` first (load, run, generate, serve, bench and package open it in memory, with --key).")
         path = self.path / variant.file
         if verify:
             for entry in [{"file": variant.file, "sha256": variant.sha256}, *variant.external_data]:
@@ -100,8 +195,16 @@ class Bundle:
         entry = self.manifest.assets.get(name)
         if entry is None:
             raise ToolkitError(f"bundle {self.path} carries no {name}; re-export it with this toolkit.")
+        if self.sealed:
+            self.variant_path(next(iter(self.manifest.variants)))  # says it is sealed, and what to do
         self._verify(name, entry["sha256"], f"asset {name!r}")
         return self.path / name
+
+    def asset(self, name: str) -> bytes:
+        """A file the bundle carries beside its graphs, verified (sealed: decrypted in memory)."""
+        if name not in self.manifest.assets:
+            raise ToolkitError(f"bundle {self.path} carries no {name}; re-export it with this toolkit.")
+        return self.read(name).tobytes()
 
     def _verify(self, file: str, sha256: str, what: str) -> None:
         path = self.path / file

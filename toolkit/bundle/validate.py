@@ -73,6 +73,12 @@ def _consistent(data: dict[str, Any]) -> Manifest:
         if file in taken:
             raise ToolkitError(f"{file!r} is listed twice, or is a name the bundle keeps for itself.")
         taken.add(file)
+    if manifest.encryption is not None:
+        from toolkit.bundle.encryption import sealed_files
+
+        _list(_RECIPIENT)(manifest.encryption["recipients"], ".encryption.recipients")
+        if set(manifest.encryption["files"]) != set(sealed_files(manifest)):
+            raise ToolkitError("encryption.files must list exactly the bundle's files but the manifest (its graphs, weights and assets).")
     for key in ("encoder", "static"):
         part = (manifest.generation or {}).get(key)
         if part is not None and part not in manifest.parts:
@@ -110,7 +116,7 @@ def check_directory(path: Path, manifest: Manifest) -> None:
                                    "with its sha256; remove it, or re-create the bundle.")
 
 
-def external_data_refused(graph: Path, listed: Iterable[str]) -> str | None:
+def external_data_refused(graph: Path | bytes, listed: Iterable[str]) -> str | None:
     """Why onnxruntime must not open `graph`: the external-data locations it names that are not in
     `listed` (the variant's verified external-data files), or None when all are."""
     from toolkit._onnx import external_files
@@ -239,5 +245,14 @@ _MANIFEST = _object(
         "best": _nullable(_DICT),
         "pruning": _nullable(_DICT),
         "versions": _map(_STR),
+        "encryption": _nullable(_object({
+            "scheme": _pattern("toolkit-seal-v1", lambda v: v == "toolkit-seal-v1"),
+            "cipher": _pattern("AES-256-GCM", lambda v: v == "AES-256-GCM"),
+            "chunk_bytes": _pattern("1048576", lambda v: v == 1 << 20 and not isinstance(v, bool)),
+            "recipients": _pattern("a non-empty array", lambda v: isinstance(v, list) and len(v) > 0),
+            "files": _map(_object({"sha256": _SHA256, "bytes": _BYTES}), keys=_FILE),
+        })),
     },
 )
+_RECIPIENT = _object({"kind": _pattern("x25519, rsa-oaep-sha256 or key-file", lambda v: v in ("x25519", "rsa-oaep-sha256", "key-file")),
+                      "key_id": _STR, "wrapped": _STR}, {"ephemeral": _STR, "nonce": _STR})

@@ -65,6 +65,10 @@ PresetOption = Annotated[str | None, typer.Option(help="Preset of a reference mo
 TrustSourceOption = Annotated[bool, typer.Option(
     "--trust-source", help="Rebuild the PyTorch reference even when the manifest names a factory or a Hugging Face directory: that "
     "imports and runs the code the bundle's author named. Without it only zoo models are rebuilt.")]
+KeyOption = Annotated[Path | None, typer.Option(
+    "--key", metavar="KEY", envvar="TOOLKIT_BUNDLE_KEY", show_envvar=True,
+    help="An encrypted bundle's key (`toolkit encrypt`): the X25519 or RSA private key (PEM) or the key file it was sealed for; "
+    "its files are decrypted in memory only.")]
 NameOption = Annotated[str | None, typer.Option(help="Bundle name (in serving URLs and Triton repositories; default: from the model, e.g. the zoo name or the factory's module).")]
 
 # --debug, set by the group's callback for the command it runs (a ContextVar: CliRunner and threads
@@ -400,6 +404,7 @@ def bench(
     csv_file: Path | None = typer.Option(None, "--csv", help="Write the rows as CSV to this file."),
     plot_file: Path | None = typer.Option(None, "--plot", help="Draw p50 latency per variant and batch to this PNG (torch eager as the reference line)."),
     trust_source: TrustSourceOption = False,
+    key: KeyOption = None,
 ) -> None:
     """Time variants × providers × batch sizes (× thread counts) side by side with PyTorch, in interleaved rounds.
 
@@ -410,7 +415,7 @@ def bench(
 
     from toolkit.bench.compare import available_providers
     from toolkit.bench.compare import bench as run_bench
-    from toolkit.bundle import MANIFEST_NAME
+    from toolkit.bundle import MANIFEST_NAME, Bundle
 
     chosen = _csv_list(providers, "--providers") if providers else available_providers()
     with tempfile.TemporaryDirectory(prefix="toolkit-bench-") as tmp:
@@ -424,7 +429,7 @@ def bench(
             path = build_bundle(target, Path(tmp) / "bundle", preset=preset, select=False, progress=_progress).path
             trust_source = True  # the user named the model
         report = run_bench(
-            path, providers=chosen, variants=_csv_list(variants, "--variants") if variants else None,
+            Bundle.open(path, trust_source=trust_source, key=key), providers=chosen, variants=_csv_list(variants, "--variants") if variants else None,
             batches=_int_list(batch, "--batch"), seqs=_int_list(seq, "--seq") if seq else None,
             torch_eager=torch_eager, torch_compile=torch_compile, max_time=max_time, rounds=rounds, warmup=warmup,
             threads=_int_list(threads, "--threads") if threads else None, cuda_graph=cuda_graph, progress=_progress,
@@ -483,11 +488,12 @@ def run(
     variant: str | None = typer.Option(None, help="Variant to run (default fp32)."),
     provider: Provider = typer.Option(Provider.auto, help="Execution provider."),
     save: Path | None = typer.Option(None, "--save", help="Write each output to DIR/NAME.npy instead of printing it."),
+    key: KeyOption = None,
 ) -> None:
     """Run one inference and print the outputs (or save them as .npy)."""
     from toolkit.runtime.model import load
 
-    model = load(bundle_dir, variant=variant, provider=provider.value)
+    model = load(bundle_dir, variant=variant, provider=provider.value, key=key)
     err.print(f"running {model.name} variant {model.variant} on {model.provider}"
               + (f" ({model.provider_note})" if model.provider_note else ""))
     if example == bool(inputs):
@@ -529,6 +535,7 @@ def generate(
     variant: str | None = typer.Option(None, help="Variant to run (default fp32; 'best' after toolkit build)."),
     provider: Provider = typer.Option(Provider.auto, help="Execution provider."),
     cache: Cache = typer.Option(Cache.auto, help="growing: each step feeds the cache the last returned; inplace (CPU): one cache per call that each step writes into, through the variant's graph rewritten for it (fused variants: opt, int8, int4); static: a cache preallocated to the context, replayed as CUDA graphs on CUDA; auto: inplace on the CPU and static with CUDA graphs on CUDA where they apply, growing otherwise."),
+    key: KeyOption = None,
 ) -> None:
     """Continue text with a decoder bundle (or answer it, with an encoder-decoder): greedy or sampled,
     with stop strings, streamed as it comes."""
@@ -537,7 +544,7 @@ def generate(
     from toolkit.runtime.generate import Generator, Sampling
 
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    generator = Generator(bundle_dir, variant=variant, provider=provider.value, cache=cache.value)
+    generator = Generator(bundle_dir, variant=variant, provider=provider.value, cache=cache.value, key=key)
     model = generator.model
     if generator.layout.features:
         if prompts or not features:
@@ -579,154 +586,6 @@ def _feature_clips(path: Path) -> list[Any]:
     return [array] if array.ndim == 2 else list(array)
 
 
-@_command
-def serve(
-    bundle_dirs: list[Path] | None = typer.Argument(None, metavar="DIR...", help="Bundles to serve, each under its manifest name (or none, with --repository)."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes the server beyond this machine."),
-    port: int = typer.Option(8000, help="TCP port (0: a free one, printed once the server has started)."),
-    variant: str | None = typer.Option(None, help="Variant of every bundle (default fp32; 'best' after toolkit build)."),
-    provider: Provider = typer.Option(Provider.auto, help="Execution provider."),
-    max_batch: int = typer.Option(32, "--max-batch", help="Rows per merged batch (1 turns dynamic batching off)."),
-    max_delay_ms: float = typer.Option(0.0, "--max-delay-ms", help="How long the oldest request may wait for more to join its batch (0: a batch is what queued while the last one ran)."),
-    max_queue: int = typer.Option(256, "--max-queue", help="Requests waiting per model before new ones get 503."),
-    timeout_ms: float | None = typer.Option(None, "--timeout-ms", help="Drop a request that waited this long in the queue (503)."),
-    token: str | None = typer.Option(None, envvar="TOOLKIT_TOKEN", show_envvar=True,
-                                     help="Bearer token required on every route but /v2/health."),
-    max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body accepted (413 beyond)."),
-    threads: int | None = typer.Option(None, help="onnxruntime intra-op threads per model (default: the CPUs this process may use; `toolkit bench --threads 1,2` shows which count is fastest)."),
-    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="CUDA: capture each batch shape's run as a CUDA graph and replay it (one launch per request batch); decoders' generate routes use CUDA graphs on CUDA anyway."),
-    verify: Path | None = typer.Option(None, "--verify", metavar="PUB", help="Serve only bundles signed with this public key (PEM) and unchanged since (`toolkit sign`)."),
-    repository: list[Path] | None = typer.Option(None, "--repository", metavar="REPO", help="A directory of bundles (REPO/<name>/) that POST /v2/repository/models/<name>/load and /unload may load and unload while serving (repeatable)."),
-    max_in_flight: int = typer.Option(256, "--max-in-flight", help="Requests being read, queued or run at once, all models together (503 beyond)."),
-    max_in_flight_mb: float = typer.Option(2048.0, "--max-in-flight-mb", help="Memory those requests may hold at once, a JSON body counted at 8× its size (503 beyond)."),
-    slots: int = typer.Option(16, "--slots", help="A decoder's cache slots: generations decoded together in one continuous batch (more wait "
-                              "for a slot up to --timeout-ms, else 30 s, then 503; --max-queue of them)."),
-    max_prompt_mb: float = typer.Option(1.0, "--max-prompt-mb", help="Largest prompt (or rendered chat) a generate request may send, in UTF-8 (413 beyond)."),
-    backend: Backend = typer.Option(Backend.native, help="native: this process (uvicorn). ray: Ray Serve, each bundle a deployment of "
-                                    "replicas, on this machine or a cluster (--address); needs the ray extra. Same routes either way."),
-    replicas: int | None = typer.Option(None, "--replicas", help="ray: replicas per bundle (default 1)."),
-    autoscale: str | None = typer.Option(None, "--autoscale", metavar="MIN:MAX", help="ray: scale each bundle's replicas between MIN and MAX on requests in flight."),
-    address: str | None = typer.Option(None, "--address", help="ray: join this Ray cluster (HOST:PORT of `ray start --head`, or 'auto') instead of starting one sized to this machine."),
-    num_cpus: float | None = typer.Option(None, "--num-cpus-per-replica", help="ray: CPUs each replica reserves (default: the cluster's CPUs shared among all replicas; its whole part is also the replica's onnxruntime threads unless --threads)."),
-    num_gpus: float | None = typer.Option(None, "--num-gpus-per-replica", help="ray: GPUs each replica reserves (default 0; fractions share a GPU)."),
-) -> None:
-    """Serve bundles over the Open Inference Protocol (KServe v2 REST), with Triton's binary tensor and
-    generate extensions, dynamic batching and Prometheus /metrics, and the OpenAI API (/v1/completions,
-    /v1/chat/completions, /v1/embeddings, /v1/models); decoders generate in continuous batches.
-    Ctrl-C drains requests in flight. `--backend ray` runs the models in Ray Serve replicas behind the same routes."""
-    import importlib.util
-
-    missing = [m for m in ("uvicorn", "starlette") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ToolkitError(f"toolkit serve needs the serve extra ({', '.join(missing)} missing): pip install 'toolkit[serve]'.")
-    from toolkit.runtime.model import load
-    from toolkit.serve.app import ServeOptions
-    from toolkit.serve.app import serve as run_server
-
-    options = ServeOptions(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, timeout_ms=timeout_ms,
-                           token=token, max_body_bytes=int(max_body_mb * (1 << 20)), max_in_flight=max_in_flight,
-                           max_in_flight_bytes=int(max_in_flight_mb * (1 << 20)), slots=slots, max_prompt_bytes=int(max_prompt_mb * (1 << 20)),
-                           repository=tuple(repository or ()))
-    ray_flags = {"--replicas": replicas, "--autoscale": autoscale, "--address": address, "--num-cpus-per-replica": num_cpus,
-                 "--num-gpus-per-replica": num_gpus}
-    if backend == Backend.ray:
-        _serve_with_ray(bundle_dirs or [], host, port, options, variant=variant, provider=provider.value, threads=threads,
-                        verify=verify, cuda_graph=cuda_graph, replicas=replicas, autoscale=autoscale, address=address, num_cpus=num_cpus,
-                        num_gpus=num_gpus)
-        return
-    given = [flag for flag, value in ray_flags.items() if value is not None]
-    if given:
-        raise ToolkitError(f"{given[0]} is an option of the Ray backend; add --backend ray.")
-    missing = [str(r) for r in options.repository if not r.is_dir()]
-    if missing:
-        raise ToolkitError(f"--repository {missing[0]} is not a directory.")
-    if not bundle_dirs and not options.repository:
-        raise ToolkitError("give the bundles to serve (DIR...), or a --repository to load them from.")
-
-    def loader(path: Path) -> Any:
-        return load(path, variant=variant, provider=provider.value, threads=threads, cuda_graph=cuda_graph, verify=verify)
-
-    models = [loader(d) for d in bundle_dirs or []]
-    where = f"http://{host}:{port}" if port else f"http://{host} on a free port (below)"
-    for m in models:
-        threads_note = f", {threads} thread" + "s" * (threads > 1) if threads else ""
-        graphs = ", CUDA graphs" if m.cuda_graph else ""
-        err.print(f"serving {m.name} ({m.variant} on {m.provider}{threads_note}{graphs}) at {where}/v2/models/{m.name}"
-                  + (f" and {where}/v1 (OpenAI)" if m.bundle.manifest.generation else ""))
-    run_server(models, host=host, port=port, options=options, loader=loader)
-
-
-def _serve_with_ray(bundle_dirs: list[Path], host: str, port: int, options: Any, *, variant: str | None, provider: str,
-                    threads: int | None, verify: Path | None, cuda_graph: bool, replicas: int | None, autoscale: str | None,
-                    address: str | None, num_cpus: float | None, num_gpus: float | None) -> None:
-    if cuda_graph:
-        raise ToolkitError("--cuda-graph is native-only; the Ray backend runs each replica's session without CUDA graphs.")
-    if replicas is not None and autoscale is not None:
-        raise ToolkitError("give --replicas or --autoscale, not both.")
-    bounds = None
-    if autoscale is not None:
-        low, _, high = autoscale.partition(":")
-        if not (low.isdigit() and high.isdigit()):
-            raise ToolkitError(f"--autoscale takes MIN:MAX, two whole numbers (e.g. 1:4), got {autoscale!r}.")
-        bounds = (int(low), int(high))
-    from toolkit.serve.ray_backend import RayOptions, serve_with_ray
-
-    ray_options = RayOptions(replicas=replicas or 1, autoscale=bounds, num_cpus=num_cpus,
-                             num_gpus=num_gpus or 0.0, variant=variant, provider=provider, threads=threads,
-                             verify=str(verify) if verify else None)
-    where = "the cluster at " + address if address else "a local Ray instance"
-    err.print(f"serving {', '.join(map(str, bundle_dirs))} with Ray Serve on {where}, "
-              f"{f'{bounds[0]} to {bounds[1]}' if bounds else ray_options.replicas} replica(s) each")
-    serve_with_ray(bundle_dirs, host=host, port=port, options=options, ray_options=ray_options, address=address)
-
-
-@_command
-def package(
-    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle to package."),
-    triton: Path = typer.Option(..., "--triton", metavar="REPO", help="Triton model repository to write <name>/ into (and <name>-<part>/ for each part of the bundle, e.g. an encoder)."),
-    variant: str | None = typer.Option(None, help="Variant to package (default fp32; 'best' after toolkit build)."),
-    max_batch: int = typer.Option(32, "--max-batch", help="Triton max_batch_size (0: no batching)."),
-    max_delay_ms: float = typer.Option(0.0, "--max-delay-ms", help="dynamic_batching max queue delay."),
-    instances: int = typer.Option(1, help="Model instances (instance_group count)."),
-    kind: str = typer.Option("KIND_AUTO", help="instance_group kind: KIND_AUTO, KIND_GPU or KIND_CPU."),
-    force: bool = typer.Option(False, "--force", help="Replace REPO/<name> if it exists."),
-) -> None:
-    """Write a Triton Inference Server model repository entry (config.pbtxt and 1/model.onnx)."""
-    from toolkit.serve.triton import package_triton
-
-    target = package_triton(bundle_dir, triton, variant=variant, max_batch=max_batch, max_delay_ms=max_delay_ms,
-                            instances=instances, kind=kind, force=force)
-    out.print(f"wrote {target}: config.pbtxt and 1/model.onnx; serve with `tritonserver --model-repository {triton}`")
-
-
-@_command
-def sign(
-    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle to sign."),
-    key: Path = typer.Option(..., "--key", metavar="KEY", help="Elliptic-curve private key, PEM (e.g. `openssl ecparam -name prime256v1 -genkey -noout -out key.pem`)."),
-    password: str | None = typer.Option(None, envvar="TOOLKIT_KEY_PASSWORD", show_envvar=True, help="The key's password, if it has one."),
-) -> None:
-    """Sign every file of a bundle (the manifest, graphs, weights, assets, parts) into DIR/model.sig,
-    offline with OpenSSF model-signing; `toolkit verify`, `toolkit.load(DIR, verify=PUB)` and
-    `toolkit serve --verify PUB` check it. Signs only a bundle whose files match their sha256."""
-    from toolkit.bundle.signing import sign as sign_bundle
-
-    signature = sign_bundle(bundle_dir, key, password=password)
-    out.print(f"signed {bundle_dir}: {signature}; verify with `toolkit verify {bundle_dir} --pub PUB`")
-
-
-@_command
-def verify(
-    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle to verify."),
-    pub: Path = typer.Option(..., "--pub", metavar="PUB", help="The signer's public key, PEM (`openssl ec -in key.pem -pubout -out key.pub`)."),
-) -> None:
-    """Check a bundle's signature against a public key and every file against it; exit 1 naming the
-    file that changed, or saying it is unsigned or signed by another key."""
-    from toolkit.bundle.signing import verify as verify_bundle
-
-    verify_bundle(bundle_dir, pub)
-    out.print(f"{bundle_dir}: signature verified; every file is as signed")
-
-
 def _read_inputs(pairs: list[str], names: list[str]) -> dict[str, np.ndarray]:
     feeds = {}
     for pair in pairs:
@@ -743,6 +602,10 @@ def _read_inputs(pairs: list[str], names: list[str]) -> dict[str, np.ndarray]:
         except (ValueError, OSError) as exc:
             raise ToolkitError(f"--input {name}: {file} is not a readable .npy file ({exc}).") from exc
     return feeds
+
+
+# The commands of their own modules register on `app` as they are imported.
+from toolkit.cli import security, serving  # noqa: E402, F401
 
 
 def main() -> None:

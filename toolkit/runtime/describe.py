@@ -18,8 +18,12 @@ def describe(path: str | Path) -> dict[str, Any]:
     manifest = bundle.manifest.to_json()
     variants = {}
     for name, variant in bundle.manifest.variants.items():
+        sealed = (bundle.manifest.encryption or {}).get("files", {})
         try:
-            bundle.variant_path(name)
+            for file in [variant.file, *(e["file"] for e in variant.external_data)] if sealed else []:
+                bundle._verify(file, sealed[file]["sha256"], "a sealed file")
+            if not sealed:
+                bundle.variant_path(name)
             integrity = "ok"
         except ToolkitError as exc:
             integrity = str(exc)
@@ -31,7 +35,7 @@ def describe(path: str | Path) -> dict[str, Any]:
             "integrity": integrity,
             "parity": _parity_summary(variant.parity),
         }
-        if integrity == "ok":
+        if integrity == "ok" and not sealed:  # a sealed graph's ops are for its key holders to see
             info.update(_graph_summary(bundle.path / variant.file))
         variants[name] = info
     cuda_ok, why = cuda_status()

@@ -22,9 +22,12 @@ batch > 1 only over an empty cache), and `check` runs its greedy parity through 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from toolkit.bundle.store import Graph
 
 __all__ = ["SEQLENS", "inplace_graph", "inplace_session"]
 
@@ -36,23 +39,26 @@ _PREFIX = "inplace_"  # of the names this rewrite adds
 SEQLENS = "seqlens_k"
 
 
-def inplace_session(path: Path, threads: int | None) -> tuple[Any | None, str]:
-    """(a CPU session of the decoder graph at `path` rewritten by `inplace_graph`, "") or (None, why not)."""
+def inplace_session(graph: Graph, threads: int | None) -> tuple[Any | None, str]:
+    """(a CPU session of a bundle's decoder graph rewritten by `inplace_graph`, "") or (None, why not)."""
     import tempfile
 
     from onnx.external_data_helper import uses_external_data
 
     from toolkit._onnx import save_model
-    from toolkit.runtime.session import new_session, ort_message, session_options
+    from toolkit.runtime.session import in_memory, new_session, ort_message, session_options
 
-    proto, why = inplace_graph(path)
+    proto, why = inplace_graph(graph.model)
     if proto is None:
         return None, why
     options = session_options(threads)
+    in_memory(options, graph.external)
     with tempfile.TemporaryDirectory(prefix="toolkit-inplace-", ignore_cleanup_errors=True) as scratch:
-        if any(uses_external_data(t) for t in proto.graph.initializer):  # its weights stay in the bundle's files
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+        if graph.external or isinstance(graph.model, bytes):  # decrypted in memory: nothing of it may touch the disk
             model: str | bytes = proto.SerializeToString()
+        elif any(uses_external_data(t) for t in proto.graph.initializer):  # its weights stay in the bundle's files
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.path.parent))
+            model = proto.SerializeToString()
         else:  # written a weight at a time, so that the graph and its session are not in memory at once
             model = str(Path(scratch) / "model.onnx")
             save_model(proto, model, external=True)
@@ -63,12 +69,13 @@ def inplace_session(path: Path, threads: int | None) -> tuple[Any | None, str]:
             return None, f"onnxruntime cannot load the rewritten graph: {ort_message(exc)}"
 
 
-def inplace_graph(path: Path) -> tuple[Any | None, str]:
-    """(the rewritten model, "") for the decoder graph at `path`, or (None, why it does not apply).
-    Weights the graph keeps in external files stay there (the model refers to them by location)."""
+def inplace_graph(model: str | bytes) -> tuple[Any | None, str]:
+    """(the rewritten model, "") for the decoder graph at `model` (a path, or the serialized graph), or
+    (None, why it does not apply). Weights the graph keeps in external files stay there (the model
+    refers to them by location)."""
     import onnx
 
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model), load_external_data=False)
     graph = proto.graph
     pasts = {i.name: i for i in graph.input if i.name.startswith("past_")}
     attentions = [n for n in graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]

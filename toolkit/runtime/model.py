@@ -19,16 +19,18 @@ from toolkit.spec import TensorSpec
 
 __all__ = ["Model", "Signature", "load"]
 
-def load(path: str | os.PathLike[str], *, variant: str | None = None, provider: str = "auto", threads: int | None = None,
-         cuda_graph: bool = False, verify: str | os.PathLike[str] | None = None) -> Model:
+def load(path: str | os.PathLike[str] | Bundle, *, variant: str | None = None, provider: str = "auto", threads: int | None = None,
+         cuda_graph: bool = False, verify: str | os.PathLike[str] | None = None, key: str | os.PathLike[str] | None = None) -> Model:
     """Opens a bundle's variant on `provider`: "auto" (CUDA when it works), "cpu" or "cuda".
 
     `variant` defaults to fp32; "best" is the fastest variant that passed its gates, as measured and
     recorded by `toolkit build` (on the provider named in the manifest's `best`). `cuda_graph` (CUDA
     only) opens the session for CUDA graphs: calls through `toolkit.runtime.graphs.CapturedRunner` then
     replay one captured graph per input shape. `verify`, a public key (PEM), refuses a bundle that
-    it did not sign or that changed since (`toolkit sign`; needs the sign extra)."""
-    return Model(path, variant=variant, provider=provider, threads=threads, cuda_graph=cuda_graph, verify=verify)
+    it did not sign or that changed since (`toolkit sign`; needs the sign extra), checked before
+    anything is read. `key` (a private key or key file) opens an encrypted bundle (`toolkit encrypt`):
+    its files are decrypted in memory only."""
+    return Model(path, variant=variant, provider=provider, threads=threads, cuda_graph=cuda_graph, verify=verify, key=key)
 
 
 class Signature:
@@ -121,17 +123,15 @@ class Signature:
 class Model(Signature):
     """One variant of a bundle in an onnxruntime session. Safe to call from several threads."""
 
-    def __init__(self, path: str | os.PathLike[str], *, variant: str | None = None, provider: str = "auto", threads: int | None = None,
-                 cuda_graph: bool = False, verify: str | os.PathLike[str] | None = None):
+    def __init__(self, path: str | os.PathLike[str] | Bundle, *, variant: str | None = None, provider: str = "auto", threads: int | None = None,
+                 cuda_graph: bool = False, verify: str | os.PathLike[str] | None = None, key: str | os.PathLike[str] | None = None):
         if verify is not None:
             from toolkit.bundle.signing import verify as verify_signature
 
-            bundle = verify_signature(path, verify)
-        else:
-            bundle = Bundle.open(path)
-        super().__init__(bundle, variant)
-        model_file = self.bundle.variant_path(self.variant)
-        self._session, self.provider, self.provider_note = open_session(model_file, provider, threads, cuda_graph=cuda_graph)
+            verify_signature(path.path if isinstance(path, Bundle) else path, verify)  # before anything is decrypted
+        super().__init__(Bundle.of(path, key=key), variant)
+        graph = self.bundle.graph(self.variant)
+        self._session, self.provider, self.provider_note = open_session(graph, provider, threads, cuda_graph=cuda_graph)
         self.cuda_graph = cuda_graph and self.provider == "cuda"
 
     @property

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import ctypes
 import re
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from toolkit.errors import ToolkitError
 
-__all__ = ["CPU_DISABLED_OPTIMIZERS", "PROVIDERS", "cuda_status", "new_session", "open_session", "ort_message", "preload_cuda",
+if TYPE_CHECKING:
+    from toolkit.bundle.store import Graph
+
+__all__ = ["CPU_DISABLED_OPTIMIZERS", "PROVIDERS", "cuda_status", "in_memory", "new_session", "open_session", "ort_message", "preload_cuda",
            "session_options", "session_providers"]
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -72,6 +77,13 @@ def new_session(model: str | bytes, provider: str, options: Any = None, *, cuda_
                                 disabled_optimizers=disabled)
 
 
+def in_memory(options: Any, files: Mapping[str, np.ndarray]) -> None:
+    """Gives the session the contents of its graph's external-data files from memory (onnxruntime
+    copies them while it creates the session; the buffers may go once it has)."""
+    if files:
+        options.add_external_initializers_from_files_in_memory(list(files), list(files.values()), [f.nbytes for f in files.values()])
+
+
 def session_options(threads: int | None) -> Any:
     """onnxruntime's session options as every toolkit session has them: `threads` intra-op threads
     (None: one per core)."""
@@ -86,14 +98,17 @@ def session_options(threads: int | None) -> Any:
     return options
 
 
-def open_session(path: Path, provider: str, threads: int | None, *, cuda_graph: bool = False) -> tuple[Any, str, str]:
+def open_session(graph: Graph, provider: str, threads: int | None, *, cuda_graph: bool = False) -> tuple[Any, str, str]:
+    """(session, provider in use, why CUDA was not used) for a bundle's graph (a file, or in memory)."""
     if provider not in ("auto", *PROVIDERS):
         raise ToolkitError(f"unknown provider {provider!r}; choose auto, {', '.join(PROVIDERS)}.")
     options = session_options(threads)
+    in_memory(options, graph.external)
+    path = graph.path
 
     def session(name: str) -> Any:
         try:
-            return new_session(str(path), name, options, cuda_graph=cuda_graph and name == "cuda")
+            return new_session(graph.model, name, options, cuda_graph=cuda_graph and name == "cuda")
         except Exception as exc:
             raise ToolkitError(f"onnxruntime cannot load {path}{' for CUDA graphs' if cuda_graph else ''}: {ort_message(exc)}") from exc
 

@@ -56,12 +56,13 @@ class HFTokenizer:
 
     kind = "hf"
 
-    def __init__(self, path: Path, eos_ids: Iterable[int]):
+    def __init__(self, source: Path | bytes, eos_ids: Iterable[int]):
+        """`source`: the tokenizer.json file, or its contents (a sealed bundle's, decrypted in memory)."""
         try:
             from tokenizers import Tokenizer
         except ImportError:
             raise ToolkitError("this bundle's tokenizer needs the tokenizers package: pip install tokenizers.") from None
-        self._tokenizer = Tokenizer.from_file(str(path))
+        self._tokenizer = Tokenizer.from_str(source.decode()) if isinstance(source, bytes) else Tokenizer.from_file(str(source))
         self._byte_level = '"ByteLevel"' in json.dumps(json.loads(self._tokenizer.to_str()).get("decoder") or {})
         self.eos_ids = tuple(eos_ids)
         self.eos_id = self.eos_ids[0] if self.eos_ids else None
@@ -119,7 +120,7 @@ def tokenizer_for(generation: Mapping[str, Any] | None, bundle: Bundle | None = 
     if kind == ByteTokenizer.kind:
         return ByteTokenizer()
     if kind == HFTokenizer.kind and bundle is not None:
-        return HFTokenizer(bundle.asset_path(HF_TOKENIZER_FILE), generation.get("eos_token_ids") or [generation["eos_token_id"]])
+        return HFTokenizer(bundle.asset(HF_TOKENIZER_FILE), generation.get("eos_token_ids") or [generation["eos_token_id"]])
     raise ToolkitError(f"no tokenizer for {kind!r}: toolkit knows 'bytes' (the reference gpt's) and 'hf' (a bundle's "
                        f"{HF_TOKENIZER_FILE}); pass token ids instead.")
 

@@ -39,10 +39,10 @@ from toolkit.runtime.generate import Sampling
 from toolkit.runtime.generate.scheduler import Busy, Event, Request, Scheduler
 from toolkit.runtime.graphs import CapturedRunner
 from toolkit.runtime.model import Model
-from toolkit.serve.auth import BearerToken
 from toolkit.serve.batching import BatcherFailed, DeadlinePassed, DynamicBatcher, Overloaded
 from toolkit.serve.decoder_process import DecoderProcess
 from toolkit.serve.generation import ClientGone, EventStream, Observer, Prompter, Unavailable, collect
+from toolkit.serve.keys import Forbidden, KeyGuard, Keys
 from toolkit.serve.metrics import Metrics, Observed, route_path
 from toolkit.serve.openai import OpenAIRoutes
 from toolkit.serve.protocol import (
@@ -58,6 +58,7 @@ from toolkit.serve.protocol import (
     encode_response,
     error_body,
 )
+from toolkit.serve.tls import TLS
 from toolkit.serve.triton import batch_first, model_config
 
 __all__ = ["EXTENSIONS", "ServeOptions", "Unavailable", "create_app", "protocol_app", "serve"]
@@ -85,6 +86,9 @@ class ServeOptions:
     queue_timeout_ms: float = 30_000.0  # the longest a generation waits for a slot where timeout_ms is not set
     max_prompt_bytes: int = 1 << 20  # a generate request's prompt (or rendered chat), in UTF-8
     repository: tuple[Path, ...] = field(default_factory=tuple)  # directories whose bundles /v2/repository may load
+    keys: Path | None = None  # a keys file (toolkit keys): scoped API keys instead of the one token
+    log_payloads: bool = False  # request and response bodies in the log: for debugging only
+    body_timeout_s: float = 30.0  # the longest a request body may take to arrive (408 beyond)
 
     def __post_init__(self) -> None:
         if min(self.max_batch, self.max_queue, self.max_graphs, self.max_in_flight, self.slots) < 1 \
@@ -94,6 +98,10 @@ class ServeOptions:
                                "and the byte limits and the queue timeout positive.")
         if self.token is not None and not self.token:
             raise ToolkitError("the bearer token must not be empty.")
+        if self.token is not None and self.keys is not None:
+            raise ToolkitError("give --token or --keys, not both (--token is one key with every scope).")
+        if self.body_timeout_s <= 0:
+            raise ToolkitError("the body timeout must be positive.")
 
 
 class _HTTPError(Exception):
@@ -296,11 +304,15 @@ class _Routes:
             raise _HTTPError(404, f"model {name!r} has no version {version[:20]!r}; its only version is {_VERSION}.")
         return self.served[name]
 
-    def named(self, name: str) -> Any:
-        """The served model `name` (an OpenAI request names it in its body)."""
+    def named(self, name: str, request: Any, action: str) -> Any:
+        """The served model `name` (an OpenAI request names it in its body), if the request's key may
+        `action` on it (403 if not)."""
         if name not in self.served:
             shown = name if len(name) <= 64 else name[:61] + "..."
             raise ProtocolError(f"unknown model {shown!r}; this server has {', '.join(self.served) or 'none'}.", 404, "model")
+        grants = request.scope.get("state", {}).get("grants")
+        if grants is not None:
+            grants.require(action, name)
         return self.served[name]
 
     def prompter(self, s: Any) -> Prompter:
@@ -620,20 +632,36 @@ def protocol_app(sources: Sequence[Any], options: ServeOptions, *, loader: Loade
     app = Starlette(routes=routes.routes(), lifespan=routes.lifespan, exception_handlers={
         _HTTPError: lambda request, exc: _error(request, exc.status, str(exc)),
         ProtocolError: lambda request, exc: _error(request, exc.status, str(exc), exc.param),
+        Forbidden: lambda request, exc: _error(request, 403, str(exc)),
         404: lambda request, exc: _error(request, 404, f"no route {request.url.path[:200]}"),
         405: lambda request, exc: _error(request, 405, f"{request.method} is not allowed on {request.url.path[:200]}"),
         Exception: _internal_error,
     })
-    return Observed(app, metrics, lambda: routes.served.keys(), BearerToken(options.token) if options.token is not None else None)
+    keys = Keys.from_file(options.keys) if options.keys is not None else Keys.token(options.token) if options.token is not None else None
+    return Observed(app, metrics, lambda: routes.served.keys(), KeyGuard(keys) if keys is not None else None, log_payloads=options.log_payloads)
 
 
 def serve(models: Sequence[Model], *, host: str = "127.0.0.1", port: int = 8000, options: ServeOptions | None = None,
-          loader: Loader | None = None, log_level: str = "info") -> None:
-    """Serves until interrupted; on SIGINT/SIGTERM stops accepting and finishes requests in flight."""
+          loader: Loader | None = None, log_level: str = "info", tls: TLS | None = None) -> None:
+    """Serves until interrupted; on SIGINT/SIGTERM stops accepting and finishes requests in flight.
+    With `tls`, only over TLS (mutual, where it names a CA). SIGHUP reads the keys file again."""
+    import signal
+
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = uvicorn.Config(create_app(models, options, loader), host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=30)
+    options = options or ServeOptions()
+    warn_payloads(options)
+    app = create_app(models, options, loader)
+    if app.guard is not None and hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda *_: app.guard.keys.reload())
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=30,
+                            **(tls.uvicorn() if tls else {}))
     with contextlib.suppress(KeyboardInterrupt):
         uvicorn.Server(config).run()
+
+
+def warn_payloads(options: ServeOptions) -> None:
+    if options.log_payloads:
+        _log.warning("WARNING: --log-payloads is on: request and response bodies (inputs, prompts, generated text) go to the log "
+                     "(toolkit.payloads). Turn it off outside debugging.")

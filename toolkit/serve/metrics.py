@@ -21,6 +21,8 @@ from typing import Any
 __all__ = ["UNKNOWN_MODEL", "Metrics", "Observed", "route_path"]
 
 _access = logging.getLogger("toolkit.access")
+_payloads = logging.getLogger("toolkit.payloads")  # only with --log-payloads
+_PAYLOAD_BYTES = 64 << 10
 _MODEL_ROUTES = ("infer", "generate", "generate_stream", "ready", "config", "load", "unload")
 _INFERENCE_ROUTES = ("infer", "generate", "generate_stream")
 UNKNOWN_MODEL = "_unknown"
@@ -113,33 +115,50 @@ def route_path(scope: Mapping[str, Any]) -> str:
 
 class Observed:
     """ASGI middleware: a request id (the `x-request-id` header, echoed in errors and the log),
-    `guard` (e.g. the bearer token), then per-model request counts and latency, and one JSON
-    access-log line per request. `served()` names the models being served (bounds the labels)."""
+    `guard` (the API keys), then per-model request counts and latency, and one JSON access-log line
+    per request: model, status, bytes in and out, latency, the key's name; never a body, a prompt or
+    generated text. With `log_payloads` (debugging only) the bodies' first 64 KiB go to the
+    `toolkit.payloads` log under the request id. `served()` names the models served (bounds the labels)."""
 
-    def __init__(self, app: Any, metrics: Metrics, served: Callable[[], Collection[str]], guard: Any = None):
-        self.app, self.metrics, self.served, self.guard = app, metrics, served, guard
+    def __init__(self, app: Any, metrics: Metrics, served: Callable[[], Collection[str]], guard: Any = None, *, log_payloads: bool = False):
+        self.app, self.metrics, self.served, self.guard, self.log_payloads = app, metrics, served, guard, log_payloads
 
     async def __call__(self, scope: Mapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
-        status = {"code": 500}
+        seen = {"status": 500, "in": 0, "out": 0}
         request_id = uuid.uuid4().hex[:16]
         scope = {**scope, "state": {**scope.get("state", {}), "request_id": request_id}}
+        bodies: dict[str, list[bytes]] | None = {"request": [], "response": []} if self.log_payloads else None
 
         async def observe(message: Mapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                seen["status"] = message["status"]
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            elif message["type"] == "http.response.body":
+                seen["out"] += len(message.get("body", b""))
+                _keep(bodies, "response", message.get("body", b""))
             await send(message)
+
+        async def counted() -> Any:
+            message = await receive()
+            if message["type"] == "http.request":
+                seen["in"] += len(message.get("body", b""))
+                _keep(bodies, "request", message.get("body", b""))
+            return message
 
         try:
             if self.guard is None or await self.guard(scope, observe):
-                await self.app(scope, receive, observe)
+                await self.app(scope, counted, observe)
         finally:
-            self._record(scope, status["code"], time.perf_counter() - start, request_id)
+            self._record(scope, seen, time.perf_counter() - start, request_id)
+            if bodies is not None:
+                for kind, chunks in bodies.items():
+                    _payloads.info(json.dumps({"id": request_id, kind: b"".join(chunks)[:_PAYLOAD_BYTES].decode("utf-8", "replace")}))
 
-    def _record(self, scope: Mapping[str, Any], status: int, elapsed: float, request_id: str) -> None:
+    def _record(self, scope: Mapping[str, Any], seen: Mapping[str, int], elapsed: float, request_id: str) -> None:
+        status = seen["status"]
         path = route_path(scope)
         parts = path.split("/")
         if parts[1:3] == ["v2", "models"] and len(parts) > 3:  # /v2/models/{m}/...
@@ -159,4 +178,10 @@ class Observed:
         client = scope.get("client") or ("", 0)
         _access.info(json.dumps({"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
                                  "id": request_id, "method": scope["method"], "path": path[:200], "status": status,
-                                 "ms": round(elapsed * 1000, 3), "model": model, "client": client[0]}))
+                                 "ms": round(elapsed * 1000, 3), "model": model, "client": client[0], "bytes_in": seen["in"],
+                                 "bytes_out": seen["out"], "key": getattr(scope["state"].get("grants"), "name", None)}))
+
+
+def _keep(bodies: dict[str, list[bytes]] | None, kind: str, chunk: bytes) -> None:
+    if bodies is not None and sum(map(len, bodies[kind])) < _PAYLOAD_BYTES:
+        bodies[kind].append(chunk)

@@ -315,12 +315,14 @@ class OpenAIRoutes:
     async def models(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
 
-        return JSONResponse({"object": "list", "data": [self._card(name) for name in self.host.served]})
+        grants = request.scope.get("state", {}).get("grants")  # a scoped key sees the models it may use
+        names = [name for name in self.host.served if grants is None or grants.allows("see", name)]
+        return JSONResponse({"object": "list", "data": [self._card(name) for name in names]})
 
     async def model(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
 
-        return JSONResponse(self._card(self.host.named(request.path_params["model"]).name))
+        return JSONResponse(self._card(self.host.named(request.path_params["model"], request, "see").name))
 
     async def completions(self, request: Any) -> Any:
         return await self._generate(request, chat=False)
@@ -340,7 +342,7 @@ class OpenAIRoutes:
         admitted = await held.enter_async_context(host.admission.request(generation=True))
         try:
             parsed = decode_openai(await host.body_of(request, admitted, json_body=True), chat=chat)
-            s = host.named(parsed.model)
+            s = host.named(parsed.model, request, "generate")
             if not s.generates:
                 raise ProtocolError(f"model {s.name!r} does not generate text (it is not a decoder with a KV cache)"
                                     + ("; it embeds: POST /v1/embeddings" if _embeds(s) else "."), param="model")
@@ -380,7 +382,7 @@ class OpenAIRoutes:
         host = self.host
         async with host.admission.request() as admitted:
             name, texts, encoding = decode_embeddings(await host.body_of(request, admitted, json_body=True))
-            s = host.named(name)
+            s = host.named(name, request, "infer")
             if not _embeds(s):
                 raise ProtocolError(f"model {s.name!r} does not embed: /v1/embeddings takes an encoder bundle of task 'embed' that "
                                     "carries its tokenizer (toolkit export hf:PATH of a sentence-transformers model).", param="model")
@@ -510,7 +512,7 @@ def _embedding_feeds(signature: Any, texts: Sequence[str]) -> tuple[dict[str, An
     from toolkit.runtime.tokenizer import HF_TOKENIZER_FILE, HFTokenizer
 
     bundle = signature.bundle
-    tokenizer = HFTokenizer(bundle.asset_path(HF_TOKENIZER_FILE), ())
+    tokenizer = HFTokenizer(bundle.asset(HF_TOKENIZER_FILE), ())
     longest = next((d.max for d in bundle.manifest.dims if d.name == "seq"), None) or 512
     ids = [tokenizer.encode(text, special_tokens=True)[:longest] for text in texts]
     width = max(map(len, ids))

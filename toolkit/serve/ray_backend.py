@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.errors import ToolkitError
-from toolkit.serve.app import ServeOptions, protocol_app
+from toolkit.serve.app import ServeOptions, protocol_app, warn_payloads
 from toolkit.serve.generation import EventStream, Unavailable
 from toolkit.serve.metrics import Metrics
+from toolkit.serve.tls import TLS
 
 try:
     import ray
@@ -61,6 +62,7 @@ class RayOptions:
     provider: str = "auto"
     threads: int | None = None  # onnxruntime intra-op threads per replica (default: its CPUs, at least 1)
     verify: str | None = None  # a public key (PEM) every replica verifies its bundle's signature with
+    key: str | None = None  # an encrypted bundle's key (a path every node can read): replicas decrypt in memory
 
     def __post_init__(self) -> None:
         if self.replicas < 1 or (self.num_cpus is not None and self.num_cpus <= 0) or self.num_gpus < 0:
@@ -89,7 +91,8 @@ class ModelReplica:
         from toolkit.serve.triton import batch_first
 
         o = ray_options
-        self.model = Model(path, variant=o.variant, provider=o.provider, threads=o.threads or max(1, int(o.num_cpus or 1)), verify=o.verify)
+        self.model = Model(path, variant=o.variant, provider=o.provider, threads=o.threads or max(1, int(o.num_cpus or 1)), verify=o.verify,
+                           key=o.key)
         self.signature = Signature(self.model.bundle, self.model.variant)  # what the ingress validates with
         self.batch_axis = batch_first(self.model)
         self.max_batch = max_batch if self.batch_axis else 1
@@ -216,11 +219,16 @@ async def _awaited(response: Any) -> Any:
 class ProtocolIngress:
     """The protocol's HTTP routes, over handles to the models' deployments."""
 
-    def __init__(self, models: dict[str, Any], options: ServeOptions):
-        self.models, self.options = models, options
+    def __init__(self, models: dict[str, Any], options: ServeOptions, key: str | None = None):
+        self.models, self.options, self.key = models, options, key
 
     async def __serve_build_asgi_app__(self) -> Any:
+        from toolkit.bundle import Bundle
+
         signatures = await asyncio.gather(*(handle.describe.remote() for handle in self.models.values()))
+        for signature in signatures:  # a signature travels without its bundle's data key; the tokenizer needs it here
+            if signature.bundle.sealed:
+                signature.bundle = Bundle.open(signature.bundle.path, key=self.key)
         sources = [(name, handle, signature) for (name, handle), signature in zip(self.models.items(), signatures, strict=True)]
         return protocol_app([_Source(*s) for s in sources], self.options, endpoint=lambda source, metrics: _Remote(
             source.name, source.handle, source.signature, metrics))
@@ -255,9 +263,8 @@ def _bundles(paths: Sequence[str | os.PathLike[str]], options: ServeOptions, ray
         if ray_options.verify:
             from toolkit.bundle.signing import verify
 
-            bundle = verify(path, ray_options.verify)
-        else:
-            bundle = Bundle.open(path)
+            verify(path, ray_options.verify)
+        bundle = Bundle.open(path, key=ray_options.key)  # a wrong key fails here, before Ray starts
         name = Signature(bundle, ray_options.variant).name
         if name in names:
             raise ToolkitError(f"two bundles are both named {name!r}; serve them from separate servers or rename one.")
@@ -276,11 +283,12 @@ def _bind(names: dict[str, str], options: ServeOptions, ray_options: RayOptions)
         path, ray_options, options.max_batch, options.max_delay_ms / 1000, options.slots, options.max_queue) for name, path in names.items()}
     # One ingress replica holds the protocol state (admission, metrics); it only routes, so it needs no CPU of its own.
     ingress = ProtocolIngress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=options.max_in_flight * 2, logging_config=_QUIET)
-    return ingress.bind(deployments, options)
+    return ingress.bind(deployments, options, ray_options.key)
 
 
 def serve_with_ray(paths: Sequence[str | os.PathLike[str]], *, host: str = "127.0.0.1", port: int = 8000,
-                   options: ServeOptions | None = None, ray_options: RayOptions | None = None, address: str | None = None) -> None:
+                   options: ServeOptions | None = None, ray_options: RayOptions | None = None, address: str | None = None,
+                   tls: TLS | None = None) -> None:
     """Starts Ray (a local instance sized to this machine, or joins the cluster at `address`: "auto"
     finds the one `ray start` began here), runs the application behind Ray Serve's HTTP proxy on
     host:port (0: a free one), and serves until SIGINT or SIGTERM. On the way out it removes what it
@@ -288,6 +296,10 @@ def serve_with_ray(paths: Sequence[str | os.PathLike[str]], *, host: str = "127.
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options, ray_options = options or ServeOptions(), ray_options or RayOptions()
     names = _bundles(paths, options, ray_options)  # a bad bundle or option fails before Ray starts
+    if tls is not None and tls.ca is not None:
+        raise ToolkitError("--tls-ca (mutual TLS) is native-only: Ray Serve's HTTP proxy does not ask clients for certificates. "
+                           "Serve with --backend native, or put a proxy that checks them in front of Ray.")
+    warn_payloads(options)
     if port == 0:
         with socket.socket() as probe:
             probe.bind((host, 0))
@@ -299,9 +311,9 @@ def serve_with_ray(paths: Sequence[str | os.PathLike[str]], *, host: str = "127.
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         app = _bind(names, options, ray_options)  # sized to the cluster it now sees
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(http_options={"host": host, "port": port, **(_ray_tls(tls) if tls else {})})
         serve.run(app, name=_APP, route_prefix="/", blocking=False)
-        _log.info("serving %s with Ray Serve at http://%s:%d", ", ".join(map(str, paths)), host, port)
+        _log.info("serving %s with Ray Serve at %s://%s:%d", ", ".join(map(str, paths)), "https" if tls else "http", host, port)
         with contextlib.suppress(KeyboardInterrupt):
             while True:
                 time.sleep(3600)
@@ -314,6 +326,11 @@ def serve_with_ray(paths: Sequence[str | os.PathLike[str]], *, host: str = "127.
         if started:
             serve.shutdown()
             ray.shutdown()
+
+
+def _ray_tls(tls: TLS) -> dict[str, Any]:
+    return {"ssl_certfile": str(tls.cert.resolve()), "ssl_keyfile": str(tls.key.resolve()),
+            **({"ssl_keyfile_password": tls.password} if tls.password else {})}
 
 
 def _interrupt(signum: int, frame: Any) -> None:

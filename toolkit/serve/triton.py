@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from toolkit.bundle import replace_directory, sha256_file, write_atomic
+from toolkit.bundle import Bundle, replace_directory, sha256_file, write_atomic
 from toolkit.errors import ToolkitError
 from toolkit.runtime.model import Model
 from toolkit.serve.protocol import datatype
@@ -84,15 +84,18 @@ def to_pbtxt(config: dict[str, Any]) -> str:
     return "\n".join(fields(config, "")) + "\n"
 
 
-def package_triton(path: str | os.PathLike[str], repo: str | os.PathLike[str], *, variant: str | None = None, max_batch: int = 32,
-                   max_delay_ms: float = 0.0, instances: int = 1, kind: str = "KIND_AUTO", force: bool = False) -> Path:
+def package_triton(path: str | os.PathLike[str] | Bundle, repo: str | os.PathLike[str], *, variant: str | None = None, max_batch: int = 32,
+                   max_delay_ms: float = 0.0, instances: int = 1, kind: str = "KIND_AUTO", force: bool = False,
+                   key: str | os.PathLike[str] | None = None) -> Path:
     """Writes REPO/<name>/ for `variant` of the bundle at `path`, and one model per part of it
-    (atomically; an existing one only with `force`); returns the bundle's own directory."""
+    (atomically; an existing one only with `force`); returns the bundle's own directory. An
+    encrypted bundle is decrypted with `key` in memory, straight into REPO: Triton's onnxruntime
+    backend reads only plain files, so the repository holds the model in the clear."""
     if max_batch < 0 or instances < 1:
         raise ToolkitError(f"max_batch must be >= 0 and instances >= 1, got {max_batch} and {instances}.")
     if kind not in ("KIND_AUTO", "KIND_GPU", "KIND_CPU"):
         raise ToolkitError(f"instance kind must be KIND_AUTO, KIND_GPU or KIND_CPU, got {kind!r}.")
-    model = Model(path, variant=variant, provider="cpu")  # validated and verified; opening it proves the variant loads
+    model = Model(path, variant=variant, provider="cpu", key=key)  # validated and verified; opening it proves the variant loads
     repo = Path(repo)
     target = repo / model.name  # a safe name (the manifest is validated): one directory inside REPO
     if target.is_symlink() or target.exists() and not (target / "config.pbtxt").is_file():
@@ -107,7 +110,10 @@ def package_triton(path: str | os.PathLike[str], repo: str | os.PathLike[str], *
         files = {"1/model.onnx": {"sha256": record.sha256, "file": record.file},
                  **{f"1/{e['file']}": e for e in record.external_data}}  # read beside the graph, by the name it records
         for copy, entry in files.items():
-            shutil.copyfile(model.bundle.path / entry["file"], staging / copy)
+            if model.bundle.sealed:  # decrypted and checked against its sha256 in memory
+                model.bundle.read(entry["file"]).tofile(staging / copy)
+            else:
+                shutil.copyfile(model.bundle.path / entry["file"], staging / copy)
             if sha256_file(staging / copy) != entry["sha256"]:
                 raise ToolkitError(f"{model.bundle.path / entry['file']} changed while it was being copied; package again.")
         integrity = {"bundle": model.name, "variant": model.variant,
@@ -119,6 +125,6 @@ def package_triton(path: str | os.PathLike[str], repo: str | os.PathLike[str], *
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for part in model.bundle.parts():
-        package_triton(part.path, repo, variant=model.variant, max_batch=max_batch, max_delay_ms=max_delay_ms,
+        package_triton(part, repo, variant=model.variant, max_batch=max_batch, max_delay_ms=max_delay_ms,
                        instances=instances, kind=kind, force=force)
     return target

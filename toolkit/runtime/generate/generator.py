@@ -27,7 +27,7 @@ class Generator:
     """Generates text from a decoder bundle: `Generator(path_or_model).generate("Return the")`."""
 
     def __init__(self, model: Model | str | os.PathLike[str], *, variant: str | None = None, provider: str = "auto",
-                 threads: int | None = None, cache: str = "auto", cuda_graph: bool = True):
+                 threads: int | None = None, cache: str = "auto", cuda_graph: bool = True, key: str | os.PathLike[str] | None = None):
         """`cache`: "growing" feeds each step the cache the last one returned (the bundle's own graph);
         "inplace" (CPU) writes each step into one cache allocated per call, through the graph made
         for it (toolkit.runtime.inplace); "static" decodes over a cache preallocated to the context
@@ -35,12 +35,12 @@ class Generator:
         False. "auto": on CUDA, static with CUDA graphs where the bundle has that part; on the CPU,
         inplace where the variant's graph allows it and this Generator opened the bundle itself
         (it then releases the bundle graph's session: `model.run` is not available); growing
-        otherwise, and `note` says why."""
+        otherwise, and `note` says why. `key` opens an encrypted bundle (see `toolkit.load`)."""
         if cache not in CACHES:
             raise ToolkitError(f"unknown cache {cache!r}; choose {', '.join(CACHES)}.")
         owned = not isinstance(model, Model)
         if owned:
-            model = Model(model, variant=variant, provider=provider, threads=threads)
+            model = Model(model, variant=variant, provider=provider, threads=threads, key=key)
         manifest = model.bundle.manifest
         self.model = model
         self.layout = Layout.of(model.name, model.inputs, model.outputs, manifest.generation)
@@ -50,7 +50,7 @@ class Generator:
         self._step = step_of(model, {"present_" + name.removeprefix("past_") for name in self.layout.caches})
         self._encoder_step = None
         if self.layout.encoder:
-            encoder = Model(model.bundle.path / self.layout.encoder, variant=model.variant, provider=model.provider, threads=threads)
+            encoder = Model(model.bundle.part(self.layout.encoder), variant=model.variant, provider=model.provider, threads=threads)
             self._encoder_step = step_of(encoder, {o.name for o in encoder.outputs})
             self.source = encoder.inputs[0]  # what a prompt is: source_ids, or a speech model's input_features
         self.decode, self.note, self._static, self._inplace = self._choose_cache(cache, threads, cuda_graph, owned)
@@ -69,7 +69,7 @@ class Generator:
             else:
                 if threads is None and self.model.session is not None:  # as many as the bundle graph's session has
                     threads = self.model.session.get_session_options().intra_op_num_threads or None
-                session, why = inplace_session(self.model.bundle.variant_path(self.model.variant), threads)
+                session, why = inplace_session(self.model.bundle.graph(self.model.variant), threads)
             if session is not None:
                 if owned:
                     self.model.close()  # the rewritten graph runs every step: one session's weights in memory, not two
@@ -87,7 +87,7 @@ class Generator:
             return "growing", f"CUDA graphs not used: {why}", None, None
         graphs = provider == "cuda" and cuda_graph
         try:
-            static = Model(self.model.bundle.path / part, variant=self.model.variant, provider=provider, threads=threads, cuda_graph=graphs)
+            static = Model(self.model.bundle.part(part), variant=self.model.variant, provider=provider, threads=threads, cuda_graph=graphs)
         except ToolkitError as exc:
             if cache == "static":
                 raise
