@@ -151,9 +151,9 @@ def _seal(bundle: Any, directory: Path, data_key: bytes, wrapped: list[dict[str,
     sources: dict[str, Path] = {}
     for name, variant in manifest.variants.items():
         graph = bundle.variant_path(name)  # verified
-        if not variant.external_data and variant.bytes > _SMALL_GRAPH:
+        if not variant.external_data:
             _weights_beside(graph, directory / variant.file, variant)  # sealed in place below
-            sources |= {file: directory / file for file in (variant.file, variant.external_data[0]["file"])}
+            sources |= {file: directory / file for file in (variant.file, *(e["file"] for e in variant.external_data))}
         else:
             sources |= {file: bundle.path / file for file in (variant.file, *(e["file"] for e in variant.external_data))}
     sources |= {name: bundle.asset_path(name) for name in manifest.assets}
@@ -185,22 +185,21 @@ def _unseal(bundle: Any, directory: Path, progress: Any) -> None:
         _unseal(part, directory / part.path.name, progress)
 
 
-# Graphs past this keep their weights in an external-data file once sealed: onnxruntime then takes
-# the weights from memory, and the graph it parses is small (a graph with its weights inside would
-# be held in memory three times while it loads: decrypted, parsed, and the session's own).
-_SMALL_GRAPH = 1 << 20
-
-
 def _weights_beside(source: Path, target: Path, variant: Any) -> None:
+    """Writes the graph at `source` to `target` with its weights in an external-data file beside it,
+    recording both in `variant`: onnxruntime then takes the weights from memory as they are, and
+    parses a small graph (a graph holding its weights would be in memory three times while it loads:
+    decrypted, parsed, and the session's own)."""
     import onnx
 
     from toolkit._onnx import save_model
     from toolkit.bundle.store import sha256_file
 
-    (data,) = save_model(onnx.load(str(source)), target, external=True)
+    written = [f for f in save_model(onnx.load(str(source)), target, external=True) if (target.parent / f).is_file()]
     variant.sha256 = sha256_file(target)
-    variant.external_data = [{"file": data, "sha256": sha256_file(target.parent / data), "bytes": (target.parent / data).stat().st_size}]
-    variant.bytes = target.stat().st_size + variant.external_data[0]["bytes"]
+    variant.external_data = [{"file": f, "sha256": sha256_file(target.parent / f), "bytes": (target.parent / f).stat().st_size}
+                             for f in written]
+    variant.bytes = target.stat().st_size + sum(e["bytes"] for e in variant.external_data)
 
 
 def _write_manifest(directory: Path, manifest: Manifest) -> None:

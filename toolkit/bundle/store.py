@@ -115,6 +115,12 @@ class Bundle:
             raise ToolkitError(f"bundle {self.path} has no part {name!r}; its parts: {', '.join(self.manifest.parts) or 'none'}.")
         return Bundle.open(self.path / name, trust_source=self.trusted_source, data_key=self._data_key)
 
+    def require_plain(self) -> None:
+        """Refuses a sealed bundle, saying how to decrypt it: for what needs its files in the clear."""
+        if self.sealed:
+            raise ToolkitError(f"bundle {self.path} is encrypted; this command needs its graphs in the clear: `toolkit decrypt "
+                               f"{self.path} -o DIR --key KEY` first (load, run, generate, serve, bench and package open it in memory, with --key).")
+
     def graph(self, name: str) -> Graph:
         """Variant `name`'s graph for onnxruntime: its verified file, or (sealed) its files decrypted in memory."""
         if not self.sealed:
@@ -178,9 +184,7 @@ class Bundle:
         """The ONNX file of a variant; with `verify`, refuses files whose sha256 does not match. A sealed
         bundle has no such file to give: what needs one refuses it, saying how to decrypt it."""
         variant = self.variant(name)
-        if self.sealed:
-            raise ToolkitError(f"bundle {self.path} is encrypted; this command needs its graphs in the clear: `toolkit decrypt "
-                               f"{self.path} -o DIR --key KEY` first (load, run, generate, serve, bench and package open it in memory, with --key).")
+        self.require_plain()
         path = self.path / variant.file
         if verify:
             for entry in [{"file": variant.file, "sha256": variant.sha256}, *variant.external_data]:
@@ -195,8 +199,7 @@ class Bundle:
         entry = self.manifest.assets.get(name)
         if entry is None:
             raise ToolkitError(f"bundle {self.path} carries no {name}; re-export it with this toolkit.")
-        if self.sealed:
-            self.variant_path(next(iter(self.manifest.variants)))  # says it is sealed, and what to do
+        self.require_plain()
         self._verify(name, entry["sha256"], f"asset {name!r}")
         return self.path / name
 

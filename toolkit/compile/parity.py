@@ -50,6 +50,7 @@ def check(
     reference's outputs so that they are computed once, not for every variant. `trust_source` vouches for the code the manifest's source names (see `bundle_reference`)."""
     say = progress or (lambda _msg: None)
     bundle = Bundle.of(bundle, trust_source=trust_source)
+    bundle.require_plain()  # checking rewrites graphs (localizing a failure marks every tensor): the key holder's, decrypted
     names = list(variants) if variants else list(bundle.manifest.variants)
     for name in names:
         bundle.variant(name)  # unknown names fail before any work
