@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import threading
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -12,8 +13,8 @@ from typing import Any
 
 @contextmanager
 def cli_server(args: Sequence[Any], ready: str) -> Iterator[tuple[subprocess.Popen, str, list[str]]]:
-    """`toolkit serve ARGS`, yielding (process, URL, stderr lines so far) once a line of its stderr
-    matches `ready` (group 1: the URL); killed on the way out."""
+    """`toolkit serve ARGS`, yielding (process, URL, its stderr lines, still growing) once a line of
+    its stderr matches `ready` (group 1: the URL); killed on the way out."""
     server = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", *map(str, args)], stderr=subprocess.PIPE, text=True)
     log: list[str] = []
     try:
@@ -22,6 +23,9 @@ def cli_server(args: Sequence[Any], ready: str) -> Iterator[tuple[subprocess.Pop
             if started := re.search(ready, line):
                 break
         assert started, "".join(log)
+        # keep reading: a server whose stderr pipe fills up (its access log) blocks on the next line
+        server.stderr_reader = threading.Thread(target=lambda: log.extend(server.stderr), daemon=True)
+        server.stderr_reader.start()
         yield server, started.group(1), log
     finally:
         server.kill()

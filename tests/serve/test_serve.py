@@ -26,9 +26,9 @@ TOKEN = "s3cret"
 
 
 @contextmanager
-def running(models, options, loader=None):
+def running(models, options, loader=None, tls=None):
     """A uvicorn server in a thread, on a socket bound here first (no race for a free port under
-    pytest -n), yielding its address once it has started."""
+    pytest -n), yielding its address once it has started; over TLS with `tls` (toolkit.serve.tls.TLS)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -40,7 +40,7 @@ def running(models, options, loader=None):
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = Server(uvicorn.Config(create_app(models, options, loader), log_level="warning"))
+    server = Server(uvicorn.Config(create_app(models, options, loader), log_level="warning", **(tls.uvicorn() if tls else {})))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     assert server.up.wait(30), "the server did not start"
@@ -424,7 +424,8 @@ def test_cli_serves_and_drains_a_request_in_flight_on_sigterm(exported):
             server.send_signal(signal.SIGTERM)
             assert pending.result().status_code == 200
         assert server.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
-    log = "".join(log) + server.stderr.read()
+    server.stderr_reader.join(30)  # the rest of its stderr, up to its end
+    log = "".join(log)
     access = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert {"method": "POST", "path": "/v2/models/mlp/infer", "status": 200}.items() <= access[-1].items()
     assert "serving mlp (fp32 on cpu, 1 thread)" in log
