@@ -2,7 +2,7 @@
 alone, a dead batching loop answers 503 and restarts, health probes answer while a large body is
 decoded, unknown models cannot grow the metrics, admission refuses past its limits, internals never
 reach the client, outputs JSON cannot carry are refused clearly, and models load and unload through
-Triton's repository API."""
+Triton's repository API; and the holes an attacker's review found, each reproduced first."""
 
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def test_an_output_json_cannot_carry_is_refused_saying_how_to_get_it(mlp):
     body, headers = _binary("x", np.full((1, 784), np.nan, np.float32), binary_output=False)
     with running([mlp], ServeOptions()) as address:
         response = httpx.post(f"http://{address}/v2/models/mlp/infer", content=body, headers=headers)
-        assert response.status_code == 500 and "holds NaN or Infinity, which JSON cannot carry" in response.json()["error"]
+        assert response.status_code == 422 and "holds NaN or Infinity, which JSON cannot carry" in response.json()["error"]
         binary, headers = _binary("x", np.full((1, 784), np.nan, np.float32), binary_output=True)
         assert httpx.post(f"http://{address}/v2/models/mlp/infer", content=binary, headers=headers).status_code == 200
 
@@ -228,3 +228,135 @@ def test_a_request_with_more_rows_than_a_batch_runs_alone():
         return result
 
     assert asyncio.run(main())["y"].shape == (5, 1)
+
+
+# --- the holes of the security review, each reproduced first ---------------------------------------------
+
+
+def _json_body(value: float, rows: int) -> bytes:
+    return json.dumps({"inputs": [{"name": "x", "shape": [rows, 784], "datatype": "FP32", "data": [value] * (rows * 784)}]}).encode()
+
+
+def test_a_decode_cancelled_mid_exchange_leaves_the_next_request_a_clean_pipe(mlp):
+    """A client that goes away while its large body is decoded in the child process: the exchange
+    finishes before the next one starts, which gets its own answer (it got the cancelled one's, or
+    hung, in 1 of 6 runs before)."""
+    from toolkit.serve.decoder_process import DecoderProcess
+
+    specs = (mlp.inputs, mlp.outputs, 1 << 30)
+    big, small = _json_body(1.0, 1500), _json_body(2.0, 1)
+
+    async def main():
+        decoder = DecoderProcess()
+        try:
+            for delay in (0.0, 0.005, 0.02, 0.05, 0.1, 0.2):
+                task = asyncio.create_task(decoder.decode(big, None, *specs))
+                await asyncio.sleep(delay)
+                task.cancel()
+                got = await asyncio.wait_for(decoder.decode(small, None, *specs), 30)
+                assert got.inputs["x"].shape == (1, 784) and float(got.inputs["x"][0, 0]) == 2.0
+        finally:
+            decoder.close()
+
+    asyncio.run(main())
+
+
+def test_a_module_planted_in_the_working_directory_never_runs_in_the_decoder_process(mlp, tmp_path, monkeypatch):
+    from toolkit.serve.decoder_process import DecoderProcess
+
+    marker = tmp_path / "planted-ran"
+    for module in ("struct", "pickle", "json", "numpy"):
+        (tmp_path / f"{module}.py").write_text(f"open({str(marker)!r}, 'w').write({module!r})\nraise SystemExit(3)\n")
+    monkeypatch.chdir(tmp_path)
+
+    async def main():
+        decoder = DecoderProcess()
+        try:
+            return await decoder.decode(_json_body(0.5, 1), None, mlp.inputs, mlp.outputs, 1 << 30)
+        finally:
+            decoder.close()
+
+    assert asyncio.run(main()).inputs["x"].shape == (1, 784)
+    assert not marker.exists(), marker.read_text()
+
+
+@pytest.mark.parametrize("shape", [[9223372036854775807, 0], [2**40, 2**40, 0], [0, 2**62, 2**62]])
+def test_an_empty_tensor_of_impossible_size_is_a_400(mlp, shape):
+    from toolkit.serve.protocol import ProtocolError, decode_request
+
+    with pytest.raises(ProtocolError) as refused:
+        decode_request(json.dumps({"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": []}]}).encode(),
+                       None, mlp.inputs, mlp.outputs)
+    assert refused.value.status == 400 and "input 'x': shape" in str(refused.value)
+    with running([mlp], ServeOptions()) as address:
+        response = httpx.post(f"http://{address}/v2/models/mlp/infer",
+                              json={"inputs": [{"name": "x", "shape": [shape[0], 0], "datatype": "FP32", "data": []}]})
+        assert response.status_code == 400, response.text
+
+
+def _held_in_the_batcher(address, body, headers):
+    """Sends a request that the batcher holds (its delay is long), once it is queued."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1)
+    pending = pool.submit(httpx.post, f"http://{address}/v2/models/mlp/infer", content=body, headers=headers, timeout=30)
+    while 'toolkit_queue_depth{model="mlp"} 1.0' not in httpx.get(f"http://{address}/metrics").text:
+        assert not pending.done(), pending.result()
+    return pending
+
+
+@pytest.mark.parametrize("declared", [False, True], ids=["json", "json-with-header-length"])
+def test_a_json_body_is_reserved_at_what_decoding_it_holds(mlp, declared):
+    """Pure JSON sent with `Inference-Header-Content-Length: len(body)` was reserved at 1x its size."""
+    body = _json_body(0.0, 8)
+    headers = {"Inference-Header-Content-Length": str(len(body))} if declared else {}
+    binary, binary_headers = _binary("x", np.zeros((1, 784), np.float32), binary_output=True)
+    options = ServeOptions(max_in_flight_bytes=len(binary) + 4 * len(body), max_delay_ms=1500)
+    with running([mlp], options) as address:
+        held = _held_in_the_batcher(address, binary, binary_headers)
+        refused = httpx.post(f"http://{address}/v2/models/mlp/infer", content=body, headers=headers)
+        assert refused.status_code == 503 and "past the server's limit" in refused.json()["error"]
+        assert held.result().status_code == 200
+        assert httpx.post(f"http://{address}/v2/models/mlp/infer", content=body, headers=headers).status_code == 200  # alone, it fits
+
+
+def test_outputs_that_overflow_are_the_clients_422_not_a_server_failure(mlp):
+    with running([mlp], ServeOptions()) as address:
+        response = httpx.post(f"http://{address}/v2/models/mlp/infer", content=_json_body(3e38, 1))
+        assert response.status_code == 422 and "JSON cannot carry" in response.json()["error"]
+        metrics = httpx.get(f"http://{address}/metrics").text
+        assert 'toolkit_requests_total{model="mlp",route="infer",status="422"} 1.0' in metrics
+
+
+def test_a_body_that_takes_too_long_is_a_408_and_frees_its_admission(mlp):
+    body, headers = _binary("x", np.zeros((1, 784), np.float32), binary_output=False)
+    with running([mlp], ServeOptions(max_in_flight=1, body_timeout_s=0.5)) as address:
+        host, port = address.split(":")
+        slow = socket.create_connection((host, int(port)))
+        head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": address, "Content-Length": len(body), **headers}.items())
+        slow.sendall(f"POST /v2/models/mlp/infer HTTP/1.1\r\n{head}\r\n".encode() + body[:100])
+        slow.settimeout(10)
+        assert b" 408 " in slow.recv(200)
+        slow.close()
+        assert httpx.post(f"http://{address}/v2/models/mlp/infer", content=body, headers=headers).status_code == 200
+
+
+def test_two_concurrent_loads_of_one_model_load_it_once(exported, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from toolkit.runtime.model import load
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(exported("mlp"), repo / "mlp")
+    loads = []
+
+    def loader(path):
+        loads.append(path)
+        time.sleep(0.5)
+        return load(path, provider="cpu")
+
+    with running([], ServeOptions(repository=(repo,)), loader=loader) as address:
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda _: httpx.post(f"http://{address}/v2/repository/models/mlp/load", timeout=30), range(2)))
+        assert [a.status_code for a in answers] == [200, 200] and len(loads) == 1

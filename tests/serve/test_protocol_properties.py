@@ -24,7 +24,8 @@ scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value
            | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=4))
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
                            max_leaves=12)
-shapes = st.lists(st.integers(min_value=-2, max_value=6) | st.sampled_from([2**31, 2**63 - 1, 2**63, 2**64]) | scalars, max_size=3)
+shapes = st.lists(st.integers(min_value=-2, max_value=6) | st.sampled_from([0, 2**31, 2**40, 2**62, 2**63 - 1, 2**63, 2**64]) | scalars,
+                  max_size=3)
 
 
 @st.composite

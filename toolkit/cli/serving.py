@@ -40,7 +40,7 @@ def serve(
     verify: Path | None = typer.Option(None, "--verify", metavar="PUB", help="Serve only bundles signed with this public key (PEM) and unchanged since (`toolkit sign`)."),
     repository: list[Path] | None = typer.Option(None, "--repository", metavar="REPO", help="A directory of bundles (REPO/<name>/) that POST /v2/repository/models/<name>/load and /unload may load and unload while serving (repeatable)."),
     max_in_flight: int = typer.Option(256, "--max-in-flight", help="Requests being read, queued or run at once, all models together (503 beyond)."),
-    max_in_flight_mb: float = typer.Option(2048.0, "--max-in-flight-mb", help="Memory those requests may hold at once, a JSON body counted at 8× its size (503 beyond)."),
+    max_in_flight_mb: float = typer.Option(2048.0, "--max-in-flight-mb", help="Memory those requests may hold at once, a JSON body counted at 14× its size, what decoding it may hold (503 beyond)."),
     slots: int = typer.Option(16, "--slots", help="A decoder's cache slots: generations decoded together in one continuous batch (more wait "
                               "for a slot up to --timeout-ms, else 30 s, then 503; --max-queue of them)."),
     max_prompt_mb: float = typer.Option(1.0, "--max-prompt-mb", help="Largest prompt (or rendered chat) a generate request may send, in UTF-8 (413 beyond)."),

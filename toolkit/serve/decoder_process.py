@@ -5,6 +5,12 @@ multiprocessing: that would re-run the embedding app's main module), started on 
 again if it dies; requests go to it one at a time, as length-prefixed pickles over its pipes: the
 child reads decode_request's arguments and writes ("ok", result), ("error", status, message) or
 ("failed", what broke).
+
+One exchange holds the pipes from its write to its read, under a thread lock taken in the worker
+thread itself: a request cancelled while its answer is being read (its client went away) leaves the
+exchange to finish, and the next request starts only then, on a clean pipe. The child runs with
+`-P` (Python 3.11+; on 3.10 the code drops sys.path[0] before its imports): the server's working
+directory is not on its path, so a module planted there is never imported.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import pickle
 import struct
 import subprocess
 import sys
+import threading
 from typing import IO, Any
 
 from toolkit.serve.protocol import InferRequest, ProtocolError, decode_request
@@ -21,7 +28,9 @@ from toolkit.serve.protocol import InferRequest, ProtocolError, decode_request
 __all__ = ["DecoderProcess", "serve"]
 
 _LENGTH = struct.Struct("<Q")
-_CHILD = "import sys; from toolkit.serve.decoder_process import serve; serve(sys.stdin.buffer, sys.stdout.buffer)"
+_CHILD = ("import sys; sys.path = [p for p in sys.path if p]; "
+          "from toolkit.serve.decoder_process import serve; serve(sys.stdin.buffer, sys.stdout.buffer)")
+_SAFE_PATH = ["-P"] if sys.version_info >= (3, 11) else []
 
 
 class DecoderProcess:
@@ -29,22 +38,24 @@ class DecoderProcess:
 
     def __init__(self) -> None:
         self._child: subprocess.Popen | None = None
-        self._lock = asyncio.Lock()
+        self._lock = threading.Lock()  # taken by the thread that exchanges, so cancelling the caller cannot release it
 
     async def decode(self, *args: Any) -> InferRequest:
-        async with self._lock:
-            loop = asyncio.get_running_loop()
-            answer = await loop.run_in_executor(None, self._exchange, args)
+        answer = await asyncio.get_running_loop().run_in_executor(None, self._exchange_locked, args)
         if answer[0] == "error":
             raise ProtocolError(answer[2], status=answer[1])
         if answer[0] == "failed":
             raise RuntimeError(f"the JSON decoder process failed: {answer[1]}")
         return answer[1]
 
+    def _exchange_locked(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        with self._lock:
+            return self._exchange(args)
+
     def _exchange(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
         for attempt in (1, 2):  # a child that died (killed, out of memory) is started again once
             if self._child is None or self._child.poll() is not None:
-                self._child = subprocess.Popen([sys.executable, "-c", _CHILD],
+                self._child = subprocess.Popen([sys.executable, *_SAFE_PATH, "-c", _CHILD],
                                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             try:
                 _write(self._child.stdin, args)

@@ -103,6 +103,9 @@ def decode_request(body: bytes, header_length: str | None, inputs: Sequence[Tens
         shape = tensor.get("shape")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in shape):
             raise ProtocolError(f"input {name!r}: shape must be a list of integers in [0, 2**63), got {_short(shape)}.")
+        if len(shape) != len(expected[name].shape):
+            raise ProtocolError(f"input {name!r}: shape {_short(shape)} has {len(shape)} axes; the model takes {len(expected[name].shape)} "
+                                f"({dims(expected[name].shape)}).")
         _optional(tensor, "parameters", dict, "an object", f"input {name!r}: ")
         dtype = np.dtype(expected[name].dtype)
         count = math.prod(shape)  # exact: a product past int64 must not wrap around
@@ -123,7 +126,10 @@ def decode_request(body: bytes, header_length: str | None, inputs: Sequence[Tens
             offset += size
         else:
             value = _from_json(name, tensor.get("data"), dtype, count)
-        arrays[name] = value.reshape(shape)
+        try:
+            arrays[name] = value.reshape(shape)
+        except ValueError as exc:  # an empty shape whose other sizes numpy cannot hold (such as [2**63 - 1, 0])
+            raise ProtocolError(f"input {name!r}: shape {_short(shape)} cannot be held ({exc}).") from None
     if offset != len(binary):
         raise ProtocolError(f"the body has {len(binary) - offset} bytes of binary data that no input claims.")
     return InferRequest(
