@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 import subprocess
-import threading
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any

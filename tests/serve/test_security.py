@@ -22,7 +22,6 @@ from toolkit.bundle.encryption import encrypt
 from toolkit.bundle.signing import sign
 from toolkit.bundle.validate import LOCK_NAME
 from toolkit.runtime.model import Model
-from toolkit.runtime.samples import make_feeds
 from toolkit.serve.app import ServeOptions
 from toolkit.serve.keys import add_key, revoke_key
 from toolkit.serve.tls import TLS
