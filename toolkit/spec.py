@@ -13,10 +13,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Dim", "TensorSpec", "ModelSpec", "EvalData", "TASKS", "INPUT_KINDS", "cache_axes", "shape_cases"]
+__all__ = ["DTYPES", "Dim", "TensorSpec", "ModelSpec", "EvalData", "TASKS", "INPUT_KINDS", "cache_axes", "shape_cases"]
 
 TASKS = ("classify", "regress", "embed", "generate")
 INPUT_KINDS = ("float", "ids", "mask", "positions")
+# The tensor dtypes a bundle may declare: those onnxruntime, numpy and the serving protocol all carry.
+DTYPES = ("bool", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float16", "float32", "float64")
 
 # (feeds, labels): a labelled held-out set on which a classifier's accuracy is measured.
 EvalData = tuple[dict[str, np.ndarray], np.ndarray]
@@ -83,7 +85,8 @@ class TensorSpec:
     high: int | None = None
 
     def __post_init__(self) -> None:
-        np.dtype(self.dtype)  # raises TypeError on a name numpy does not know
+        if np.dtype(self.dtype).name not in DTYPES:  # np.dtype raises TypeError on a name numpy does not know
+            raise ValueError(f"tensor {self.name!r}: dtype {self.dtype!r} is none of {', '.join(DTYPES)}")
         if self.kind not in INPUT_KINDS:
             raise ValueError(f"tensor {self.name!r}: kind must be one of {INPUT_KINDS}, got {self.kind!r}")
         if self.kind in ("ids", "positions") and not self.high:

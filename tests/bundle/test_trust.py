@@ -103,8 +103,8 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
                       r"assets key must be a plain file name"),
     "lock symlink": (lambda b: _lock_file(b).symlink_to(b.parent / "victim" / "keep.txt"), r"\.toolkit\.lock is a link or not a regular file"),
     "lock hardlink": (lambda b: os.link(b.parent / "victim" / "keep.txt", _lock_file(b)), r"\.toolkit\.lock is a link or not a regular file"),
-    "encoder not a part": (lambda b: _manifest(b, lambda d: d.__setitem__("generation", {"encoder": "../enc"})),
-                           r"generation\.encoder names part '\.\./enc', which is not among the bundle's parts"),
+    "encoder not a part": (lambda b: _manifest(b, lambda d: d.__setitem__("generation", {"encoder": "../enc", "eos_token_id": 0, "context": 8})),
+                           r"field generation\.encoder must be a safe name"),
 }
 
 

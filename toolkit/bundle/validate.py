@@ -79,6 +79,11 @@ def _consistent(data: dict[str, Any]) -> Manifest:
         _list(_RECIPIENT)(manifest.encryption["recipients"], ".encryption.recipients")
         if set(manifest.encryption["files"]) != set(sealed_files(manifest)):
             raise ToolkitError("encryption.files must list exactly the bundle's files but the manifest (its graphs, weights and assets).")
+    _tensors_consistent(manifest)
+    if manifest.best is not None and manifest.best["variant"] not in manifest.variants:
+        raise ToolkitError(f"best names variant {manifest.best['variant']!r}, which the bundle does not have.")
+    if manifest.generation is not None:
+        _tokens_in_vocabulary(manifest)
     for key in ("encoder", "static"):
         part = (manifest.generation or {}).get(key)
         if part is not None and part not in manifest.parts:
@@ -129,6 +134,44 @@ def external_data_refused(graph: Path | bytes, listed: Iterable[str]) -> str | N
         return (f"its graph reads external data from {', '.join(repr(u) for u in unlisted)}, which the manifest does not list "
                 "with a sha256; onnxruntime would read it unverified")
     return None
+
+
+def _tensors_consistent(manifest: Manifest) -> None:
+    """Every dim a tensor's shape names is one of the manifest's dims, every fixed size is >= 0, and a
+    variant's io dtypes are for tensors it has, in dtypes the runtime carries."""
+    from toolkit.spec import DTYPES
+
+    dims = {d.name for d in manifest.dims}
+    for tensor in [*manifest.inputs, *manifest.outputs]:
+        for axis in tensor.shape:
+            if isinstance(axis, int) and axis < 0:
+                raise ToolkitError(f"tensor {tensor.name!r}: size {axis} must be >= 0.")
+            unknown = [n for n in (axis.split("+") if isinstance(axis, str) else []) if n not in dims]
+            if unknown:
+                raise ToolkitError(f"tensor {tensor.name!r}: its shape names dim {unknown[0]!r}, which is not among the manifest's dims "
+                                   f"({', '.join(sorted(dims)) or 'none'}).")
+    names = {t.name for t in [*manifest.inputs, *manifest.outputs]}
+    for name, variant in manifest.variants.items():
+        for tensor, dtype in variant.io.items():
+            if tensor not in names or dtype not in DTYPES:
+                raise ToolkitError(f"variants.{name}.io: {tensor!r} as {dtype!r} is not a tensor of the model in a dtype of {', '.join(DTYPES)}.")
+
+
+def _tokens_in_vocabulary(manifest: Manifest) -> None:
+    """The token ids the generation section names lie in the vocabulary the decoder's input_ids take."""
+    ids = next((t for t in manifest.inputs if t.name == "input_ids"), None)
+    if ids is None or ids.kind != "ids":
+        raise ToolkitError("a bundle with a generation section must take input_ids of kind 'ids' (with their vocabulary size, high).")
+    g = manifest.generation
+    forced_eos = g.get("forced_eos_token_id")
+    named = {"eos_token_id": [g["eos_token_id"]], "eos_token_ids": g.get("eos_token_ids") or [], "decoder_start": g.get("decoder_start") or [],
+             "suppress_tokens": g.get("suppress_tokens") or [], "begin_suppress_tokens": g.get("begin_suppress_tokens") or [],
+             "forced_bos_token_id": [g["forced_bos_token_id"]] if g.get("forced_bos_token_id") is not None else [],
+             "forced_eos_token_id": forced_eos if isinstance(forced_eos, list) else [forced_eos] if forced_eos is not None else []}
+    for key, tokens in named.items():
+        outside = [t for t in tokens if not 0 <= t < ids.high]
+        if outside:
+            raise ToolkitError(f"field generation.{key}: token {outside[0]} is outside the vocabulary [0, {ids.high}).")
 
 
 # --- the schema: each check takes (value, field path) and raises on the first problem -----------------
@@ -217,6 +260,23 @@ _SHA256 = _pattern("a sha256 (64 lowercase hex digits)", lambda v: isinstance(v,
 _BYTES = _pattern("a byte count (an integer >= 0)", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
 _KIND = _pattern(f"one of {', '.join(SOURCE_KINDS)}", lambda v: v in SOURCE_KINDS)
 _FILE_ENTRY = _object({"file": _FILE, "sha256": _SHA256, "bytes": _BYTES})
+_BOOL = _typed("true or false", bool)
+_POSITIVE = _pattern("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+_TOKEN = _typed("a token id (an integer)", int)
+_TOKENS = _list(_TOKEN)
+_CHECK_SIZES = _pattern("two distinct integers", lambda v: isinstance(v, list) and len(v) == 2 and v[0] != v[1]
+                        and all(isinstance(s, int) and not isinstance(s, bool) for s in v))
+_PARITY = _pattern('an object whose "passed" is true or false', lambda v: isinstance(v, dict) and isinstance(v.get("passed"), bool))
+_BEST = _pattern('an object naming its "variant"', lambda v: isinstance(v, dict) and is_safe_name(v.get("variant")))
+# What generation reads (toolkit.runtime.generate.layout, sampling; serve.generation): every key it knows, typed.
+_GENERATION = _object(
+    {"eos_token_id": _TOKEN, "context": _POSITIVE},
+    {"tokenizer": _pattern("'bytes' or 'hf'", lambda v: v in ("bytes", "hf")), "eos_token_ids": _TOKENS, "encoder": _NAME, "static": _NAME,
+     "source_context": _POSITIVE, "decoder_start": _TOKENS, "source": _pattern("'text' or 'features'", lambda v: v in ("text", "features")),
+     "source_special_tokens": _BOOL, "suppress_tokens": _TOKENS, "begin_suppress_tokens": _TOKENS, "forced_bos_token_id": _nullable(_TOKEN),
+     "forced_eos_token_id": _nullable(lambda v, where: (_TOKENS if isinstance(v, list) else _TOKEN)(v, where)),
+     "chat_template": _nullable(_STR), "chat_tokens": _map(_STR)},
+)
 _TENSOR = _object({"name": _STR, "dtype": _STR, "shape": _list(_typed("an integer or a dim name", int, str))},
                   {"kind": _STR, "high": _NUMBER})
 _MANIFEST = _object(
@@ -229,20 +289,20 @@ _MANIFEST = _object(
         "opset": _INT,
         "inputs": _list(_TENSOR),
         "outputs": _list(_TENSOR),
-        "dims": _map(_object({"min": _INT, "max": _nullable(_INT), "export": _INT, "check": _list(_INT)})),
+        "dims": _map(_object({"min": _INT, "max": _nullable(_INT), "export": _INT, "check": _CHECK_SIZES})),
         "variants": _map(_object({"file": _FILE, "sha256": _SHA256, "bytes": _BYTES, "recipe": _DICT},
-                                 {"precision": _STR, "external_data": _list(_FILE_ENTRY), "parity": _nullable(_DICT),
+                                 {"precision": _STR, "external_data": _list(_FILE_ENTRY), "parity": _nullable(_PARITY),
                                   "io": _map(_STR)}), keys=_NAME),
     },
     {
         "description": _STR,
         "fusion": _nullable(_DICT),
-        "generation": _nullable(_DICT),
+        "generation": _nullable(_GENERATION),
         "parts": _list(_NAME),
         "failed": _map(_STR),
         "assets": _map(_object({"sha256": _SHA256, "bytes": _BYTES}), keys=_FILE),
         "reference": _DICT,
-        "best": _nullable(_DICT),
+        "best": _nullable(_BEST),
         "pruning": _nullable(_DICT),
         "versions": _map(_STR),
         "encryption": _nullable(_object({

@@ -132,6 +132,7 @@ class Model(Signature):
         super().__init__(Bundle.of(path, key=key), variant)
         graph = self.bundle.graph(self.variant)
         self._session, self.provider, self.provider_note = open_session(graph, provider, threads, cuda_graph=cuda_graph)
+        _check_described(self, self._session)
         self.cuda_graph = cuda_graph and self.provider == "cuda"
 
     @property
@@ -189,6 +190,26 @@ class Model(Signature):
 
     def __repr__(self) -> str:
         return f"Model({self.bundle.path}, variant={self.variant!r}, provider={self.provider!r})"
+
+
+_ORT_TYPES = {"float32": "float", "float64": "double"}
+
+
+def _check_described(signature: Signature, session: Any) -> None:
+    """Refuses a manifest that does not describe its graph (names, dtypes, ranks, fixed sizes): every
+    stage after loading trusts the manifest's signature, so it must be the graph's."""
+    for kind, described, actual in (("input", signature.inputs, session.get_inputs()), ("output", signature.outputs, session.get_outputs())):
+        graph = {a.name: a for a in actual}
+        if {t.name for t in described} != set(graph):
+            raise ToolkitError(f"bundle {signature.bundle.path}: its manifest lists {kind}s {sorted(t.name for t in described)}, but variant "
+                               f"{signature.variant!r}'s graph has {sorted(graph)}; the manifest was altered or belongs to another graph.")
+        for spec in described:
+            node = graph[spec.name]
+            want = f"tensor({_ORT_TYPES.get(spec.dtype, spec.dtype)})"
+            fixed = [(s, g) for s, g in zip(spec.shape, node.shape or [], strict=False) if isinstance(s, int) and isinstance(g, int)]
+            if node.type != want or len(node.shape or []) != len(spec.shape) or any(s != g for s, g in fixed):
+                raise ToolkitError(f"bundle {signature.bundle.path}: its manifest describes {kind} {spec.name!r} as {spec.dtype} "
+                                   f"{list(spec.shape)}, but variant {signature.variant!r}'s graph has {node.type} {node.shape}.")
 
 
 def _resolve_variant(bundle: Bundle, variant: str | None) -> str:
