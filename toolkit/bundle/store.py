@@ -138,7 +138,7 @@ class Bundle:
         """A file the manifest lists, its contents verified (sealed: decrypted into memory and
         authenticated), as one uint8 buffer."""
         if not self.sealed:
-            self._verify(file, self._recorded_sha256(file), file)
+            self.verify_file(file, self._recorded_sha256(file), file)
             return np.fromfile(self.path / file, dtype=np.uint8)
         if self._data_key is None:
             raise ToolkitError(f"bundle {self.path} is encrypted; give its key (--key KEY or TOOLKIT_BUNDLE_KEY; "
@@ -164,7 +164,7 @@ class Bundle:
         """Every file the manifest lists against its sha256 (sealed: the sealed file's own), parts included."""
         if self.sealed:
             for file, entry in self.manifest.encryption["files"].items():
-                self._verify(file, entry["sha256"], "a sealed file")
+                self.verify_file(file, entry["sha256"], "a sealed file")
         else:
             for name in self.manifest.variants:
                 self.variant_path(name)
@@ -188,7 +188,7 @@ class Bundle:
         path = self.path / variant.file
         if verify:
             for entry in [{"file": variant.file, "sha256": variant.sha256}, *variant.external_data]:
-                self._verify(entry["file"], entry["sha256"], f"variant {name!r}")
+                self.verify_file(entry["file"], entry["sha256"], f"variant {name!r}")
             refused = external_data_refused(path, [e["file"] for e in variant.external_data])
             if refused:
                 raise ToolkitError(f"bundle {self.path}: variant {name!r} ({variant.file}) is refused: {refused}.")
@@ -200,7 +200,7 @@ class Bundle:
         if entry is None:
             raise ToolkitError(f"bundle {self.path} carries no {name}; re-export it with this toolkit.")
         self.require_plain()
-        self._verify(name, entry["sha256"], f"asset {name!r}")
+        self.verify_file(name, entry["sha256"], f"asset {name!r}")
         return self.path / name
 
     def asset(self, name: str) -> bytes:
@@ -209,7 +209,8 @@ class Bundle:
             raise ToolkitError(f"bundle {self.path} carries no {name}; re-export it with this toolkit.")
         return self.read(name).tobytes()
 
-    def _verify(self, file: str, sha256: str, what: str) -> None:
+    def verify_file(self, file: str, sha256: str, what: str) -> None:
+        """Refuses the listed `file` if it is missing, a link, or its sha256 is not `sha256`."""
         path = self.path / file
         if not path.is_file() or path.is_symlink():
             raise ToolkitError(f"bundle {self.path}: {what} is missing its file {file}.")

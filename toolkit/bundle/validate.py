@@ -137,7 +137,8 @@ def external_data_refused(graph: Path | bytes, listed: Iterable[str]) -> str | N
 
 
 def _tensors_consistent(manifest: Manifest) -> None:
-    """Every dim a tensor's shape names is one of the manifest's dims, every fixed size is >= 0, and a
+    """Every dim an input's shape names is one of the manifest's dims (inputs are made and checked from
+    them; an output may carry a name its exporter gave an axis), every fixed size is >= 0, and a
     variant's io dtypes are for tensors it has, in dtypes the runtime carries."""
     from toolkit.spec import DTYPES
 
@@ -146,7 +147,7 @@ def _tensors_consistent(manifest: Manifest) -> None:
         for axis in tensor.shape:
             if isinstance(axis, int) and axis < 0:
                 raise ToolkitError(f"tensor {tensor.name!r}: size {axis} must be >= 0.")
-            unknown = [n for n in (axis.split("+") if isinstance(axis, str) else []) if n not in dims]
+            unknown = [n for n in (axis.split("+") if isinstance(axis, str) and tensor in manifest.inputs else []) if n not in dims]
             if unknown:
                 raise ToolkitError(f"tensor {tensor.name!r}: its shape names dim {unknown[0]!r}, which is not among the manifest's dims "
                                    f"({', '.join(sorted(dims)) or 'none'}).")

@@ -21,7 +21,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         sealed = (bundle.manifest.encryption or {}).get("files", {})
         try:
             for file in [variant.file, *(e["file"] for e in variant.external_data)] if sealed else []:
-                bundle._verify(file, sealed[file]["sha256"], "a sealed file")
+                bundle.verify_file(file, sealed[file]["sha256"], "a sealed file")
             if not sealed:
                 bundle.variant_path(name)
             integrity = "ok"
