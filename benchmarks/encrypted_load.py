@@ -69,7 +69,7 @@ def main() -> int:
         row["time_ratio"] = row["encrypted"]["seconds"] / row["plain"]["seconds"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {"command": "python benchmarks/encrypted_load.py " + " ".join(sys.argv[1:]), "machine": _machine(), "rounds": args.rounds,
+    result = {"command": " ".join(["python benchmarks/encrypted_load.py", *sys.argv[1:]]), "machine": _machine(), "rounds": args.rounds,
               "rows": rows}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     _write_section(result, args.results)

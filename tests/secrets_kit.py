@@ -23,7 +23,8 @@ def _hook(event: str, args: tuple) -> None:
     if isinstance(path, int):
         return
     writing = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
-    if writing and not os.path.isdir(path):  # a directory opened to create a file in it (filelock's dir_fd) holds no data
+    # a directory opened to create a file in it (filelock's dir_fd), or a device (/dev/null), holds no data
+    if writing and not os.path.isdir(path) and not os.fsdecode(path).startswith("/dev/"):
         for record in _recording:
             record.append(os.fsdecode(path))
 

@@ -199,6 +199,15 @@ def test_package_decrypts_straight_into_the_triton_repository(exported, tmp_path
     assert all(str(tmp_path / "repo") in path for path in _only_locks(written)), written  # only the repository it was asked for
 
 
+def test_bench_times_a_sealed_bundle_with_nothing_decrypted_on_disk(exported, tmp_path, keys):
+    from toolkit.bench.compare import bench
+
+    sealed = encrypt(exported("mlp"), recipients=[keys["x25519"][1]], out=tmp_path / "sealed")
+    with files_written() as written:
+        report = bench(Bundle.open(sealed, key=keys["x25519"][0]), torch_eager=False, max_time=0.05, rounds=1, warmup=1, threads=1)
+    assert [row.variant for row in report.rows] == ["fp32"] and _only_locks(written) == []
+
+
 def test_sealing_keeps_the_source_bundle_until_the_sealed_one_is_complete(exported, copy_of, keys, monkeypatch):
     import toolkit.bundle.encryption as encryption
 

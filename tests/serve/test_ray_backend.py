@@ -156,3 +156,41 @@ def test_cli_serves_with_ray_and_leaves_no_process_behind_on_sigterm(exported):
         _, alive = psutil.wait_procs(children, timeout=30)
         assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
     assert "2 replica(s) each" in "".join(log)
+
+
+def test_ray_refuses_mutual_tls_saying_why(cli, exported, tmp_path):
+    from tests.secrets_kit import certificates
+
+    certs = certificates(tmp_path)
+    result = cli("serve", exported("mlp"), "--backend", "ray", "--tls-cert", certs["server"], "--tls-key", certs["server_key"],
+                 "--tls-ca", certs["ca"])
+    assert result.exit_code == 2 and "--tls-ca (mutual TLS) is native-only" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_ray_serves_an_encrypted_bundle_over_tls_to_scoped_keys(exported, tmp_path):
+    import ssl
+
+    from tests.secrets_kit import certificates, key_pair
+    from toolkit.bundle.encryption import encrypt
+    from toolkit.serve.keys import add_key
+
+    secret, recipient = key_pair(tmp_path, "x25519")
+    sealed = encrypt(exported("mlp"), recipients=[recipient], out=tmp_path / "mlp")
+    certs = certificates(tmp_path)
+    keys = tmp_path / "keys.json"
+    app, ops = add_key(keys, "app", ["infer:mlp"]), add_key(keys, "ops", ["metrics"])
+    args = [sealed, "--backend", "ray", "--port", "0", "--provider", "cpu", "--key", secret, "--keys", keys,
+            "--tls-cert", certs["server"], "--tls-key", certs["server_key"]]
+    body = {"inputs": [{"name": "x", "shape": [1, 784], "datatype": "FP32", "data": [0.5] * 784}]}
+    with cli_server(args, r"with Ray Serve at (https://\S+)") as (server, url, _):
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(certs["ca"])), timeout=60) as client:
+            infer = f"{url}/v2/models/mlp/infer"
+            assert client.post(infer, json=body, headers={"Authorization": f"Bearer {app}"}).status_code == 200
+            assert client.post(infer, json=body, headers={"Authorization": f"Bearer {ops}"}).status_code == 403
+            assert client.post(infer, json=body).status_code == 401
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url.replace("https", "http") + "/v2/health/ready", timeout=10)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0
