@@ -97,6 +97,8 @@ def open_sealed(path: Path, data_key: bytes, label: str, sha256: str, where: str
             except InvalidTag:
                 raise ToolkitError(f"{where}: {path.name} fails its authentication at byte {_HEADER + index * (CHUNK_BYTES + _TAG):,}: "
                                    "it was modified, cut short or moved from another file after it was sealed.") from None
+            except ValueError:  # a chunk longer or shorter than the size read at first allows: the file is being written
+                raise ToolkitError(f"{where}: {path.name} changed while it was being read; open the bundle again once nothing writes it.") from None
             digest.update(out)
             offset += len(out)
     if digest.hexdigest() != sha256:
