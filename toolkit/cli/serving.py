@@ -70,7 +70,7 @@ def serve(
     options = ServeOptions(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, timeout_ms=timeout_ms,
                            token=token, max_body_bytes=int(max_body_mb * (1 << 20)), max_in_flight=max_in_flight,
                            max_in_flight_bytes=int(max_in_flight_mb * (1 << 20)), slots=slots, max_prompt_bytes=int(max_prompt_mb * (1 << 20)),
-                           repository=tuple(repository or ()), keys=keys, log_payloads=log_payloads, body_timeout_s=body_timeout_s)
+                           repository=tuple(repository or ()), keys=keys.resolve() if keys else None, log_payloads=log_payloads, body_timeout_s=body_timeout_s)
     tls = TLS.of(tls_cert, tls_key, tls_ca)
     if keys is not None:
         Keys.from_file(keys)  # a bad keys file fails now, not at the first request
