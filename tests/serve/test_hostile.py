@@ -305,6 +305,7 @@ def _held_in_the_batcher(address, body, headers):
     return pending
 
 
+@pytest.mark.slow  # each case waits out a batching delay
 @pytest.mark.parametrize("declared", [False, True], ids=["json", "json-with-header-length"])
 def test_a_json_body_is_reserved_at_what_decoding_it_holds(mlp, declared):
     """Pure JSON sent with `Inference-Header-Content-Length: len(body)` was reserved at 1x its size."""
