@@ -36,6 +36,7 @@ def test_transformers_are_fused_and_keep_parity(exported, copy_of, name, fused):
     assert record["passed"] and record.get("parts", {}) == ({"encoder": {"passed": True}} if name == "seq2seq" else {})
 
 
+@pytest.mark.slow  # a CUDA-made graph, checked on the CPU: the full suite's
 def test_cuda_variant_keeps_skip_layer_norm(exported, copy_of):
     """Made for CUDA (no GPU needed to make it), the graph keeps the fused kernel, which is the faster there."""
     path = copy_of(exported("gpt"))

@@ -153,6 +153,7 @@ def test_a_pruned_bundle_rebuilds_its_reference_from_the_bundle_and_passes_parit
     np.testing.assert_allclose(got, run_reference(reference, feeds)["logits"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # it prunes and exports a model of its own (the fast tier has the pruned bundle tests above)
 def test_an_altered_pruned_structure_is_refused(tmp_path):
     path = prune("mlp", tmp_path / "pruned", amount=0.25, preset="tiny", fine_tune=False).path
     with open(path / pruned.FILE, "r+b") as f:

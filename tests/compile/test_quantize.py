@@ -48,6 +48,7 @@ def test_tied_gpt_head_is_quantized_once_not_dequantized_per_call(quantized):
     assert not [n.name for n in graph.node if n.op_type == "Transpose" and n.input[0] in constants]
 
 
+@pytest.mark.slow  # the LSTM's int8 quantization; the fast tier quantizes the mlp and the encoder
 def test_lstm_weights_are_quantized(quantized):
     path, _ = quantized("lstm")
     ops = Bundle.open(path).manifest.variants["int8"].recipe["options"]["ops"]
@@ -95,7 +96,8 @@ def test_gpt_next_token_agreement_is_reported(quantized):
     assert metric["metric"] == "next_token_agreement" and metric["threshold"] is None and 0 < metric["value"] <= 1
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("gpt", "seq2seq") else n for n in ZOO])
+# the fast tier keeps the small models (its 2-minute budget); the rest run in the full suite
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("gpt", "seq2seq", "encoder", "lstm") else n for n in ZOO])
 def test_fp16_keeps_fp32_io_and_overflow_prone_ops(quantized, name):
     path, records = quantized(name)
     assert records["fp16"]["passed"], records["fp16"]
@@ -203,7 +205,7 @@ def test_fp16_with_fp16_inputs_and_outputs_records_their_dtypes_and_keeps_parity
     assert generator.layout.past_dtype == "float16" and len(generator.generate("If the", max_new_tokens=8)) > 0
 
 
-@pytest.mark.parametrize("mode", ["int8", "int8-static"])
+@pytest.mark.parametrize("mode", ["int8", pytest.param("int8-static", marks=pytest.mark.slow)])  # one mode in the fast tier
 def test_weights_take_7_bits_where_the_cpu_would_saturate_full_range_int8(exported, copy_of, monkeypatch, mode):
     """Both int8 modes run onnxruntime's uint8 × int8 kernels, so both need 7-bit weights there."""
     from onnx import numpy_helper
@@ -435,7 +437,7 @@ def test_smoothing_computes_the_same_function_in_float(exported, tmp_path, monke
     np.testing.assert_allclose(after.run(None, sample)[0], before.run(None, sample)[0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int8-static"])
+@pytest.mark.parametrize("mode", [pytest.param("int8", marks=pytest.mark.slow), "int8-static"])  # one mode in the fast tier
 def test_smoothing_moves_activation_outliers_into_the_weights(exported, copy_of, mode):
     """Outlier channels 150-300× the rest (as a trained BERT's layer norms and GELUs make) leave
     the other channels a few int8 levels: without smoothing the variant is broken; with it, dynamic

@@ -61,6 +61,7 @@ def test_correlated_inputs_make_a_smaller_output_error_than_round_to_nearest(mon
     assert _error(w, rounded * scale[:, None], blocks, hessian) < 0.7 * _error(w, nearest * scale[:, None], blocks, hessian)
 
 
+@pytest.mark.slow  # a whole int8-static quantization of the encoder; the rounding itself is tested above
 def test_int8_static_rounds_the_weights_for_the_outputs(exported, copy_of, cli):
     """Same graph, same scales, other levels: the held-out error of the outputs falls."""
     from tests.userpkg.toy import convolutions
