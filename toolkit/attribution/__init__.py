@@ -1,0 +1,73 @@
+"""Why a model answered what it did: attributions of an output to the inputs that drove it, computed on
+the ONNX session itself (no torch, no model code; they run wherever the bundle runs).
+
+One module per method, each a class with `attribute(feeds, input, targets, **options)` as Captum's
+are: `occlusion` (sliding windows), `shapley` (Shapley value sampling over feature groups). Every
+method perturbs copies of one example and runs them through the model's batch axis (`scoring`).
+
+    explanation = toolkit.explain(model, {"image": images}, method="occlusion", window=(1, 4, 4))
+    explanation.attributions["image"]     # shaped like the input; explanation.target: each row's class
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from toolkit.attribution.occlusion import Occlusion
+from toolkit.attribution.scoring import Scorer
+from toolkit.attribution.shapley import ShapleySampling, patch_mask
+from toolkit.errors import ToolkitError
+
+__all__ = ["METHODS", "Explanation", "Occlusion", "Scorer", "ShapleySampling", "explain", "patch_mask"]
+
+METHODS = {method.name: method for method in (Occlusion, ShapleySampling)}
+
+
+@dataclass
+class Explanation:
+    """Attributions of `output[row, target[row]]` to each explained input, shaped like it; `score`
+    is that output at the inputs as given; `params` the method's, as it ran."""
+
+    method: str
+    output: str
+    target: np.ndarray
+    score: np.ndarray
+    attributions: dict[str, np.ndarray]
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def explain(model: Any, feeds: Mapping[str, Any], *, method: str = "occlusion", target: int | str = "auto",
+            inputs: list[str] | None = None, output: str | None = None, chunk: int = 64, **params: Any) -> Explanation:
+    """Explains `model` (a `toolkit.Model`) on `feeds`: `target` is a class index, or "auto" (each
+    row's top class); `inputs` the inputs to attribute (default: every float input); `output` the
+    output explained (default: the first); `params` the method's (occlusion: window, strides,
+    baseline; shapley: feature_mask or patch, samples, seed, baseline)."""
+    if method not in METHODS:
+        raise ToolkitError(f"unknown method {method!r}; choose {', '.join(METHODS)}.")
+    arrays = model.validate(feeds)
+    output = output or model.outputs[0].name
+    if output not in {t.name for t in model.outputs}:
+        raise ToolkitError(f"unknown output {output!r}; the model gives {', '.join(t.name for t in model.outputs)}.")
+    names = inputs or [t.name for t in model.inputs if np.dtype(t.dtype).kind == "f"]
+    unknown = [n for n in names if n not in arrays]
+    if unknown or not names:
+        raise ToolkitError(f"nothing to attribute: {'no input ' + repr(unknown[0]) if unknown else 'the model has no float input'}; "
+                           f"give inputs among {', '.join(arrays)}.")
+    scorer = Scorer(model.run_validated, output, chunk)
+    targets = scorer.targets(arrays, target)
+    score = np.array([scorer.score(arrays, row, int(t)) for row, t in enumerate(targets)])
+    attributor = METHODS[method](scorer)
+    attributions = {}
+    for name in names:
+        options = dict(params)
+        if method == "shapley" and "patch" in options:
+            options["feature_mask"] = patch_mask(arrays[name].shape[1:], options.pop("patch"))
+        if method == "occlusion" and "window" not in options:
+            raise ToolkitError("occlusion needs a window: one size per axis of the input past its batch axis (an image's (1, 4, 4)).")
+        attributions[name] = attributor.attribute(arrays, name, targets, **options)
+    return Explanation(method, output, targets, score, attributions,
+                       {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in params.items()})

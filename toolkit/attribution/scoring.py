@@ -1,0 +1,61 @@
+"""What every perturbation method needs from a model: the score of one target output for many
+perturbed copies of one example, run through the model's batch axis in chunks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from toolkit.errors import ToolkitError
+
+__all__ = ["Scorer", "tiled"]
+
+
+@dataclass
+class Scorer:
+    """`run(feeds) -> {output: array}` scored at `output[:, target]` (a classifier's logits, or a
+    regressor's values); `chunk` rows per run."""
+
+    run: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
+    output: str
+    chunk: int = 64
+
+    def targets(self, feeds: Mapping[str, np.ndarray], target: int | str | None) -> np.ndarray:
+        """The target index of each row: `target` itself, or ("auto") the row's top output."""
+        scores = self._output(feeds)
+        if target in (None, "auto"):
+            return scores.argmax(axis=1)
+        if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or not 0 <= target < scores.shape[1]:
+            raise ToolkitError(f"target {target!r}: give an index of output {self.output!r} in [0, {scores.shape[1]}), or 'auto' "
+                               "(each row's top one).")
+        return np.full(len(scores), int(target))
+
+    def scores(self, count: int, build: Callable[[range], Mapping[str, np.ndarray]], target: int) -> np.ndarray:
+        """The target's score for `count` perturbed copies of one example; `build(indices)` makes the
+        feeds of some of them, stacked along the batch axis (a chunk at a time: never all in memory)."""
+        out = np.empty(count, dtype=np.float64)
+        for start in range(0, count, self.chunk):
+            indices = range(start, min(count, start + self.chunk))
+            out[indices.start: indices.stop] = self._output(build(indices))[:, target]
+        return out
+
+    def score(self, feeds: Mapping[str, np.ndarray], row: int, target: int) -> float:
+        """The target's score for row `row` of `feeds` as it is."""
+        return float(self._output(tiled(feeds, row, 1))[0, target])
+
+    def _output(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        value = np.asarray(self.run(feeds)[self.output])
+        if value.ndim == 1:
+            value = value[:, None]
+        if value.ndim != 2:
+            raise ToolkitError(f"output {self.output!r} has shape {list(value.shape)}; the perturbation methods explain one score per "
+                               "row and target (a classifier's or regressor's output, batch × classes).")
+        return value.astype(np.float64)
+
+
+def tiled(feeds: Mapping[str, np.ndarray], row: int, count: int) -> dict[str, np.ndarray]:
+    """Row `row` of every input, repeated `count` times along the batch axis."""
+    return {name: np.repeat(value[row: row + 1], count, axis=0) for name, value in feeds.items()}
+
