@@ -92,3 +92,16 @@ def test_bad_requests_name_what_is_wrong(digits):
         explain(model, {"image": images}, method="occlusion", window=(1, 4, 4), target=10)
     with pytest.raises(ToolkitError, match="occlusion needs a window"):
         explain(model, {"image": images}, method="occlusion")
+
+
+def test_the_command_line_explains_and_saves_the_attributions(digits, exported, cli, tmp_path):
+    model, _, images = digits
+    np.save(tmp_path / "digits.npy", images[:2])
+    result = cli("explain", exported("cnn", "default"), "--input", tmp_path / "digits.npy", "--window", "1,4,4", "--save", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    saved = np.load(tmp_path / "out" / "image.npy")
+    expected = explain(model, {"image": images[:2]}, method="occlusion", window=(1, 4, 4)).attributions["image"]
+    np.testing.assert_allclose(saved, expected, rtol=1e-6)
+    assert "row 1: logits[" in result.output and "image most attributed: [0, " in result.output
+    refused = cli("explain", exported("cnn", "default"), "--example", "--window", "4,4")
+    assert refused.exit_code == 2 and "the input is [1, 28, 28]" in refused.output

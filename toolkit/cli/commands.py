@@ -605,7 +605,7 @@ def _read_inputs(pairs: list[str], names: list[str]) -> dict[str, np.ndarray]:
 
 
 # The commands of their own modules register on `app` as they are imported.
-from toolkit.cli import security, serving  # noqa: E402, F401
+from toolkit.cli import attribution, security, serving  # noqa: E402, F401
 
 
 def main() -> None:

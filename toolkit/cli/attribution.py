@@ -1,0 +1,80 @@
+"""`toolkit explain`: which inputs drove a model's answer, from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+
+from toolkit.attribution import METHODS
+from toolkit.cli.commands import KeyOption, Provider, _choices, _command, _int_list, _read_inputs, err, out
+from toolkit.errors import ToolkitError
+
+Method = _choices("AttributionMethod", list(METHODS))
+
+
+@_command
+def explain(
+    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle of a classifier or regressor (batch × outputs)."),
+    inputs: list[str] | None = typer.Option(None, "--input", "-i", help="NAME=FILE.npy (repeatable); a single-input model also takes FILE.npy."),
+    example: bool = typer.Option(False, "--example", help="Explain sample inputs drawn from the manifest instead of files."),
+    seed: int = typer.Option(0, help="Seed for --example, and for the orderings Shapley sampling draws."),
+    method: Method = typer.Option(Method.occlusion, help="occlusion: slide a window, credit each element with the score's average drop; "
+                                  "shapley: Shapley value sampling over feature groups (--patch squares, or each element)."),
+    target: str = typer.Option("auto", help="The class (output index) to explain, or auto: each row's top one."),
+    window: str | None = typer.Option(None, help="occlusion: the window's size per axis past the batch axis, comma-separated "
+                                      "(an image's 1,4,4; default: 4 on the last two axes, 1 before them, or 1 for a vector)."),
+    strides: str | None = typer.Option(None, help="occlusion: the window's step per axis (default: the window)."),
+    patch: int | None = typer.Option(None, help="shapley: features are PATCH×PATCH squares of an image (default: each element)."),
+    samples: int = typer.Option(25, help="shapley: orderings of the features sampled."),
+    variant: str | None = typer.Option(None, help="Variant to explain (default fp32)."),
+    provider: Provider = typer.Option(Provider.auto, help="Execution provider."),
+    save: Path | None = typer.Option(None, "--save", help="Write each input's attributions to DIR/NAME.npy."),
+    top: int = typer.Option(5, help="Elements printed per row, most attributed first."),
+    key: KeyOption = None,
+) -> None:
+    """Attribute a model's answer to its inputs, on the ONNX session itself (no torch, no model code):
+    which elements of each float input moved the target's score, and by how much."""
+    from toolkit.attribution import explain as attribute
+    from toolkit.runtime.model import load
+
+    model = load(bundle_dir, variant=variant, provider=provider.value, key=key)
+    if example == bool(inputs):
+        raise ToolkitError("give the inputs with --input NAME=FILE.npy, or pass --example for sample inputs (one of the two).")
+    if example:
+        from toolkit.runtime.samples import make_feeds
+
+        feeds = make_feeds(model.inputs, {d.name: d.check[0] for d in model.bundle.manifest.dims}, seed)
+    else:
+        feeds = _read_inputs(inputs, [t.name for t in model.inputs])
+    chosen: Any = "auto" if target == "auto" else _int_list(target, "--target")[0]
+    params: dict[str, Any] = {}
+    if method.value == "occlusion":
+        params["window"] = _int_list(window, "--window") if window else None
+        if strides:
+            params["strides"] = _int_list(strides, "--strides")
+    else:
+        params.update({"samples": samples, "seed": seed, **({"patch": patch} if patch else {})})
+    if method.value == "occlusion" and params["window"] is None:
+        params["window"] = _default_window(model, feeds)
+    err.print(f"explaining {model.name} variant {model.variant} on {model.provider} with {method.value}")
+    explanation = attribute(model, feeds, method=method.value, target=chosen, **params)
+    for name, values in explanation.attributions.items():
+        for row, (cls, score) in enumerate(zip(explanation.target, explanation.score, strict=True)):
+            flat = values[row].ravel()
+            order = np.argsort(-np.abs(flat))[:top]
+            where = ", ".join(f"{[int(a) for a in np.unravel_index(i, values.shape[1:])]}: {flat[i]:+.4g}" for i in order)
+            out.print(f"row {row}: {explanation.output}[{cls}] = {score:.4g}; {name} most attributed: {where}")
+        if save is not None:
+            save.mkdir(parents=True, exist_ok=True)
+            np.save(save / f"{name}.npy", values)
+            out.print(f"saved {save / name}.npy ({values.dtype} {list(values.shape)})")
+
+
+def _default_window(model: Any, feeds: dict[str, Any]) -> list[int]:
+    """4 on an image's two last axes and 1 before them; 1 on a vector."""
+    name = next(t.name for t in model.inputs if np.dtype(t.dtype).kind == "f")
+    shape = np.asarray(feeds[name]).shape[1:]
+    return [1] * len(shape) if len(shape) < 2 else [1] * (len(shape) - 2) + [min(4, shape[-2]), min(4, shape[-1])]
