@@ -39,15 +39,15 @@ class ShapleySampling:
         for row, target in enumerate(targets):
             credit = np.zeros(len(features))
             for order in permutations:
+                rank = np.empty(shape, dtype=np.int64)  # each element's feature's place in the ordering
+                for place, feature in enumerate(order):
+                    rank[features[feature]] = place
 
-                def build(indices: range, row: int = row, order: Sequence[int] = order) -> dict[str, np.ndarray]:
+                def build(indices: range, row: int = row, rank: np.ndarray = rank) -> dict[str, np.ndarray]:
                     batch = tiled(feeds, row, len(indices))
                     steps = batch[name]
-                    for k, step in enumerate(indices):  # step s: the first s features of the ordering are the input's, the rest the baseline's
-                        kept = np.zeros(shape, dtype=bool)
-                        for feature in order[:step]:
-                            kept |= features[feature]
-                        steps[k] = np.where(kept, steps[k], baseline)
+                    for k, step in enumerate(indices):  # step s: the ordering's first s features are the input's, the rest the baseline's
+                        steps[k] = np.where(rank < step, steps[k], baseline)
                     return batch
 
                 scores = self.scorer.scores(len(features) + 1, build, int(target))
