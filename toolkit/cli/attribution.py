@@ -9,8 +9,7 @@ import numpy as np
 import typer
 
 from toolkit.attribution import METHODS
-from toolkit.cli.commands import KeyOption, Provider, _choices, _command, _int_list, _read_inputs, err, out
-from toolkit.errors import ToolkitError
+from toolkit.cli.commands import KeyOption, Provider, _choices, _command, _given_inputs, _int_list, err, out
 
 Method = _choices("AttributionMethod", list(METHODS))
 
@@ -41,14 +40,7 @@ def explain(
     from toolkit.runtime.model import load
 
     model = load(bundle_dir, variant=variant, provider=provider.value, key=key)
-    if example == bool(inputs):
-        raise ToolkitError("give the inputs with --input NAME=FILE.npy, or pass --example for sample inputs (one of the two).")
-    if example:
-        from toolkit.runtime.samples import make_feeds
-
-        feeds = make_feeds(model.inputs, {d.name: d.check[0] for d in model.bundle.manifest.dims}, seed)
-    else:
-        feeds = _read_inputs(inputs, [t.name for t in model.inputs])
+    feeds = _given_inputs(model, inputs, example, seed)
     chosen: Any = "auto" if target == "auto" else _int_list(target, "--target")[0]
     params: dict[str, Any] = {}
     if method.value == "occlusion":

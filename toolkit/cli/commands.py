@@ -496,14 +496,7 @@ def run(
     model = load(bundle_dir, variant=variant, provider=provider.value, key=key)
     err.print(f"running {model.name} variant {model.variant} on {model.provider}"
               + (f" ({model.provider_note})" if model.provider_note else ""))
-    if example == bool(inputs):
-        raise ToolkitError("give the inputs with --input NAME=FILE.npy, or pass --example for sample inputs (one of the two).")
-    if example:
-        from toolkit.runtime.samples import make_feeds
-
-        feeds = make_feeds(model.inputs, {d.name: d.check[0] for d in model.bundle.manifest.dims}, seed)
-    else:
-        feeds = _read_inputs(inputs, [t.name for t in model.inputs])
+    feeds = _given_inputs(model, inputs, example, seed)
     results = model.run(feeds)
     if save is not None:
         save.mkdir(parents=True, exist_ok=True)
@@ -584,6 +577,17 @@ def _feature_clips(path: Path) -> list[Any]:
     except (OSError, ValueError) as exc:
         raise ToolkitError(f"--features {path}: not a readable .npy array: {exc}") from exc
     return [array] if array.ndim == 2 else list(array)
+
+
+def _given_inputs(model: Any, inputs: list[str] | None, example: bool, seed: int) -> dict[str, np.ndarray]:
+    """The feeds of `--input NAME=FILE.npy ...`, or of `--example` (drawn from the manifest): one of the two."""
+    if example == bool(inputs):
+        raise ToolkitError("give the inputs with --input NAME=FILE.npy, or pass --example for sample inputs (one of the two).")
+    if example:
+        from toolkit.runtime.samples import make_feeds
+
+        return make_feeds(model.inputs, {d.name: d.check[0] for d in model.bundle.manifest.dims}, seed)
+    return _read_inputs(inputs, [t.name for t in model.inputs])
 
 
 def _read_inputs(pairs: list[str], names: list[str]) -> dict[str, np.ndarray]:
