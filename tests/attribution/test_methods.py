@@ -105,3 +105,40 @@ def test_the_command_line_explains_and_saves_the_attributions(digits, exported, 
     assert "row 1: logits[" in result.output and "image most attributed: [0, " in result.output
     refused = cli("explain", exported("cnn", "default"), "--example", "--window", "4,4")
     assert refused.exit_code == 2 and "the input is [1, 28, 28]" in refused.output
+
+
+@pytest.fixture(scope="module")
+def encoder(exported):
+    """The zoo's text classifier (token ids and an attention mask), its PyTorch reference, two padded rows."""
+    from toolkit.runtime.samples import make_feeds
+
+    path = exported("encoder")
+    model = Model(path, provider="cpu")
+    return model, bundle_reference(Bundle.open(path)).module.eval(), make_feeds(model.inputs, {"batch": 2, "seq": 9}, 3)
+
+
+@pytest.mark.parametrize("method", ["occlusion", "shapley"])
+def test_tokens_are_removed_through_the_attention_mask(encoder, method):
+    """A token is removed as the model removes padding, through its attention mask: the same values as
+    Captum's method over a token-presence input that multiplies the mask, baseline 0."""
+    from captum.attr import Occlusion, ShapleyValueSampling
+
+    model, module, feeds = encoder
+    torch.manual_seed(0)
+    orderings = [torch.randperm(9).tolist() for _ in range(4)]
+    options = {"permutations": orderings} if method == "shapley" else {}
+    ours = explain(model, feeds, method=method, **options)
+    assert list(ours.attributions) == ["input_ids"]
+    ids, mask = torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])
+
+    def forward(presence, ids, mask):
+        return module(ids, (mask * presence).long())
+
+    presence = torch.ones(ids.shape)
+    common = {"target": torch.from_numpy(ours.target), "baselines": 0.0, "additional_forward_args": (ids, mask)}
+    torch.manual_seed(0)
+    theirs = (Occlusion(forward).attribute(presence, sliding_window_shapes=(1,), **common) if method == "occlusion" else
+              ShapleyValueSampling(forward).attribute(presence, n_samples=4, **common)).numpy()
+    np.testing.assert_allclose(ours.attributions["input_ids"], theirs, rtol=1e-3, atol=1e-4 * np.abs(theirs).max())
+    padded = feeds["attention_mask"] == 0
+    assert padded.any() and np.all(ours.attributions["input_ids"][padded] == 0)  # a token already masked out moves nothing

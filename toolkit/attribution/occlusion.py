@@ -7,10 +7,11 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from toolkit.attribution.scoring import Scorer, tiled
+from toolkit.attribution.scoring import Replace, Scorer, tiled
 from toolkit.errors import ToolkitError
 
 __all__ = ["Occlusion"]
@@ -23,8 +24,10 @@ class Occlusion:
         self.scorer = scorer
 
     def attribute(self, feeds: Mapping[str, np.ndarray], name: str, targets: np.ndarray, *, window: Sequence[int],
-                  strides: Sequence[int] | None = None, baseline: float | np.ndarray = 0.0) -> np.ndarray:
-        """Attributions shaped like `feeds[name]`: for each row, each element's average score drop."""
+                  strides: Sequence[int] | None = None, baseline: float | np.ndarray = 0.0, ablation: Any = None) -> np.ndarray:
+        """Attributions shaped like `feeds[name]`: for each row, each element's average score drop
+        when a window covering it is removed (`ablation`; default: replaced with `baseline`)."""
+        ablation = ablation or Replace(name, baseline)
         value = feeds[name]
         shape = value.shape[1:]
         window, strides = _sizes(window, shape, "window"), _sizes(strides or window, shape, "strides")
@@ -42,9 +45,10 @@ class Occlusion:
 
             def build(indices: range, row: int = row) -> dict[str, np.ndarray]:
                 batch = tiled(feeds, row, len(indices))
-                occluded = batch[name]
                 for k, index in enumerate(indices):
-                    occluded[k][regions[index]] = baseline if np.isscalar(baseline) else np.asarray(baseline)[regions[index]]
+                    removed = np.zeros(shape, dtype=bool)
+                    removed[regions[index]] = True
+                    ablation.remove(batch, k, removed)
                 return batch
 
             drops = start - self.scorer.scores(len(regions), build, int(target))

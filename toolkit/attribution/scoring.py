@@ -1,5 +1,7 @@
 """What every perturbation method needs from a model: the score of one target output for many
-perturbed copies of one example, run through the model's batch axis in chunks."""
+perturbed copies of one example, run through the model's batch axis in chunks; and how an input's
+elements are removed from a copy (`Replace` them with a baseline, or `MaskTokens`: token ids are
+removed by the model's own attention mask, not by an arbitrary id)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import numpy as np
 
 from toolkit.errors import ToolkitError
 
-__all__ = ["Scorer", "tiled"]
+__all__ = ["MaskTokens", "Replace", "Scorer", "tiled"]
 
 
 @dataclass
@@ -59,3 +61,26 @@ def tiled(feeds: Mapping[str, np.ndarray], row: int, count: int) -> dict[str, np
     """Row `row` of every input, repeated `count` times along the batch axis."""
     return {name: np.repeat(value[row: row + 1], count, axis=0) for name, value in feeds.items()}
 
+
+
+@dataclass(frozen=True)
+class Replace:
+    """Removed elements of input `name` take `baseline`'s values (a number, or an array shaped like
+    one row of the input)."""
+
+    name: str
+    baseline: float | np.ndarray = 0.0
+
+    def remove(self, batch: dict[str, np.ndarray], k: int, removed: np.ndarray) -> None:
+        batch[self.name][k] = np.where(removed, self.baseline, batch[self.name][k])
+
+
+@dataclass(frozen=True)
+class MaskTokens:
+    """Removed tokens are masked out through the model's attention mask input `mask`: the model reads
+    the sequence as if they were not there."""
+
+    mask: str
+
+    def remove(self, batch: dict[str, np.ndarray], k: int, removed: np.ndarray) -> None:
+        batch[self.mask][k] = np.where(removed, 0, batch[self.mask][k])

@@ -7,10 +7,11 @@ credits sum exactly to f(input) - f(baseline); one ordering's steps run as one b
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from toolkit.attribution.scoring import Scorer, tiled
+from toolkit.attribution.scoring import Replace, Scorer, tiled
 from toolkit.errors import ToolkitError
 
 __all__ = ["ShapleySampling", "patch_mask"]
@@ -24,8 +25,10 @@ class ShapleySampling:
 
     def attribute(self, feeds: Mapping[str, np.ndarray], name: str, targets: np.ndarray, *, feature_mask: np.ndarray | None = None,
                   samples: int = 25, seed: int = 0, baseline: float | np.ndarray = 0.0,
-                  permutations: Sequence[Sequence[int]] | None = None) -> np.ndarray:
-        """Attributions shaped like `feeds[name]`: each element carries its feature's value."""
+                  permutations: Sequence[Sequence[int]] | None = None, ablation: Any = None) -> np.ndarray:
+        """Attributions shaped like `feeds[name]`: each element carries its feature's value. A feature
+        not yet added is removed by `ablation` (default: replaced with `baseline`)."""
+        ablation = ablation or Replace(name, baseline)
         value = feeds[name]
         shape = value.shape[1:]
         mask = np.arange(int(np.prod(shape))).reshape(shape) if feature_mask is None else np.asarray(feature_mask)
@@ -45,9 +48,8 @@ class ShapleySampling:
 
                 def build(indices: range, row: int = row, rank: np.ndarray = rank) -> dict[str, np.ndarray]:
                     batch = tiled(feeds, row, len(indices))
-                    steps = batch[name]
-                    for k, step in enumerate(indices):  # step s: the ordering's first s features are the input's, the rest the baseline's
-                        steps[k] = np.where(rank < step, steps[k], baseline)
+                    for k, step in enumerate(indices):  # step s: the ordering's first s features are the input's, the rest removed
+                        ablation.remove(batch, k, rank >= step)
                     return batch
 
                 scores = self.scorer.scores(len(features) + 1, build, int(target))

@@ -44,13 +44,13 @@ def explain(
     chosen: Any = "auto" if target == "auto" else _int_list(target, "--target")[0]
     params: dict[str, Any] = {}
     if method.value == "occlusion":
-        params["window"] = _int_list(window, "--window") if window else None
+        shape = _float_input_shape(model, feeds)
+        if window or shape is not None:  # token ids need none: a token at a time
+            params["window"] = _int_list(window, "--window") if window else _default_window(shape)
         if strides:
             params["strides"] = _int_list(strides, "--strides")
     else:
         params.update({"samples": samples, "seed": seed, **({"patch": patch} if patch else {})})
-    if method.value == "occlusion" and params["window"] is None:
-        params["window"] = _default_window(model, feeds)
     err.print(f"explaining {model.name} variant {model.variant} on {model.provider} with {method.value}")
     explanation = attribute(model, feeds, method=method.value, target=chosen, **params)
     for name, values in explanation.attributions.items():
@@ -65,8 +65,12 @@ def explain(
             out.print(f"saved {save / name}.npy ({values.dtype} {list(values.shape)})")
 
 
-def _default_window(model: Any, feeds: dict[str, Any]) -> list[int]:
+def _float_input_shape(model: Any, feeds: dict[str, Any]) -> tuple[int, ...] | None:
+    """The first float input's shape past its batch axis (what a default window covers), if there is one."""
+    name = next((t.name for t in model.inputs if np.dtype(t.dtype).kind == "f"), None)
+    return None if name is None else np.asarray(feeds[name]).shape[1:]
+
+
+def _default_window(shape: tuple[int, ...]) -> list[int]:
     """4 on an image's two last axes and 1 before them; 1 on a vector."""
-    name = next(t.name for t in model.inputs if np.dtype(t.dtype).kind == "f")
-    shape = np.asarray(feeds[name]).shape[1:]
     return [1] * len(shape) if len(shape) < 2 else [1] * (len(shape) - 2) + [min(4, shape[-2]), min(4, shape[-1])]
