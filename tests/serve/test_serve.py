@@ -180,6 +180,35 @@ def test_plain_json_with_nested_data_and_requested_outputs(server, models):
     np.testing.assert_allclose(logits, model.run(feeds)["logits"], rtol=1e-5, atol=1e-5)
 
 
+def test_explain_attributes_each_input_through_the_batcher(server, models):
+    """The explain extension: the attributions `toolkit.explain` gives, for an image-like input and
+    for token ids (removed through the attention mask), named after the inputs they explain."""
+    import toolkit
+
+    feeds = _feeds(models["mlp"])
+    body = {"inputs": [{"name": "x", "shape": list(feeds["x"].shape), "datatype": "FP32", "data": feeds["x"].ravel().tolist()}],
+            "parameters": {"method": "occlusion", "window": [16], "strides": [8], "target": 3}}
+    answer = httpx.post(f"http://{server}/v2/models/mlp/explain", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    outputs = {o["name"]: np.array(o["data"]).reshape(o["shape"]) for o in answer.json()["outputs"]}
+    want = toolkit.explain(models["mlp"], feeds, method="occlusion", window=(16,), strides=(8,), target=3)
+    assert set(outputs) == {"x_attribution", "target", "score"} and outputs["target"].tolist() == [3, 3]
+    np.testing.assert_allclose(outputs["x_attribution"], want.attributions["x"], rtol=1e-4, atol=1e-5)
+    text = _feeds(models["encoder"])
+    body = {"inputs": [{"name": n, "shape": list(v.shape), "datatype": "INT64", "data": v.ravel().tolist()} for n, v in text.items()],
+            "parameters": {"method": "shapley", "samples": 2, "seed": 1}}
+    answer = httpx.post(f"http://{server}/v2/models/encoder/explain", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    got = next(np.array(o["data"]).reshape(o["shape"]) for o in answer.json()["outputs"] if o["name"] == "input_ids_attribution")
+    want = toolkit.explain(models["encoder"], text, method="shapley", samples=2, seed=1)
+    np.testing.assert_allclose(got, want.attributions["input_ids"], rtol=1e-4, atol=1e-5)
+    for parameters, message in [({"method": "lime"}, "unknown method 'lime'"), ({"window": "16"}, "parameters.window must be a list"),
+                                ({"target": -1}, "parameters.target must be a class index"), ({}, "occlusion needs a window")]:
+        refused = httpx.post(f"http://{server}/v2/models/mlp/explain", json=_mlp_request() | {"parameters": parameters})
+        assert refused.status_code == 400 and message in refused.json()["error"], refused.text
+    assert "explain" in httpx.get(f"http://{server}/v2").json()["extensions"]
+
+
 def _mlp_request(rows=1, **changes):
     tensor = {"name": "x", "shape": [rows, 784], "datatype": "FP32", "data": [0.5] * (rows * 784)} | changes
     return {"inputs": [tensor]}

@@ -11,7 +11,7 @@ method perturbs copies of one example and runs them through the model's batch ax
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,13 +49,15 @@ def _ablations(model: Any) -> dict[str, MaskTokens]:
 
 
 def explain(model: Any, feeds: Mapping[str, Any], *, method: str = "occlusion", target: int | str = "auto",
-            inputs: list[str] | None = None, output: str | None = None, chunk: int = 64, **params: Any) -> Explanation:
+            inputs: list[str] | None = None, output: str | None = None, chunk: int = 64,
+            run: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]] | None = None, **params: Any) -> Explanation:
     """Explains `model` (a `toolkit.Model`) on `feeds`: `target` is a class index, or "auto" (each
     row's top class); `inputs` the inputs to attribute (default: every float input, else the token
     ids that an attention mask goes with); `output` the output explained (default: the first);
     `params` the method's (occlusion: window, strides, baseline; shapley: feature_mask or patch,
     samples, seed, baseline). A float input's removed elements take the baseline; a token is removed
-    by setting its place in the attention mask to 0."""
+    by setting its place in the attention mask to 0. `run` runs validated feeds instead of the
+    model's session (a server passes its batcher; `model` is then any `Signature`)."""
     if method not in METHODS:
         raise ToolkitError(f"unknown method {method!r}; choose {', '.join(METHODS)}.")
     arrays = model.validate(feeds)
@@ -69,7 +71,7 @@ def explain(model: Any, feeds: Mapping[str, Any], *, method: str = "occlusion", 
         what = f"input {unknown[0]!r} is" if unknown else "the model has"
         raise ToolkitError(f"nothing to attribute: {what} neither a float input nor token ids with an attention mask; "
                            f"its inputs: {', '.join(arrays)}.")
-    scorer = Scorer(model.run_validated, output, chunk)
+    scorer = Scorer(run or model.run_validated, output, chunk)
     targets = scorer.targets(arrays, target)
     score = np.array([scorer.score(arrays, row, int(t)) for row, t in enumerate(targets)])
     attributor = METHODS[method](scorer)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -32,6 +33,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from toolkit.bundle import MANIFEST_NAME, is_safe_name
 from toolkit.errors import ToolkitError
@@ -48,6 +51,7 @@ from toolkit.serve.openai import OpenAIRoutes
 from toolkit.serve.protocol import (
     HEADER_LENGTH,
     GenerateRequest,
+    InferRequest,
     ProtocolError,
     UnencodableOutput,
     checked_text,
@@ -57,13 +61,14 @@ from toolkit.serve.protocol import (
     dims,
     encode_response,
     error_body,
+    explain_options,
 )
 from toolkit.serve.tls import TLS
 from toolkit.serve.triton import batch_first, model_config
 
 __all__ = ["EXTENSIONS", "ServeOptions", "Unavailable", "create_app", "protocol_app", "serve"]
 
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "generate"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "generate", "explain"]
 _VERSION = "1"
 # Bytes a JSON body holds in memory while it is decoded, per byte of its text, the text included:
 # measured peaks (tracemalloc, decode_request) run from 3.7 (random floats) to 13.2 (`0,0,...` into
@@ -293,7 +298,8 @@ class _Routes:
         for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
             routes += [
                 Route(prefix, self.model_metadata), Route(prefix + "/ready", self.model_ready), Route(prefix + "/config", self.configuration),
-                Route(prefix + "/infer", self.infer, methods=["POST"]), Route(prefix + "/generate", self.generate, methods=["POST"]),
+                Route(prefix + "/infer", self.infer, methods=["POST"]), Route(prefix + "/explain", self.explain, methods=["POST"]),
+                Route(prefix + "/generate", self.generate, methods=["POST"]),
                 Route(prefix + "/generate_stream", self.generate_stream, methods=["POST"]),
             ]
         return routes
@@ -390,36 +396,71 @@ class _Routes:
         return _json(model_config(self.find(request).signature, max_batch=o.max_batch, max_delay_ms=o.max_delay_ms, instances=1))
 
     async def infer(self, request: Any) -> Any:
-        from starlette.responses import Response
-
         s = self.find(request)
         self.ready_for(s)
-        header_length = request.headers.get(HEADER_LENGTH)
         async with self.admission.request() as held:
-            body = await self.body_of(request, held, json_body=header_length is None)
-            json_bytes = len(body) if header_length is None or not (header_length.isascii() and header_length.isdigit()) \
-                else min(int(header_length), len(body))
-            if header_length is not None:  # its JSON part was reserved as bytes; parsing holds more
-                held.reserve(json_bytes * (_JSON_EXPANSION - 1))
-            decode = self.decoder.decode if json_bytes > _JSON_IN_PROCESS else functools.partial(self.off_loop, decode_request)
-            try:
-                parsed = await decode(body, header_length, s.signature.inputs, s.signature.outputs,
-                                      self.options.max_body_bytes * _JSON_EXPANSION)
-                feeds = await self.off_loop(s.signature.validate, parsed.inputs)
-            except ProtocolError as exc:
-                raise _HTTPError(exc.status, str(exc)) from None
-            except ToolkitError as exc:
-                raise _HTTPError(400, str(exc)) from None
+            parsed, feeds = await self._tensors(request, s, held)
             results = await self.run_batched(s, feeds, parsed.parameters.get("timeout"))
             if parsed.outputs is not None:
                 results = {name: results[name] for name in parsed.outputs}
+            return await self._answer(s, parsed, results)
+
+    async def explain(self, request: Any) -> Any:
+        """The explain extension: an infer request whose `parameters` name the method (`method`,
+        `target`, `output`, and the method's own: window, strides, patch, samples, seed), answered
+        with each attributed input's attributions (`<input>_attribution`), the explained `target`
+        and `score` of each row. The perturbed copies run through the model's batcher, with infer's
+        traffic, within the request's deadline."""
+        from toolkit.attribution import explain
+
+        s = self.find(request)
+        self.ready_for(s)
+        async with self.admission.request() as held:
+            parsed, feeds = await self._tensors(request, s, held)
+            options = explain_options(parsed.parameters)
+            loop, deadline = asyncio.get_running_loop(), self._deadline(parsed.parameters.get("timeout"))
+
+            def run(chunk: dict[str, Any]) -> dict[str, Any]:  # from the worker thread, through the event loop's batcher
+                return asyncio.run_coroutine_threadsafe(s.run(chunk, deadline), loop).result()
+
             try:
-                content, header_length_out = await self.off_loop(encode_response, s.name, parsed, results)
-            except UnencodableOutput as exc:  # the request's own values overflowed: the client's to change, not a failure here
-                raise _HTTPError(422, str(exc)) from None
-        if header_length_out is None:
+                explanation = await self.off_loop(functools.partial(explain, s.signature, feeds, run=run, **options))
+            except Unavailable as exc:
+                raise _HTTPError(503, str(exc)) from None
+            except ToolkitError as exc:
+                raise _HTTPError(400, str(exc)) from None
+            results = {f"{name}_attribution": values.astype(np.float32) for name, values in explanation.attributions.items()}
+            results |= {"target": explanation.target.astype(np.int64), "score": explanation.score.astype(np.float32)}
+            binary = set(results) if parsed.parameters.get("binary_data_output") is True else set()
+            return await self._answer(s, dataclasses.replace(parsed, outputs=None, binary_outputs=binary), results)
+
+    async def _tensors(self, request: Any, s: Any, held: _Held) -> tuple[InferRequest, dict[str, Any]]:
+        """An infer request's body read within the limits and its tensors decoded and validated."""
+        header_length = request.headers.get(HEADER_LENGTH)
+        body = await self.body_of(request, held, json_body=header_length is None)
+        json_bytes = len(body) if header_length is None or not (header_length.isascii() and header_length.isdigit()) \
+            else min(int(header_length), len(body))
+        if header_length is not None:  # its JSON part was reserved as bytes; parsing holds more
+            held.reserve(json_bytes * (_JSON_EXPANSION - 1))
+        decode = self.decoder.decode if json_bytes > _JSON_IN_PROCESS else functools.partial(self.off_loop, decode_request)
+        try:
+            parsed = await decode(body, header_length, s.signature.inputs, s.signature.outputs, self.options.max_body_bytes * _JSON_EXPANSION)
+            return parsed, await self.off_loop(s.signature.validate, parsed.inputs)
+        except ProtocolError as exc:
+            raise _HTTPError(exc.status, str(exc)) from None
+        except ToolkitError as exc:
+            raise _HTTPError(400, str(exc)) from None
+
+    async def _answer(self, s: Any, parsed: InferRequest, results: dict[str, Any]) -> Any:
+        from starlette.responses import Response
+
+        try:
+            content, header_length = await self.off_loop(encode_response, s.name, parsed, results)
+        except UnencodableOutput as exc:  # the request's own values overflowed: the client's to change, not a failure here
+            raise _HTTPError(422, str(exc)) from None
+        if header_length is None:
             return Response(content, media_type="application/json")
-        return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length_out)})
+        return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
 
     def _deadline(self, timeout_us: Any) -> float | None:
         """The request's deadline (time.monotonic): Triton's parameters.timeout in µs, or the server's."""

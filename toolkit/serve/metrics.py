@@ -23,7 +23,7 @@ __all__ = ["UNKNOWN_MODEL", "Metrics", "Observed", "route_path"]
 _access = logging.getLogger("toolkit.access")
 _payloads = logging.getLogger("toolkit.payloads")  # only with --log-payloads
 _PAYLOAD_BYTES = 64 << 10
-_MODEL_ROUTES = ("infer", "generate", "generate_stream", "ready", "config", "load", "unload")
+_MODEL_ROUTES = ("infer", "explain", "generate", "generate_stream", "ready", "config", "load", "unload")
 _INFERENCE_ROUTES = ("infer", "generate", "generate_stream")
 UNKNOWN_MODEL = "_unknown"
 # Triton's inference counters: name → help (Triton's words).

@@ -25,7 +25,7 @@ import numpy as np
 from toolkit.spec import TensorSpec
 
 __all__ = ["GENERATE_PARAMETERS", "MAX_STOP", "MAX_STOP_CHARS", "checked_stop", "checked_text", "error_body", "HEADER_LENGTH", "GenerateRequest", "InferRequest", "ProtocolError", "UnencodableOutput", "datatype",
-           "decode_generate_request", "decode_request", "dims", "encode_response"]
+           "decode_generate_request", "decode_request", "dims", "encode_response", "explain_options"]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_STOP = 16  # stop strings per generate request (OpenAI's API takes 4)
@@ -239,6 +239,39 @@ def _binary_outputs(request: Mapping[str, Any], outputs: Sequence[TensorSpec]) -
         item["name"] for item in request.get("outputs") or []
         if isinstance(item, dict) and (item.get("parameters") or {}).get("binary_data")
     }
+
+
+_EXPLAIN_SIZES = ("window", "strides")
+_EXPLAIN_COUNTS = {"patch": (1, 1 << 16), "samples": (1, 1000), "seed": (0, 2**63 - 1)}
+
+
+def explain_options(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """The explain extension's options from an infer request's `parameters`: `method`, `target` (a
+    class index or "auto"), `output`, and the method's window, strides, patch, samples and seed;
+    each typed here (a ProtocolError naming it), its meaning checked by the method."""
+    options: dict[str, Any] = {}
+    for name in ("method", "output"):
+        if name in parameters:
+            if not isinstance(parameters[name], str):
+                raise ProtocolError(f"parameters.{name} must be a string, got {_short(parameters[name])}.")
+            options[name] = parameters[name]
+    if "target" in parameters:
+        target = parameters["target"]
+        if target != "auto" and not (_is_int(target) and 0 <= target < 2**31):
+            raise ProtocolError(f"parameters.target must be a class index (an integer >= 0) or \"auto\", got {_short(target)}.")
+        options["target"] = target
+    for name in _EXPLAIN_SIZES:
+        if name in parameters:
+            sizes = parameters[name]
+            if not isinstance(sizes, list) or not sizes or len(sizes) > 8 or not all(_is_int(v) and 1 <= v < 2**31 for v in sizes):
+                raise ProtocolError(f"parameters.{name} must be a list of sizes (integers >= 1), one per axis past the batch, got {_short(sizes)}.")
+            options[name] = tuple(sizes)
+    for name, (low, high) in _EXPLAIN_COUNTS.items():
+        if name in parameters:
+            if not (_is_int(parameters[name]) and low <= parameters[name] <= high):
+                raise ProtocolError(f"parameters.{name} must be an integer in [{low}, {high}], got {_short(parameters[name])}.")
+            options[name] = parameters[name]
+    return options
 
 
 def encode_response(model: str, request: InferRequest, results: Mapping[str, np.ndarray]) -> tuple[bytes, int | None]:
