@@ -142,3 +142,19 @@ def test_tokens_are_removed_through_the_attention_mask(encoder, method):
     np.testing.assert_allclose(ours.attributions["input_ids"], theirs, rtol=1e-3, atol=1e-4 * np.abs(theirs).max())
     padded = feeds["attention_mask"] == 0
     assert padded.any() and np.all(ours.attributions["input_ids"][padded] == 0)  # a token already masked out moves nothing
+
+
+def test_pictures_a_heat_map_bars_and_shaded_tokens(digits, encoder, exported, tmp_path, cli):
+    from toolkit.attribution.pictures import plot
+
+    model, _, images = digits
+    drawn = plot(explain(model, {"image": images[:2]}, method="occlusion", window=(1, 4, 4)), {"image": images[:2]}, tmp_path / "digits.png")
+    assert drawn.read_bytes().startswith(b"\x89PNG") and drawn.stat().st_size > 5000
+    text_model, _, feeds = encoder
+    page = plot(explain(text_model, feeds), feeds, tmp_path / "tokens.html", token_text=lambda t: f"<{t}>").read_text()
+    assert page.count("<span ") == feeds["input_ids"].size and "&lt;" in page  # every token, its text escaped
+    assert "<script" not in page and "http" not in page  # nothing to run, nothing fetched
+    with pytest.raises(ToolkitError, match="HTML shades tokens"):
+        plot(explain(model, {"image": images[:1]}, method="occlusion", window=(1, 4, 4)), {"image": images[:1]}, tmp_path / "x.html")
+    result = cli("explain", exported("mlp", "default"), "--example", "--plot", tmp_path / "bars.png")
+    assert result.exit_code == 0 and (tmp_path / "bars.png").read_bytes().startswith(b"\x89PNG"), result.output

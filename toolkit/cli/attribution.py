@@ -31,6 +31,8 @@ def explain(
     variant: str | None = typer.Option(None, help="Variant to explain (default fp32)."),
     provider: Provider = typer.Option(Provider.auto, help="Execution provider."),
     save: Path | None = typer.Option(None, "--save", help="Write each input's attributions to DIR/NAME.npy."),
+    plot: Path | None = typer.Option(None, "--plot", help="Draw them: F.png (a heat map over an image, bars for a vector's "
+                                     "strongest features) or F.html (tokens shaded; the bundle's tokenizer shows their text)."),
     top: int = typer.Option(5, help="Elements printed per row, most attributed first."),
     key: KeyOption = None,
 ) -> None:
@@ -63,6 +65,20 @@ def explain(
             save.mkdir(parents=True, exist_ok=True)
             np.save(save / f"{name}.npy", values)
             out.print(f"saved {save / name}.npy ({values.dtype} {list(values.shape)})")
+    if plot is not None:
+        from toolkit.attribution.pictures import plot as draw
+
+        out.print(f"drew {draw(explanation, model.validate(feeds), plot, token_text=_token_text(model.bundle))}")
+
+
+def _token_text(bundle: Any) -> Any:
+    """A token id's text, where the bundle carries its tokenizer (else the id is shown)."""
+    from toolkit.runtime.tokenizer import HF_TOKENIZER_FILE, HFTokenizer
+
+    if HF_TOKENIZER_FILE not in bundle.manifest.assets:
+        return None
+    tokenizer = HFTokenizer(bundle.asset(HF_TOKENIZER_FILE), ())
+    return lambda token: tokenizer.decode([token])
 
 
 def _float_input_shape(model: Any, feeds: dict[str, Any]) -> tuple[int, ...] | None:
