@@ -158,3 +158,43 @@ def test_pictures_a_heat_map_bars_and_shaded_tokens(digits, encoder, exported, t
         plot(explain(model, {"image": images[:1]}, method="occlusion", window=(1, 4, 4)), {"image": images[:1]}, tmp_path / "x.html")
     result = cli("explain", exported("mlp", "default"), "--example", "--plot", tmp_path / "bars.png")
     assert result.exit_code == 0 and (tmp_path / "bars.png").read_bytes().startswith(b"\x89PNG"), result.output
+
+
+def _randomized(bundle, seed=0):
+    """The bundle's fp32 variant with every weight's values shuffled: a model that answers by chance
+    (the sanity check of Adebayo et al.: explanations of it must not look like the trained one's)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from toolkit.bundle import Bundle
+
+    opened = Bundle.open(bundle)
+    proto = onnx.load(str(opened.variant_path("fp32")))
+    rng = np.random.default_rng(seed)
+    for tensor in proto.graph.initializer:
+        values = numpy_helper.to_array(tensor)
+        if values.size > 16:
+            tensor.CopyFrom(numpy_helper.from_array(rng.permutation(values.ravel()).reshape(values.shape), tensor.name))
+    onnx.save(proto, bundle.parent / "randomized.onnx")
+    opened.add_variant("randomized", bundle.parent / "randomized.onnx", recipe={"stage": "test", "options": {}, "parent": "fp32"},
+                       precision="fp32")
+
+
+def test_a_quantized_variant_looks_at_the_evidence_a_randomized_one_does_not(with_variants, copy_of, cli):
+    """Variant drift, with the sanity check as its yardstick: int8's attributions rank like fp32's far
+    more than those of the same network with its weights shuffled."""
+    from toolkit.attribution.drift import compare
+
+    bundle = copy_of(with_variants("cnn", ("int8-static",), preset="default"))
+    _randomized(bundle)
+    models = {v: Model(bundle, variant=v, provider="cpu") for v in ("fp32", "int8-static", "randomized")}
+    images = bundle_reference(Bundle.open(bundle)).eval_data()[0]["image"][:6]
+    result = compare(models, {"image": images}, method="occlusion", window=(1, 4, 4), strides=(1, 2, 2))
+    quantized, randomized = result["variants"]["int8-static"], result["variants"]["randomized"]
+    assert quantized["same_answer"] > randomized["same_answer"]
+    assert quantized["spearman"] > randomized["spearman"] + 0.3, result
+    assert compare({"a": models["fp32"], "b": models["fp32"]}, {"image": images[:2]}, method="occlusion",
+                   window=(1, 4, 4))["variants"]["b"]["spearman"] == pytest.approx(1.0)
+    np.save(bundle.parent / "six.npy", images)
+    shown = cli("explain", bundle, "--input", bundle.parent / "six.npy", "--compare", "fp32,int8-static", "--window", "1,4,4")
+    assert shown.exit_code == 0 and "int8-static against fp32: Spearman 0." in shown.output, shown.output

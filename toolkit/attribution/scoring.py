@@ -5,7 +5,7 @@ removed by the model's own attention mask, not by an arbitrary id)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,11 +24,19 @@ class Scorer:
     output: str
     chunk: int = 64
 
-    def targets(self, feeds: Mapping[str, np.ndarray], target: int | str | None) -> np.ndarray:
-        """The target index of each row: `target` itself, or ("auto") the row's top output."""
+    def targets(self, feeds: Mapping[str, np.ndarray], target: int | str | Sequence[int] | None) -> np.ndarray:
+        """The target index of each row: `target` itself (one for every row, or one per row), or
+        ("auto") the row's top output."""
         scores = self._output(feeds)
-        if target in (None, "auto"):
+        if isinstance(target, str) or target is None:
+            if target not in (None, "auto"):
+                raise ToolkitError(f"target {target!r}: give a class index, one per row, or 'auto' (each row's top one).")
             return scores.argmax(axis=1)
+        if isinstance(target, (list, tuple, np.ndarray)):
+            per_row = np.asarray(target)
+            if per_row.shape != (len(scores),) or per_row.dtype.kind not in "iu" or not ((0 <= per_row) & (per_row < scores.shape[1])).all():
+                raise ToolkitError(f"targets {per_row.tolist()}: give one class index in [0, {scores.shape[1]}) per row ({len(scores)} rows).")
+            return per_row.astype(np.int64)
         if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or not 0 <= target < scores.shape[1]:
             raise ToolkitError(f"target {target!r}: give an index of output {self.output!r} in [0, {scores.shape[1]}), or 'auto' "
                                "(each row's top one).")

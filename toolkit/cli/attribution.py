@@ -9,7 +9,8 @@ import numpy as np
 import typer
 
 from toolkit.attribution import METHODS
-from toolkit.cli.commands import KeyOption, Provider, _choices, _command, _given_inputs, _int_list, err, out
+from toolkit.cli.commands import KeyOption, Provider, _choices, _command, _csv_list, _given_inputs, _int_list, err, out
+from toolkit.errors import ToolkitError
 
 Method = _choices("AttributionMethod", list(METHODS))
 
@@ -29,6 +30,9 @@ def explain(
     patch: int | None = typer.Option(None, help="shapley: features are PATCH×PATCH squares of an image (default: each element)."),
     samples: int = typer.Option(25, help="shapley: orderings of the features sampled."),
     variant: str | None = typer.Option(None, help="Variant to explain (default fp32)."),
+    compare: str | None = typer.Option(None, "--compare", metavar="V1,V2,...", help="Explain these variants for the first one's "
+                                       "answer and give each later one's rank correlation (Spearman) with it: whether a cheaper "
+                                       "variant looks at the same evidence."),
     provider: Provider = typer.Option(Provider.auto, help="Execution provider."),
     save: Path | None = typer.Option(None, "--save", help="Write each input's attributions to DIR/NAME.npy."),
     plot: Path | None = typer.Option(None, "--plot", help="Draw them: F.png (a heat map over an image, bars for a vector's "
@@ -53,6 +57,9 @@ def explain(
             params["strides"] = _int_list(strides, "--strides")
     else:
         params.update({"samples": samples, "seed": seed, **({"patch": patch} if patch else {})})
+    if compare:
+        _compare(bundle_dir, _csv_list(compare, "--compare"), feeds, provider.value, key, method=method.value, **params)
+        return
     err.print(f"explaining {model.name} variant {model.variant} on {model.provider} with {method.value}")
     explanation = attribute(model, feeds, method=method.value, target=chosen, **params)
     for name, values in explanation.attributions.items():
@@ -69,6 +76,20 @@ def explain(
         from toolkit.attribution.pictures import plot as draw
 
         out.print(f"drew {draw(explanation, model.validate(feeds), plot, token_text=_token_text(model.bundle))}")
+
+
+def _compare(bundle_dir: Path, variants: list[str], feeds: dict[str, Any], provider: str, key: Any, **options: Any) -> None:
+    from toolkit.attribution.drift import compare
+    from toolkit.runtime.model import load
+
+    if len(variants) < 2:
+        raise ToolkitError(f"--compare takes two variants or more, comma-separated (fp32,int8), got {variants}.")
+    models = {name: load(bundle_dir, variant=name, provider=provider, key=key) for name in variants}
+    err.print(f"explaining {', '.join(variants)} with {options['method']} for {variants[0]}'s answers")
+    result = compare(models, feeds, **options)
+    for name, row in result["variants"].items():
+        out.print(f"{name} against {result['reference']}: Spearman {row['spearman']:.3f} (per row: "
+                  f"{', '.join(f'{v:.3f}' for v in row['per_row'])}); same answer on {row['same_answer']:.0%} of the rows")
 
 
 def _token_text(bundle: Any) -> Any:
