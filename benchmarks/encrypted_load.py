@@ -26,6 +26,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from serve_load import write_section  # noqa: E402
 
 _CHILD = r"""
 import json, resource, sys, time
@@ -137,15 +138,7 @@ def _write_section(result: dict[str, Any], results: Path) -> None:
               "parse, so a model whose plain bundle keeps its weights inside its graph (the MiniLM) can load faster encrypted. The "
               "time includes unwrapping the data key (X25519), decrypting and checking every file's sha256 (as the plain load checks "
               "its files' too)."]
-    section = "\n".join(lines) + "\n"
-    text = results.read_text() if results.is_file() else ""
-    if title in text:
-        start = text.index(title)
-        end = text.find("\n## ", start + len(title))
-        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    results.write_text(text)
+    write_section(results, "\n".join(lines) + "\n\n")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from serve_load import write_section  # noqa: E402
 
 ROWS = 8
 CHUNK = 64
@@ -205,15 +206,7 @@ def _write_section(result: dict[str, Any], results: Path) -> None:
               "The cost goal (issue 42: at most half Captum's time) holds where the model does real work per call (the CNN); on the "
               "MLP and the tiny encoder, whose calls take a fraction of a millisecond, both sides spend their time around the model "
               "and toolkit is 1.1-1.5x faster, not 2x: not profiled yet."]
-    section = "\n".join(lines) + "\n"
-    text = results.read_text() if results.is_file() else ""
-    if title in text:
-        start = text.index(title)
-        end = text.find("\n## ", start + len(title))
-        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    results.write_text(text)
+    write_section(results, "\n".join(lines) + "\n\n")
 
 
 if __name__ == "__main__":
