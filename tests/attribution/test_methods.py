@@ -180,6 +180,7 @@ def _randomized(bundle, seed=0):
                        precision="fp32")
 
 
+@pytest.mark.slow  # it quantizes the CNN (int8-static) first
 def test_a_quantized_variant_looks_at_the_evidence_a_randomized_one_does_not(with_variants, copy_of, cli):
     """Variant drift, with the sanity check as its yardstick: int8's attributions rank like fp32's far
     more than those of the same network with its weights shuffled."""

@@ -234,6 +234,7 @@ def test_int8_static_quantizes_only_ops_the_cpu_runs_on_int8(quantized):
     assert norms and all(set(n.input[1:]) <= floats for n in norms)
 
 
+@pytest.mark.slow  # an int8-static quantization of the encoder of its own: the full suite's
 def test_int8_static_keeps_an_additive_mask_and_its_sum_in_float(exported, copy_of, monkeypatch):
     """transformers masks padding by adding finfo.min to the scores: the sum's calibrated range then
     makes an 8-bit step of 1.3e36, and every real score rounds to 0. The sum, the mask and the
@@ -284,6 +285,7 @@ def test_int8_static_writes_a_graph_output_in_float(exported, copy_of, monkeypat
     assert not clamped["passed"] and clamped["value"] > 10 * metric["value"], (metric, clamped)
 
 
+@pytest.mark.slow  # two quantizations of their own: the full suite's
 def test_calibration_is_made_once_for_the_quantizations_that_share_a_scratch(exported, copy_of, tmp_path):
     """A repair's attempts change only the nodes kept in float: they reuse the build's calibration."""
     path, said = copy_of(exported("mlp")), []
