@@ -26,6 +26,7 @@ import json
 import math
 import time
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -300,6 +301,15 @@ class OpenAIRoutes:
     def __init__(self, host: Any):
         self.host = host
         self.created = int(time.time())
+        # an embedder's tokenizer, read (and decrypted, for a sealed bundle) once per served model
+        self._tokenizers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+    def _embedding_feeds(self, signature: Any, texts: Sequence[str]) -> tuple[dict[str, Any], int]:
+        from toolkit.runtime.tokenizer import HF_TOKENIZER_FILE, HFTokenizer
+
+        if signature not in self._tokenizers:
+            self._tokenizers[signature] = HFTokenizer(signature.bundle.asset(HF_TOKENIZER_FILE), ())
+        return _embedding_feeds(signature, self._tokenizers[signature], texts)
 
     def routes(self) -> list[Any]:
         from starlette.routing import Route
@@ -389,7 +399,7 @@ class OpenAIRoutes:
             host.ready_for(s)
             for text in texts:
                 checked_text(text, "input", host.options.max_prompt_bytes)
-            feeds, tokens = await host.off_loop(_embedding_feeds, s.signature, texts)
+            feeds, tokens = await host.off_loop(self._embedding_feeds, s.signature, texts)
             vectors = (await host.run_batched(s, feeds))[s.signature.outputs[0].name].astype(np.float32)
 
         def item(i: int, vector: Any) -> dict[str, Any]:
@@ -504,15 +514,12 @@ def _embeds(s: Any) -> bool:
     return manifest.task == "embed" and HF_TOKENIZER_FILE in (manifest.assets or {}) and "input_ids" in {t.name for t in s.signature.inputs}
 
 
-def _embedding_feeds(signature: Any, texts: Sequence[str]) -> tuple[dict[str, Any], int]:
+def _embedding_feeds(signature: Any, tokenizer: Any, texts: Sequence[str]) -> tuple[dict[str, Any], int]:
     """The encoder's inputs for `texts` (tokenized as the model was, padded to the longest, cut to
     the model's longest sequence) and the tokens they hold."""
     import numpy as np
 
-    from toolkit.runtime.tokenizer import HF_TOKENIZER_FILE, HFTokenizer
-
     bundle = signature.bundle
-    tokenizer = HFTokenizer(bundle.asset(HF_TOKENIZER_FILE), ())
     longest = next((d.max for d in bundle.manifest.dims if d.name == "seq"), None) or 512
     ids = [tokenizer.encode(text, special_tokens=True)[:longest] for text in texts]
     width = max(map(len, ids))
