@@ -72,8 +72,7 @@ def explain(model: Any, feeds: Mapping[str, Any], *, method: str = "occlusion", 
         raise ToolkitError(f"nothing to attribute: {what} neither a float input nor token ids with an attention mask; "
                            f"its inputs: {', '.join(arrays)}.")
     scorer = Scorer(run or model.run_validated, output, chunk)
-    targets = scorer.targets(arrays, target)
-    score = np.array([scorer.score(arrays, row, int(t)) for row, t in enumerate(targets)])
+    targets, score = scorer.answer(arrays, target)
     attributor = METHODS[method](scorer)
     attributions = {}
     for name in names:

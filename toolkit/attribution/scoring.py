@@ -24,23 +24,26 @@ class Scorer:
     output: str
     chunk: int = 64
 
-    def targets(self, feeds: Mapping[str, np.ndarray], target: int | str | Sequence[int] | None) -> np.ndarray:
-        """The target index of each row: `target` itself (one for every row, or one per row), or
-        ("auto") the row's top output."""
+    def answer(self, feeds: Mapping[str, np.ndarray], target: int | str | Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
+        """(the target index of each row, its score), from one run of `feeds`: `target` itself (one
+        for every row, or one per row), or ("auto") the row's top output."""
         scores = self._output(feeds)
+        rows = np.arange(len(scores))
         if isinstance(target, str) or target is None:
             if target not in (None, "auto"):
                 raise ToolkitError(f"target {target!r}: give a class index, one per row, or 'auto' (each row's top one).")
-            return scores.argmax(axis=1)
-        if isinstance(target, (list, tuple, np.ndarray)):
-            per_row = np.asarray(target)
-            if per_row.shape != (len(scores),) or per_row.dtype.kind not in "iu" or not ((0 <= per_row) & (per_row < scores.shape[1])).all():
-                raise ToolkitError(f"targets {per_row.tolist()}: give one class index in [0, {scores.shape[1]}) per row ({len(scores)} rows).")
-            return per_row.astype(np.int64)
-        if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or not 0 <= target < scores.shape[1]:
+            chosen = scores.argmax(axis=1)
+        elif isinstance(target, (list, tuple, np.ndarray)):
+            chosen = np.asarray(target)
+            if chosen.shape != (len(scores),) or chosen.dtype.kind not in "iu" or not ((0 <= chosen) & (chosen < scores.shape[1])).all():
+                raise ToolkitError(f"targets {chosen.tolist()}: give one class index in [0, {scores.shape[1]}) per row ({len(scores)} rows).")
+        elif isinstance(target, bool) or not isinstance(target, (int, np.integer)) or not 0 <= target < scores.shape[1]:
             raise ToolkitError(f"target {target!r}: give an index of output {self.output!r} in [0, {scores.shape[1]}), or 'auto' "
                                "(each row's top one).")
-        return np.full(len(scores), int(target))
+        else:
+            chosen = np.full(len(scores), int(target))
+        chosen = chosen.astype(np.int64)
+        return chosen, scores[rows, chosen]
 
     def scores(self, count: int, build: Callable[[range], Mapping[str, np.ndarray]], target: int) -> np.ndarray:
         """The target's score for `count` perturbed copies of one example; `build(indices)` makes the
