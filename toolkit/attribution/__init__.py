@@ -22,9 +22,11 @@ from toolkit.attribution.scoring import MaskTokens, Scorer
 from toolkit.attribution.shapley import ShapleySampling, patch_mask
 from toolkit.errors import ToolkitError
 
-__all__ = ["METHODS", "Explanation", "Occlusion", "Scorer", "ShapleySampling", "explain", "patch_mask"]
+__all__ = ["GRADIENT_METHODS", "METHODS", "Explanation", "Occlusion", "Scorer", "ShapleySampling", "explain", "patch_mask", "token_inputs"]
 
 METHODS = {method.name: method for method in (Occlusion, ShapleySampling)}
+# on the bundle's PyTorch source (toolkit.reference.gradients; `toolkit.explain` takes them too)
+GRADIENT_METHODS = ("integrated-gradients", "input-x-gradient")
 
 
 @dataclass
@@ -38,9 +40,15 @@ class Explanation:
     score: np.ndarray
     attributions: dict[str, np.ndarray]
     params: dict[str, Any] = field(default_factory=dict)
+    output_shape: tuple[int, ...] = ()  # the explained output's past its batch axis: `target` indexes it flattened
+
+    def where(self, row: int) -> str:
+        """Row `row`'s target as an index into the output: "[3]", or a token classifier's "[5, 2]"."""
+        shape = self.output_shape or (int(self.target[row]) + 1,)
+        return str([int(i) for i in np.unravel_index(int(self.target[row]), shape)])
 
 
-def _ablations(model: Any) -> dict[str, MaskTokens]:
+def token_inputs(model: Any) -> dict[str, MaskTokens]:
     """{token ids input: how its tokens are removed} for the ids inputs that an attention mask of
     the same shape goes with."""
     masks = [t for t in model.inputs if t.kind == "mask"]
@@ -55,16 +63,19 @@ def explain(model: Any, feeds: Mapping[str, Any], *, method: str = "occlusion", 
     row's top class); `inputs` the inputs to attribute (default: every float input, else the token
     ids that an attention mask goes with); `output` the output explained (default: the first);
     `params` the method's (occlusion: window, strides, baseline; shapley: feature_mask or patch,
-    samples, seed, baseline). A float input's removed elements take the baseline; a token is removed
+    samples, seed, baseline; each also as {input: value} where inputs differ in shape); a tuple `target` indexes an output with several axes past the batch
+    axis (a token classifier's (position, class)). A float input's removed elements take the baseline; a token is removed
     by setting its place in the attention mask to 0. `run` runs validated feeds instead of the
     model's session (a server passes its batcher; `model` is then any `Signature`)."""
+    if method in GRADIENT_METHODS:
+        raise ToolkitError(f"{method} runs on the bundle's PyTorch source: call toolkit.explain (it needs torch and captum).")
     if method not in METHODS:
-        raise ToolkitError(f"unknown method {method!r}; choose {', '.join(METHODS)}.")
+        raise ToolkitError(f"unknown method {method!r}; choose {', '.join([*METHODS, *GRADIENT_METHODS])}.")
     arrays = model.validate(feeds)
     output = output or model.outputs[0].name
     if output not in {t.name for t in model.outputs}:
         raise ToolkitError(f"unknown output {output!r}; the model gives {', '.join(t.name for t in model.outputs)}.")
-    ablations = _ablations(model)
+    ablations = token_inputs(model)
     names = inputs or [t.name for t in model.inputs if np.dtype(t.dtype).kind == "f"] or list(ablations)
     unknown = [n for n in names if n not in arrays or (np.dtype(arrays[n].dtype).kind != "f" and n not in ablations)]
     if unknown or not names:
@@ -76,7 +87,8 @@ def explain(model: Any, feeds: Mapping[str, Any], *, method: str = "occlusion", 
     attributor = METHODS[method](scorer)
     attributions = {}
     for name in names:
-        options = dict(params)
+        options = {k: v[name] if isinstance(v, Mapping) and k in ("window", "strides", "feature_mask", "baseline") else v
+                   for k, v in params.items()}  # inputs shaped differently take a window each: {input: window}
         if method == "shapley" and "patch" in options:
             options["feature_mask"] = patch_mask(arrays[name].shape[1:], options.pop("patch"))
         if method == "occlusion" and "window" not in options:
@@ -85,4 +97,4 @@ def explain(model: Any, feeds: Mapping[str, Any], *, method: str = "occlusion", 
             options["window"] = (1,)  # a token at a time
         attributions[name] = attributor.attribute(arrays, name, targets, ablation=ablations.get(name), **options)
     return Explanation(method, output, targets, score, attributions,
-                       {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in params.items()})
+                       {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in params.items()}, scorer.shape)

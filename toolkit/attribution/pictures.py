@@ -49,7 +49,7 @@ def _png(explanation: Any, feeds: Mapping[str, np.ndarray], path: Path) -> None:
     figure, axes = plt.subplots(len(panels), columns, figsize=(4 * columns, 3.2 * len(panels)), squeeze=False)
     for (name, row), ax in zip(panels, axes, strict=True):
         values = explanation.attributions[name][row]
-        title = f"{name}, row {row}: {explanation.output}[{explanation.target[row]}] = {explanation.score[row]:.3g}"
+        title = f"{name}, row {row}: {explanation.output}{explanation.where(row)} = {explanation.score[row]:.3g}"
         if values.ndim >= 2:
             _heat_map(ax, np.asarray(feeds[name][row], dtype=np.float64), values, title)
         else:
@@ -86,7 +86,7 @@ def _bars(ax: Any, values: np.ndarray, title: str) -> None:
 def _html(explanation: Any, feeds: Mapping[str, np.ndarray], names: list[str], token_text: Callable[[int], str]) -> str:
     rows = []
     for name in names:
-        for row, target in enumerate(explanation.target):
+        for row in range(len(explanation.target)):
             values = explanation.attributions[name][row]
             bound = float(np.abs(values).max()) or 1.0
             spans = []
@@ -94,7 +94,7 @@ def _html(explanation: Any, feeds: Mapping[str, np.ndarray], names: list[str], t
                 alpha = min(1.0, abs(value) / bound)
                 colour = f"rgba(220,40,40,{alpha:.2f})" if value > 0 else f"rgba(40,80,220,{alpha:.2f})"
                 spans.append(f'<span style="background:{colour}" title="{value:+.4g}">{html.escape(token_text(token))}</span>')
-            caption = f"{html.escape(name)}, row {row}: {html.escape(explanation.output)}[{target}] = {explanation.score[row]:.4g}"
+            caption = f"{html.escape(name)}, row {row}: {html.escape(explanation.output)}{explanation.where(row)} = {explanation.score[row]:.4g}"
             rows.append(f"<p><b>{caption}</b><br>{' '.join(spans)}</p>")
     return ("<!doctype html><meta charset=\"utf-8\"><title>attributions</title>"
             "<body style=\"font-family:sans-serif;line-height:2\"><p>red raised the score, blue lowered it</p>" + "".join(rows) + "</body>\n")

@@ -17,18 +17,28 @@ __all__ = ["MaskTokens", "Replace", "Scorer", "tiled"]
 
 @dataclass
 class Scorer:
-    """`run(feeds) -> {output: array}` scored at `output[:, target]` (a classifier's logits, or a
-    regressor's values); `chunk` rows per run."""
+    """`run(feeds) -> {output: array}` scored at `output[:, target]` (a classifier's logits, a
+    regressor's values; an output with more axes is flattened past its batch axis); `chunk` rows
+    per run."""
 
     run: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
     output: str
     chunk: int = 64
+    shape: tuple[int, ...] = ()  # the output's past its batch axis, as the last run gave it
 
-    def answer(self, feeds: Mapping[str, np.ndarray], target: int | str | Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    def answer(self, feeds: Mapping[str, np.ndarray], target: int | str | tuple[int, ...] | Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
         """(the target index of each row, its score), from one run of `feeds`: `target` itself (one
-        for every row, or one per row), or ("auto") the row's top output."""
+        for every row; a tuple: an index into an output with several axes past the batch axis, a
+        token classifier's (position, class); a list: one per row), or ("auto") the row's top
+        output. Indices are into the output flattened past its batch axis (`shape` is its shape)."""
         scores = self._output(feeds)
         rows = np.arange(len(scores))
+        if isinstance(target, tuple):
+            if len(target) != len(self.shape) or not all(isinstance(i, (int, np.integer)) and 0 <= i < d
+                                                         for i, d in zip(target, self.shape, strict=False)):
+                raise ToolkitError(f"target {list(target)}: give one index per axis of output {self.output!r} past its batch axis, "
+                                   f"within its shape {list(self.shape)}.")
+            target = int(np.ravel_multi_index(target, self.shape))
         if isinstance(target, str) or target is None:
             if target not in (None, "auto"):
                 raise ToolkitError(f"target {target!r}: give a class index, one per row, or 'auto' (each row's top one).")
@@ -60,12 +70,10 @@ class Scorer:
 
     def _output(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         value = np.asarray(self.run(feeds)[self.output])
-        if value.ndim == 1:
-            value = value[:, None]
-        if value.ndim != 2:
-            raise ToolkitError(f"output {self.output!r} has shape {list(value.shape)}; the perturbation methods explain one score per "
-                               "row and target (a classifier's or regressor's output, batch × classes).")
-        return value.astype(np.float64)
+        if value.ndim == 0:
+            raise ToolkitError(f"output {self.output!r} is a scalar; explaining needs one value per row (an output with a batch axis).")
+        self.shape = value.shape[1:] or (1,)
+        return value.reshape(len(value), -1).astype(np.float64)
 
 
 def tiled(feeds: Mapping[str, np.ndarray], row: int, count: int) -> dict[str, np.ndarray]:

@@ -8,11 +8,12 @@ from typing import Any
 import numpy as np
 import typer
 
-from toolkit.attribution import METHODS
-from toolkit.cli.commands import KeyOption, Provider, _choices, _command, _csv_list, _given_inputs, _int_list, err, out
+from toolkit.attribution import GRADIENT_METHODS, METHODS
+from toolkit.cli.commands import (KeyOption, Provider, TrustSourceOption, _choices, _command, _csv_list, _given_inputs, _int_list, err,
+                                  out)
 from toolkit.errors import ToolkitError
 
-Method = _choices("AttributionMethod", list(METHODS))
+Method = _choices("AttributionMethod", [*METHODS, *GRADIENT_METHODS])
 
 
 @_command
@@ -22,13 +23,16 @@ def explain(
     example: bool = typer.Option(False, "--example", help="Explain sample inputs drawn from the manifest instead of files."),
     seed: int = typer.Option(0, help="Seed for --example, and for the orderings Shapley sampling draws."),
     method: Method = typer.Option(Method.occlusion, help="occlusion: slide a window, credit each element with the score's average drop; "
-                                  "shapley: Shapley value sampling over feature groups (--patch squares, or each element)."),
-    target: str = typer.Option("auto", help="The class (output index) to explain, or auto: each row's top one."),
+                                  "shapley: Shapley value sampling over feature groups (--patch squares, or each element); integrated-gradients, "
+                                  "input-x-gradient: Captum on the bundle's PyTorch source (needs torch; token ids through their embedding)."),
+    target: str = typer.Option("auto", help="The class (output index) to explain, or auto: each row's top one; for an output "
+                               "with several axes past the batch axis, one index per axis (a token classifier's POSITION,CLASS)."),
     window: str | None = typer.Option(None, help="occlusion: the window's size per axis past the batch axis, comma-separated "
                                       "(an image's 1,4,4; default: 4 on the last two axes, 1 before them, or 1 for a vector)."),
     strides: str | None = typer.Option(None, help="occlusion: the window's step per axis (default: the window)."),
     patch: int | None = typer.Option(None, help="shapley: features are PATCH×PATCH squares of an image (default: each element)."),
     samples: int = typer.Option(25, help="shapley: orderings of the features sampled."),
+    steps: int = typer.Option(50, help="integrated-gradients: points on the path from the baseline to the input."),
     variant: str | None = typer.Option(None, help="Variant to explain (default fp32)."),
     compare: str | None = typer.Option(None, "--compare", metavar="V1,V2,...", help="Explain these variants for the first one's "
                                        "answer and give each later one's rank correlation (Spearman) with it: whether a cheaper "
@@ -38,16 +42,20 @@ def explain(
     plot: Path | None = typer.Option(None, "--plot", help="Draw them: F.png (a heat map over an image, bars for a vector's "
                                      "strongest features) or F.html (tokens shaded; the bundle's tokenizer shows their text)."),
     top: int = typer.Option(5, help="Elements printed per row, most attributed first."),
+    trust_source: TrustSourceOption = False,
     key: KeyOption = None,
 ) -> None:
-    """Attribute a model's answer to its inputs, on the ONNX session itself (no torch, no model code):
-    which elements of each float input moved the target's score, and by how much."""
-    from toolkit.attribution import explain as attribute
+    """Attribute a model's answer to its inputs: which elements of each float input (or which tokens)
+    moved the target's score, and by how much. occlusion and shapley run on the ONNX session itself
+    (no torch, no model code); the gradient methods on the bundle's PyTorch source, with the
+    completeness of integrated gradients and the source's score against the variant's reported."""
+    from toolkit import explain as attribute
     from toolkit.runtime.model import load
 
     model = load(bundle_dir, variant=variant, provider=provider.value, key=key)
     feeds = _given_inputs(model, inputs, example, seed)
-    chosen: Any = "auto" if target == "auto" else _int_list(target, "--target")[0]
+    indices = [] if target == "auto" else _int_list(target, "--target")
+    chosen: Any = "auto" if not indices else indices[0] if len(indices) == 1 else tuple(indices)
     params: dict[str, Any] = {}
     if method.value == "occlusion":
         shape = _float_input_shape(model, feeds)
@@ -55,27 +63,52 @@ def explain(
             params["window"] = _int_list(window, "--window") if window else _default_window(shape)
         if strides:
             params["strides"] = _int_list(strides, "--strides")
-    else:
+    elif method.value == "shapley":
         params.update({"samples": samples, "seed": seed, **({"patch": patch} if patch else {})})
+    else:
+        params.update({"trust_source": trust_source, **({"steps": steps} if method.value == "integrated-gradients" else {})})
     if compare:
+        if method.value in GRADIENT_METHODS:
+            raise ToolkitError(f"--compare needs a method that runs on each variant (occlusion, shapley); {method.value} runs on "
+                               "the PyTorch source, the same for every variant.")
         _compare(bundle_dir, _csv_list(compare, "--compare"), feeds, provider.value, key, method=method.value, **params)
         return
     err.print(f"explaining {model.name} variant {model.variant} on {model.provider} with {method.value}")
     explanation = attribute(model, feeds, method=method.value, target=chosen, **params)
     for name, values in explanation.attributions.items():
-        for row, (cls, score) in enumerate(zip(explanation.target, explanation.score, strict=True)):
+        for row, score in enumerate(explanation.score):
             flat = values[row].ravel()
             order = np.argsort(-np.abs(flat))[:top]
             where = ", ".join(f"{[int(a) for a in np.unravel_index(i, values.shape[1:])]}: {flat[i]:+.4g}" for i in order)
-            out.print(f"row {row}: {explanation.output}[{cls}] = {score:.4g}; {name} most attributed: {where}")
+            out.print(f"row {row}: {explanation.output}{explanation.where(row)} = {score:.4g}; {name} most attributed: {where}")
         if save is not None:
             save.mkdir(parents=True, exist_ok=True)
             np.save(save / f"{name}.npy", values)
             out.print(f"saved {save / name}.npy ({values.dtype} {list(values.shape)})")
+    if method.value in GRADIENT_METHODS:
+        _report_gradients(explanation, model)
     if plot is not None:
         from toolkit.attribution.pictures import plot as draw
 
         out.print(f"drew {draw(explanation, model.validate(feeds), plot, token_text=_token_text(model.bundle))}")
+
+
+def _report_gradients(explanation: Any, model: Any) -> None:
+    """Completeness and the source against the variant: how far the gradients explain what runs."""
+    from toolkit.compile.tolerances import profile
+
+    params = explanation.params
+    if "completeness" in params:
+        worst = max(params["completeness"]["relative"])
+        out.print(f"completeness: attributions sum to f(x) - f(baseline) within {worst:.2%} (worst row; raise --steps to tighten)")
+    gap, scale = params["source_gap"]["max_abs"], params["source_gap"]["scale"]
+    precision = model.bundle.manifest.variants[model.variant].precision
+    tolerance = profile(precision)
+    if tolerance.rel is not None and tolerance.allows(gap, scale):
+        out.print(f"source against {model.variant}: target scores within {gap:.3g} (parity tolerance {tolerance.atol + tolerance.rel * scale:.3g})")
+    else:
+        err.print(f"[yellow]the gradients explain the PyTorch source: its target scores differ from {model.variant}'s by up to "
+                  f"{gap:.3g} (scale {scale:.3g}); check the variant's evidence with a perturbation method[/yellow]")
 
 
 def _compare(bundle_dir: Path, variants: list[str], feeds: dict[str, Any], provider: str, key: Any, **options: Any) -> None:

@@ -247,7 +247,7 @@ _EXPLAIN_COUNTS = {"patch": (1, 1 << 16), "samples": (1, 1000), "seed": (0, 2**6
 
 def explain_options(parameters: Mapping[str, Any]) -> dict[str, Any]:
     """The explain extension's options from an infer request's `parameters`: `method`, `target` (a
-    class index or "auto"), `output`, and the method's window, strides, patch, samples and seed;
+    class index, one index per axis of the output past its batch axis, or "auto"), `output`, and the method's window, strides, patch, samples and seed;
     each typed here (a ProtocolError naming it), its meaning checked by the method."""
     options: dict[str, Any] = {}
     for name in ("method", "output"):
@@ -257,8 +257,11 @@ def explain_options(parameters: Mapping[str, Any]) -> dict[str, Any]:
             options[name] = parameters[name]
     if "target" in parameters:
         target = parameters["target"]
-        if target != "auto" and not (_is_int(target) and 0 <= target < 2**31):
-            raise ProtocolError(f"parameters.target must be a class index (an integer >= 0) or \"auto\", got {_short(target)}.")
+        if isinstance(target, list) and 0 < len(target) <= 8 and all(_is_int(i) and 0 <= i < 2**31 for i in target):
+            target = tuple(target)  # one index per axis of an output with several past the batch axis
+        elif target != "auto" and not (_is_int(target) and 0 <= target < 2**31):
+            raise ProtocolError(f"parameters.target must be a class index (an integer >= 0), a list of them (one per axis of the "
+                                f"output past its batch axis) or \"auto\", got {_short(target)}.")
         options["target"] = target
     for name in _EXPLAIN_SIZES:
         if name in parameters:
