@@ -9,8 +9,18 @@ import numpy as np
 import typer
 
 from toolkit.attribution import GRADIENT_METHODS, METHODS
-from toolkit.cli.commands import (KeyOption, Provider, TrustSourceOption, _choices, _command, _csv_list, _given_inputs, _int_list, err,
-                                  out)
+from toolkit.cli.commands import (
+    KeyOption,
+    Provider,
+    TrustSourceOption,
+    _choices,
+    _command,
+    _csv_list,
+    _given_inputs,
+    _int_list,
+    err,
+    out,
+)
 from toolkit.errors import ToolkitError
 
 Method = _choices("AttributionMethod", [*METHODS, *GRADIENT_METHODS])

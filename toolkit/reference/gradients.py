@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.attribution import Explanation, GRADIENT_METHODS, Scorer, token_inputs
+from toolkit.attribution import GRADIENT_METHODS, Explanation, Scorer, token_inputs
 from toolkit.errors import ToolkitError
 
 __all__ = ["explain_gradients"]
