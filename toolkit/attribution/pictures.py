@@ -1,6 +1,6 @@
 """Attributions as a person reads them: a heat map over an image and bars for a vector's strongest
 features (PNG, with matplotlib), tokens shaded by their attribution (HTML, self-contained: no
-script, no outside request)."""
+script, no outside request; and in the terminal), generated tokens' contexts shaded."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 
 from toolkit.errors import ToolkitError
 
-__all__ = ["plot"]
+__all__ = ["plot", "plot_generation", "shaded"]
 
 _BARS = 20  # a vector's features shown, the strongest first
 
@@ -88,13 +88,51 @@ def _html(explanation: Any, feeds: Mapping[str, np.ndarray], names: list[str], t
     for name in names:
         for row in range(len(explanation.target)):
             values = explanation.attributions[name][row]
-            bound = float(np.abs(values).max()) or 1.0
-            spans = []
-            for token, value in zip(np.asarray(feeds[name][row]).tolist(), values.tolist(), strict=True):
-                alpha = min(1.0, abs(value) / bound)
-                colour = f"rgba(220,40,40,{alpha:.2f})" if value > 0 else f"rgba(40,80,220,{alpha:.2f})"
-                spans.append(f'<span style="background:{colour}" title="{value:+.4g}">{html.escape(token_text(token))}</span>')
             caption = f"{html.escape(name)}, row {row}: {html.escape(explanation.output)}{explanation.where(row)} = {explanation.score[row]:.4g}"
-            rows.append(f"<p><b>{caption}</b><br>{' '.join(spans)}</p>")
+            rows.append(f"<p><b>{caption}</b><br>{_spans([token_text(t) for t in np.asarray(feeds[name][row]).tolist()], values)}</p>")
+    return _page(rows)
+
+
+def plot_generation(explained: Any, path: str | Path) -> Path:
+    """Writes a `GenerationExplanation` as HTML: per generated token, its context shaded by credit."""
+    path = Path(path)
+    if path.suffix != ".html":
+        raise ToolkitError(f"--plot {path}: generated tokens are drawn as shaded text; give an .html file.")
+    pieces = explained.pieces or [str(t) for t in explained.prompt + explained.tokens]
+    rows = []
+    for k, token in enumerate(explained.tokens):
+        length = len(explained.prompt) + k
+        caption = f"{html.escape(repr(pieces[length]))} (token {token}, log p {explained.logprob[k]:.3g})"
+        rows.append(f"<p><b>{caption}</b><br>{_spans(pieces[:length], explained.attributions[k, :length])}</p>")
+    path.write_text(_page(rows), encoding="utf-8")
+    return path
+
+
+def shaded(pieces: Sequence[str], values: np.ndarray) -> Any:
+    """Tokens as rich `Text` for the terminal, each on a background shaded by its attribution (red
+    raised the score, blue lowered it; line breaks and tabs shown as ⏎ and ⇥)."""
+    from rich.text import Text
+
+    bound = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 0.0
+    text = Text()
+    for piece, value in zip(pieces, np.nan_to_num(values).tolist(), strict=True):
+        weight = min(1.0, abs(value) / bound) if bound else 0.0
+        fade = int(255 * (1 - weight))
+        colour = f"rgb(255,{fade},{fade})" if value > 0 else f"rgb({fade},{fade},255)"
+        text.append(piece.replace("\n", "⏎").replace("\t", "⇥"), style=f"black on {colour}")
+    return text
+
+
+def _spans(pieces: Sequence[str], values: np.ndarray) -> str:
+    bound = float(np.abs(values).max()) or 1.0
+    spans = []
+    for piece, value in zip(pieces, np.asarray(values).tolist(), strict=True):
+        alpha = min(1.0, abs(value) / bound)
+        colour = f"rgba(220,40,40,{alpha:.2f})" if value > 0 else f"rgba(40,80,220,{alpha:.2f})"
+        spans.append(f'<span style="background:{colour};white-space:pre" title="{value:+.4g}">{html.escape(piece)}</span>')
+    return " ".join(spans)
+
+
+def _page(rows: list[str]) -> str:
     return ("<!doctype html><meta charset=\"utf-8\"><title>attributions</title>"
             "<body style=\"font-family:sans-serif;line-height:2\"><p>red raised the score, blue lowered it</p>" + "".join(rows) + "</body>\n")

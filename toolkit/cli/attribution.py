@@ -7,8 +7,10 @@ from typing import Any
 
 import numpy as np
 import typer
+from rich.text import Text
 
-from toolkit.attribution import GRADIENT_METHODS, METHODS
+from toolkit.attribution import GRADIENT_METHODS, METHODS, token_inputs
+from toolkit.attribution.pictures import shaded
 from toolkit.cli.commands import (
     KeyOption,
     Provider,
@@ -28,7 +30,11 @@ Method = _choices("AttributionMethod", [*METHODS, *GRADIENT_METHODS])
 
 @_command
 def explain(
-    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle of a classifier or regressor (batch × outputs)."),
+    bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle of a classifier, regressor or any model with a batch axis, "
+                                      "or of a decoder (with --prompt)."),
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="A decoder: the text to continue; each generated token is "
+                                      "attributed to the tokens before it (occlusion or shapley)."),
+    max_new_tokens: int = typer.Option(8, "--max-new-tokens", "-n", help="A decoder: tokens generated (greedily) and explained."),
     inputs: list[str] | None = typer.Option(None, "--input", "-i", help="NAME=FILE.npy (repeatable); a single-input model also takes FILE.npy."),
     example: bool = typer.Option(False, "--example", help="Explain sample inputs drawn from the manifest instead of files."),
     seed: int = typer.Option(0, help="Seed for --example, and for the orderings Shapley sampling draws."),
@@ -63,6 +69,9 @@ def explain(
     from toolkit.runtime.model import load
 
     model = load(bundle_dir, variant=variant, provider=provider.value, key=key)
+    if model.bundle.manifest.generation or prompt is not None:
+        _explain_generation(model, prompt, max_new_tokens, method.value, samples, seed, plot)
+        return
     feeds = _given_inputs(model, inputs, example, seed)
     indices = [] if target == "auto" else _int_list(target, "--target")
     chosen: Any = "auto" if not indices else indices[0] if len(indices) == 1 else tuple(indices)
@@ -86,7 +95,12 @@ def explain(
     err.print(f"explaining {model.name} variant {model.variant} on {model.provider} with {method.value}")
     explanation = attribute(model, feeds, method=method.value, target=chosen, **params)
     for name, values in explanation.attributions.items():
+        text = _token_text(model.bundle) if name in token_inputs(model) else None
         for row, score in enumerate(explanation.score):
+            if text is not None:
+                out.print(Text(f"row {row}: {explanation.output}{explanation.where(row)} = {score:.4g}; ") +
+                          shaded([text(t) for t in feeds[name][row].tolist()], values[row]))
+                continue
             flat = values[row].ravel()
             order = np.argsort(-np.abs(flat))[:top]
             where = ", ".join(f"{[int(a) for a in np.unravel_index(i, values.shape[1:])]}: {flat[i]:+.4g}" for i in order)
@@ -101,6 +115,28 @@ def explain(
         from toolkit.attribution.pictures import plot as draw
 
         out.print(f"drew {draw(explanation, model.validate(feeds), plot, token_text=_token_text(model.bundle))}")
+
+
+def _explain_generation(model: Any, prompt: str | None, max_new_tokens: int, method: str, samples: int, seed: int,
+                        plot: Path | None) -> None:
+    from toolkit.attribution.generation import explain_generation
+    from toolkit.attribution.pictures import plot_generation
+
+    if not model.bundle.manifest.generation or prompt is None:
+        raise ToolkitError(f"--prompt is for decoders; {model.name} is explained from --input or --example." if prompt is not None else
+                           f"{model.name} is a decoder: give --prompt TEXT, and each generated token is attributed to the tokens before it.")
+    if method not in ("occlusion", "shapley"):
+        raise ToolkitError(f"generated tokens are explained by occlusion or shapley on the ONNX session, not {method}.")
+    err.print(f"explaining {model.name} variant {model.variant}'s next {max_new_tokens} tokens with {method}")
+    explained = explain_generation(model, prompt, max_new_tokens=max_new_tokens, method=method,
+                                   **({"samples": samples, "seed": seed} if method == "shapley" else {}))
+    pieces = explained.pieces or [str(t) for t in explained.prompt + explained.tokens]
+    out.print("generated: " + repr("".join(pieces[len(explained.prompt):])))
+    for k in range(len(explained.tokens)):
+        length = len(explained.prompt) + k
+        out.print(Text(f"{pieces[length]!r:>8} log p {explained.logprob[k]:6.2f} ← ") + shaded(pieces[:length], explained.attributions[k, :length]))
+    if plot is not None:
+        out.print(f"drew {plot_generation(explained, plot)}")
 
 
 def _report_gradients(explanation: Any, model: Any) -> None:
