@@ -199,3 +199,64 @@ def test_a_quantized_variant_looks_at_the_evidence_a_randomized_one_does_not(wit
     np.save(bundle.parent / "six.npy", images)
     shown = cli("explain", bundle, "--input", bundle.parent / "six.npy", "--compare", "fp32,int8-static", "--window", "1,4,4")
     assert shown.exit_code == 0 and "int8-static against fp32: Spearman 0." in shown.output, shown.output
+
+
+def test_rollout_reads_the_attention_transformers_computes(exported):
+    """Attention rollout's maps are the graph's Softmax outputs: for a Hugging Face BERT they equal the
+    attentions transformers returns, and the rollout is Abnar & Zuidema's over them."""
+    import transformers
+
+    from models.hf_heads import hf_model
+    from toolkit.attribution.attention import attention_maps, rollout
+
+    path = exported(f"hf:{hf_model('bert-sequence')}", None)
+    model = Model(path, provider="cpu")
+    feeds = {name: value[:2] for name, value in bundle_reference(Bundle.open(path, trust_source=True)).sample_data().items()}
+    maps = attention_maps(model, model.validate(feeds))
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(hf_model("bert-sequence"), attn_implementation="eager").eval()
+    with torch.no_grad():
+        theirs = hf(**{k: torch.from_numpy(v) for k, v in feeds.items()}, output_attentions=True).attentions
+    assert len(maps) == len(theirs) == hf.config.num_hidden_layers
+    for ours, expected in zip(maps, theirs, strict=True):
+        np.testing.assert_allclose(ours, expected.numpy(), atol=1e-5)
+    flow = np.eye(maps[0].shape[-1])
+    for layer in maps:
+        mixed = 0.5 * layer[1].mean(axis=0) + 0.5 * np.eye(len(flow))
+        flow = (mixed / mixed.sum(axis=-1, keepdims=True)) @ flow
+    explained = explain(model, feeds, method="rollout")
+    np.testing.assert_allclose(explained.attributions["input_ids"][1], flow[0] * feeds["attention_mask"][1], atol=1e-9)
+    kept = feeds["attention_mask"].astype(bool)
+    np.testing.assert_allclose(rollout(maps, feeds["attention_mask"], "first")[kept].sum(), kept.shape[0], rtol=1e-6)  # a distribution per row
+
+
+def test_rollout_names_a_fused_variant_and_a_graph_without_attention(with_variants, digits):
+    model = Model(with_variants("encoder", ("opt",)), variant="opt", provider="cpu")
+    from toolkit.runtime.samples import make_feeds
+
+    feeds = make_feeds(model.inputs, {"batch": 1, "seq": 5}, 0)
+    with pytest.raises(ToolkitError, match="fuses attention into .*explain the unfused fp32 variant"):
+        explain(model, feeds, method="rollout")
+    with pytest.raises(ToolkitError, match="neither a float input nor token ids|token ids of a transformer encoder"):
+        explain(digits[0], {"image": digits[2][:1]}, method="rollout")
+
+
+def test_an_embedder_is_explained_by_the_similarity_of_its_embedding(exported):
+    """Task embed: the score is the cosine similarity to the row's own embedding (what carries it), or
+    to `similar_to` (why is this like that); occlusion's credit of a token is the similarity lost
+    without it."""
+    from models.hf_heads import hf_model
+
+    model = Model(exported(f"hf:{hf_model('bert-embed')}", None), provider="cpu")
+    feeds = {name: value[:2] for name, value in bundle_reference(Bundle.open(model.bundle.path, trust_source=True)).sample_data().items()}
+    output = model.outputs[0].name
+    own = explain(model, feeds, output=output)
+    np.testing.assert_allclose(own.score, 1.0, atol=1e-6)
+    assert own.target.tolist() == [0, 1] and own.params["score"] == "cosine similarity to the row's own embedding"
+    embedding = model.run(feeds)[output].reshape(2, -1)
+    masked = {**feeds, "attention_mask": feeds["attention_mask"][:1].copy(), "input_ids": feeds["input_ids"][:1]}
+    masked["attention_mask"][0, 1] = 0
+    without = model.run(masked)[output].reshape(1, -1)[0]
+    cosine = without @ embedding[0] / np.linalg.norm(without) / np.linalg.norm(embedding[0])
+    assert own.attributions["input_ids"][0, 1] == pytest.approx(1 - cosine, abs=1e-5)
+    other = explain(model, {k: v[:1] for k, v in feeds.items()}, output=output, similar_to=embedding[1])
+    assert other.score[0] == pytest.approx(embedding[0] @ embedding[1] / np.linalg.norm(embedding[0]) / np.linalg.norm(embedding[1]), abs=1e-5)

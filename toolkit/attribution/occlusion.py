@@ -42,17 +42,19 @@ class Occlusion:
         attributions = np.zeros(value.shape, dtype=np.float64)
         for row, target in enumerate(targets):
             start = self.scorer.score(feeds, row, int(target))
+            removable = np.broadcast_to(ablation.removable(feeds, row), shape)
+            changing = [region for region in regions if removable[region].any()]  # the others' drop is 0
 
-            def build(indices: range, row: int = row) -> dict[str, np.ndarray]:
+            def build(indices: range, row: int = row, changing: list = changing) -> dict[str, np.ndarray]:
                 batch = tiled(feeds, row, len(indices))
                 for k, index in enumerate(indices):
                     removed = np.zeros(shape, dtype=bool)
-                    removed[regions[index]] = True
+                    removed[changing[index]] = True
                     ablation.remove(batch, k, removed)
                 return batch
 
-            drops = start - self.scorer.scores(len(regions), build, int(target))
-            for region, drop in zip(regions, drops, strict=True):
+            drops = start - self.scorer.scores(len(changing), build, int(target))
+            for region, drop in zip(changing, drops, strict=True):
                 attributions[row][region] += drop
             attributions[row] /= covered
         return attributions

@@ -1,7 +1,9 @@
 """What every perturbation method needs from a model: the score of one target output for many
 perturbed copies of one example, run through the model's batch axis in chunks; and how an input's
 elements are removed from a copy (`Replace` them with a baseline, or `MaskTokens`: token ids are
-removed by the model's own attention mask, not by an arbitrary id)."""
+removed by the model's own attention mask, not by an arbitrary id). Removing what is already
+removed (a pixel at the baseline, a padding token) changes nothing: the methods skip those runs,
+and their values are the same as if they had run them."""
 
 from __future__ import annotations
 
@@ -93,6 +95,10 @@ class Replace:
     def remove(self, batch: dict[str, np.ndarray], k: int, removed: np.ndarray) -> None:
         batch[self.name][k] = np.where(removed, self.baseline, batch[self.name][k])
 
+    def removable(self, feeds: Mapping[str, np.ndarray], row: int) -> np.ndarray:
+        """The elements of row `row` that removing changes: those not already at the baseline."""
+        return feeds[self.name][row] != self.baseline
+
 
 @dataclass(frozen=True)
 class MaskTokens:
@@ -103,3 +109,7 @@ class MaskTokens:
 
     def remove(self, batch: dict[str, np.ndarray], k: int, removed: np.ndarray) -> None:
         batch[self.mask][k] = np.where(removed, 0, batch[self.mask][k])
+
+    def removable(self, feeds: Mapping[str, np.ndarray], row: int) -> np.ndarray:
+        """The tokens of row `row` that removing changes: those not already masked out (padding)."""
+        return feeds[self.mask][row] != 0

@@ -41,19 +41,29 @@ class ShapleySampling:
         attributions = np.zeros(value.shape, dtype=np.float64)
         for row, target in enumerate(targets):
             credit = np.zeros(len(features))
+            removable = np.broadcast_to(ablation.removable(feeds, row), shape)
+            null = np.array([not removable[elements].any() for elements in features])  # adding one changes nothing
             for order in permutations:
+                order = np.asarray(order)
                 rank = np.empty(shape, dtype=np.int64)  # each element's feature's place in the ordering
                 for place, feature in enumerate(order):
                     rank[features[feature]] = place
+                # step s: the ordering's first s features are the input's, the rest removed; a step that adds a
+                # null feature scores as the one before it, so only the others run
+                steps = [0] + [place + 1 for place, feature in enumerate(order) if not null[feature]]
 
-                def build(indices: range, row: int = row, rank: np.ndarray = rank) -> dict[str, np.ndarray]:
+                def build(indices: range, row: int = row, rank: np.ndarray = rank, steps: list = steps) -> dict[str, np.ndarray]:
                     batch = tiled(feeds, row, len(indices))
-                    for k, step in enumerate(indices):  # step s: the ordering's first s features are the input's, the rest removed
-                        ablation.remove(batch, k, rank >= step)
+                    for k, index in enumerate(indices):
+                        ablation.remove(batch, k, rank >= steps[index])
                     return batch
 
-                scores = self.scorer.scores(len(features) + 1, build, int(target))
-                credit[np.asarray(order)] += np.diff(scores)
+                scores = np.empty(len(features) + 1)
+                scores[steps] = self.scorer.scores(len(steps), build, int(target))
+                for place, feature in enumerate(order):
+                    if null[feature]:
+                        scores[place + 1] = scores[place]
+                credit[order] += np.diff(scores)
             credit /= len(permutations)
             for feature, elements in enumerate(features):
                 attributions[row][elements] = credit[feature]

@@ -25,7 +25,7 @@ from toolkit.cli.commands import (
 )
 from toolkit.errors import ToolkitError
 
-Method = _choices("AttributionMethod", [*METHODS, *GRADIENT_METHODS])
+Method = _choices("AttributionMethod", [*METHODS, "rollout", *GRADIENT_METHODS])
 
 
 @_command
@@ -39,7 +39,8 @@ def explain(
     example: bool = typer.Option(False, "--example", help="Explain sample inputs drawn from the manifest instead of files."),
     seed: int = typer.Option(0, help="Seed for --example, and for the orderings Shapley sampling draws."),
     method: Method = typer.Option(Method.occlusion, help="occlusion: slide a window, credit each element with the score's average drop; "
-                                  "shapley: Shapley value sampling over feature groups (--patch squares, or each element); integrated-gradients, "
+                                  "shapley: Shapley value sampling over feature groups (--patch squares, or each element); rollout: a transformer "
+                                  "encoder's attention through its layers, read from the graph; integrated-gradients, "
                                   "input-x-gradient: Captum on the bundle's PyTorch source (needs torch; token ids through their embedding)."),
     target: str = typer.Option("auto", help="The class (output index) to explain, or auto: each row's top one; for an output "
                                "with several axes past the batch axis, one index per axis (a token classifier's POSITION,CLASS)."),
@@ -49,6 +50,10 @@ def explain(
     patch: int | None = typer.Option(None, help="shapley: features are PATCH×PATCH squares of an image (default: each element)."),
     samples: int = typer.Option(25, help="shapley: orderings of the features sampled."),
     steps: int = typer.Option(50, help="integrated-gradients: points on the path from the baseline to the input."),
+    query: str = typer.Option("first", help="rollout: the attention flowing into the first token (a [CLS] classifier) or the mean "
+                              "over the tokens (mean pooling)."),
+    similar_to: Path | None = typer.Option(None, "--similar-to", metavar="FILE.npy", help="An embedder: explain the cosine "
+                                           "similarity to this vector (one, or one per row) instead of to each row's own embedding."),
     variant: str | None = typer.Option(None, help="Variant to explain (default fp32)."),
     compare: str | None = typer.Option(None, "--compare", metavar="V1,V2,...", help="Explain these variants for the first one's "
                                        "answer and give each later one's rank correlation (Spearman) with it: whether a cheaper "
@@ -82,10 +87,14 @@ def explain(
             params["window"] = _int_list(window, "--window") if window else _default_window(shape)
         if strides:
             params["strides"] = _int_list(strides, "--strides")
+    elif method.value == "rollout":
+        params["query"] = query
     elif method.value == "shapley":
         params.update({"samples": samples, "seed": seed, **({"patch": patch} if patch else {})})
     else:
         params.update({"trust_source": trust_source, **({"steps": steps} if method.value == "integrated-gradients" else {})})
+    if similar_to is not None:
+        params["similar_to"] = np.load(similar_to, allow_pickle=False)
     if compare:
         if method.value in GRADIENT_METHODS:
             raise ToolkitError(f"--compare needs a method that runs on each variant (occlusion, shapley); {method.value} runs on "

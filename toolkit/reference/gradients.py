@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.attribution import GRADIENT_METHODS, Explanation, Scorer, token_inputs
+from toolkit.attribution import GRADIENT_METHODS, Explanation, Scorer, similarity, token_inputs
 from toolkit.errors import ToolkitError
 
 __all__ = ["explain_gradients"]
@@ -23,7 +23,7 @@ __all__ = ["explain_gradients"]
 
 def explain_gradients(model: Any, feeds: Mapping[str, Any], *, method: str = "integrated-gradients", target: Any = "auto",
                       inputs: list[str] | None = None, output: str | None = None, steps: int = 50, baseline: float = 0.0,
-                      baseline_token: int = 0, trust_source: bool = False) -> Explanation:
+                      baseline_token: int = 0, similar_to: Any = None, trust_source: bool = False) -> Explanation:
     """Attributions of `model`'s (a `toolkit.Model`) target score to its inputs, from its bundle's
     PyTorch source (rebuilt under the trust rules of `bundle_reference`: open the model with
     `trust_source=True` for a factory or Hugging Face source). `target` as `toolkit.explain`'s,
@@ -31,7 +31,8 @@ def explain_gradients(model: Any, feeds: Mapping[str, Any], *, method: str = "in
     float input's, `baseline_token` token ids'. `params` records `completeness` (integrated
     gradients: per row, sum of attributions - (f(x) - f(baseline)), and that relative to
     |f(x) - f(baseline)|) and `source_gap` (max |source - variant| of the target score, and the
-    source's score scale). `trust_source` vouches for the source, as --trust-source does."""
+    source's score scale). An embedder's score is a cosine similarity, as `toolkit.explain`'s
+    (`similar_to`). `trust_source` vouches for the source, as --trust-source does."""
     import copy
 
     import torch
@@ -62,7 +63,10 @@ def explain_gradients(model: Any, feeds: Mapping[str, Any], *, method: str = "in
                            f"its inputs: {', '.join(arrays)}.")
     if len([n for n in names if n in tokens]) > 1 or (set(names) & set(tokens) and len(names) > 1):
         raise ToolkitError("gradient methods attribute one token ids input at a time, or float inputs only.")
-    scorer = Scorer(model.run_validated, output)
+    run, references = model.run_validated, None
+    if similar_to is not None or model.bundle.manifest.task == "embed":
+        run, target, references = similarity(run, output, arrays, similar_to, target)
+    scorer = Scorer(run, output)
     targets, score = scorer.answer(arrays, target)
     order = [t.name for t in spec.inputs]
     others = [n for n in order if n not in names]
@@ -71,7 +75,10 @@ def explain_gradients(model: Any, feeds: Mapping[str, Any], *, method: str = "in
         given = dict(zip(names + others, values, strict=True))
         result = module(*(given[n] for n in order))
         result = result[position] if isinstance(result, (tuple, list)) else result
-        return result.reshape(len(result), -1)  # as Scorer flattens it
+        result = result.reshape(len(result), -1)  # as Scorer flattens it
+        if references is None:
+            return result
+        return torch.nn.functional.normalize(result.double(), dim=1) @ torch.from_numpy(references).T
 
     attributed = tuple(torch.from_numpy(arrays[n]) for n in names)
     extra = tuple(torch.from_numpy(arrays[n]) for n in others)
