@@ -64,8 +64,8 @@ def explain(model: Any, feeds: Mapping[str, Any], *, method: str = "occlusion", 
             run: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]] | None = None, **params: Any) -> Explanation:
     """Explains `model` (a `toolkit.Model`) on `feeds`: `target` is a class index, or "auto" (each
     row's top class); a tuple indexes an output with several axes past the batch axis (a token
-    classifier's (position, class)). An embedder's output (task embed) is scored by its cosine
-    similarity to `similar_to` (one vector, or one per row: "why is this like that"), by default to
+    classifier's (position, class)). An embedder's output (task embed, target "auto") is scored by
+    its cosine similarity to `similar_to` (one vector, or one per row: "why is this like that"), by default to
     the row's own embedding ("what carries it"). `inputs` the inputs to attribute (default: every
     float input, else the token ids that an attention mask goes with); `output` the output explained
     (default: the first); `params` the method's (occlusion: window, strides, baseline; shapley:
@@ -89,7 +89,7 @@ def explain(model: Any, feeds: Mapping[str, Any], *, method: str = "occlusion", 
         raise ToolkitError(f"nothing to attribute: {what} neither a float input nor token ids with an attention mask; "
                            f"its inputs: {', '.join(arrays)}.")
     run = run or model.run_validated
-    if similar_to is not None or model.bundle.manifest.task == "embed":
+    if similar_to is not None or (model.bundle.manifest.task == "embed" and target == "auto"):
         run, target, _ = similarity(run, output, arrays, similar_to, target)
         params["score"] = "cosine similarity to " + ("similar_to" if similar_to is not None else "the row's own embedding")
     scorer = Scorer(run, output, chunk)

@@ -64,7 +64,7 @@ def explain_gradients(model: Any, feeds: Mapping[str, Any], *, method: str = "in
     if len([n for n in names if n in tokens]) > 1 or (set(names) & set(tokens) and len(names) > 1):
         raise ToolkitError("gradient methods attribute one token ids input at a time, or float inputs only.")
     run, references = model.run_validated, None
-    if similar_to is not None or model.bundle.manifest.task == "embed":
+    if similar_to is not None or (model.bundle.manifest.task == "embed" and target == "auto"):
         run, target, references = similarity(run, output, arrays, similar_to, target)
     scorer = Scorer(run, output)
     targets, score = scorer.answer(arrays, target)
