@@ -6,10 +6,9 @@ Importing `toolkit` and using the runtime never imports torch.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from typing import Any
 
+from toolkit._version import __version__
 from toolkit.attribution import GRADIENT_METHODS, Explanation
 from toolkit.attribution import explain as _perturbing
 from toolkit.errors import CheckFailed, ToolkitError

@@ -199,6 +199,11 @@ def test_a_quantized_variant_looks_at_the_evidence_a_randomized_one_does_not(wit
     np.save(bundle.parent / "six.npy", images)
     shown = cli("explain", bundle, "--input", bundle.parent / "six.npy", "--compare", "fp32,int8-static", "--window", "1,4,4")
     assert shown.exit_code == 0 and "int8-static against fp32: Spearman 0." in shown.output, shown.output
+    checked = cli("check", bundle, "--variant", "int8-static")  # check's report: the drift on the first held-out rows
+    drift = Bundle.open(bundle).manifest.variants["int8-static"].parity["attribution_drift"]
+    expected = compare({v: models[v] for v in ("fp32", "int8-static")}, {"image": images[:4]}, method="occlusion")
+    assert drift["rows"] == 4 and drift["spearman"] == pytest.approx(expected["variants"]["int8-static"]["spearman"])
+    assert "attribution drift" in checked.output and f"Spearman {drift['spearman']:.3f}" in checked.output
 
 
 def test_rollout_reads_the_attention_transformers_computes(exported):

@@ -203,7 +203,9 @@ def test_explain_attributes_each_input_through_the_batcher(server, models):
     want = toolkit.explain(models["encoder"], text, method="shapley", samples=2, seed=1)
     np.testing.assert_allclose(got, want.attributions["input_ids"], rtol=1e-4, atol=1e-5)
     for parameters, message in [({"method": "lime"}, "unknown method 'lime'"), ({"window": "16"}, "parameters.window must be a list"),
-                                ({"target": -1}, "parameters.target must be a class index"), ({}, "occlusion needs a window")]:
+                                ({"target": -1}, "parameters.target must be a class index"),
+                                ({"method": "integrated-gradients"}, "runs on the bundle's PyTorch source"),
+                                ({"method": "rollout"}, "not a served model's answers")]:
         refused = httpx.post(f"http://{server}/v2/models/mlp/explain", json=_mlp_request() | {"parameters": parameters})
         assert refused.status_code == 400 and message in refused.json()["error"], refused.text
     assert "explain" in httpx.get(f"http://{server}/v2").json()["extensions"]

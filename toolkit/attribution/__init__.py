@@ -24,7 +24,7 @@ from toolkit.attribution.scoring import MaskTokens, Scorer
 from toolkit.attribution.shapley import ShapleySampling, patch_mask
 from toolkit.errors import ToolkitError
 
-__all__ = ["GRADIENT_METHODS", "METHODS", "Explanation", "Occlusion", "Scorer", "ShapleySampling", "explain", "patch_mask", "similarity",
+__all__ = ["GRADIENT_METHODS", "METHODS", "Explanation", "Occlusion", "Scorer", "ShapleySampling", "default_window", "explain", "patch_mask", "similarity",
            "token_inputs"]
 
 METHODS = {method.name: method for method in (Occlusion, ShapleySampling)}
@@ -68,7 +68,8 @@ def explain(model: Any, feeds: Mapping[str, Any], *, method: str = "occlusion", 
     its cosine similarity to `similar_to` (one vector, or one per row: "why is this like that"), by default to
     the row's own embedding ("what carries it"). `inputs` the inputs to attribute (default: every
     float input, else the token ids that an attention mask goes with); `output` the output explained
-    (default: the first); `params` the method's (occlusion: window, strides, baseline; shapley:
+    (default: the first); `params` the method's (occlusion: window (default: a token, 4×4 squares of an image, an element
+    of a vector), strides, baseline; shapley:
     feature_mask or patch, samples, seed, baseline, each also as {input: value} where inputs differ
     in shape; rollout: query). A float input's removed elements take the baseline; a token is
     removed by setting its place in the attention mask to 0. `run` runs validated feeds instead of
@@ -100,6 +101,12 @@ def explain(model: Any, feeds: Mapping[str, Any], *, method: str = "occlusion", 
         attributions = _perturbed(METHODS[method](scorer), arrays, names, targets, ablations, method, params)
     return Explanation(method, output, targets, score, attributions,
                        {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in params.items()}, scorer.shape)
+
+
+def default_window(shape: tuple[int, ...]) -> list[int]:
+    """An occlusion window for an input row shaped `shape`: 4 on an image's two last axes and 1 before
+    them; 1 on a vector."""
+    return [1] * len(shape) if len(shape) < 2 else [1] * (len(shape) - 2) + [min(4, shape[-2]), min(4, shape[-1])]
 
 
 def similarity(run: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]], output: str, feeds: Mapping[str, np.ndarray],
@@ -135,10 +142,8 @@ def _perturbed(attributor: Any, arrays: dict[str, np.ndarray], names: list[str],
                    for k, v in params.items() if k != "score"}  # inputs shaped differently take a window each: {input: window}
         if method == "shapley" and "patch" in options:
             options["feature_mask"] = patch_mask(arrays[name].shape[1:], options.pop("patch"))
-        if method == "occlusion" and "window" not in options:
-            if name not in ablations:
-                raise ToolkitError("occlusion needs a window: one size per axis of the input past its batch axis (an image's (1, 4, 4)).")
-            options["window"] = (1,)  # a token at a time
+        if method == "occlusion" and "window" not in options:  # a token at a time; 4×4 squares of an image
+            options["window"] = (1,) if name in ablations else default_window(arrays[name].shape[1:])
         attributions[name] = attributor.attribute(arrays, name, targets, ablation=ablations.get(name), **options)
     return attributions
 

@@ -24,20 +24,22 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
 def compare(models: Mapping[str, Any], feeds: Mapping[str, Any], **options: Any) -> dict[str, Any]:
     """Explains `feeds` with each model (variant name → `toolkit.Model`) for the first one's targets;
     → each later variant's rank correlation with the first, per row and on average, and how often
-    its own answer is the first's target."""
+    its own answer is the first's target (None for an embedder, whose score is a similarity)."""
     from toolkit.attribution import explain
 
     options.pop("target", None)
     names = list(models)
     reference = explain(models[names[0]], feeds, **options)
     result: dict[str, Any] = {"reference": names[0], "target": reference.target.tolist(), "variants": {}}
+    similar = "score" in reference.params  # an embedder: each variant explains the similarity to its own embedding
     for name in names[1:]:
-        other = explain(models[name], feeds, target=reference.target, **options)
-        own = models[name].run(feeds)[reference.output].argmax(axis=-1)
+        other = explain(models[name], feeds, target="auto" if similar else reference.target, **options)
         per_row = [float(np.mean([rank_correlation(reference.attributions[i][row], other.attributions[i][row]) for i in reference.attributions]))
                    for row in range(len(reference.target))]
-        result["variants"][name] = {"spearman": float(np.mean(per_row)), "per_row": per_row,
-                                    "same_answer": float(np.mean(own == reference.target))}
+        result["variants"][name] = {"spearman": float(np.mean(per_row)), "per_row": per_row, "same_answer": None}
+        if not similar:
+            own = np.asarray(models[name].run(feeds)[reference.output]).reshape(len(reference.target), -1).argmax(axis=-1)
+            result["variants"][name]["same_answer"] = float(np.mean(own == reference.target))
     return result
 
 

@@ -50,7 +50,7 @@ def explain(
     patch: int | None = typer.Option(None, help="shapley: features are PATCH×PATCH squares of an image (default: each element)."),
     samples: int = typer.Option(25, help="shapley: orderings of the features sampled."),
     steps: int = typer.Option(50, help="integrated-gradients: points on the path from the baseline to the input."),
-    query: str = typer.Option("first", help="rollout: the attention flowing into the first token (a [CLS] classifier) or the mean "
+    query: str = typer.Option("first", help="rollout: the attention flowing into the first token (a classifier reading a CLS token) or the mean "
                               "over the tokens (mean pooling)."),
     similar_to: Path | None = typer.Option(None, "--similar-to", metavar="FILE.npy", help="An embedder: explain the cosine "
                                            "similarity to this vector (one, or one per row) instead of to each row's own embedding."),
@@ -82,11 +82,8 @@ def explain(
     chosen: Any = "auto" if not indices else indices[0] if len(indices) == 1 else tuple(indices)
     params: dict[str, Any] = {}
     if method.value == "occlusion":
-        shape = _float_input_shape(model, feeds)
-        if window or shape is not None:  # token ids need none: a token at a time
-            params["window"] = _int_list(window, "--window") if window else _default_window(shape)
-        if strides:
-            params["strides"] = _int_list(strides, "--strides")
+        params.update({"window": _int_list(window, "--window")} if window else {})
+        params.update({"strides": _int_list(strides, "--strides")} if strides else {})
     elif method.value == "rollout":
         params["query"] = query
     elif method.value == "shapley":
@@ -176,8 +173,9 @@ def _compare(bundle_dir: Path, variants: list[str], feeds: dict[str, Any], provi
     err.print(f"explaining {', '.join(variants)} with {options['method']} for {variants[0]}'s answers")
     result = compare(models, feeds, **options)
     for name, row in result["variants"].items():
+        same = "" if row["same_answer"] is None else f"; same answer on {row['same_answer']:.0%} of the rows"
         out.print(f"{name} against {result['reference']}: Spearman {row['spearman']:.3f} (per row: "
-                  f"{', '.join(f'{v:.3f}' for v in row['per_row'])}); same answer on {row['same_answer']:.0%} of the rows")
+                  f"{', '.join(f'{v:.3f}' for v in row['per_row'])}){same}")
 
 
 def _token_text(bundle: Any) -> Any:
@@ -188,14 +186,3 @@ def _token_text(bundle: Any) -> Any:
         return None
     tokenizer = HFTokenizer(bundle.asset(HF_TOKENIZER_FILE), ())
     return lambda token: tokenizer.decode([token])
-
-
-def _float_input_shape(model: Any, feeds: dict[str, Any]) -> tuple[int, ...] | None:
-    """The first float input's shape past its batch axis (what a default window covers), if there is one."""
-    name = next((t.name for t in model.inputs if np.dtype(t.dtype).kind == "f"), None)
-    return None if name is None else np.asarray(feeds[name]).shape[1:]
-
-
-def _default_window(shape: tuple[int, ...]) -> list[int]:
-    """4 on an image's two last axes and 1 before them; 1 on a vector."""
-    return [1] * len(shape) if len(shape) < 2 else [1] * (len(shape) - 2) + [min(4, shape[-2]), min(4, shape[-1])]

@@ -31,6 +31,10 @@ def parity_table(console: Console, records: dict[str, Any], title: str) -> None:
         if metric:
             bound = "reported" if metric["threshold"] is None else ("≤ " if metric["metric"] == "max_score_rel" else "≥ ") + f"{metric['threshold']:g}"
             table.add_row(name, metric["metric"], f"{metric['value']:.4g}", metric["inputs"], bound, verdict(metric["passed"]))
+        drift = record.get("attribution_drift")
+        if drift and "spearman" in drift:
+            table.add_row(name, "attribution drift", f"Spearman {drift['spearman']:.3f}", f"{drift['rows']} rows, {drift['method']}",
+                          "reported", Text("info", style="dim"))
         if record["errors"]:
             table.add_row(name, "errors", str(len(record["errors"])), "", "0", verdict(False))
     console.print(table)

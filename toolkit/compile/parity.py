@@ -30,6 +30,8 @@ __all__ = ["SEEDS", "check", "heldout_of", "judge_task", "judged", "reference_ac
 
 SEEDS = (0, 1, 2)
 _EVAL_CHUNK = 256
+_QUANTIZED = ("int8", "int4")  # the precisions whose attributions check compares with fp32's
+_DRIFT_ROWS = 4  # held-out rows explained for that: a few suffice to see a variant look elsewhere, each costs a run per window
 _DECODER_CHUNK = 8
 
 
@@ -140,6 +142,8 @@ def _check_variant(bundle: Bundle, name: str, provider: str, evidence: _Evidence
     except ToolkitError as exc:
         errors.append(f"held-out inputs: {exc}")
         record["task_metric"] = None
+    if variant.precision in _QUANTIZED and "fp32" in bundle.manifest.variants and evidence.spec.task != "generate":
+        record["attribution_drift"] = _attribution_drift(bundle, model, evidence)
     if evidence.greedy is not None:
         from toolkit.runtime.generate import Generator
 
@@ -160,6 +164,24 @@ def _check_variant(bundle: Bundle, name: str, provider: str, evidence: _Evidence
                         and record.get("accuracy", {"passed": True})["passed"]
                         and (record["task_metric"] is None or record["task_metric"]["passed"]))
     return record
+
+
+def _attribution_drift(bundle: Bundle, model: Model, evidence: _Evidence) -> dict[str, Any]:
+    """Whether a quantized variant looks at the evidence fp32 does: occlusion's attributions of both,
+    for fp32's answers on the first held-out rows, and their rank correlation (reported, not gated:
+    toolkit.attribution.drift)."""
+    from toolkit.attribution.drift import compare
+
+    _, chunks, _ = evidence.heldout
+    feeds = {name: value[:_DRIFT_ROWS] for name, value in chunks[0].items()}
+    try:
+        result = compare({"fp32": Model(bundle.path, variant="fp32", provider=model.provider), model.variant: model}, feeds,
+                         method="occlusion")
+    except ToolkitError as exc:
+        return {"not_applied": str(exc)}
+    row = result["variants"][model.variant]
+    return {"method": "occlusion", "rows": len(row["per_row"]), "spearman": row["spearman"], "per_row": row["per_row"],
+            "same_answer": row["same_answer"]}
 
 
 def _greedy(generator: Callable[[], Any], greedy: _Greedy, tolerance: Tolerance, errors: list[str], where: str) -> dict[str, Any] | None:

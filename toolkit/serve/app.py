@@ -379,7 +379,7 @@ class _Routes:
         return _json({"ready": ready}, 200 if ready else 503)
 
     async def server_metadata(self, request: Any) -> Any:
-        from toolkit import __version__
+        from toolkit._version import __version__
 
         return _json({"name": "toolkit", "version": __version__, "extensions": EXTENSIONS})
 
