@@ -96,3 +96,29 @@ def test_the_command_line_shades_each_generated_tokens_context(exported, cli, tm
     text = shaded(["a", "\n", "b"], np.array([2.0, -1.0, 0.0]))
     assert text.plain == "a⏎b" and [str(span.style) for span in text.spans] == \
         ["black on rgb(255,0,0)", "black on rgb(127,127,255)", "black on rgb(255,255,255)"]
+
+
+def test_an_encoder_decoders_answer_is_attributed_to_its_source(exported):
+    """The zoo's seq2seq reverses strings: each answer character's most credited source character,
+    beside the last one (removing any shifts where the reversal starts), is the one it copies."""
+    from toolkit.attribution.generation import comprehensiveness
+
+    model = Model(exported("seq2seq", "default"), provider="cpu")
+    explained = explain_generation(model, "hello world", max_new_tokens=6)
+    assert bytes(explained.tokens).decode() == "dlrow "
+    source = explained.prompt
+    assert explained.source and explained.attributions.shape == (6, len(source)) and explained.context(3) == len(source)
+    for k in range(1, len(explained.tokens)):  # token 0 copies the last character, which every token leans on
+        credit = explained.attributions[k, :-1]
+        assert int(np.argmax(credit)) == len(source) - 1 - k, (k, credit.round(2))
+    attributed, random = comprehensiveness(model, explained)
+    assert attributed.mean() > random.mean()
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "lstm", "encoder", "gpt", "seq2seq"])
+def test_every_zoo_model_is_explained_from_the_command_line(name, exported, cli, tmp_path):
+    path = exported(name)
+    given = ["--prompt", "Return the", "-n", "2"] if name in ("gpt", "seq2seq") else ["--example", "--save", tmp_path]
+    shown = cli("explain", path, *given)
+    assert shown.exit_code == 0, shown.output
+    assert ("generated: " in shown.output) if name in ("gpt", "seq2seq") else any(tmp_path.glob("*.npy"))

@@ -90,8 +90,12 @@ def test_bad_requests_name_what_is_wrong(digits):
         explain(model, {"image": images}, method="occlusion", window=(4, 4))
     with pytest.raises(ToolkitError, match=r"target 10: give an index of output 'logits' in \[0, 10\)"):
         explain(model, {"image": images}, method="occlusion", window=(1, 4, 4), target=10)
-    with pytest.raises(ToolkitError, match="occlusion needs a window"):
-        explain(model, {"image": images}, method="occlusion")
+    with pytest.raises(ToolkitError, match=r"target \[3, 1\]: give one index per axis of output 'logits' past its batch axis"):
+        explain(model, {"image": images}, method="occlusion", target=(3, 1))
+    with pytest.raises(ToolkitError, match="similar_to has 3 values; output 'logits' has 10"):
+        explain(model, {"image": images}, similar_to=np.ones(3))
+    default = explain(model, {"image": images[:1]}, method="occlusion")  # a window of 4×4 squares when none is given
+    assert default.attributions["image"].shape == (1, 1, 28, 28) and default.params == {}
 
 
 def test_the_command_line_explains_and_saves_the_attributions(digits, exported, cli, tmp_path):

@@ -41,19 +41,20 @@ class Occlusion:
             covered[region] += 1
         attributions = np.zeros(value.shape, dtype=np.float64)
         for row, target in enumerate(targets):
-            start = self.scorer.score(feeds, row, int(target))
             removable = np.broadcast_to(ablation.removable(feeds, row), shape)
             changing = [region for region in regions if removable[region].any()]  # the others' drop is 0
 
             def build(indices: range, row: int = row, changing: list = changing) -> dict[str, np.ndarray]:
                 batch = tiled(feeds, row, len(indices))
                 for k, index in enumerate(indices):
-                    removed = np.zeros(shape, dtype=bool)
-                    removed[changing[index]] = True
-                    ablation.remove(batch, k, removed)
+                    if index:  # copy 0 is the input as it is: its score is where the drops are measured from
+                        removed = np.zeros(shape, dtype=bool)
+                        removed[changing[index - 1]] = True
+                        ablation.remove(batch, k, removed)
                 return batch
 
-            drops = start - self.scorer.scores(len(changing), build, int(target))
+            scores = self.scorer.scores(len(changing) + 1, build, int(target))
+            drops = scores[0] - scores[1:]
             for region, drop in zip(changing, drops, strict=True):
                 attributions[row][region] += drop
             attributions[row] /= covered

@@ -98,11 +98,11 @@ def plot_generation(explained: Any, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix != ".html":
         raise ToolkitError(f"--plot {path}: generated tokens are drawn as shaded text; give an .html file.")
-    pieces = explained.pieces or [str(t) for t in explained.prompt + explained.tokens]
+    pieces = explained.texts()
     rows = []
     for k, token in enumerate(explained.tokens):
-        length = len(explained.prompt) + k
-        caption = f"{html.escape(repr(pieces[length]))} (token {token}, log p {explained.logprob[k]:.3g})"
+        length = explained.context(k)
+        caption = f"{html.escape(repr(pieces[len(explained.prompt) + k]))} (token {token}, log p {explained.logprob[k]:.3g})"
         rows.append(f"<p><b>{caption}</b><br>{_spans(pieces[:length], explained.attributions[k, :length])}</p>")
     path.write_text(_page(rows), encoding="utf-8")
     return path

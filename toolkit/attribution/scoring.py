@@ -66,10 +66,6 @@ class Scorer:
             out[indices.start: indices.stop] = self._output(build(indices))[:, target]
         return out
 
-    def score(self, feeds: Mapping[str, np.ndarray], row: int, target: int) -> float:
-        """The target's score for row `row` of `feeds` as it is."""
-        return float(self._output(tiled(feeds, row, 1))[0, target])
-
     def _output(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         value = np.asarray(self.run(feeds)[self.output])
         if value.ndim == 0:

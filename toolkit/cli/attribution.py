@@ -136,11 +136,11 @@ def _explain_generation(model: Any, prompt: str | None, max_new_tokens: int, met
     err.print(f"explaining {model.name} variant {model.variant}'s next {max_new_tokens} tokens with {method}")
     explained = explain_generation(model, prompt, max_new_tokens=max_new_tokens, method=method,
                                    **({"samples": samples, "seed": seed} if method == "shapley" else {}))
-    pieces = explained.pieces or [str(t) for t in explained.prompt + explained.tokens]
-    out.print("generated: " + repr("".join(pieces[len(explained.prompt):])))
+    pieces, start = explained.texts(), len(explained.prompt)
+    out.print("generated: " + repr("".join(pieces[start:])))
     for k in range(len(explained.tokens)):
-        length = len(explained.prompt) + k
-        out.print(Text(f"{pieces[length]!r:>8} log p {explained.logprob[k]:6.2f} ← ") + shaded(pieces[:length], explained.attributions[k, :length]))
+        length = explained.context(k)
+        out.print(Text(f"{pieces[start + k]!r:>8} log p {explained.logprob[k]:6.2f} ← ") + shaded(pieces[:length], explained.attributions[k, :length]))
     if plot is not None:
         out.print(f"drew {plot_generation(explained, plot)}")
 
