@@ -299,7 +299,7 @@ def _measure_generation(work: Path) -> list[dict[str, Any]]:
         agreement, ours_s, theirs_s, attributed, random, sanity = [], 0.0, 0.0, [], [], []
         for prompt in prompts:
             start = time.perf_counter()
-            ours = explain_generation(model, prompt, max_new_tokens=NEW_TOKENS, method=method, chunk=CHUNK, **options)
+            ours = explain_generation(model, prompt, max_new_tokens=NEW_TOKENS, method=method, **options)
             ours_s += time.perf_counter() - start
             start = time.perf_counter()
             theirs = _captum_generation(method, module, model, ours)
@@ -310,7 +310,7 @@ def _measure_generation(work: Path) -> list[dict[str, Any]]:
             a, r = comprehensiveness(model, ours)
             attributed.append(a)
             random.append(r)
-            other = explain_generation(shuffled, ours.prompt, tokens=ours.tokens, method=method, chunk=CHUNK, **options)
+            other = explain_generation(shuffled, ours.prompt, tokens=ours.tokens, method=method, **options)
             sanity += [rank_correlation(ours.attributions[k, : len(ours.prompt) + k], other.attributions[k, : len(ours.prompt) + k])
                        for k in range(len(ours.tokens))]
         tokens = PROMPTS * NEW_TOKENS

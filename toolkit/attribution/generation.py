@@ -50,13 +50,15 @@ class GenerationExplanation:
 
 
 def explain_generation(model: Any, prompt: str | Sequence[int], *, max_new_tokens: int = 8, tokens: Sequence[int] | None = None,
-                       method: str = "occlusion", chunk: int = 32, **params: Any) -> GenerationExplanation:
+                       method: str = "occlusion", chunk: int | None = None, **params: Any) -> GenerationExplanation:
     """Explains a decoder or an encoder-decoder (`model`, a `toolkit.Model` of its bundle) continuing
     (answering) `prompt` (text, or token ids): greedily for up to `max_new_tokens` tokens, or the
     continuation `tokens` given (what a user saw it sample). A decoder's tokens are attributed to the
     prompt and the tokens generated before them, an encoder-decoder's to its source, a source token
     removed through the source mask. `method`: "occlusion" (a token at a time) or "shapley"
-    (`samples` orderings of the context's tokens, `seed`)."""
+    (`samples` orderings of the context's tokens, `seed`); `chunk` perturbed copies per run (default:
+    a quarter of the context, at least 8: a decoder's copies then share more of their prefix,
+    which runs once per chunk)."""
     from toolkit.runtime.generate import Generator, greedy_tokens
 
     if method not in _METHODS:
@@ -84,7 +86,7 @@ def explain_generation(model: Any, prompt: str | Sequence[int], *, max_new_token
         raise ToolkitError(f"the continuation must be one token id or more, each in [0, {layout.vocab}), and fit the context of "
                            f"{layout.context} tokens" + ("." if layout.encoder else " with the prompt."))
     run, ids, mask = _context_run(generator, tokens)
-    scorer = Scorer(run, "logprobs", chunk)
+    scorer = Scorer(run, "logprobs")
     attributor = _METHODS[method](scorer)
     options = {"window": (1,), **params} if method == "occlusion" else params
     context = prompt + ([] if layout.encoder else tokens)
@@ -92,6 +94,7 @@ def explain_generation(model: Any, prompt: str | Sequence[int], *, max_new_token
     logprob = np.empty(len(tokens))
     for k, token in enumerate(tokens):
         length = len(prompt) + (0 if layout.encoder else k)
+        scorer.chunk = chunk or max(8, -(-length // 4))
         feeds = _context_feeds(ids, mask, np.array([context[:length]], dtype=np.int64), np.ones((1, length), dtype=np.int64), k)
         target, score = scorer.answer(feeds, [token])
         logprob[k] = score[0]
@@ -168,20 +171,40 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _next_token_logprobs(model: Any, layout: Any) -> Any:
-    """feeds {input_ids, attention_mask} (batch × context, no cache) → {"logprobs": the next token's
+    """feeds {input_ids, attention_mask} (batch × context) → {"logprobs": the next token's
     log-probabilities, read after the last token kept}; with every token removed, the model knows
-    nothing: uniform."""
+    nothing: uniform. Where every row keeps the same first tokens (occlusion's windows, run in
+    order), those run once, and the rows carry on from their cache: a causal model's prefix does
+    not depend on what follows it."""
+    prefixes: dict[bytes, dict[str, np.ndarray]] = {}  # the cache of a kept prefix, by its token ids
 
     def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        mask = feeds["attention_mask"]
-        empty = np.zeros((len(mask), layout.heads, 0, layout.head_size), dtype=layout.past_dtype)
-        full = {"input_ids": feeds["input_ids"], "attention_mask": mask, **dict.fromkeys(layout.caches, empty)}
-        if layout.positions:
-            full["position_ids"] = np.maximum(mask.cumsum(-1) - 1, 0)
-        logits = model.run_validated(full)[layout.logits]
-        last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
-        chosen = np.asarray(logits[np.arange(len(mask)), last], dtype=np.float64)
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        batch, length = mask.shape
+        shared = int(np.argmin(np.r_[(mask == 1).all(axis=0) & (ids == ids[0]).all(axis=0), False]))
+        last = length - 1 - np.argmax(mask[:, ::-1], axis=1)  # each row's last kept token: the prediction is read after it
+        shared = min(shared, int(last.min()))  # so that it runs, in every row
+        past = dict.fromkeys(layout.caches, np.zeros((batch, layout.heads, 0, layout.head_size), dtype=layout.past_dtype))
+        if shared:
+            key = ids[0, :shared].tobytes()
+            if key not in prefixes:
+                prefixes.clear()  # one prefix at a time: the windows move along the context
+                prefixes[key] = _step(model, layout, ids[:1, :shared], np.ones((1, shared), dtype=np.int64), 0,
+                                      dict.fromkeys(layout.caches, past[layout.caches[0]][:1]))[1]
+            past = {name: np.repeat(value, batch, axis=0) for name, value in prefixes[key].items()}
+        logits, _ = _step(model, layout, ids[:, shared:], mask, shared, past)
+        chosen = np.asarray(logits[np.arange(batch), last - shared], dtype=np.float64)
         chosen[~mask.any(axis=1)] = 0.0
         return {"logprobs": _log_softmax(chosen)}
 
     return run
+
+
+def _step(model: Any, layout: Any, ids: np.ndarray, mask: np.ndarray, start: int, past: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(logits of the new tokens `ids`, the cache after them): `mask` covers the `start` tokens of
+    `past` and the new ones; positions count the tokens kept."""
+    feeds = {"input_ids": ids, "attention_mask": mask, **past}
+    if layout.positions:
+        feeds["position_ids"] = np.maximum(mask.cumsum(-1) - 1, 0)[:, start:]
+    outputs = model.run_validated(feeds)
+    return outputs[layout.logits], {name: outputs["present_" + name.removeprefix("past_")] for name in layout.caches}

@@ -46,11 +46,11 @@ class Occlusion:
 
             def build(indices: range, row: int = row, changing: list = changing) -> dict[str, np.ndarray]:
                 batch = tiled(feeds, row, len(indices))
+                removed = np.zeros((len(indices), *shape), dtype=bool)
                 for k, index in enumerate(indices):
                     if index:  # copy 0 is the input as it is: its score is where the drops are measured from
-                        removed = np.zeros(shape, dtype=bool)
-                        removed[changing[index - 1]] = True
-                        ablation.remove(batch, k, removed)
+                        removed[k][changing[index - 1]] = True
+                ablation.remove(batch, removed)
                 return batch
 
             scores = self.scorer.scores(len(changing) + 1, build, int(target))

@@ -88,8 +88,9 @@ class Replace:
     name: str
     baseline: float | np.ndarray = 0.0
 
-    def remove(self, batch: dict[str, np.ndarray], k: int, removed: np.ndarray) -> None:
-        batch[self.name][k] = np.where(removed, self.baseline, batch[self.name][k])
+    def remove(self, batch: dict[str, np.ndarray], removed: np.ndarray) -> None:
+        """`removed`: which elements each copy of the batch loses, shaped like the input."""
+        batch[self.name] = np.where(removed, self.baseline, batch[self.name]).astype(batch[self.name].dtype, copy=False)
 
     def removable(self, feeds: Mapping[str, np.ndarray], row: int) -> np.ndarray:
         """The elements of row `row` that removing changes: those not already at the baseline."""
@@ -103,8 +104,8 @@ class MaskTokens:
 
     mask: str
 
-    def remove(self, batch: dict[str, np.ndarray], k: int, removed: np.ndarray) -> None:
-        batch[self.mask][k] = np.where(removed, 0, batch[self.mask][k])
+    def remove(self, batch: dict[str, np.ndarray], removed: np.ndarray) -> None:
+        batch[self.mask] = np.where(removed, 0, batch[self.mask]).astype(batch[self.mask].dtype, copy=False)
 
     def removable(self, feeds: Mapping[str, np.ndarray], row: int) -> np.ndarray:
         """The tokens of row `row` that removing changes: those not already masked out (padding)."""

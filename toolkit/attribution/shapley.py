@@ -52,10 +52,9 @@ class ShapleySampling:
                 # null feature scores as the one before it, so only the others run
                 steps = [0] + [place + 1 for place, feature in enumerate(order) if not null[feature]]
 
-                def build(indices: range, row: int = row, rank: np.ndarray = rank, steps: list = steps) -> dict[str, np.ndarray]:
+                def build(indices: range, row: int = row, rank: np.ndarray = rank, steps: np.ndarray = np.array(steps)) -> dict[str, np.ndarray]:
                     batch = tiled(feeds, row, len(indices))
-                    for k, index in enumerate(indices):
-                        ablation.remove(batch, k, rank >= steps[index])
+                    ablation.remove(batch, rank[None] >= steps[indices.start: indices.stop].reshape(-1, *[1] * rank.ndim))
                     return batch
 
                 scores = np.empty(len(features) + 1)
