@@ -269,3 +269,31 @@ def test_an_embedder_is_explained_by_the_similarity_of_its_embedding(exported):
     assert own.attributions["input_ids"][0, 1] == pytest.approx(1 - cosine, abs=1e-5)
     other = explain(model, {k: v[:1] for k, v in feeds.items()}, output=output, similar_to=embedding[1])
     assert other.score[0] == pytest.approx(embedding[0] @ embedding[1] / np.linalg.norm(embedding[0]) / np.linalg.norm(embedding[1]), abs=1e-5)
+
+
+def test_kernel_shap_gives_captums_values_for_the_same_coalitions(digits):
+    """KernelSHAP over 16 patches: Captum's coalitions (drawn by its own generator, replayed here) give
+    its values, and the fit passes through both ends: the credits sum to f(input) - f(baseline)."""
+    from captum.attr import KernelShap
+    from torch.distributions import Categorical
+
+    model, module, images = digits
+    mask, count, samples = patch_mask(images.shape[1:], 7), 16, 40
+    sizes = torch.arange(count, dtype=torch.float)
+    probability = torch.tensor(count - 1) / (sizes * (count - sizes))
+    probability[0] = 0.0
+    torch.manual_seed(0)
+    coalitions = [torch.ones(count, dtype=torch.long), torch.zeros(count, dtype=torch.long)]
+    for _ in range(samples - 2):  # Captum's kernel_shap_perturb_generator
+        k = Categorical(probability).sample()
+        values = torch.randn(1, count)
+        coalitions.append((values > torch.kthvalue(values, count - k).values.item()).long()[0])
+    ours = explain(model, {"image": images[:1]}, method="kernel-shap", feature_mask=mask, coalitions=torch.stack(coalitions).numpy())
+    torch.manual_seed(0)
+    theirs = KernelShap(module).attribute(torch.from_numpy(images[:1]), target=int(ours.target[0]), baselines=0.0,
+                                          feature_mask=torch.from_numpy(mask)[None], n_samples=samples).numpy()
+    np.testing.assert_allclose(ours.attributions["image"], theirs, rtol=1e-3, atol=1e-3 * np.abs(theirs).max())
+    at_baseline = model.run({"image": np.zeros_like(images[:1])})["logits"][0, ours.target[0]]
+    assert ours.attributions["image"][0, 0, ::7, ::7].sum() == pytest.approx(ours.score[0] - at_baseline, rel=1e-3)
+    drawn = explain(model, {"image": images[:2]}, method="kernel-shap", patch=7, samples=48, seed=3)
+    assert drawn.attributions["image"].shape == images[:2].shape and drawn.params == {"patch": 7, "samples": 48, "seed": 3}

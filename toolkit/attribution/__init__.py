@@ -2,7 +2,8 @@
 the ONNX session itself (no torch, no model code; they run wherever the bundle runs).
 
 One module per method, each a class with `attribute(feeds, input, targets, **options)` as Captum's
-are: `occlusion` (sliding windows), `shapley` (Shapley value sampling over feature groups). Every
+are: `occlusion` (sliding windows), `shapley` (Shapley value sampling over feature groups),
+`kernel_shap` (KernelSHAP: a linear fit over sampled coalitions). Every
 method perturbs copies of one example and runs them through the model's batch axis (`scoring`).
 `attention` reads a transformer encoder's attention from its graph (rollout); `generation`
 explains a decoder's generated tokens.
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.attribution.kernel_shap import KernelShap
 from toolkit.attribution.occlusion import Occlusion
 from toolkit.attribution.scoring import MaskTokens, Scorer
 from toolkit.attribution.shapley import ShapleySampling, patch_mask
@@ -27,7 +29,7 @@ from toolkit.errors import ToolkitError
 __all__ = ["GRADIENT_METHODS", "METHODS", "Explanation", "Occlusion", "Scorer", "ShapleySampling", "default_window", "explain", "patch_mask", "similarity",
            "token_inputs"]
 
-METHODS = {method.name: method for method in (Occlusion, ShapleySampling)}
+METHODS = {method.name: method for method in (Occlusion, ShapleySampling, KernelShap)}
 # on the bundle's PyTorch source (toolkit.reference.gradients; `toolkit.explain` takes them too)
 GRADIENT_METHODS = ("integrated-gradients", "input-x-gradient")
 
@@ -70,7 +72,7 @@ def explain(model: Any, feeds: Mapping[str, Any], *, method: str = "occlusion", 
     float input, else the token ids that an attention mask goes with); `output` the output explained
     (default: the first); `params` the method's (occlusion: window (default: a token, 4×4 squares of an image, an element
     of a vector), strides, baseline; shapley:
-    feature_mask or patch, samples, seed, baseline, each also as {input: value} where inputs differ
+    feature_mask or patch, samples, seed, baseline; kernel-shap: the same, samples being coalitions; each also as {input: value} where inputs differ
     in shape; rollout: query). A float input's removed elements take the baseline; a token is
     removed by setting its place in the attention mask to 0. `run` runs validated feeds instead of
     the model's session (a server passes its batcher; `model` is then any `Signature`)."""
@@ -140,7 +142,7 @@ def _perturbed(attributor: Any, arrays: dict[str, np.ndarray], names: list[str],
     for name in names:
         options = {k: v[name] if isinstance(v, Mapping) and k in ("window", "strides", "feature_mask", "baseline") else v
                    for k, v in params.items() if k != "score"}  # inputs shaped differently take a window each: {input: window}
-        if method == "shapley" and "patch" in options:
+        if method in ("shapley", "kernel-shap") and "patch" in options:
             options["feature_mask"] = patch_mask(arrays[name].shape[1:], options.pop("patch"))
         if method == "occlusion" and "window" not in options:  # a token at a time; 4×4 squares of an image
             options["window"] = (1,) if name in ablations else default_window(arrays[name].shape[1:])

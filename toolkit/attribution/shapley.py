@@ -14,7 +14,7 @@ import numpy as np
 from toolkit.attribution.scoring import Replace, Scorer, tiled
 from toolkit.errors import ToolkitError
 
-__all__ = ["ShapleySampling", "patch_mask"]
+__all__ = ["ShapleySampling", "feature_ids", "patch_mask"]
 
 
 class ShapleySampling:
@@ -31,41 +31,38 @@ class ShapleySampling:
         ablation = ablation or Replace(name, baseline)
         value = feeds[name]
         shape = value.shape[1:]
-        mask = np.arange(int(np.prod(shape))).reshape(shape) if feature_mask is None else np.asarray(feature_mask)
-        features = _features(mask, shape)
+        ids, count = feature_ids(feature_mask, shape)
         if permutations is None:
             if samples < 1:
                 raise ToolkitError(f"samples {samples}: give at least 1 ordering of the features.")
             rng = np.random.default_rng(seed)
-            permutations = [rng.permutation(len(features)) for _ in range(samples)]
+            permutations = [rng.permutation(count) for _ in range(samples)]
         attributions = np.zeros(value.shape, dtype=np.float64)
         for row, target in enumerate(targets):
-            credit = np.zeros(len(features))
+            credit = np.zeros(count)
             removable = np.broadcast_to(ablation.removable(feeds, row), shape)
-            null = np.array([not removable[elements].any() for elements in features])  # adding one changes nothing
+            null = np.bincount(ids.ravel(), weights=removable.ravel(), minlength=count) == 0  # adding one changes nothing
             for order in permutations:
                 order = np.asarray(order)
-                rank = np.empty(shape, dtype=np.int64)  # each element's feature's place in the ordering
-                for place, feature in enumerate(order):
-                    rank[features[feature]] = place
+                place = np.empty(count, dtype=np.int64)
+                place[order] = np.arange(count)
+                rank = place[ids]  # each element's feature's place in the ordering
                 # step s: the ordering's first s features are the input's, the rest removed; a step that adds a
                 # null feature scores as the one before it, so only the others run
-                steps = [0] + [place + 1 for place, feature in enumerate(order) if not null[feature]]
+                steps = np.array([0] + [p + 1 for p, feature in enumerate(order) if not null[feature]])
 
-                def build(indices: range, row: int = row, rank: np.ndarray = rank, steps: np.ndarray = np.array(steps)) -> dict[str, np.ndarray]:
+                def build(indices: range, row: int = row, rank: np.ndarray = rank, steps: np.ndarray = steps) -> dict[str, np.ndarray]:
                     batch = tiled(feeds, row, len(indices))
                     ablation.remove(batch, rank[None] >= steps[indices.start: indices.stop].reshape(-1, *[1] * rank.ndim))
                     return batch
 
-                scores = np.empty(len(features) + 1)
+                scores = np.empty(count + 1)
                 scores[steps] = self.scorer.scores(len(steps), build, int(target))
-                for place, feature in enumerate(order):
+                for p, feature in enumerate(order):
                     if null[feature]:
-                        scores[place + 1] = scores[place]
+                        scores[p + 1] = scores[p]
                 credit[order] += np.diff(scores)
-            credit /= len(permutations)
-            for feature, elements in enumerate(features):
-                attributions[row][elements] = credit[feature]
+            attributions[row] = credit[ids] / len(permutations)
         return attributions
 
 
@@ -80,11 +77,19 @@ def patch_mask(shape: Sequence[int], patch: int) -> np.ndarray:
     return np.broadcast_to(grid, tuple(shape)).copy()
 
 
-def _features(mask: np.ndarray, shape: tuple[int, ...]) -> list[np.ndarray]:
-    if mask.shape != shape or mask.dtype.kind not in "iu":
-        raise ToolkitError(f"the feature mask must be integers shaped like the input past its batch axis, {list(shape)}; "
-                           f"got {mask.dtype} {list(mask.shape)}.")
-    ids = np.unique(mask)
-    if len(ids) > 4096:
-        raise ToolkitError(f"{len(ids)} features: every ordering runs the model once per feature; group them (a feature mask, or patches).")
-    return [mask == i for i in ids]
+def feature_ids(mask: np.ndarray | None, shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
+    """(each element's feature, numbered 0.., shaped like one row of the input; how many features):
+    from `mask` (integers shaped like that row: equal values make one feature), or one per element."""
+    if mask is None:
+        ids, count = np.arange(int(np.prod(shape))).reshape(shape), int(np.prod(shape))
+    else:
+        mask = np.asarray(mask)
+        if mask.shape != shape or mask.dtype.kind not in "iu":
+            raise ToolkitError(f"the feature mask must be integers shaped like the input past its batch axis, {list(shape)}; "
+                               f"got {mask.dtype} {list(mask.shape)}.")
+        values, ids = np.unique(mask, return_inverse=True)
+        ids, count = ids.reshape(shape), len(values)
+    if count > 4096:
+        raise ToolkitError(f"{count} features: every sample runs the model once per feature or more; group them (a feature mask, "
+                           "or patches).")
+    return ids, count

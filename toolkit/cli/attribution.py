@@ -39,7 +39,8 @@ def explain(
     example: bool = typer.Option(False, "--example", help="Explain sample inputs drawn from the manifest instead of files."),
     seed: int = typer.Option(0, help="Seed for --example, and for the orderings Shapley sampling draws."),
     method: Method = typer.Option(Method.occlusion, help="occlusion: slide a window, credit each element with the score's average drop; "
-                                  "shapley: Shapley value sampling over feature groups (--patch squares, or each element); rollout: a transformer "
+                                  "shapley: Shapley value sampling over feature groups (--patch squares, or each element); kernel-shap: KernelSHAP's "
+                                  "linear fit over sampled coalitions of them; rollout: a transformer "
                                   "encoder's attention through its layers, read from the graph; integrated-gradients, "
                                   "input-x-gradient: Captum on the bundle's PyTorch source (needs torch; token ids through their embedding)."),
     target: str = typer.Option("auto", help="The class (output index) to explain, or auto: each row's top one; for an output "
@@ -47,8 +48,9 @@ def explain(
     window: str | None = typer.Option(None, help="occlusion: the window's size per axis past the batch axis, comma-separated "
                                       "(an image's 1,4,4; default: 4 on the last two axes, 1 before them, or 1 for a vector)."),
     strides: str | None = typer.Option(None, help="occlusion: the window's step per axis (default: the window)."),
-    patch: int | None = typer.Option(None, help="shapley: features are PATCH×PATCH squares of an image (default: each element)."),
-    samples: int = typer.Option(25, help="shapley: orderings of the features sampled."),
+    patch: int | None = typer.Option(None, help="shapley, kernel-shap: features are PATCH×PATCH squares of an image (default: each element)."),
+    samples: int = typer.Option(25, help="shapley: orderings of the features sampled; kernel-shap: coalitions (default 25 there too; more "
+                                "than the features fits better)."),
     steps: int = typer.Option(50, help="integrated-gradients: points on the path from the baseline to the input."),
     query: str = typer.Option("first", help="rollout: the attention flowing into the first token (a classifier reading a CLS token) or the mean "
                               "over the tokens (mean pooling)."),
@@ -67,7 +69,7 @@ def explain(
     key: KeyOption = None,
 ) -> None:
     """Attribute a model's answer to its inputs: which elements of each float input (or which tokens)
-    moved the target's score, and by how much. occlusion and shapley run on the ONNX session itself
+    moved the target's score, and by how much. occlusion, shapley and kernel-shap run on the ONNX session itself
     (no torch, no model code); the gradient methods on the bundle's PyTorch source, with the
     completeness of integrated gradients and the source's score against the variant's reported."""
     from toolkit import explain as attribute
@@ -86,7 +88,7 @@ def explain(
         params.update({"strides": _int_list(strides, "--strides")} if strides else {})
     elif method.value == "rollout":
         params["query"] = query
-    elif method.value == "shapley":
+    elif method.value in ("shapley", "kernel-shap"):
         params.update({"samples": samples, "seed": seed, **({"patch": patch} if patch else {})})
     else:
         params.update({"trust_source": trust_source, **({"steps": steps} if method.value == "integrated-gradients" else {})})
@@ -94,7 +96,7 @@ def explain(
         params["similar_to"] = np.load(similar_to, allow_pickle=False)
     if compare:
         if method.value in GRADIENT_METHODS:
-            raise ToolkitError(f"--compare needs a method that runs on each variant (occlusion, shapley); {method.value} runs on "
+            raise ToolkitError(f"--compare needs a method that runs on each variant (occlusion, shapley, kernel-shap); {method.value} runs on "
                                "the PyTorch source, the same for every variant.")
         _compare(bundle_dir, _csv_list(compare, "--compare"), feeds, provider.value, key, method=method.value, **params)
         return
