@@ -74,6 +74,7 @@ def sealed_llama(with_variants, tmp_path_factory, keys):
     return plain, encrypt(plain, recipients=[keys["x25519"][1]], out=tmp_path_factory.mktemp("llama") / "sealed")
 
 
+@pytest.mark.xdist_group("sealed-llama")  # one worker optimizes and seals the LLaMA, for both tests that read it
 def test_a_sealed_decoder_generates_as_the_plain_one_with_nothing_decrypted_on_disk(sealed_llama, keys):
     plain, sealed = sealed_llama
     assert Bundle.open(sealed).manifest.variants["opt"].external_data, "the weights are sealed beside the graph"
@@ -92,6 +93,7 @@ def _flip(path, offset):
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.xdist_group("sealed-llama")
 @pytest.mark.parametrize("damage", ["flipped", "truncated", "swapped", "not-sealed"])
 def test_a_damaged_sealed_file_is_refused_by_name(sealed_llama, copy_of, keys, damage):
     sealed = copy_of(sealed_llama[1])
