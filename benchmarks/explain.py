@@ -58,11 +58,16 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    rows = []
+    rows, cascade = [], []
     with tempfile.TemporaryDirectory() as work:
         for name in args.models.split(","):
-            rows += _measure_generation(Path(work)) if name == "gpt" else _measure(name, Path(work))
-    result = {"command": " ".join(["python benchmarks/explain.py", *sys.argv[1:]]), "cpus": len(os.sched_getaffinity(0)), "rows": rows}
+            if name == "gpt":
+                rows += _measure_generation(Path(work))
+            else:
+                measured, stages = _measure(name, Path(work))
+                rows, cascade = rows + measured, cascade + stages
+    result = {"command": " ".join(["python benchmarks/explain.py", *sys.argv[1:]]), "cpus": len(os.sched_getaffinity(0)), "rows": rows,
+              "cascade": cascade}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     _write_section(result, args.results)
     return 0
@@ -161,13 +166,15 @@ def _measure(name: str, work: Path) -> list[dict[str, Any]]:
         rows.append({
             "model": name, "method": method,
             "agreement": None if theirs is None else float(np.abs(mine - theirs).max() / np.abs(theirs).max()),
-            "faithfulness": None if name == "encoder" else _deletion(model, feeds, input_name, ours, groups),
+            **dict(zip(("faithfulness", "insertion"), (None, None) if name == "encoder" else _curves(model, feeds, input_name, ours, groups),
+                       strict=True)),
             "sanity": float(np.mean([rank_correlation(mine[r][kept[r]], random[r][kept[r]]) for r in range(ROWS)])),
             "completeness": max(ours.params["completeness"]["relative"]) if "completeness" in ours.params else None,
             "ms_per_row": ours_s * 1000, "captum_ms_per_row": None if theirs_s is None else theirs_s * 1000,
         })
         print(json.dumps(rows[-1]), flush=True)
-    return rows
+    cascade = _cascade(name, bundle, module, feeds, input_name, methods, work) if name in ("mlp", "cnn") else []
+    return rows, cascade
 
 
 def _features(options: dict[str, Any], value: np.ndarray) -> int:
@@ -271,14 +278,17 @@ def _gradients_of_shuffled(method: str, module: Any, feeds: dict[str, np.ndarray
     return values.detach().numpy()
 
 
-def _deletion(model: Any, feeds: dict[str, np.ndarray], input_name: str, explanation: Any, mask: np.ndarray | None) -> float:
-    """Area under the explained score (a class's probability; an embedder's cosine similarity to its
-    own embedding) as the features go (to 0; tokens: out of the attention mask), most attributed
-    first, as a share of the mean area over 5 random orders; averaged over the rows."""
+def _curves(model: Any, feeds: dict[str, np.ndarray], input_name: str, explanation: Any, mask: np.ndarray | None) -> tuple[float, float]:
+    """(deletion, insertion): the area under the explained score (a class's probability; an
+    embedder's cosine similarity to its own embedding) as the features go (to 0; tokens: out of the
+    attention mask) most attributed first, as a share of the mean area over 5 random orders (lower
+    is better); and as they come back onto the baseline most attributed first, as the same share
+    (higher is better); each averaged over the rows."""
     rng = np.random.default_rng(0)
     output = model.outputs[0].name
     embedder = model.bundle.manifest.task == "embed"
-    shares = []
+    changed = "attention_mask" if input_name == "input_ids" else input_name
+    deletion, insertion = [], []
     for row, target in enumerate(explanation.target):
         values = explanation.attributions[input_name][row]
         if mask is None:  # tokens: each kept one is a feature
@@ -286,25 +296,86 @@ def _deletion(model: Any, feeds: dict[str, np.ndarray], input_name: str, explana
         else:
             features = [np.flatnonzero(mask.ravel() == f) for f in np.unique(mask)]
         credit = np.array([values.ravel()[f].mean() for f in features])
+        original = {k: v[row] for k, v in feeds.items()}
+        emptied = {k: v.copy() for k, v in original.items()}
+        for feature in features:
+            emptied[changed].reshape(-1)[feature] = 0
 
-        def area(order: np.ndarray, row: int = row, target: int = target, features: list = features) -> float:
-            steps = [{k: v[row].copy() for k, v in feeds.items()}]
+        def area(order: np.ndarray, inserting: bool, row: int = row, target: int = target, features: list = features,
+                 original: dict = original, emptied: dict = emptied) -> float:
+            steps = [{k: v.copy() for k, v in (emptied if inserting else original).items()}]
             for feature in order:
                 step = {k: v.copy() for k, v in steps[-1].items()}
-                changed = "attention_mask" if input_name == "input_ids" else input_name
-                flat = step[changed].reshape(-1)
-                flat[features[feature]] = 0
+                step[changed].reshape(-1)[features[feature]] = original[changed].reshape(-1)[features[feature]] if inserting else 0
                 steps.append(step)
             batch = {k: np.stack([s[k] for s in steps]) for k in feeds}
             out = np.asarray(model.run(batch)[output], dtype=np.float64).reshape(len(steps), -1)
             if embedder:
                 unit = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-                return float((unit @ unit[0]).mean())
+                return float((unit @ unit[-1 if inserting else 0]).mean())
             probability = np.exp(out - out.max(1, keepdims=True))
             return float((probability / probability.sum(1, keepdims=True))[:, target].mean())
 
-        shares.append(area(np.argsort(-credit)) / np.mean([area(rng.permutation(len(credit))) for _ in range(5)]))
-    return float(np.mean(shares))
+        orders = [rng.permutation(len(credit)) for _ in range(5)]
+        deletion.append(area(np.argsort(-credit), False) / np.mean([area(o, False) for o in orders]))
+        insertion.append(area(np.argsort(-credit), True) / np.mean([area(o, True) for o in orders]))
+    return float(np.mean(deletion)), float(np.mean(insertion))
+
+
+def _cascade(name: str, bundle: Path, module: Any, feeds: dict[str, np.ndarray], input_name: str, options: dict[str, dict[str, Any]],
+             work: Path) -> list[dict[str, Any]]:
+    """Adebayo et al.'s cascading randomization: the weights of the last 1, 2, ... layers shuffled,
+    from the output down, and each stage's rank correlation with the trained model's attributions,
+    for occlusion (on the ONNX graph) and integrated gradients (on the source)."""
+    import copy
+
+    import torch
+
+    import toolkit
+    from toolkit.attribution.drift import rank_correlation
+    from toolkit.runtime.model import Model
+
+    model = Model(bundle, provider="cpu")
+    trained = {m: toolkit.explain(model, feeds, method=m, **options[m], **({"trust_source": True} if m != "occlusion" else {}))
+               for m in ("occlusion", "integrated-gradients")}
+    graph_layers = _graph_layers(bundle)
+    torch_layers = [m for m in module.modules() if any(p.numel() > 16 for p in m.parameters(recurse=False))]
+    stages = []
+    for depth in range(1, min(len(graph_layers), len(torch_layers)) + 1):
+        shuffled = Model(_shuffled(bundle, work, graph_layers[-depth:], f"cascade{depth}"), provider="cpu")
+        occluded = toolkit.explain(shuffled, feeds, method="occlusion", target=trained["occlusion"].target, **options["occlusion"])
+        cascaded = copy.deepcopy(module)
+        layers = [m for m in cascaded.modules() if any(p.numel() > 16 for p in m.parameters(recurse=False))][-depth:]
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for layer in layers:
+                for parameter in layer.parameters(recurse=False):
+                    parameter.copy_(parameter.flatten()[torch.randperm(parameter.numel(), generator=generator)].view_as(parameter))
+        from captum.attr import IntegratedGradients
+
+        x = torch.from_numpy(feeds[input_name])
+        integrated = IntegratedGradients(cascaded).attribute(x, target=torch.from_numpy(trained["integrated-gradients"].target),
+                                                             n_steps=STEPS).detach().numpy()
+        stage = {"model": name, "layers": depth}
+        for method, values in (("occlusion", occluded.attributions[input_name]), ("integrated-gradients", integrated)):
+            ours = trained[method].attributions[input_name]
+            stage[method] = float(np.mean([rank_correlation(ours[r], values[r]) for r in range(len(ours))]))
+        stages.append(stage)
+        print(json.dumps(stage), flush=True)
+    return stages
+
+
+def _graph_layers(bundle: Path) -> list[list[str]]:
+    """The graph's layers in order: for each node that reads a weight (an initializer of more than 16
+    values), the weights it reads."""
+    import onnx
+
+    from toolkit.bundle import Bundle
+
+    proto = onnx.load(str(Bundle.open(bundle).variant_path("fp32")))
+    weights = {t.name for t in proto.graph.initializer if np.prod(t.dims) > 16}
+    layers = [[name for name in node.input if name in weights] for node in proto.graph.node]
+    return [layer for layer in layers if layer]
 
 
 def _measure_generation(work: Path) -> list[dict[str, Any]]:
@@ -347,7 +418,7 @@ def _measure_generation(work: Path) -> list[dict[str, Any]]:
         tokens = PROMPTS * NEW_TOKENS
         rows.append({"model": "gpt (generated tokens)", "method": method, "agreement": float(max(agreement)) if agreement else None,
                      "comprehensiveness": float(np.concatenate(attributed).mean() / np.concatenate(random).mean()),
-                     "faithfulness": None, "sanity": float(np.mean(sanity)), "completeness": None,
+                     "faithfulness": None, "insertion": None, "sanity": float(np.mean(sanity)), "completeness": None,
                      "ms_per_row": ours_s / tokens * 1000, "captum_ms_per_row": theirs_s / tokens * 1000})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -388,23 +459,25 @@ def _captum_generation(method: str, module: Any, model: Any, ours: Any) -> list[
     return out
 
 
-def _shuffled(bundle: Path, work: Path) -> Path:
+def _shuffled(bundle: Path, work: Path, layers: list[list[str]] | None = None, label: str = "shuffled") -> Path:
+    """A copy of `bundle` whose fp32 graph has the weights of `layers` (default: every weight) shuffled."""
     import onnx
     from onnx import numpy_helper
 
     from toolkit.bundle import Bundle
 
-    target = work / f"{bundle.name}-shuffled"
+    target = work / f"{bundle.name}-{label}"
     shutil.copytree(bundle, target)
     opened = Bundle.open(target)
     proto = onnx.load(str(opened.variant_path("fp32")))
+    chosen = None if layers is None else {name for layer in layers for name in layer}
     rng = np.random.default_rng(0)
     for tensor in proto.graph.initializer:
         values = numpy_helper.to_array(tensor)
-        if values.size > 16 and values.dtype.kind == "f":
+        if values.size > 16 and values.dtype.kind == "f" and (chosen is None or tensor.name in chosen):
             tensor.CopyFrom(numpy_helper.from_array(rng.permutation(values.ravel()).reshape(values.shape), tensor.name))
-    onnx.save(proto, work / "shuffled.onnx")
-    opened.add_variant("fp32", work / "shuffled.onnx", recipe={"stage": "shuffled", "options": {}, "parent": None}, precision="fp32")
+    onnx.save(proto, work / f"{label}.onnx")
+    opened.add_variant("fp32", work / f"{label}.onnx", recipe={"stage": "shuffled", "options": {}, "parent": None}, precision="fp32")
     return target
 
 
@@ -420,20 +493,29 @@ def _write_section(result: dict[str, Any], results: Path) -> None:
              f"trained gpt. Shapley sampling with {SAMPLES} orderings, integrated gradients with {STEPS} steps.) *agreement*: the "
              "largest difference from Captum's same method on the PyTorch model (same windows, same orderings, same baseline; a token "
              "removed through the mask, as Captum removes it through a presence input that multiplies the mask), relative to the "
-             "largest attribution. *faithfulness*: the deletion curve's area, most attributed features first, as a share of random "
-             "orders' (lower is better); for generated tokens, *comprehensiveness*: the log-probability lost with the most credited "
+             "largest attribution. *deletion*: the deletion curve's area, most attributed features first, as a share of random "
+             "orders' (lower is better); *insertion*: the insertion curve's (features put back onto the baseline, most attributed "
+             "first), as a share of random orders' (higher is better); for generated tokens, *comprehensiveness*: the log-probability lost with the most credited "
              "1-50% of the context removed, as a multiple of as many random tokens' (higher is better). *sanity*: the rank correlation "
              "with the same network with every weight shuffled (near 0 is right). *completeness*: integrated gradients' "
              "|sum - (f(x) - f(baseline))| / |f(x) - f(baseline)|, worst row. *cost*: per explained row (generated token), both "
              f"running {CHUNK} perturbations per call; the gradient methods are Captum's, on the source.", "",
-             "| model | method | agreement with Captum | faithfulness | sanity | completeness | toolkit ms/row | Captum ms/row | Captum / toolkit |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | method | agreement with Captum | deletion (lower is better) | insertion (higher is better) | sanity | completeness | toolkit ms/row | Captum ms/row | Captum / toolkit |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
         faithful = (f"{row['faithfulness']:.2f}" if row.get("faithfulness") is not None else
-                    f"{row['comprehensiveness']:.1f}x random" if row.get("comprehensiveness") is not None else "–")
+                    f"comprehensiveness {row['comprehensiveness']:.1f}x random" if row.get("comprehensiveness") is not None else "–")
         ratio = "–" if row["captum_ms_per_row"] is None else f"{row['captum_ms_per_row'] / row['ms_per_row']:.1f}x"
-        lines.append(f"| {row['model']} | {row['method']} | {number(row['agreement'], '.1e')} | {faithful} | {row['sanity']:+.2f} | "
-                     f"{number(row.get('completeness'), '.1e')} | {row['ms_per_row']:.1f} | {number(row['captum_ms_per_row'], '.1f')} | {ratio} |")
+        lines.append(f"| {row['model']} | {row['method']} | {number(row['agreement'], '.1e')} | {faithful} | {number(row.get('insertion'), '.2f')} | "
+                     f"{row['sanity']:+.2f} | {number(row.get('completeness'), '.1e')} | {row['ms_per_row']:.1f} | "
+                     f"{number(row['captum_ms_per_row'], '.1f')} | {ratio} |")
+    if result.get("cascade"):
+        lines += ["", "Cascading randomization (Adebayo et al., 2018): the weights of the last *n* layers shuffled, from the output down; "
+                  "the rank correlation of each stage's attributions with the trained model's, for the trained model's classes (an "
+                  "explanation that stays close to the trained one's while the layers it explains are random does not depend on "
+                  "what they learned; here it moves away from the first layer on):", "", "| model | layers shuffled | occlusion | integrated gradients |", "|---|---:|---:|---:|"]
+        lines += [f"| {stage['model']} | {stage['layers']} | {stage['occlusion']:+.2f} | {stage['integrated-gradients']:+.2f} |"
+                  for stage in result["cascade"]]
     timed = [row for row in result["rows"] if row["captum_ms_per_row"] is not None]
     short = [f"{row['model']} {row['method']} ({row['captum_ms_per_row'] / row['ms_per_row']:.1f}x)" for row in timed
              if row["captum_ms_per_row"] < 2 * row["ms_per_row"]]

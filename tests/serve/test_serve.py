@@ -202,6 +202,11 @@ def test_explain_attributes_each_input_through_the_batcher(server, models):
     got = next(np.array(o["data"]).reshape(o["shape"]) for o in answer.json()["outputs"] if o["name"] == "input_ids_attribution")
     want = toolkit.explain(models["encoder"], text, method="shapley", samples=2, seed=1)
     np.testing.assert_allclose(got, want.attributions["input_ids"], rtol=1e-4, atol=1e-5)
+    body["parameters"] = {"method": "kernel-shap", "samples": 12, "seed": 2}
+    answer = httpx.post(f"http://{server}/v2/models/encoder/explain", json=body, timeout=60)
+    got = next(np.array(o["data"]).reshape(o["shape"]) for o in answer.json()["outputs"] if o["name"] == "input_ids_attribution")
+    want = toolkit.explain(models["encoder"], text, method="kernel-shap", samples=12, seed=2)
+    np.testing.assert_allclose(got, want.attributions["input_ids"], rtol=1e-3, atol=1e-4)
     for parameters, message in [({"method": "lime"}, "unknown method 'lime'"), ({"window": "16"}, "parameters.window must be a list"),
                                 ({"target": -1}, "parameters.target must be a class index"),
                                 ({"method": "integrated-gradients"}, "runs on the bundle's PyTorch source"),
