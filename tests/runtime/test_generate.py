@@ -333,3 +333,34 @@ def test_stop_strings_cut_where_the_first_one_completes():
     worst = TextStream(ByteTokenizer(), ["x" * 255 + "y"] * 16)  # the most the server takes, every prefix a candidate
     released = "".join(worst.push(ord("x")) for _ in range(1000))
     assert released == "x" * (1000 - 255)
+
+
+@pytest.mark.parametrize("decoder", ["gpt", "llama"])
+def test_the_text_ends_as_the_tokens_decode_even_inside_a_character(decoder, gpt, exported):
+    """A generation cut by its length inside a UTF-8 character: the text is what decoding its tokens
+    gives (the cut character as U+FFFD), whole, streamed or not; only the streamed pieces hold bytes
+    back until then."""
+    from models.hf_causal import causal_lm
+
+    model = Model(gpt if decoder == "gpt" else exported(f"hf:{causal_lm('llama')}", None), provider="cpu")
+    generator = Generator(model)
+    by_bytes = {generator.tokenizer.token_bytes(t): t for t in range(model.inputs[0].high)}
+    forced = [by_bytes[bytes([b])] for b in "é€".encode()[:4]]  # é whole, then two of €'s three bytes
+
+    def steps():
+        wanted = iter(forced)
+
+        def step(feeds):
+            outputs = dict(model.run_validated(feeds))
+            logits = np.full_like(outputs["logits"], -1e4)
+            logits[:, -1, next(wanted)] = 0.0
+            return outputs | {"logits": logits}
+
+        return step
+
+    generator.use_steps(steps())
+    text = generator.generate("Return the", max_new_tokens=len(forced))
+    assert text == generator.tokenizer.decode(forced) == "é\ufffd"
+    generator.use_steps(steps())
+    pieces = list(generator.stream("Return the", max_new_tokens=len(forced)))
+    assert "".join(pieces) == text and pieces[0] == "é"

@@ -119,6 +119,8 @@ class Generator:
                                   done=lambda: [s.finished for s in streams]):
             for s, token in zip(streams, tokens, strict=True):
                 s.push(int(token))
+        for s in streams:
+            s.close()  # a row cut by the length limit keeps what its last tokens decode to, a character cut short included
         texts = [s.text() for s in streams]
         return texts[0] if single else texts
 
