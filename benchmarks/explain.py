@@ -396,7 +396,7 @@ def _measure_generation(work: Path) -> list[dict[str, Any]]:
     prompts = [docs[i * len(docs) // PROMPTS][:48] for i in range(PROMPTS)]
     rows = []
     for method in PERTURBING:
-        options = {"samples": SAMPLES} if method == "shapley" else {}
+        options = {"samples": SAMPLES} if method == "shapley" else {"samples": COALITIONS} if method == "kernel-shap" else {}
         explain_generation(model, prompts[0][:8], max_new_tokens=1, method=method, **options)  # warm up
         agreement, ours_s, theirs_s, attributed, random, sanity = [], 0.0, 0.0, [], [], []
         for prompt in prompts:
@@ -406,7 +406,7 @@ def _measure_generation(work: Path) -> list[dict[str, Any]]:
             start = time.perf_counter()
             theirs = _captum_generation(method, module, model, ours)
             theirs_s += time.perf_counter() - start
-            if method == "occlusion":  # Shapley sampling draws its orderings per token, Captum its own: costs compare, values do not
+            if method == "occlusion":  # the sampling methods draw their own samples per token, Captum its own: costs compare, values do not
                 agreement += [np.abs(ours.attributions[k, : len(ours.prompt) + k] - theirs[k]).max() / np.abs(theirs[k]).max()
                               for k in range(len(ours.tokens))]
             a, r = comprehensiveness(model, ours)
@@ -429,7 +429,7 @@ def _captum_generation(method: str, module: Any, model: Any, ours: Any) -> list[
     positions are counted over the kept tokens and the next token's log-probability is read after
     the last kept one, as toolkit removes a token."""
     import torch
-    from captum.attr import Occlusion, ShapleyValueSampling
+    from captum.attr import KernelShap, Occlusion, ShapleyValueSampling
 
     from toolkit.runtime.generate.layout import Layout
 
@@ -452,6 +452,9 @@ def _captum_generation(method: str, module: Any, model: Any, ours: Any) -> list[
             common = {"target": token, "baselines": 0.0, "additional_forward_args": (ids,), "perturbations_per_eval": CHUNK}
             if method == "occlusion":
                 values = Occlusion(forward).attribute(torch.ones(ids.shape), sliding_window_shapes=(1,), **common)
+            elif method == "kernel-shap":
+                torch.manual_seed(k)
+                values = KernelShap(forward).attribute(torch.ones(ids.shape), n_samples=COALITIONS, **common)
             else:
                 torch.manual_seed(k)
                 values = ShapleyValueSampling(forward).attribute(torch.ones(ids.shape), n_samples=SAMPLES, **common)

@@ -31,7 +31,7 @@ def faults(exported, tmp_path_factory):
     """bundle name → (bundle, variant, the module that holds the fault, what the cause must say)."""
     root = tmp_path_factory.mktemp("faults")
     overflowing = root / "overflowing"
-    shutil.copytree(exported("userpkg.faults:overflowing", None), overflowing)
+    shutil.copytree(exported("userpkg.faults:boosted", None), overflowing)
     quantize(overflowing, mode="fp16")
     outlier = root / "outlier"
     shutil.copytree(exported("userpkg.faults:outlier_channel", None), outlier)
@@ -46,7 +46,7 @@ def faults(exported, tmp_path_factory):
     weight.CopyFrom(numpy_helper.from_array(values, weight.name))
     onnx.save(proto, str(root / "corrupt.onnx"))
     bundle.add_variant("corrupt", root / "corrupt.onnx", recipe={"stage": "test", "parent": "fp32"}, precision="fp32")
-    return {"overflowing": (overflowing, "fp16", "norms.2", r"fp16 overflow: pow_\d+ reaches [\d.e+]+ in fp32, past fp16's largest 65504"),
+    return {"overflowing": (overflowing, "fp16", "boost", r"fp16 overflow: linear_\d+ reaches [\d.e+]+ in fp32, past fp16's largest 65504"),
             "outlier": (outlier, "int8", "layers.3", r"int8 outlier channel: relu_\d+ channel 5 reaches"),
             "corrupt": (corrupt, "corrupt", "layers.4", r"^$")}
 

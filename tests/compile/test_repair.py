@@ -22,13 +22,13 @@ def _bundle(exported, tmp_path, model: str, **quantizations):
     return out
 
 
-def test_fp16_is_repaired_with_fewer_nodes_in_fp32_than_the_fixed_list(exported, tmp_path):
-    bundle = _bundle(exported, tmp_path, "userpkg.faults:overflowing", fp16={})
-    assert not check(bundle, variants=["fp16"], trust_source=True)["fp16"]["passed"]  # the fixed list casts the norm's squares to fp16
+def test_fp16_is_repaired_keeping_the_layer_whose_weights_it_cannot_hold(exported, tmp_path):
+    bundle = _bundle(exported, tmp_path, "userpkg.faults:boosted", fp16={})
+    assert not check(bundle, variants=["fp16"], trust_source=True)["fp16"]["passed"]  # boost's weights and outputs pass 65504
     result = repair(bundle, "fp16", trust_source=True)
     variant = Bundle.open(bundle).manifest.variants["fp16"]
     assert result["passed"] and variant.parity["passed"]
-    assert len(result["kept"]) < result["fixed_list_nodes"] == 12  # a Pow and a ReduceMean per norm
+    assert [k["module"] for k in result["kept"]] == ["boost"] and result["fixed_list_nodes"] == 0
     assert variant.recipe["options"]["repair"] == result and result["attempts"][-1]["passed"]
 
 
@@ -84,7 +84,7 @@ def test_what_binds_is_said_as_measured(activations, weights, verdict):
 
 
 def test_no_budget_no_attempt(exported, tmp_path):
-    bundle = _bundle(exported, tmp_path, "userpkg.faults:overflowing", fp16={})
+    bundle = _bundle(exported, tmp_path, "userpkg.faults:boosted", fp16={})
     result = repair(bundle, "fp16", budget=0, trust_source=True)
     assert not result["passed"] and result["attempts"] == []
 
@@ -99,11 +99,11 @@ def test_a_variant_quantize_did_not_make_is_refused(exported, tmp_path):
 
 @pytest.mark.slow
 def test_build_repairs_and_says_how(tmp_path, cli):
-    result = cli("build", "userpkg.faults:overflowing", "-o", tmp_path / "b", "--no-select", "--mode", "fp16")
+    result = cli("build", "userpkg.faults:boosted", "-o", tmp_path / "b", "--no-select", "--mode", "fp16")
     assert result.exit_code == 0, result.output
     record = Bundle.open(tmp_path / "b").manifest.variants["fp16"]
     assert record.parity["passed"] and record.recipe["options"]["repair"]["passed"]
-    assert re.search(r"fp16: repaired by io=fp32, keep_fp32=\[\] with no node kept in fp32", result.output)
+    assert re.search(r"fp16: repaired keeping 1 node in fp32, where the fixed op-type list kept 0 .*: node_Gemm_0 \(boost: fp16 overflow", result.output)
     # smoothing moves the outlier channel into the weights as int8-static is made: nothing left to repair
     result = cli("build", "userpkg.faults:outlier_channel", "-o", tmp_path / "c", "--no-select", "--mode", "int8-static")
     record = Bundle.open(tmp_path / "c").manifest.variants["int8-static"]
@@ -150,3 +150,24 @@ def test_a_repair_that_stopped_bound_to_fail_says_so_not_that_time_ran_out():
     verdict = "its 8-bit activations bind: with 16-bit weights it still misses the gates (max score rel 0.138)"
     assert _repair_line({"passed": False, "attempts": attempts, "seconds": 63, "budget": 300, "kept": [], "note": "bound to fail: ...",
                          "binds": {"verdict": verdict}}).endswith(f"; {verdict}")
+
+
+def test_fp16_nodes_kept_in_fp32_exchange_fp32_directly(exported, tmp_path):
+    """`boost` writes values near 1e6, past fp16's 65504, and `calm` reads them down with weights
+    below fp16's smallest: kept in fp32 together, the two pass that tensor in fp32, not through a
+    Cast to fp16 and back (where it became inf); and a repair passes."""
+    import onnx
+
+    bundle = _bundle(exported, tmp_path, "userpkg.faults:boosted", fp16={})
+    assert not check(bundle, variants=["fp16"], trust_source=True)["fp16"]["passed"]
+    quantize(bundle, mode="fp16", keep_nodes=["linear_3", "linear_4"], trust_source=True)  # the tensors boost and calm make
+    record = check(bundle, variants=["fp16"], trust_source=True)["fp16"]
+    assert record["passed"], record["outputs"]
+    graph = onnx.load(str(Bundle.open(bundle).variant_path("fp16")), load_external_data=False).graph
+    made = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:  # no Cast to fp32 reads a Cast to fp16
+        if node.op_type == "Cast" and node.attribute[0].i == onnx.TensorProto.FLOAT and node.input[0] in made:
+            source = made[node.input[0]]
+            assert not (source.op_type == "Cast" and source.attribute[0].i == onnx.TensorProto.FLOAT16), (source.name, node.name)
+    quantize(bundle, mode="fp16", trust_source=True)
+    assert repair(bundle, "fp16", trust_source=True)["passed"]

@@ -1,7 +1,7 @@
 """Models with a deliberate precision fault in one known layer, for localizing and repairing
-variants: a plain stack of layers, with one layer's scale raised so that the squares of the RMS norm
-after it overflow fp16 (and five more norms that do not), or one channel made an outlier that per-tensor int8 cannot hold (the same
-function in exact arithmetic)."""
+variants: a plain stack of layers, with a layer inserted whose weights and outputs are past fp16's
+range and one after it whose weights are below it (`boosted`), or one channel made an outlier that
+per-tensor int8 cannot hold (the same function in exact arithmetic)."""
 
 import numpy as np
 import torch
@@ -46,36 +46,6 @@ def plain() -> ModelSpec:
     return _spec(_stack())
 
 
-class RMSNorm(nn.Module):
-    """T5's norm: x / sqrt(mean(x²)), without a weight."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-
-
-class Normed(nn.Module):
-    """The stack with an RMS norm after every layer."""
-
-    def __init__(self, stack: Stack) -> None:
-        super().__init__()
-        self.layers, self.head, self.norms = stack.layers, stack.head, nn.ModuleList(RMSNorm() for _ in stack.layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer, norm in zip(self.layers, self.norms, strict=True):
-            x = norm(torch.relu(layer(x)))
-        return self.head(x)
-
-
-def overflowing() -> ModelSpec:
-    """layers.2 scaled up 1000×: the norm after it makes the function the same at any scale, but its
-    squares pass fp16's 65504 (the layer's weights and outputs stay below it), as in T5."""
-    model = Normed(_stack())
-    with torch.no_grad():
-        model.layers[2].weight *= 1000.0
-        model.layers[2].bias *= 1000.0
-    return _spec(model)
-
-
 def outlier_channel() -> ModelSpec:
     """Channel 5 of layers.2's output scaled up 500× and layers.3's weights reading it down as
     much: the same function, but layers.3's input has one channel that per-tensor int8 resolves and
@@ -99,3 +69,31 @@ def outlier_channels_everywhere() -> ModelSpec:
             layer.bias[5] *= 500.0
             reader.weight[:, 5] = 0.0
     return _spec(model)
+
+
+class Boosted(nn.Module):
+    """The stack with `boost` after layers.2, a layer with weights past fp16's range (a scale folded
+    into them) whose outputs reach about 1e6, and `calm` after it, whose weights are below fp16's
+    smallest value and read them back down: both must stay in fp32."""
+
+    def __init__(self, stack: Stack) -> None:
+        super().__init__()
+        self.layers, self.head = stack.layers, stack.head
+        self.boost, self.calm = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, WIDTH)
+        with torch.no_grad():
+            self.boost.weight *= 3e6
+            self.boost.bias.zero_()
+            self.calm.weight *= 1e-5
+            self.calm.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = torch.relu(layer(x))
+            if i == 2:
+                x = self.calm(self.boost(x))
+        return self.head(x)
+
+
+def boosted() -> ModelSpec:
+    """fp16 fails at `boost` and `calm`: kept in fp32, the two must exchange fp32 directly."""
+    return _spec(Boosted(_stack()))

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.attribution.kernel_shap import KernelShap
 from toolkit.attribution.occlusion import Occlusion
 from toolkit.attribution.scoring import MaskTokens, Scorer
 from toolkit.attribution.shapley import ShapleySampling
@@ -20,7 +21,7 @@ from toolkit.errors import ToolkitError
 
 __all__ = ["GenerationExplanation", "comprehensiveness", "explain_generation"]
 
-_METHODS = {method.name: method for method in (Occlusion, ShapleySampling)}
+_METHODS = {method.name: method for method in (Occlusion, ShapleySampling, KernelShap)}
 
 
 @dataclass
@@ -55,14 +56,14 @@ def explain_generation(model: Any, prompt: str | Sequence[int], *, max_new_token
     (answering) `prompt` (text, or token ids): greedily for up to `max_new_tokens` tokens, or the
     continuation `tokens` given (what a user saw it sample). A decoder's tokens are attributed to the
     prompt and the tokens generated before them, an encoder-decoder's to its source, a source token
-    removed through the source mask. `method`: "occlusion" (a token at a time) or "shapley"
-    (`samples` orderings of the context's tokens, `seed`); `chunk` perturbed copies per run (default:
+    removed through the source mask. `method`: "occlusion" (a token at a time), "shapley"
+    (`samples` orderings of the context's tokens, `seed`) or "kernel-shap" (`samples` coalitions); `chunk` perturbed copies per run (default:
     a quarter of the context, at least 8: a decoder's copies then share more of their prefix,
     which runs once per chunk)."""
     from toolkit.runtime.generate import Generator, greedy_tokens
 
     if method not in _METHODS:
-        raise ToolkitError(f"generated tokens are explained by {' or '.join(_METHODS)}, not {method!r}.")
+        raise ToolkitError(f"generated tokens are explained by {', '.join(_METHODS)}, not {method!r}.")
     generator = Generator(model, cache="growing")
     layout = generator.layout
     if layout.features:

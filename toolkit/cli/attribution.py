@@ -33,7 +33,7 @@ def explain(
     bundle_dir: Path = typer.Argument(..., metavar="DIR", help="Bundle of a classifier, regressor or any model with a batch axis, "
                                       "or of a decoder (with --prompt)."),
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="A decoder: the text to continue; each generated token is "
-                                      "attributed to the tokens before it (occlusion or shapley)."),
+                                      "attributed to the tokens before it (occlusion, shapley or kernel-shap)."),
     max_new_tokens: int = typer.Option(8, "--max-new-tokens", "-n", help="A decoder: tokens generated (greedily) and explained."),
     inputs: list[str] | None = typer.Option(None, "--input", "-i", help="NAME=FILE.npy (repeatable); a single-input model also takes FILE.npy."),
     example: bool = typer.Option(False, "--example", help="Explain sample inputs drawn from the manifest instead of files."),
@@ -133,11 +133,11 @@ def _explain_generation(model: Any, prompt: str | None, max_new_tokens: int, met
     if not model.bundle.manifest.generation or prompt is None:
         raise ToolkitError(f"--prompt is for decoders; {model.name} is explained from --input or --example." if prompt is not None else
                            f"{model.name} is a decoder: give --prompt TEXT, and each generated token is attributed to the tokens before it.")
-    if method not in ("occlusion", "shapley"):
-        raise ToolkitError(f"generated tokens are explained by occlusion or shapley on the ONNX session, not {method}.")
+    if method not in ("occlusion", "shapley", "kernel-shap"):
+        raise ToolkitError(f"generated tokens are explained by occlusion, shapley or kernel-shap on the ONNX session, not {method}.")
     err.print(f"explaining {model.name} variant {model.variant}'s next {max_new_tokens} tokens with {method}")
     explained = explain_generation(model, prompt, max_new_tokens=max_new_tokens, method=method,
-                                   **({"samples": samples, "seed": seed} if method == "shapley" else {}))
+                                   **({"samples": samples, "seed": seed} if method != "occlusion" else {}))
     pieces, start = explained.texts(), len(explained.prompt)
     out.print("generated: " + repr("".join(pieces[start:])))
     for k in range(len(explained.tokens)):

@@ -113,7 +113,8 @@ def _repair_line(repaired: dict[str, Any]) -> str:
         return f"repaired by {', '.join(f'{k}={v}' for k, v in settings.items())} with no node kept in fp32 ({tries})"
     fixed = f", where the fixed op-type list kept {repaired['fixed_list_nodes']}" if "fixed_list_nodes" in repaired else ""
     kept = "; ".join(f"{k['node']} ({k['module'] or k['op']}: {k['why']})" for k in repaired["kept"])
-    return f"repaired keeping {len(repaired['kept'])} nodes in fp32{fixed} ({tries}): {kept}"
+    count = len(repaired['kept'])
+    return f"repaired keeping {count} node{'s' if count != 1 else ''} in fp32{fixed} ({tries}): {kept}"
 
 
 def _gate_summary(record: dict[str, Any]) -> str:

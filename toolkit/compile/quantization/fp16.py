@@ -11,7 +11,7 @@ from toolkit.compile.quantization._common import QuantizeContext, resolve_nodes
 from toolkit.compile.quantization.configs import Fp16
 from toolkit.errors import ToolkitError
 
-__all__ = ["drop_repeated_nodes", "quantize_fp16"]
+__all__ = ["drop_repeated_nodes", "join_fp32_neighbours", "quantize_fp16"]
 
 
 def quantize_fp16(context: QuantizeContext, config: Fp16, model_file: Path, target: Path) -> dict[str, Any]:
@@ -38,12 +38,13 @@ def main(model_file, target, keep_io_types, block, nodes, external):
 
     from toolkit._onnx import save_model
     from toolkit.compile.passes._graph import record_inferred_shapes
-    from toolkit.compile.quantization.fp16 import drop_repeated_nodes
+    from toolkit.compile.quantization.fp16 import drop_repeated_nodes, join_fp32_neighbours
 
     # shapes inferred without the weights: the converter's own inference holds the model twice more
     converted = convert_float_to_float16(record_inferred_shapes(onnx.load(model_file)), keep_io_types=keep_io_types, op_block_list=block,
                                          node_block_list=nodes or None, disable_shape_infer=True)
     drop_repeated_nodes(converted.graph)
+    join_fp32_neighbours(converted.graph)
     save_model(converted, target, external=external)
 """
 
@@ -62,5 +63,34 @@ def drop_repeated_nodes(graph: Any) -> None:
         if key not in seen:
             seen.add(key)
             kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def join_fp32_neighbours(graph: Any) -> None:
+    """Lets two nodes kept in fp32 exchange their tensor in fp32.
+
+    The fp16 converter casts every kept node's fp32 output to fp16 and every kept node's input back
+    to fp32, so that between two kept neighbours a tensor makes the round trip fp32 → fp16 → fp32:
+    a value past 65504 (the very reason to keep both) becomes inf there. A Cast to fp32 that reads a
+    Cast to fp16 of an fp32 tensor reads that tensor instead (a Cast to its own type: a copy), and the
+    Cast to fp16 goes when nothing else reads it.
+    """
+    import onnx
+
+    float32, float16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]}
+    types |= {t.name: t.data_type for t in graph.initializer}
+
+    def cast_to(node: Any) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    makers = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        source = makers.get(node.input[0]) if cast_to(node) == float32 and node.input else None
+        if source is not None and cast_to(source) == float16 and types.get(source.input[0]) == float32:
+            node.input[0] = source.input[0]
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    kept = [node for node in graph.node if not (cast_to(node) == float16 and node.output[0] not in read)]
     del graph.node[:]
     graph.node.extend(kept)
