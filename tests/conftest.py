@@ -60,6 +60,7 @@ def exported(tmp_path_factory):
     store = cache_dir().parent / "test-bundles"
     cache: dict[tuple, Path] = {}
     root = tmp_path_factory.mktemp("bundles")
+    session_trust = tmp_path_factory.mktemp("trust-exported") / "trusted.json"
 
     def get(model: str, preset: str | None = "tiny", **options) -> Path:
         key = (model, preset, tuple(sorted(options.items())))
@@ -70,7 +71,8 @@ def exported(tmp_path_factory):
             if kept.is_dir():
                 shutil.copytree(kept, out)
             else:
-                export(model, out, preset=preset_arg, **options)
+                with _trust_file(session_trust):  # remembered for the session, not for the test that happened to ask first
+                    export(model, out, preset=preset_arg, **options)
                 store.mkdir(parents=True, exist_ok=True)
                 staging = Path(tempfile.mkdtemp(dir=store.parent, prefix=".test-bundle-"))
                 shutil.copytree(out, staging / "bundle")
@@ -131,6 +133,34 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
 
     return invoke
+
+
+@contextlib.contextmanager
+def _trust_file(path: Path):
+    before = os.environ.get("TOOLKIT_TRUST_FILE")
+    os.environ["TOOLKIT_TRUST_FILE"] = str(path)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOOLKIT_TRUST_FILE", None)
+        else:
+            os.environ["TOOLKIT_TRUST_FILE"] = before
+
+
+@pytest.fixture(scope="session", autouse=True)
+def trust_file_of_the_session(tmp_path_factory):
+    """The bundles the session's fixtures make are trusted in a file of the session's, never the user's."""
+    os.environ["TOOLKIT_TRUST_FILE"] = str(tmp_path_factory.mktemp("trust") / "trusted.json")
+
+
+@pytest.fixture(autouse=True)
+def trust_file(tmp_path_factory, monkeypatch):
+    """Each test starts trusting nothing (toolkit.bundle.trust): what a fixture exported is remembered
+    elsewhere, so a factory's bundle is refused until the test vouches for it."""
+    path = tmp_path_factory.mktemp("trust") / "trusted.json"
+    monkeypatch.setenv("TOOLKIT_TRUST_FILE", str(path))
+    return path
 
 
 @pytest.fixture(scope="session", autouse=True)

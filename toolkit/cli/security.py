@@ -1,6 +1,6 @@
 """What keeps a bundle and a server private and authentic: `toolkit encrypt` / `decrypt` (a bundle
-sealed at rest), `toolkit sign` / `verify` (who made it, unchanged since) and `toolkit keys` (the
-scoped API keys of `toolkit serve --keys`)."""
+sealed at rest), `toolkit sign` / `verify` (who made it, unchanged since), `toolkit trust` (whose
+code this user lets the stages run) and `toolkit keys` (the scoped API keys of `toolkit serve --keys`)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,40 @@ def verify(
 
     verify_bundle(bundle_dir, pub)
     out.print(f"{bundle_dir}: signature verified; every file is as signed")
+
+
+@_command
+def trust(
+    bundle_dirs: list[Path] | None = typer.Argument(None, metavar="DIR...", help="Bundles whose source you vouch for."),
+    revoke: bool = typer.Option(False, "--revoke", help="Withdraw trust from these bundles instead."),
+    show: bool = typer.Option(False, "--list", help="List the bundles trusted, and whether each still names the code it did."),
+) -> None:
+    """Vouch for the PyTorch source a bundle names (a factory, a Hugging Face directory), so that
+    check, quantize, optimize, bench and explain rebuild it without --trust-source. Remembered per
+    user while the bundle stays where it is and names the same, unchanged code (export, build and
+    prune remember what they make); a changed source is untrusted again."""
+    from toolkit.bundle import Bundle, Source
+    from toolkit.bundle.trust import forget, remember, trust_file, trusted, trusted_bundles
+
+    if show:
+        entries = trusted_bundles()
+        for path, entry in sorted(entries.items()):
+            try:
+                state = "trusted" if trusted(Bundle.open(path)) else "changed since: untrusted"
+            except ToolkitError as exc:
+                state = f"cannot be opened: {exc}"
+            out.print(f"{path}: {Source.from_json(entry['source']).describe()} ({state})")
+        err.print(f"{len(entries)} bundles in {trust_file()}")
+        return
+    if not bundle_dirs:
+        raise ToolkitError("give the bundle directories to trust (or --revoke them), or --list.")
+    for directory in bundle_dirs:
+        if revoke:
+            out.print(f"{directory}: {'no longer trusted' if forget(directory) else 'was not trusted'}")
+            continue
+        bundle = Bundle.open(directory)
+        remember(bundle)
+        out.print(f"trusted {directory}: its reference {bundle.manifest.source.describe()} may be rebuilt while it names the same code")
 
 
 @_command

@@ -34,6 +34,7 @@ from toolkit.bundle import (
     sha256_file,
     staged_directory,
 )
+from toolkit.bundle.trust import remember
 from toolkit.compile.export_errors import check_signature, describe_failure
 from toolkit.errors import CheckFailed, ToolkitError
 from toolkit.reference.source import resolve, source_of, weights_sha256
@@ -90,7 +91,9 @@ def export(
                                 exporter=exporter, verbose=verbose, isolate=isolate, say=say)
     say(f"wrote {out} (variant fp32, {manifest.variants['fp32'].bytes / 1e6:.2f} MB, exporter "
         f"{manifest.variants['fp32'].recipe['options']['exporter']}{', parts ' + ', '.join(manifest.parts) if manifest.parts else ''})")
-    return Bundle.open(out, trust_source=True)  # the caller named the model: its reference may be rebuilt
+    bundle = Bundle.open(out, trust_source=True)  # the caller named the model: its reference may be rebuilt
+    remember(bundle)  # from now on too, while it names the same code (toolkit.bundle.trust)
+    return bundle
 
 
 def _export_into(directory: Path, source: Source, *, name: str | None, static_cache: bool, opset: int, exporter: str, verbose: bool,

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.bundle import Bundle, sha256_file, staged_directory
+from toolkit.bundle.trust import remember
 from toolkit.compile.exporter import DEFAULT_OPSET, _example_args, _export_into
 from toolkit.compile.parity import check, heldout_of, judge_task, reference_accuracy
 from toolkit.compile.tolerances import profile
@@ -120,6 +121,7 @@ def prune(
         bundle = Bundle.open(staging, trust_source=True)
         bundle.update(lambda manifest: setattr(manifest, "pruning", record))
     bundle = Bundle.open(out, trust_source=True)
+    remember(bundle)  # the user named the model: from now on too, while it names the same code
     say("checking variant fp32 against the pruned PyTorch model, rebuilt from the bundle")
     check(bundle, variants=["fp32"], progress=say, trust_source=True)
     return Bundle.open(out, trust_source=True)

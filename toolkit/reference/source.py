@@ -78,8 +78,9 @@ def resolve(source: Source, root: Path | None = None) -> ModelSpec:
 def bundle_reference(bundle: Bundle) -> ModelSpec:
     """The PyTorch reference of `bundle`, rebuilt from its manifest's source. A bundle is data that
     anyone may have written, so code it names (a factory, a Hugging Face directory) is run only when
-    the user vouched for it: they named the model themselves (`toolkit build MODEL`) or passed
-    --trust-source (`trust_source=True`); a zoo model is toolkit's own code."""
+    the user vouched for it: they named the model themselves (`toolkit build MODEL`, remembered:
+    toolkit.bundle.trust), ran `toolkit trust DIR`, or passed --trust-source (`trust_source=True`);
+    a zoo model is toolkit's own code."""
     refuse_untrusted(bundle)
     return resolve(bundle.manifest.source, bundle.path)
 
@@ -87,12 +88,15 @@ def bundle_reference(bundle: Bundle) -> ModelSpec:
 def refuse_untrusted(bundle: Bundle) -> None:
     """Raises, saying why and what to pass, when rebuilding `bundle`'s reference would run code that
     the user has not vouched for (see `bundle_reference`)."""
+    from toolkit.bundle.trust import trusted
+
     source = bundle.manifest.source
-    if source.kind != "zoo" and not bundle.trusted_source:
+    if source.kind != "zoo" and not bundle.trusted_source and not trusted(bundle):
         doing = "imports and calls that code" if source.kind == "factory" else "loads that directory with transformers"
         raise ToolkitError(
             f"bundle {bundle.path} names its PyTorch reference {source.describe()}; rebuilding it {doing}, as named by whoever "
-            "wrote the manifest. If you trust this bundle's source, pass --trust-source (Python: trust_source=True). "
+            f"wrote the manifest. If you trust this bundle's source, run `toolkit trust {bundle.path}` (remembered while the bundle "
+            "names the same, unchanged code), or pass --trust-source for this command (Python: trust_source=True). "
             "(load, run, serve, inspect and package never rebuild the reference.)"
         )
 
