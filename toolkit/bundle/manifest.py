@@ -33,7 +33,8 @@ class Source:
     """Where a bundle's model comes from, so that its PyTorch reference can be rebuilt: a zoo model
     and preset, a user's factory (`package.module:factory`), or a Hugging Face directory; `part`
     names one further graph of that model (an encoder-decoder's encoder); `pruned` names the file in
-    the bundle that holds the structure `toolkit prune` gave it (toolkit.reference.pruned), with its sha256."""
+    the bundle that holds the structure `toolkit prune` gave it (toolkit.reference.pruned), with its
+    sha256; a hub model's directory is its snapshot in the Hugging Face cache (`hub`, `revision`)."""
 
     kind: str
     model: str | None = None  # zoo: the family name
@@ -43,6 +44,9 @@ class Source:
     part: str | None = None
     pruned: str | None = None
     pruned_sha256: str | None = None
+    hub: str | None = None  # hf: the hub repo the directory is a snapshot of (org/name)
+    revision: str | None = None  # hf: the snapshot's commit
+    remote_code: bool | None = None  # hf: the user let transformers run the model's own code (--trust-remote-code)
 
     def __post_init__(self) -> None:
         needs = {"zoo": ("model", "preset"), "factory": ("ref",), "hf": ("path",)}
@@ -65,14 +69,18 @@ class Source:
         return replace(self, part=part)
 
     def describe(self) -> str:
-        text = {"zoo": f"{self.model} preset {self.preset}", "factory": self.ref, "hf": f"hf:{self.path}"}[self.kind]
+        hf = f"hf:{self.hub}@{self.revision[:12]}" if self.hub and self.revision else f"hf:{self.path}"
+        text = {"zoo": f"{self.model} preset {self.preset}", "factory": self.ref, "hf": hf}[self.kind]
+        text = f"{text}, with its own code" if self.remote_code else text
         text = f"{text}, pruned" if self.pruned else text
         return f"{text}, part {self.part}" if self.part else text
 
     def default_name(self) -> str:
-        """A short, URL-safe name: the zoo name, the factory's (or its module's), or the directory's."""
+        """A short, URL-safe name: the zoo name, the factory's (or its module's), the hub repo's, or the directory's."""
         if self.kind == "zoo":
             name = self.model
+        elif self.hub:
+            name = self.hub.rpartition("/")[2]
         elif self.kind == "factory":
             module, _, factory = self.ref.partition(":")
             name = module.rpartition(".")[2] if factory.lower() in _GENERIC_FACTORIES else factory

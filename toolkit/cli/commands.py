@@ -59,12 +59,15 @@ PruneMethod = _choices("PruneMethod", PRUNE_METHODS)
 
 
 # What export and build both take.
-ModelArgument = Annotated[str, typer.Argument(metavar="MODEL", help="A reference model (see `toolkit models`), package.module:factory, or hf:PATH (a local transformers model).")]
+ModelArgument = Annotated[str, typer.Argument(metavar="MODEL", help="A reference model (see `toolkit models`), package.module:factory, hf:PATH (a local transformers model) or hf:org/name[@revision] (a hub id, through the Hugging Face cache).")]
 OutOption = Annotated[Path, typer.Option("-o", "--out", help="Bundle directory to create.")]
 PresetOption = Annotated[str | None, typer.Option(help="Preset of a reference model (default: 'default').")]
 TrustSourceOption = Annotated[bool, typer.Option(
     "--trust-source", help="Rebuild the PyTorch reference even when the manifest names a factory or a Hugging Face directory: that "
     "imports and runs the code the bundle's author named. Without it only zoo models are rebuilt.")]
+TrustRemoteCodeOption = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="A Hugging Face model that runs its own code (config.json's auto_map): let transformers import it "
+    "from the model's directory. Recorded in the bundle's source.")]
 KeyOption = Annotated[Path | None, typer.Option(
     "--key", metavar="KEY", envvar="TOOLKIT_BUNDLE_KEY", show_envvar=True,
     help="An encrypted bundle's key (`toolkit encrypt`): the X25519 or RSA private key (PEM) or the key file it was sealed for; "
@@ -168,12 +171,16 @@ def export(
     opset: int = typer.Option(DEFAULT_OPSET, help="ONNX opset to export to."),
     exporter: Exporter = typer.Option(Exporter.auto, help="auto tries dynamo (torch.export) and falls back to torchscript, saying so."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+    trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
-    """Export a PyTorch model to a new bundle (manifest.json + the fp32 ONNX model), written atomically."""
+    """Export a PyTorch model to a new bundle (manifest.json + the fp32 ONNX model), written atomically.
+    MODEL is a zoo name, package.module:factory, hf:PATH (a saved transformers model) or
+    hf:org/name[@revision] (through the Hugging Face cache; offline with HF_HUB_OFFLINE=1)."""
     from toolkit.compile.exporter import export as export_model
 
     bundle = export_model(
-        model, out_dir, preset=preset, name=name, static_cache=static_cache, opset=opset, exporter=exporter.value, force=force, progress=_progress, verbose=_debug()
+        model, out_dir, preset=preset, name=name, static_cache=static_cache, opset=opset, exporter=exporter.value, force=force, progress=_progress,
+        verbose=_debug(), trust_remote_code=trust_remote_code,
     )
     out.print(f"exported {bundle.manifest.name} to {bundle.path}; next: toolkit check {bundle.path}")
 
@@ -333,6 +340,7 @@ def build(
     select: bool = typer.Option(True, "--select/--no-select", help="Time the passing variants and record the fastest as `best`."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
     budget: float = typer.Option(300.0, "--budget", help="Seconds, in all, for repairing the quantized variants that fail their gates: other calibrations for int8-static, then the fewest nodes kept in fp32 that make a variant pass, found from where its error starts (`toolkit check --localize`). 0: no repair."),
+    trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Export, optimize, quantize and check in one go, repair the quantized variants that fail their
     gates, then record the fastest variant that passed its gates as `best` (toolkit.load(DIR,
@@ -346,7 +354,7 @@ def build(
         raise ToolkitError(f"--budget must be at least 0 seconds, got {budget:g}.")
     bundle = build_bundle(
         model, out_dir, preset=preset, name=name, static_cache=static_cache, modes=[m.value for m in mode] if mode else None, provider=_made_for(provider),
-        select=select, force=force, progress=_progress, repair_budget=budget,
+        select=select, force=force, progress=_progress, repair_budget=budget, trust_remote_code=trust_remote_code,
     )
     manifest = bundle.manifest
     render.build_table(out, manifest, bundle.path)

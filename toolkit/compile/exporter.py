@@ -63,6 +63,7 @@ def export(
     progress: Progress | None = None,
     verbose: bool = False,
     isolate: bool = True,
+    trust_remote_code: bool = False,
 ) -> Bundle:
     """Exports `model` to a new bundle at `out` (replaced only with `force`), written atomically.
     `name` names the bundle (in serving URLs and Triton repositories; default: from the model).
@@ -75,6 +76,7 @@ def export(
     keep process-wide state, and a second LSTM export in one process silently gets its sequence
     length fixed (torch 2.13), so an export must not depend on what ran before it. Pass
     `isolate=False` for a factory that only exists in this process (e.g. defined in a notebook).
+    `trust_remote_code` lets a Hugging Face model run its own code (recorded in the manifest's source).
     """
     if exporter not in EXPORTERS:
         raise ToolkitError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}.")
@@ -82,7 +84,7 @@ def export(
         raise ToolkitError(f"--opset {opset} is out of range; the exporters support opsets 7 to 23 (default {DEFAULT_OPSET}).")
     say = progress or (lambda _msg: None)
     out = Path(out)
-    source = source_of(model, preset)
+    source = source_of(model, preset, trust_remote_code=trust_remote_code)
     if name is not None and safe_name(name) != name:
         raise ToolkitError(f"--name {name!r}: use letters, digits, '_', '.' and '-' only (it ends up in URLs and directory "
                            f"names), e.g. {safe_name(name)!r}.")
@@ -94,6 +96,15 @@ def export(
     bundle = Bundle.open(out, trust_source=True)  # the caller named the model: its reference may be rebuilt
     remember(bundle)  # from now on too, while it names the same code (toolkit.bundle.trust)
     return bundle
+
+
+def _snapshot_record(source: Source) -> dict[str, Any]:
+    """A hub model's snapshot as the manifest records it: repo, commit and every file's sha256."""
+    if not source.hub or source.part:
+        return {}
+    from toolkit.reference.hub import snapshot_files
+
+    return {"snapshot": {"repo": source.hub, "revision": source.revision, "files": snapshot_files(Path(source.path))}}
 
 
 def _export_into(directory: Path, source: Source, *, name: str | None, static_cache: bool, opset: int, exporter: str, verbose: bool,
@@ -122,7 +133,7 @@ def _export_into(directory: Path, source: Source, *, name: str | None, static_ca
         fusion=info["fusion"],
         generation=generation,
         parts=parts,
-        reference={"weights_sha256": info["weights_sha256"]},
+        reference={"weights_sha256": info["weights_sha256"], **_snapshot_record(source)},
         variants={"fp32": _variant(directory, FP32_FILE, info["external"], {"stage": "export", "options": options, "parent": None})},
         versions=info["versions"],
         assets={name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size} for name in info["assets"]},

@@ -77,6 +77,7 @@ def build(
     force: bool = False,
     progress: Progress | None = None,
     repair_budget: float = DEFAULT_BUDGET,
+    trust_remote_code: bool = False,
 ) -> Bundle:
     """Builds every variant of `model` into a new bundle at `out`, checks them all, repairs those
     that fail their gates within `repair_budget` seconds in all (toolkit.compile.repair; 0: no
@@ -85,7 +86,7 @@ def build(
     does (transformers); `static_cache`
     (default: on for CUDA) exports a decoder's static-cache graph for CUDA graphs. A variant that
     fails (onnxruntime cannot load it, the quantizer crashes, its gates fail) is recorded as failed
-    with the reason, and the build goes on."""
+    with the reason, and the build goes on. `trust_remote_code`: as export's."""
     from toolkit.compile.exporter import export
     from toolkit.compile.quantization import MODES, int4_applies, static_applies
     from toolkit.reference.source import resolve
@@ -96,7 +97,8 @@ def build(
         if unknown:
             raise ToolkitError(f"unknown quantization mode {unknown[0]!r}; choose from {', '.join(MODES)}.")
     static_cache = provider == "cuda" if static_cache is None else static_cache
-    bundle = export(model, out, preset=preset, name=name, static_cache=static_cache, force=force, progress=say)
+    bundle = export(model, out, preset=preset, name=name, static_cache=static_cache, force=force, progress=say,
+                    trust_remote_code=trust_remote_code)
     say(f"building the PyTorch reference ({bundle.manifest.source.describe()}) for the checks")
     with tempfile.TemporaryDirectory(prefix="toolkit-build-") as scratch:
         context = BuildContext(bundle, resolve(bundle.manifest.source, bundle.path), say, Path(scratch))

@@ -63,7 +63,7 @@ _HEADS = (
 )
 
 
-def hf_spec(path: str | Path) -> ModelSpec:
+def hf_spec(path: str | Path, *, trust_remote_code: bool = False) -> ModelSpec:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
@@ -76,13 +76,17 @@ def hf_spec(path: str | Path) -> ModelSpec:
         raise ToolkitError(f"hf:{path}: no config.json there; give the directory of a saved transformers model.")
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    own_code = _own_code(path)
+    if own_code and not trust_remote_code:
+        raise ToolkitError(f"hf:{path}: the model runs its own code ({own_code}), which transformers would import from its directory; "
+                           "pass --trust-remote-code (Python: trust_remote_code=True) if you trust it. It is recorded in the bundle.")
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     architecture = (config.architectures or [f"{type(config).__name__.removesuffix('Config')}Model"])[0]
     head = _head(path, architecture, config)
     try:
         # eager attention: the plain MatMul-Softmax form that exports cleanly and that onnxruntime fuses
         model, loading = getattr(transformers, head.auto).from_pretrained(path, local_files_only=True, attn_implementation="eager",
-                                                                           output_loading_info=True)
+                                                                           output_loading_info=True, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise ToolkitError(f"hf:{path}: transformers cannot load it as {architecture}: {type(exc).__name__}: {exc}") from exc
     model.eval()
@@ -94,6 +98,15 @@ def hf_spec(path: str | Path) -> ModelSpec:
         spec = _text_spec(path, model, config, architecture, head)
     _settle_missing_weights(path, architecture, spec, model, loading)
     return spec
+
+
+def _own_code(path: Path) -> str:
+    """What code of its own a saved model names (config.json's auto_map: class → module.Class), or ""."""
+    try:
+        auto_map = json.loads((path / "config.json").read_text(encoding="utf-8")).get("auto_map") or {}
+    except (OSError, ValueError):
+        return ""
+    return ", ".join(f"{k}: {v if isinstance(v, str) else v[0]}" for k, v in sorted(auto_map.items()))
 
 
 def _head(path: Path, architecture: str, config: Any) -> _Head:

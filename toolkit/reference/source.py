@@ -25,18 +25,30 @@ from toolkit.spec import ModelSpec
 __all__ = ["bundle_reference", "refuse_untrusted", "reference_models", "resolve", "source_of", "weights_sha256"]
 
 
-def source_of(model: str, preset: str | None) -> Source:
-    """Where `model` (a zoo name, package.module:factory or hf:PATH) comes from; `resolve` rebuilds it."""
+def source_of(model: str, preset: str | None, *, trust_remote_code: bool = False) -> Source:
+    """Where `model` (a zoo name, package.module:factory, hf:PATH or hf:org/name[@revision]) comes
+    from; `resolve` rebuilds it. A hub id resolves to its snapshot in the Hugging Face cache
+    (toolkit.reference.hub). `trust_remote_code` lets a Hugging Face model run its own code."""
     from toolkit.reference.hf import PREFIX
 
+    if trust_remote_code and not model.startswith(PREFIX):
+        raise ToolkitError(f"--trust-remote-code applies to Hugging Face models (hf:...), not {model!r}.")
     if model.startswith(PREFIX):
         if preset is not None:
-            raise ToolkitError(f"--preset applies to zoo models only; {model!r} is a Hugging Face directory.")
-        path = Path(model[len(PREFIX):]).expanduser()
-        if not (path / "config.json").is_file():
-            what = "does not exist" if not path.exists() else "has no config.json"
-            raise ToolkitError(f"{model}: {path} {what}; give the directory of a saved transformers model (hf:PATH).")
-        return Source("hf", path=str(path.resolve()))
+            raise ToolkitError(f"--preset applies to zoo models only; {model!r} is a Hugging Face model.")
+        spec = model[len(PREFIX):]
+        path = Path(spec).expanduser()
+        remote = {"remote_code": True} if trust_remote_code else {}
+        if (path / "config.json").is_file():
+            return Source("hf", path=str(path.resolve()), **remote)
+        if path.exists() or spec.startswith((".", "/", "~")):
+            what = "has no config.json" if path.exists() else "does not exist"
+            raise ToolkitError(f"{model}: {path} {what}; give the directory of a saved transformers model (hf:PATH) or a hub id "
+                               "(hf:org/name[@revision]).")
+        from toolkit.reference.hub import hub_snapshot
+
+        snapshot, repo, commit = hub_snapshot(spec)
+        return Source("hf", path=str(snapshot), hub=repo, revision=commit, **remote)
     if ":" in model:
         if preset is not None:
             raise ToolkitError(f"--preset applies to zoo models only; {model!r} is a factory reference.")
@@ -55,7 +67,7 @@ def resolve(source: Source, root: Path | None = None) -> ModelSpec:
         elif source.kind == "hf":
             from toolkit.reference.hf import hf_spec
 
-            spec = hf_spec(source.path)
+            spec = hf_spec(source.path, trust_remote_code=bool(source.remote_code))
         else:
             spec = _factory(source.ref)
     if source.pruned is not None:

@@ -1,0 +1,76 @@
+"""Hugging Face hub ids (`hf:org/name[@revision]`), resolved through the Hugging Face cache, offline
+here from a cache the test populates as huggingface_hub lays it out: the snapshot's commit and its
+files' sha256 recorded in the manifest; a model that runs its own code refused unless the user lets
+it, and that say-so recorded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from models.hf_heads import hf_model
+from toolkit.bundle import Bundle
+from toolkit.errors import ToolkitError
+
+pytest.importorskip("transformers", reason="hf: models need transformers (pip install -e '.[test]')")
+COMMIT, OTHER = "1" * 40, "2" * 40
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A Hugging Face cache holding toolkit-tests/tiny-bert at two commits (main → the second, tag v1
+    → the first), and the hub out of reach."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--toolkit-tests--tiny-bert"
+    for commit in (COMMIT, OTHER):
+        shutil.copytree(hf_model("bert-sequence"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(OTHER)
+    (repo / "refs" / "v1").write_text(COMMIT)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return repo
+
+
+@pytest.mark.parametrize(("given", "commit"), [("toolkit-tests/tiny-bert", OTHER),
+                                              pytest.param("toolkit-tests/tiny-bert@v1", COMMIT, marks=pytest.mark.slow)])
+def test_a_hub_id_exports_from_the_cache_with_its_commit_and_file_hashes_recorded(hub, tmp_path, cli, given, commit):
+    result = cli("export", f"hf:{given}", "-o", tmp_path / "bundle")
+    assert result.exit_code == 0, result.output
+    manifest = Bundle.open(tmp_path / "bundle").manifest
+    assert (manifest.source.hub, manifest.source.revision) == ("toolkit-tests/tiny-bert", commit)
+    assert manifest.source.path == str(hub / "snapshots" / commit) and manifest.name == "tiny-bert"
+    snapshot = manifest.reference["snapshot"]
+    assert snapshot["revision"] == commit and set(snapshot["files"]) >= {"config.json", "model.safetensors"}
+    checked = cli("check", tmp_path / "bundle")  # rebuilt from the snapshot, trusted as the user made it
+    assert checked.exit_code == 0, checked.output
+
+
+def test_a_hub_id_not_in_the_cache_offline_says_where_it_looked(hub, tmp_path, cli):
+    result = cli("export", "hf:toolkit-tests/absent", "-o", tmp_path / "bundle")
+    assert result.exit_code == 2 and "not in the Hugging Face cache" in result.output and "HF_HUB_OFFLINE is set" in result.output
+    assert not (tmp_path / "bundle").exists()
+
+
+@pytest.mark.slow  # a second export of the BERT; the refusal itself is immediate
+def test_a_model_with_its_own_code_runs_only_when_the_user_lets_it(tmp_path, cli):
+    model = tmp_path / "custom"
+    shutil.copytree(hf_model("bert-sequence"), model)
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForSequenceClassification": "modeling_custom.CustomBert"}
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "modeling_custom.py").write_text("from transformers import BertForSequenceClassification as CustomBert\n")
+    refused = cli("export", f"hf:{model}", "-o", tmp_path / "refused")
+    assert refused.exit_code == 2 and "--trust-remote-code" in refused.output and "modeling_custom.CustomBert" in refused.output
+    with pytest.raises(ToolkitError, match="--trust-remote-code applies to Hugging Face models"):
+        from toolkit.reference.source import source_of
+
+        source_of("mlp", None, trust_remote_code=True)
+    allowed = cli("export", f"hf:{model}", "-o", tmp_path / "allowed", "--trust-remote-code")
+    assert allowed.exit_code == 0, allowed.output
+    source = Bundle.open(tmp_path / "allowed").manifest.source
+    assert source.remote_code is True and "with its own code" in source.describe()
