@@ -527,9 +527,12 @@ def _write_section(result: dict[str, Any], results: Path) -> None:
               " Where toolkit is faster, it is for three reasons besides onnxruntime's own speed: it skips the copies that remove "
               "nothing (a padding token, a pixel already at the baseline: the values stay the same), measures the drops from a copy "
               "in its first batch instead of a run of its own, and a decoder's copies carry on from the cache of the prefix they "
-              "share. Shapley sampling's random coalitions share no prefix, so on a decoder both sides run the same forward passes "
-              "and the ratio is the runtimes' own. The text encoder is the zoo's seeded (untrained) one: faithfulness needs a "
-              "trained model, which the MiniLM and the gpt are."]
+              "share (occlusion's windows, run in order). Where it is not, both sides run the same forward passes over the same "
+              "copies and the ratio is the runtimes' own: profiled with cProfile, over 95% of toolkit's time on the encoder and the "
+              "gpt is onnxruntime's run (the MiniLM's and the gpt's passes are compute-bound; Shapley sampling's and KernelSHAP's "
+              "random coalitions share no prefix). KernelSHAP's agreement is that of two least-squares solvers (numpy's and "
+              "scikit-learn's) on a fit whose two end points weigh 1e6. The text encoder is the zoo's seeded (untrained) one: "
+              "faithfulness needs a trained model, which the MiniLM and the gpt are."]
     write_section(results, "\n".join(lines) + "\n\n")
 
 

@@ -26,7 +26,7 @@ from toolkit.attribution.scoring import MaskTokens, Scorer
 from toolkit.attribution.shapley import ShapleySampling, patch_mask
 from toolkit.errors import ToolkitError
 
-__all__ = ["GRADIENT_METHODS", "METHODS", "Explanation", "Occlusion", "Scorer", "ShapleySampling", "default_window", "explain", "patch_mask", "similarity",
+__all__ = ["GRADIENT_METHODS", "METHODS", "Explanation", "attributed_inputs", "Occlusion", "Scorer", "ShapleySampling", "default_window", "explain", "patch_mask", "similarity",
            "token_inputs"]
 
 METHODS = {method.name: method for method in (Occlusion, ShapleySampling, KernelShap)}
@@ -84,13 +84,7 @@ def explain(model: Any, feeds: Mapping[str, Any], *, method: str = "occlusion", 
     output = output or model.outputs[0].name
     if output not in {t.name for t in model.outputs}:
         raise ToolkitError(f"unknown output {output!r}; the model gives {', '.join(t.name for t in model.outputs)}.")
-    ablations = token_inputs(model)
-    names = inputs or [t.name for t in model.inputs if np.dtype(t.dtype).kind == "f"] or list(ablations)
-    unknown = [n for n in names if n not in arrays or (np.dtype(arrays[n].dtype).kind != "f" and n not in ablations)]
-    if unknown or not names:
-        what = f"input {unknown[0]!r} is" if unknown else "the model has"
-        raise ToolkitError(f"nothing to attribute: {what} neither a float input nor token ids with an attention mask; "
-                           f"its inputs: {', '.join(arrays)}.")
+    names, ablations = attributed_inputs(model, arrays, inputs)
     run = run or model.run_validated
     if similar_to is not None or (model.bundle.manifest.task == "embed" and target == "auto"):
         run, target, _ = similarity(run, output, arrays, similar_to, target)
@@ -103,6 +97,19 @@ def explain(model: Any, feeds: Mapping[str, Any], *, method: str = "occlusion", 
         attributions = _perturbed(METHODS[method](scorer), arrays, names, targets, ablations, method, params)
     return Explanation(method, output, targets, score, attributions,
                        {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in params.items()}, scorer.shape)
+
+
+def attributed_inputs(model: Any, arrays: Mapping[str, np.ndarray], inputs: list[str] | None) -> tuple[list[str], dict[str, MaskTokens]]:
+    """(the inputs to attribute: `inputs`, default every float input, else the token ids that an
+    attention mask goes with; how each token ids input's tokens are removed)."""
+    ablations = token_inputs(model)
+    names = inputs or [t.name for t in model.inputs if np.dtype(t.dtype).kind == "f"] or list(ablations)
+    unknown = [n for n in names if n not in arrays or (np.dtype(arrays[n].dtype).kind != "f" and n not in ablations)]
+    if unknown or not names:
+        what = f"input {unknown[0]!r} is" if unknown else "the model has"
+        raise ToolkitError(f"nothing to attribute: {what} neither a float input nor token ids with an attention mask; "
+                           f"its inputs: {', '.join(arrays)}.")
+    return names, ablations
 
 
 def default_window(shape: tuple[int, ...]) -> list[int]:

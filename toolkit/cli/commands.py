@@ -59,7 +59,7 @@ PruneMethod = _choices("PruneMethod", PRUNE_METHODS)
 
 
 # What export and build both take.
-ModelArgument = Annotated[str, typer.Argument(metavar="MODEL", help="A reference model (see `toolkit models`), package.module:factory, hf:PATH (a local transformers model) or hf:org/name[@revision] (a hub id, through the Hugging Face cache).")]
+ModelArgument = Annotated[str, typer.Argument(metavar="MODEL", help="A reference model (see `toolkit models`), package.module:factory, hf:PATH (a local transformers model) or hf:org/name, hf:org/name@revision (a hub id, through the Hugging Face cache).")]
 OutOption = Annotated[Path, typer.Option("-o", "--out", help="Bundle directory to create.")]
 PresetOption = Annotated[str | None, typer.Option(help="Preset of a reference model (default: 'default').")]
 TrustSourceOption = Annotated[bool, typer.Option(
@@ -175,7 +175,7 @@ def export(
 ) -> None:
     """Export a PyTorch model to a new bundle (manifest.json + the fp32 ONNX model), written atomically.
     MODEL is a zoo name, package.module:factory, hf:PATH (a saved transformers model) or
-    hf:org/name[@revision] (through the Hugging Face cache; offline with HF_HUB_OFFLINE=1)."""
+    hf:org/name or hf:org/name@revision (through the Hugging Face cache; offline with HF_HUB_OFFLINE=1)."""
     from toolkit.compile.exporter import export as export_model
 
     bundle = export_model(

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.attribution import GRADIENT_METHODS, Explanation, Scorer, similarity, token_inputs
+from toolkit.attribution import GRADIENT_METHODS, Explanation, Scorer, attributed_inputs, similarity
 from toolkit.errors import ToolkitError
 
 __all__ = ["explain_gradients"]
@@ -54,13 +54,7 @@ def explain_gradients(model: Any, feeds: Mapping[str, Any], *, method: str = "in
     if output not in spec.outputs:
         raise ToolkitError(f"unknown output {output!r}; the model gives {', '.join(spec.outputs)}.")
     position = list(spec.outputs).index(output)
-    tokens = token_inputs(model)
-    names = inputs or [t.name for t in model.inputs if np.dtype(t.dtype).kind == "f"] or list(tokens)
-    unknown = [n for n in names if n not in arrays or (np.dtype(arrays[n].dtype).kind != "f" and n not in tokens)]
-    if unknown or not names:
-        what = f"input {unknown[0]!r} is" if unknown else "the model has"
-        raise ToolkitError(f"nothing to attribute: {what} neither a float input nor token ids with an attention mask; "
-                           f"its inputs: {', '.join(arrays)}.")
+    names, tokens = attributed_inputs(model, arrays, inputs)
     if len([n for n in names if n in tokens]) > 1 or (set(names) & set(tokens) and len(names) > 1):
         raise ToolkitError("gradient methods attribute one token ids input at a time, or float inputs only.")
     run, references = model.run_validated, None
