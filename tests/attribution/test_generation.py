@@ -106,7 +106,7 @@ def test_an_encoder_decoders_answer_is_attributed_to_its_source(exported):
     beside the last one (removing any shifts where the reversal starts), is the one it copies."""
     from toolkit.attribution.generation import comprehensiveness
 
-    model = Model(exported("seq2seq", "default"), provider="cpu")
+    model = Model(exported("seq2seq"), provider="cpu")
     explained = explain_generation(model, "hello world", max_new_tokens=6)
     assert bytes(explained.tokens).decode() == "dlrow "
     source = explained.prompt

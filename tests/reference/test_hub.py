@@ -36,18 +36,20 @@ def hub(tmp_path, monkeypatch):
     return repo
 
 
-@pytest.mark.parametrize(("given", "commit"), [("toolkit-tests/tiny-bert", OTHER),
-                                              pytest.param("toolkit-tests/tiny-bert@v1", COMMIT, marks=pytest.mark.slow)])
-def test_a_hub_id_exports_from_the_cache_with_its_commit_and_file_hashes_recorded(hub, tmp_path, cli, given, commit):
-    result = cli("export", f"hf:{given}", "-o", tmp_path / "bundle")
+def test_a_hub_id_exports_from_the_cache_with_its_commit_and_file_hashes_recorded(hub, tmp_path, cli):
+    from toolkit.reference.source import source_of
+
+    result = cli("export", "hf:toolkit-tests/tiny-bert", "-o", tmp_path / "bundle")
     assert result.exit_code == 0, result.output
     manifest = Bundle.open(tmp_path / "bundle").manifest
-    assert (manifest.source.hub, manifest.source.revision) == ("toolkit-tests/tiny-bert", commit)
-    assert manifest.source.path == str(hub / "snapshots" / commit) and manifest.name == "tiny-bert"
+    assert (manifest.source.hub, manifest.source.revision) == ("toolkit-tests/tiny-bert", OTHER)  # main
+    assert manifest.source.path == str(hub / "snapshots" / OTHER) and manifest.name == "tiny-bert"
     snapshot = manifest.reference["snapshot"]
-    assert snapshot["revision"] == commit and set(snapshot["files"]) >= {"config.json", "model.safetensors"}
+    assert snapshot["revision"] == OTHER and set(snapshot["files"]) >= {"config.json", "model.safetensors"}
     checked = cli("check", tmp_path / "bundle")  # rebuilt from the snapshot, trusted as the user made it
     assert checked.exit_code == 0, checked.output
+    for revision in ("v1", COMMIT):  # a tag, a commit
+        assert source_of(f"hf:toolkit-tests/tiny-bert@{revision}", None).revision == COMMIT
 
 
 def test_a_hub_id_not_in_the_cache_offline_says_where_it_looked(hub, tmp_path, cli):
@@ -56,21 +58,21 @@ def test_a_hub_id_not_in_the_cache_offline_says_where_it_looked(hub, tmp_path, c
     assert not (tmp_path / "bundle").exists()
 
 
-@pytest.mark.slow  # a second export of the BERT; the refusal itself is immediate
 def test_a_model_with_its_own_code_runs_only_when_the_user_lets_it(tmp_path, cli):
+    from toolkit.reference.hf import hf_spec
+    from toolkit.reference.source import source_of
+
     model = tmp_path / "custom"
     shutil.copytree(hf_model("bert-sequence"), model)
     config = json.loads((model / "config.json").read_text())
     config["auto_map"] = {"AutoModelForSequenceClassification": "modeling_custom.CustomBert"}
     (model / "config.json").write_text(json.dumps(config))
-    (model / "modeling_custom.py").write_text("from transformers import BertForSequenceClassification as CustomBert\n")
+    (model / "modeling_custom.py").write_text("from transformers import BertForSequenceClassification\n\n\n"
+                                              "class CustomBert(BertForSequenceClassification):\n    pass\n")
     refused = cli("export", f"hf:{model}", "-o", tmp_path / "refused")
     assert refused.exit_code == 2 and "--trust-remote-code" in refused.output and "modeling_custom.CustomBert" in refused.output
     with pytest.raises(ToolkitError, match="--trust-remote-code applies to Hugging Face models"):
-        from toolkit.reference.source import source_of
-
         source_of("mlp", None, trust_remote_code=True)
-    allowed = cli("export", f"hf:{model}", "-o", tmp_path / "allowed", "--trust-remote-code")
-    assert allowed.exit_code == 0, allowed.output
-    source = Bundle.open(tmp_path / "allowed").manifest.source
-    assert source.remote_code is True and "with its own code" in source.describe()
+    source = source_of(f"hf:{model}", None, trust_remote_code=True)
+    assert source.to_json()["remote_code"] is True and "with its own code" in source.describe()  # what the manifest records
+    assert type(hf_spec(model, trust_remote_code=True).module.model).__module__.endswith("modeling_custom")
