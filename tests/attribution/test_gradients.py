@@ -90,7 +90,8 @@ def test_the_command_line_reports_completeness_and_the_source_against_the_varian
     assert refused.exit_code == 2 and "the same for every variant" in refused.output
 
 
-@pytest.mark.parametrize("kind", ["bert-sequence", pytest.param("vit", marks=pytest.mark.slow)])
+@pytest.mark.slow  # every method end to end on two HF models: the methods have their own fast tests
+@pytest.mark.parametrize("kind", ["bert-sequence", "vit"])
 def test_hugging_face_classifiers_are_explained_by_every_method(kind, exported, cli, tmp_path):
     path = exported(f"hf:{hf_model(kind)}", None)
     model = Model(path, provider="cpu")

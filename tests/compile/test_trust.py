@@ -17,6 +17,7 @@ from toolkit.compile.exporter import export
 from toolkit.errors import ToolkitError
 
 
+@pytest.mark.slow  # an export of its own: what export remembers is the point
 def test_a_bundle_the_user_exported_is_checked_without_trust_source(tmp_path, cli, trust_file):
     bundle = export("userpkg.toy:build", tmp_path / "mine").path
     assert check(bundle, variants=["fp32"])["fp32"]["passed"]  # no trust_source: export remembered it

@@ -36,6 +36,7 @@ def hub(tmp_path, monkeypatch):
     return repo
 
 
+@pytest.mark.slow  # exports the BERT anew (the suite's cached bundles are keyed by model, not by where it came from)
 def test_a_hub_id_exports_from_the_cache_with_its_commit_and_file_hashes_recorded(hub, tmp_path, cli):
     from toolkit.reference.source import source_of
 
