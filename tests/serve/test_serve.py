@@ -210,7 +210,8 @@ def test_explain_attributes_each_input_through_the_batcher(server, models):
     for parameters, message in [({"method": "lime"}, "unknown method 'lime'"), ({"window": "16"}, "parameters.window must be a list"),
                                 ({"target": -1}, "parameters.target must be a class index"),
                                 ({"method": "integrated-gradients"}, "runs on the bundle's PyTorch source"),
-                                ({"method": "rollout"}, "not a served model's answers")]:
+                                ({"method": "rollout"}, "not a served model's answers"),
+                                ({"method": "occlusion", "samples": 2}, "occlusion takes window, strides, baseline; not samples")]:
         refused = httpx.post(f"http://{server}/v2/models/mlp/explain", json=_mlp_request() | {"parameters": parameters})
         assert refused.status_code == 400 and message in refused.json()["error"], refused.text
     assert "explain" in httpx.get(f"http://{server}/v2").json()["extensions"]

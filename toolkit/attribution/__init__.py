@@ -145,6 +145,13 @@ def similarity(run: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray
 
 def _perturbed(attributor: Any, arrays: dict[str, np.ndarray], names: list[str], targets: np.ndarray,
                ablations: dict[str, MaskTokens], method: str, params: dict[str, Any]) -> dict[str, np.ndarray]:
+    import inspect
+
+    signature = inspect.signature(attributor.attribute).parameters
+    accepted = [n for n, p in signature.items() if p.kind is p.KEYWORD_ONLY and n != "ablation"] + (["patch"] if "feature_mask" in signature else [])
+    unknown = sorted(set(params) - set(accepted) - {"score"})
+    if unknown:
+        raise ToolkitError(f"{method} takes {', '.join(accepted)}; not {', '.join(unknown)}.")
     attributions = {}
     for name in names:
         options = {k: v[name] if isinstance(v, Mapping) and k in ("window", "strides", "feature_mask", "baseline") else v
