@@ -38,9 +38,12 @@ def trusted(bundle: Any) -> bool:
 
 
 def remember(bundle: Any) -> None:
-    """Records `bundle` (and its parts) as trusted, as it is now."""
-    records = {str(Path(b.path).resolve()): _fingerprint(b.manifest.source) for b in [bundle, *bundle.parts()]}
-    _update(lambda entries: entries.update(records))
+    """Records `bundle` (and its parts) as trusted, as it is now (a zoo model's needs no record: its
+    code is toolkit's own)."""
+    records = {str(Path(b.path).resolve()): _fingerprint(b.manifest.source) for b in [bundle, *bundle.parts()]
+               if b.manifest.source.kind != "zoo"}
+    if records:
+        _update(lambda entries: entries.update(records))
 
 
 def forget(path: str | os.PathLike[str]) -> bool:
