@@ -102,8 +102,10 @@ def explain(
         return
     err.print(f"explaining {model.name} variant {model.variant} on {model.provider} with {method.value}")
     explanation = attribute(model, feeds, method=method.value, target=chosen, **params)
+    tokens = token_inputs(model)
+    token_text = _token_text(model.bundle) if set(explanation.attributions) & set(tokens) else None  # read once: a sealed bundle decrypts it
     for name, values in explanation.attributions.items():
-        text = _token_text(model.bundle) if name in token_inputs(model) else None
+        text = token_text if name in tokens else None
         for row, score in enumerate(explanation.score):
             if text is not None:
                 out.print(Text(f"row {row}: {explanation.output}{explanation.where(row)} = {score:.4g}; ") +
@@ -122,7 +124,7 @@ def explain(
     if plot is not None:
         from toolkit.attribution.pictures import plot as draw
 
-        out.print(f"drew {draw(explanation, model.validate(feeds), plot, token_text=_token_text(model.bundle))}")
+        out.print(f"drew {draw(explanation, model.validate(feeds), plot, token_text=token_text)}")
 
 
 def _explain_generation(model: Any, prompt: str | None, max_new_tokens: int, method: str, samples: int, seed: int,
